@@ -1,0 +1,30 @@
+"""fastlora's Triton kernels (and nothing else: no torch.autograd, no nn.Module).
+
+One file per op family:
+    common.py    device helpers shared by every kernel: 4-bit tile decode, double-quant absmax
+                 decode, the Philox dropout mask; and the CompileSpec record.
+    dequant.py   packed 4-bit -> dense weight (the format's kernel).
+    forward.py   U = dropout(x) @ A^T, and y = x @ deq(W)^T + s * U @ B^T + bias.
+    small_m.py   the forward for M <= 16 (decode/generation): split-K GEMV-shaped.
+    backward.py  dx, dU/dB, dA.
+Each kernel file lists the configs it ships (per arch) as COMPILE_SPECS, which
+fastlora.compile_report() compiles ahead of time for sm_80 / sm_90.
+"""
+
+from .common import CompileSpec  # noqa: F401
+
+
+def all_compile_specs():
+    """Every CompileSpec shipped by the kernel files that exist."""
+    import importlib
+
+    specs = []
+    for name in ("dequant", "forward", "small_m", "backward"):
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:  # a kernel file not written yet
+            if exc.name != f"{__name__}.{name}":
+                raise
+            continue
+        specs.extend(getattr(module, "COMPILE_SPECS", []))
+    return specs

@@ -1,0 +1,39 @@
+"""fastlora: Triton kernels for QLoRA training (bitsandbytes 4-bit base + LoRA).
+
+Public contract (../shared/DESIGN.md):
+    quantize_4bit, dequantize_4bit, QuantState        the bitsandbytes 4-bit format
+    lora_linear_4bit                                  the fused, differentiable layer op
+    reference                                         the pure-PyTorch reference path
+    LoRALinear4bit                                    drop-in module
+    patch, unpatch, PatchReport                       PEFT + bitsandbytes models -> fused
+    compile_report                                    sm_80 / sm_90 ahead-of-time compile check
+Importing fastlora never touches a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from . import reference  # noqa: F401
+from .ops import lora_linear_4bit
+from .quant import QuantState, dequantize_4bit, quantize_4bit
+
+__version__ = "0.1.0"
+
+# heavier parts (transformers/peft, compilers) load on first use
+_LAZY = {
+    "LoRALinear4bit": ".modules",
+    "patch": ".peft_patch",
+    "unpatch": ".peft_patch",
+    "PatchReport": ".peft_patch",
+    "compile_report": ".compilecheck",
+}
+
+__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "lora_linear_4bit", "reference",
+           *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'fastlora' has no attribute {name!r}")

@@ -1,0 +1,7 @@
+"""Launchers: the Python side of each kernel in csrc_triton (checks, grids, configs).
+
+common.py    argument flattening of a QuantState, interpreter setup, shared checks
+dequant.py   fastlora.dequantize_4bit's kernel path
+forward.py   the fused forward (and the small-M path)
+backward.py  dx, dA, dB
+"""

@@ -1,0 +1,35 @@
+"""Shared launcher plumbing: QuantState -> kernel arguments, interpreter setup."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import backend, interpreter
+from ..quant import QuantState, packed_bytes
+
+
+def prepare() -> None:
+    """Call before launching any kernel: installs the interpreter correction when it applies
+    (a no-op on a GPU)."""
+    if backend.interpreter_active():
+        interpreter.apply()
+
+
+def weight_args(packed: torch.Tensor, state: QuantState) -> tuple:
+    """(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr) for a kernel, in
+    the order csrc_triton/common.py documents; unused double-quant pointers repeat absmax."""
+    raw = packed_bytes(packed)
+    if state.nested:
+        offset = state.offset.reshape(1).to(torch.float32)
+        return (raw, state.absmax, state.state2.absmax, state.state2.code, offset, state.code)
+    return (raw, state.absmax, state.absmax, state.absmax, state.absmax, state.code)
+
+
+# Kernel launch options shared by every weight-reading kernel: see csrc_triton/common.py on FMA.
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
+
+def index_dtype_needed(*extents: int) -> str:
+    """'int64' when any product of tensor extents a kernel forms can pass 2^31 - 1 (the
+    kernels then widen the offsets they build), else 'int32'."""
+    return "int64" if any(e >= 2**31 for e in extents) else "int32"

@@ -1,0 +1,248 @@
+"""`fastlora.lora_linear_4bit`: argument checks, backend choice, and the fused op.
+
+The fused path is two torch.library custom ops, so torch.compile sees them as opaque nodes
+(fullgraph works, also while the kernels run in the interpreter):
+
+    fastlora::lora_fwd (x2, weight..., A, B, bias, s, p, seed) -> (y, U)
+    fastlora::lora_bwd (dy, x2, U, weight..., A, B, s, p, seed, needs) -> (dx, dA, dB)
+
+joined by `register_autograd`, which saves x, U, A, B and the packed weight (never a dequantized
+weight, never a dropout mask: the mask is regenerated from the seed). The launchers behind them
+live in fastlora/launch (forward.py, backward.py).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from . import backend
+from .quant import QuantState
+
+__all__ = ["lora_linear_4bit", "check_inputs", "resolve_seed"]
+
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SEED_LIMIT = 2**63
+
+
+def _as_quant_state(state) -> QuantState:
+    if isinstance(state, QuantState):
+        return state
+    if type(state).__name__ == "QuantState" and hasattr(state, "absmax"):
+        return QuantState.from_bnb(state)  # a bitsandbytes QuantState: wrap, sharing storage
+    raise TypeError(f"state must be a fastlora.QuantState, got {type(state).__name__}")
+
+
+def check_inputs(x, packed, state, lora_A, lora_B, scaling, bias, dropout_p, training, seed,
+                 allowed_dtypes=ACTIVATION_DTYPES + (torch.float64,)):
+    """Validate the arguments of lora_linear_4bit; returns (effective dropout p, seed).
+
+    Raises TypeError/ValueError naming the offending argument."""
+    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if x.dtype not in allowed_dtypes:
+        raise TypeError(f"x must be a floating tensor of dtype {allowed_dtypes}, got {x.dtype}")
+    state = _as_quant_state(state)
+    state.validate(packed)
+    if isinstance(packed, torch.Tensor) and packed.requires_grad:
+        raise ValueError("packed must not require grad: the 4-bit base weight is frozen")
+    n_out, k_in = state.shape
+    if x.dim() < 1 or x.shape[-1] != k_in:
+        raise ValueError(f"x's last dimension is {x.shape[-1] if x.dim() else None} but the "
+                         f"weight's in_features (state.shape[1]) is {k_in}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != k_in or lora_A.shape[0] < 1:
+        raise ValueError(f"lora_A must be [r, {k_in}] with r >= 1, got {tuple(lora_A.shape)}")
+    rank = lora_A.shape[0]
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (n_out, rank):
+        raise ValueError(f"lora_B must be [{n_out}, {rank}] (out_features, r of lora_A), "
+                         f"got {tuple(lora_B.shape)}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}: cast them to one dtype "
+                            "(or run under torch.autocast)")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (n_out,):
+            raise ValueError(f"bias must be [{n_out}], got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias is {bias.dtype} but x is {x.dtype}")
+    devices = {("x", x.device), ("lora_A", lora_A.device), ("lora_B", lora_B.device),
+               ("packed", packed.device)}
+    if bias is not None:
+        devices.add(("bias", bias.device))
+    if len({d for _, d in devices}) != 1:
+        where = ", ".join(f"{n} on {d}" for n, d in sorted(devices, key=lambda t: t[0]))
+        raise ValueError(f"all tensors must be on one device: {where}")
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) \
+            or not math.isfinite(float(scaling)):
+        raise TypeError(f"scaling must be a finite real number, got {scaling!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) \
+            or not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not 0 <= int(seed) < _SEED_LIMIT):
+        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
+    p = float(dropout_p) if training else 0.0
+    return p, (int(seed) if seed is not None else None)
+
+
+def resolve_seed(seed: Optional[int], p: float) -> int:
+    """The dropout seed: the caller's, else one drawn from torch's CPU generator (so
+    torch.manual_seed reproduces it, and checkpoint recomputation, which restores the RNG
+    state, draws the same one). 0 when there is no dropout."""
+    if p == 0.0:
+        return 0
+    if seed is not None:
+        return seed
+    return int(torch.randint(0, 2**31 - 1, (1,), device="cpu").item())
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+def _state_from_args(absmax, absmax2, code2, offset, code, blocksize, quant_type, n_out, k_in,
+                     dtype) -> QuantState:
+    state2 = None
+    if absmax2 is not None:
+        state2 = QuantState(absmax=absmax2, code=code2, blocksize=256, dtype=torch.float32)
+    return QuantState(absmax=absmax, shape=(n_out, k_in), code=code, blocksize=blocksize,
+                      quant_type=quant_type, dtype=dtype, offset=offset, state2=state2)
+
+
+def _state_to_args(state: QuantState) -> tuple:
+    if state.nested:
+        return (state.absmax, state.state2.absmax, state.state2.code,
+                state.offset.reshape(1).float(), state.code)
+    return (state.absmax, None, None, None, state.code)
+
+
+@torch.library.custom_op("fastlora::lora_fwd", mutates_args=())
+def _lora_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+              absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor],
+              offset: Optional[torch.Tensor], code: torch.Tensor, lora_A: torch.Tensor,
+              lora_B: torch.Tensor, bias: Optional[torch.Tensor], scaling: float, p: float,
+              seed: int, blocksize: int, quant_type: str, n_out: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    from .launch.forward import lora_forward
+
+    state = _state_from_args(absmax, absmax2, code2, offset, code, blocksize, quant_type,
+                             n_out, x.shape[1], x.dtype)
+    return lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, seed)
+
+
+@_lora_fwd.register_fake
+def _(x, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B, bias, scaling, p, seed,
+      blocksize, quant_type, n_out):
+    return x.new_empty(x.shape[0], n_out), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("fastlora::lora_bwd", mutates_args=())
+def _lora_bwd(dy: torch.Tensor, x: torch.Tensor, u: torch.Tensor, packed: torch.Tensor,
+              absmax: torch.Tensor, absmax2: Optional[torch.Tensor],
+              code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
+              code: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+              p: float, seed: int, blocksize: int, quant_type: str, need_dx: bool,
+              need_dA: bool, need_dB: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .launch.backward import lora_backward
+
+    state = _state_from_args(absmax, absmax2, code2, offset, code, blocksize, quant_type,
+                             lora_B.shape[0], x.shape[1], x.dtype)
+    dx, da, db = lora_backward(dy, x, u, packed, state, lora_A, lora_B, scaling, p, seed,
+                               need_dx, need_dA, need_dB)
+    empty = x.new_empty(0)  # custom ops cannot return None: an empty tensor stands for "none"
+    return (dx if dx is not None else empty, da if da is not None else empty,
+            db if db is not None else empty)
+
+
+@_lora_bwd.register_fake
+def _(dy, x, u, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B, scaling, p, seed,
+      blocksize, quant_type, need_dx, need_dA, need_dB):
+    return (torch.empty_like(x) if need_dx else x.new_empty(0),
+            torch.empty_like(lora_A) if need_dA else x.new_empty(0),
+            torch.empty_like(lora_B) if need_dB else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    (x, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B, bias, scaling, p, seed,
+     blocksize, quant_type, n_out) = inputs
+    _, u = output
+    ctx.save_for_backward(x, u, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B)
+    ctx.scalars = (scaling, p, seed, blocksize, quant_type)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, _du_unused):
+    x, u, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B = ctx.saved_tensors
+    scaling, p, seed, blocksize, quant_type = ctx.scalars
+    needs = ctx.needs_input_grad
+    need_dx, need_dA, need_dB, need_bias = needs[0], needs[7], needs[8], needs[9]
+    dx = da = db = dbias = None
+    if need_dx or need_dA or need_dB:
+        dx, da, db = _lora_bwd(dy.contiguous(), x, u, packed, absmax, absmax2, code2, offset,
+                               code, lora_A, lora_B, scaling, p, seed, blocksize, quant_type,
+                               need_dx, need_dA, need_dB)
+        dx = dx if need_dx else None
+        da = da if need_dA else None
+        db = db if need_dB else None
+    if need_bias and ctx.has_bias:
+        dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+    return (dx, None, None, None, None, None, None, da, db, dbias, None, None, None, None, None,
+            None)
+
+
+_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public op
+
+def _autocast_inputs(x, lora_A, lora_B, bias):
+    device_type = x.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return x, lora_A, lora_B, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = (lambda t: t.to(dtype) if t is not None and t.is_floating_point() else t)
+    return cast(x), cast(lora_A), cast(lora_B), cast(bias)
+
+
+def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
+                     lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                     bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                     training: bool = False, seed: Optional[int] = None) -> torch.Tensor:
+    """y = x @ deq(W)^T + scaling * dropout(x) @ lora_A^T @ lora_B^T + bias, differentiable.
+
+    x [..., K] fp16/bf16/fp32 (fp64 runs the reference); packed/state: the bitsandbytes 4-bit
+    weight [N, K] (a bnb QuantState is accepted and wrapped without copying); lora_A [r, K];
+    lora_B [N, r]; bias [N] or None, all in x's dtype (under torch.autocast they are cast to the
+    autocast dtype, gradients flowing back in the parameters' own dtypes). Dropout (on the LoRA
+    input only) applies when `training` and dropout_p > 0; the mask is a function of `seed`
+    (drawn from torch's generator when None) and never stored.
+
+    Runs the fused Triton kernels or the PyTorch reference, as FASTLORA_BACKEND says
+    (fastlora.backend).
+    """
+    x, lora_A, lora_B, bias = _autocast_inputs(x, lora_A, lora_B, bias)
+    state = _as_quant_state(state)
+    p, seed = check_inputs(x, packed, state, lora_A, lora_B, scaling, bias, dropout_p, training,
+                           seed)
+    if x.dtype == torch.float64 or x.numel() == 0 or not backend.use_triton(x):
+        from . import reference
+
+        with torch.autocast(x.device.type, enabled=False):
+            return reference.lora_linear_4bit(x, packed, state, lora_A, lora_B, scaling, bias,
+                                              dropout_p, training, seed)
+    seed = resolve_seed(seed, p)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    absmax, absmax2, code2, offset, code = _state_to_args(state)
+    y, _ = _lora_fwd(x2, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B, bias,
+                     float(scaling), p, seed, state.blocksize, state.quant_type,
+                     state.shape[0])
+    return y.reshape(*lead, y.shape[-1])
+

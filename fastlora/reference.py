@@ -1,0 +1,137 @@
+"""The pure-PyTorch reference of the QLoRA layer (DESIGN.md, "The math").
+
+    U  = dropout(x) @ A^T                   y  = x @ deq(W)^T + s * U @ B^T + bias
+    dU = s * dy @ B      dB = s * dy^T @ U  dA = dU^T @ dropout(x)
+    dx = dy @ deq(W) + dropout'(dU @ A)
+
+`lora_linear_4bit` has the same signature as `fastlora.lora_linear_4bit` and an explicit
+backward (the formulas above, not autograd through the forward), so it documents exactly what the
+kernels compute. It runs in any float dtype, float64 included: deq(W) is the float32 product
+`code * absmax` that bitsandbytes defines, cast to x's dtype (exact in float64).
+
+Dropout draws one Philox4x32-10 number per element of x, keyed by (seed, row * K + col): the
+same stream `tl.randint(seed, offset)` gives inside the kernels, reproduced here bit for bit, so
+the mask is regenerated from the seed in backward and never stored.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .quant import QuantState, dequantize_4bit_torch
+
+__all__ = ["lora_linear_4bit", "dropout_mask", "dropout_threshold", "philox_randint",
+           "apply_dropout"]
+
+_MASK32 = 0xFFFFFFFF
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def _umulhi32(a: int, b: torch.Tensor) -> torch.Tensor:
+    """High 32 bits of a * b for 32-bit unsigned a (python int) and b (int64 tensor), computed
+    in 16-bit limbs so no intermediate leaves int64's range."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    return (a_hi * b + ((a_lo * b) >> 16)) >> 16
+
+
+def philox_randint(seed: int, offsets: torch.Tensor, n_rounds: int = 10) -> torch.Tensor:
+    """`tl.randint(seed, offsets)` in PyTorch: uint32 values held in an int64 tensor.
+
+    offsets: int64 tensor; the counter is (offset_lo, offset_hi, 0, 0), the key (seed_lo,
+    seed_hi), as in triton.language.random.randint4x."""
+    offsets = offsets.to(torch.int64)
+    c0 = offsets & _MASK32
+    c1 = (offsets >> 32) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(n_rounds):
+        new_c0 = (_umulhi32(_ROUND_B, c2) ^ c1 ^ k0) & _MASK32
+        new_c2 = (_umulhi32(_ROUND_A, c0) ^ c3 ^ k1) & _MASK32
+        c1 = (_ROUND_B * c2) & _MASK32
+        c3 = (_ROUND_A * c0) & _MASK32
+        c0, c2 = new_c0, new_c2
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return c0
+
+
+def dropout_threshold(p: float) -> int:
+    """An element is kept when its uint32 draw is >= this (so P(keep) = 1 - p up to 2^-32)."""
+    return min(int(p * 2.0**32), _MASK32)
+
+
+def dropout_mask(seed: int, rows: int, cols: int, p: float,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """bool [rows, cols] keep-mask of element (m, k), drawn at offset m * cols + k."""
+    offsets = torch.arange(rows * cols, device=device, dtype=torch.int64)
+    return (philox_randint(seed, offsets) >= dropout_threshold(p)).view(rows, cols)
+
+
+def apply_dropout(t: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """dropout(t) for 2-D t: kept values scaled by 1/(1-p), computed in t's precision
+    (float32 for half types), rounded once to t's dtype."""
+    if p == 0.0:
+        return t
+    keep = dropout_mask(seed, t.shape[0], t.shape[1], p, t.device)
+    wide = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return (t.to(wide) * keep * (1.0 / (1.0 - p))).to(t.dtype)
+
+
+class _ReferenceLoRA4bit(torch.autograd.Function):
+    """Forward and the explicit backward of DESIGN.md on 2-D x [M, K]."""
+
+    @staticmethod
+    def forward(ctx, x, packed, state, lora_A, lora_B, scaling, bias, p, seed):
+        weight = dequantize_4bit_torch(packed, state, x.dtype)
+        u = apply_dropout(x, seed, p) @ lora_A.t()
+        y = x @ weight.t() + (u @ lora_B.t()) * scaling
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(x, u, lora_A, lora_B)
+        ctx.packed, ctx.state, ctx.scaling, ctx.p, ctx.seed = packed, state, scaling, p, seed
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, u, lora_A, lora_B = ctx.saved_tensors
+        dy = dy.to(x.dtype)
+        s, p, seed = ctx.scaling, ctx.p, ctx.seed
+        need_x, _, _, need_A, need_B, _, need_bias, _, _ = ctx.needs_input_grad
+        dx = dA = dB = dbias = None
+        du = (dy @ lora_B) * s if (need_x or need_A) else None
+        if need_B:
+            dB = ((dy.t() @ u) * s).to(lora_B.dtype)
+        if need_A:
+            dA = (du.t() @ apply_dropout(x, seed, p)).to(lora_A.dtype)
+        if need_x:
+            weight = dequantize_4bit_torch(ctx.packed, ctx.state, x.dtype)
+            dx = dy @ weight + apply_dropout(du @ lora_A, seed, p)
+        if need_bias and ctx.has_bias:
+            dbias = dy.sum(0)
+        return dx, None, None, dA, dB, None, dbias, None, None
+
+
+def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
+                     lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                     bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                     training: bool = False, seed: Optional[int] = None) -> torch.Tensor:
+    """Reference QLoRA layer: `x @ deq(W)^T + scaling * dropout(x) @ A^T @ B^T + bias`.
+
+    x [..., K]; packed/state the bnb 4-bit weight [N, K]; lora_A [r, K]; lora_B [N, r];
+    bias [N] or None. Dropout applies only when `training` and dropout_p > 0; `seed` selects
+    the mask (drawn from torch's generator when None). Differentiable w.r.t. x, A, B, bias.
+    """
+    from .ops import check_inputs, resolve_seed
+
+    p, seed = check_inputs(x, packed, state, lora_A, lora_B, scaling, bias, dropout_p,
+                           training, seed)
+    seed = resolve_seed(seed, p)
+    lead = x.shape[:-1]
+    y = _ReferenceLoRA4bit.apply(x.reshape(-1, x.shape[-1]), packed, state, lora_A, lora_B,
+                                 float(scaling), bias, p, seed)
+    return y.reshape(*lead, y.shape[-1])
