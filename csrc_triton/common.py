@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import triton
 import triton.language as tl
 
-NESTED_BLOCK = 256  # bnb compresses absmax in blocks of 256
+NESTED_BLOCK = tl.constexpr(256)  # bnb compresses absmax in blocks of 256
 
 
 @dataclass(frozen=True)

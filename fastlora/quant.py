@@ -51,17 +51,29 @@ _FP4_TWELFTHS = (0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -
 
 
 @functools.lru_cache(maxsize=None)
-def _code_table_cpu(quant_type: str) -> torch.Tensor:
+def _code_table_on(quant_type: str, device: torch.device) -> torch.Tensor:
     if quant_type == "nf4":
-        return torch.tensor(_NF4, dtype=torch.float32)
-    if quant_type == "fp4":
-        return torch.tensor(_FP4_TWELFTHS, dtype=torch.float32) / 12
-    raise ValueError(f"quant_type must be one of {VALID_QUANT_TYPES}, got {quant_type!r}")
+        table = torch.tensor(_NF4, dtype=torch.float32)
+    elif quant_type == "fp4":
+        table = torch.tensor(_FP4_TWELFTHS, dtype=torch.float32) / 12
+    else:
+        raise ValueError(f"quant_type must be one of {VALID_QUANT_TYPES}, got {quant_type!r}")
+    return table.to(device)
 
 
 def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 16-entry float32 code of `quant_type` ('nf4' or 'fp4'), indexed by nibble."""
-    return _code_table_cpu(quant_type).to(device)
+    """The 16-entry float32 table every fastlora decoder uses, indexed by nibble (DESIGN.md).
+
+    FP4's nibble 8 is -0.0, as bnb's CUDA kernel and its CPU scalar path decode it. bnb's
+    QuantState.code stores +0.0 there (and its pure-PyTorch backend decodes +0.0): the two
+    differ only in the sign of a zero, so decoders use this table and `QuantState.code` is kept
+    as bnb wrote it, for serialisation."""
+    return _code_table_on(quant_type, torch.device(device))
+
+
+def _stored_code(quant_type: str, device) -> torch.Tensor:
+    """QuantState.code as bitsandbytes stores it (FP4 zero as +0.0)."""
+    return code_table(quant_type, device) + 0.0  # -0.0 + 0.0 == +0.0; a fresh tensor
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,7 +125,8 @@ class QuantState:
 
     absmax  float32 [nblocks]            (or uint8 qabsmax [nblocks] when double-quantised)
     shape   torch.Size([N, K])           the weight's shape
-    code    float32 [16]                 NF4 or FP4 table
+    code    float32 [16]                 NF4 or FP4 table as bnb stores it (decoders use
+                                         fastlora.quant.code_table(quant_type), see there)
     blocksize, quant_type, dtype         dtype: the weight's dtype (default dequant dtype)
     offset  float32 0-dim tensor         double quant only
     state2  QuantState                   double quant only: absmax = float32 absmax2
@@ -297,7 +310,7 @@ def _blockwise_absmax_scaled(flat: torch.Tensor, blocksize: int):
 
 @functools.lru_cache(maxsize=None)
 def _4bit_search_table(quant_type: str):
-    code = _code_table_cpu(quant_type)
+    code = _stored_code(quant_type, "cpu")
     order = torch.sort(code, stable=True).indices
     sorted_code = code[order]
     midpoints = (sorted_code[:-1] + sorted_code[1:]) / 2
@@ -363,9 +376,9 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int 
 
     flat = weight.reshape(-1).float()
     absmax, scaled = _blockwise_absmax_scaled(flat, blocksize)
+    if scaled.numel() % 2:  # odd N*K: the last low nibble encodes the value 0.0, as in bnb
+        scaled = torch.cat([scaled, scaled.new_zeros(1)])
     codes = _quantize_4bit_codes(scaled, quant_type)
-    if codes.numel() % 2:
-        codes = torch.cat([codes, codes.new_zeros(1)])
     packed = (codes[0::2] << 4) | codes[1::2]
     if quant_storage != torch.uint8:
         itemsize = torch.empty((), dtype=quant_storage).element_size()
@@ -376,7 +389,7 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int 
         packed = packed.view(quant_storage)
     packed = packed.unsqueeze(1)
 
-    code = code_table(quant_type, weight.device)
+    code = _stored_code(quant_type, weight.device)
     if double_quant:
         offset = absmax.mean()
         qabsmax, absmax2 = _quantize_dynamic_8bit(absmax - offset)
@@ -412,7 +425,7 @@ def dequantize_4bit_torch(packed: torch.Tensor, state: QuantState,
     raw = packed_bytes(packed)[: -(-n // 2)].to(torch.int64)
     nibbles = torch.stack([raw >> 4, raw & 0xF], dim=1).reshape(-1)[:n]
     blocks = torch.arange(n, device=raw.device) // state.blocksize
-    values = state.code[nibbles] * decode_absmax(state)[blocks]
+    values = code_table(state.quant_type, raw.device)[nibbles] * decode_absmax(state)[blocks]
     return values.to(dtype).view(state.shape)
 
 

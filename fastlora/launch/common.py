@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import backend, interpreter
-from ..quant import QuantState, packed_bytes
+from ..quant import QuantState, code_table, packed_bytes
 
 
 def prepare() -> None:
@@ -19,10 +19,11 @@ def weight_args(packed: torch.Tensor, state: QuantState) -> tuple:
     """(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr) for a kernel, in
     the order csrc_triton/common.py documents; unused double-quant pointers repeat absmax."""
     raw = packed_bytes(packed)
+    code = code_table(state.quant_type, packed.device)  # the decoders' table (FP4 zero is -0.0)
     if state.nested:
         offset = state.offset.reshape(1).to(torch.float32)
-        return (raw, state.absmax, state.state2.absmax, state.state2.code, offset, state.code)
-    return (raw, state.absmax, state.absmax, state.absmax, state.absmax, state.code)
+        return (raw, state.absmax, state.state2.absmax, state.state2.code, offset, code)
+    return (raw, state.absmax, state.absmax, state.absmax, state.absmax, code)
 
 
 # Kernel launch options shared by every weight-reading kernel: see csrc_triton/common.py on FMA.

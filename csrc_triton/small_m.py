@@ -1,0 +1,114 @@
+"""The fused forward for M <= 16 rows (decoding, generation in RL loops): y = x @ deq(W)^T +
+s * U @ B^T + bias, with U from forward._lora_u_kernel.
+
+With at most 16 rows the layer is bound by reading the packed weight (0.5 byte a value), so the
+grid is shaped like a GEMV: one program per (BLOCK_N rows of W, K slice). Every packed byte is
+read by exactly one program, once. Split-K gives the grid enough programs to fill the GPU when
+N alone would not (N = 4096 with BLOCK_N = 64 is 64 programs for 132 SMs); the partial sums go
+to an fp32 workspace [SPLIT_K, M, N] and `_splitk_reduce_kernel` adds them in a fixed order
+(deterministic, no atomics), then the LoRA term and the bias. With one slice the main kernel
+finishes the tile itself.
+
+The product still runs on tensor cores (tl.dot with the 16 padded rows as the narrow operand):
+on sm_90 the decoded weight tile is wgmma's register operand (y^T = W_tile @ x^T, as in
+forward.py) and x^T the 16-wide shared-memory operand; the MMA is a few percent of the time
+next to the decode, which is what the CUDA cores spend their cycles on either way.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import CompileSpec
+from .forward import decode_tile, load_x_tile, lora_epilogue
+
+BLOCK_M = 16  # rows handled by one program: M <= 16, padded (tl.dot's minimum)
+
+
+@triton.jit
+def _nf4_lora_fwd_small_m_kernel(x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
+                                 offset_ptr, code_ptr, u_ptr, b_ptr, bias_ptr, y_ptr, ws_ptr,
+                                 M, N, K, R, k_per_split,
+                                 stride_xm, stride_xk, stride_um, stride_ur, stride_bn,
+                                 stride_br, stride_ym, stride_yn, scaling,
+                                 QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                                 K_ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                                 SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (n, s) computes y^T[n-tile, :M] over K slice s = [s * k_per_split, +k_per_split).
+
+    x_ptr [M, K] (any strides), u_ptr [M, R], b_ptr [N, R], bias_ptr [N], y_ptr [M, N]: x's
+    dtype; weight pointers as in common.py. SPLIT (constexpr: more than one K slice):
+    ws_ptr fp32 [n_slices, M, N] receives the partial sums and _splitk_reduce_kernel finishes;
+    otherwise the program writes y itself (ws_ptr unused). k_per_split is a multiple of BLOCK_K,
+    so slices start on tile boundaries."""
+    tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_begin = pid_k * k_per_split
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
+    for k0 in range(k_begin, tl.minimum(k_begin + k_per_split, K), BLOCK_K):
+        x = load_x_tile(x_ptr, offs_m, k0, M, K, stride_xm, stride_xk, BLOCK_K)
+        w = decode_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
+                        offs_n, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, DOUBLE_QUANT, K_ALIGNED)
+        acc = tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(x), acc, input_precision=PRECISION)
+    if SPLIT:
+        ws_ptrs = (ws_ptr + (pid_k * M + offs_m).to(tl.int64)[None, :] * N
+                   + offs_n[:, None])
+        tl.store(ws_ptrs, acc, mask=(offs_n < N)[:, None] & (offs_m < M)[None, :])
+    else:
+        lora_epilogue(acc, offs_m, offs_n, M, N, R, u_ptr, b_ptr, bias_ptr, y_ptr,
+                      stride_um, stride_ur, stride_bn, stride_br, stride_ym, stride_yn,
+                      scaling, HAS_BIAS, PRECISION, BLOCK_R, True)
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, u_ptr, b_ptr, bias_ptr, y_ptr, M, N, R, n_slices,
+                          stride_um, stride_ur, stride_bn, stride_br, stride_ym, stride_yn,
+                          scaling, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    """y = sum_s ws[s] + scaling * u @ B^T + bias, slices added in order 0..n_slices-1.
+
+    ws_ptr fp32 [n_slices, M, N]; u_ptr [M, R], b_ptr [N, R], bias_ptr [N], y_ptr [M, N] in
+    the activation dtype."""
+    pid_n = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    ws_ptrs = ws_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for _ in range(n_slices):
+        acc += tl.load(ws_ptrs, mask=mask, other=0.0)
+        ws_ptrs += M * N  # M <= 16: no overflow before N passes 2^27
+    lora_epilogue(acc, offs_m, offs_n, M, N, R, u_ptr, b_ptr, bias_ptr, y_ptr,
+                  stride_um, stride_ur, stride_bn, stride_br, stride_ym, stride_yn,
+                  scaling, HAS_BIAS, PRECISION, BLOCK_R, True)
+
+
+# ----------------------------------------------------------------------------- configs
+
+# K slices are whole multiples of SPLIT_GRANULE values, a multiple of every config's BLOCK_K,
+# so the autotuner can try any config on the same slicing.
+SPLIT_GRANULE = 256
+REDUCE_BLOCK_N = 64
+REDUCE_NUM_WARPS = 4
+
+# Interpreter: 32-wide tiles and two K slices keep test shapes at a handful of programs and
+# still run the split-K reduction.
+INTERPRETER_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "num_warps": 4,
+                      "num_stages": 1}
+
+
+def split_k(m: int, n: int, k: int, num_sms: int, block_n: int = 64) -> int:
+    """How many K slices: enough programs for ~4 per SM, capped so the fp32 workspace traffic
+    (written and read: 8 * M * N bytes a slice) stays under a quarter of the packed weight's
+    N * K / 2 bytes (slices <= K / (64 M)), and at most one slice per SPLIT_GRANULE of K."""
+    programs_n = triton.cdiv(n, block_n)
+    wanted = triton.cdiv(4 * num_sms, programs_n)
+    cap = max(1, k // (64 * m))
+    return max(1, min(wanted, cap, triton.cdiv(k, SPLIT_GRANULE)))

@@ -1,0 +1,370 @@
+"""`fastlora bench`: the per-layer QLoRA benchmark suite.
+
+On a CUDA GPU it times every provider (fastlora.bench.providers) on every selected shape, M,
+rank and mode, and writes results.csv (appended), results.md and speedup PNGs. Without a GPU
+it says so, runs a smoke pass of every provider on tiny shapes (the Triton kernels in the CPU
+interpreter; correctness only, no timings: CPU times say nothing about GPU speed) and writes a
+modelled table for H100 and A100 (fastlora.bench.model; every number labelled "modelled").
+Both end with the ahead-of-time compile report of the shipped kernel configs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .. import backend
+from ..cases import make_case, reference_pair
+from ..numerics import compare
+from . import model, report, shapes as shape_table
+from .peaks import MODELLED_GPUS, peak_for, peak_named
+from .providers import BASELINE, PROVIDERS, Unavailable
+from .timing import copies_needed, make_inputs, measure, mode_callable
+
+DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Options:
+    shapes: list
+    ms: tuple
+    ranks: tuple
+    modes: tuple
+    providers: list
+    out: str
+    dtype: str = "bf16"
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    warmup_ms: int = 25
+    rep_ms: int = 100
+    say: Callable[[str], None] = field(default=print)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPE_NAMES[self.dtype]
+
+    def config(self) -> dict:
+        return {"dtype": self.dtype, "quant_type": self.quant_type,
+                "blocksize": self.blocksize, "double_quant": self.double_quant}
+
+    def case(self, m: int, shape, rank: int):
+        return make_case(m, shape.n, shape.k, rank, self.torch_dtype, self.quant_type,
+                         self.blocksize, self.double_quant, bias=shape.bias)
+
+    def dims(self, m: int, shape, rank: int) -> model.Dims:
+        e = torch.finfo(self.torch_dtype).bits // 8
+        return model.Dims(m, shape.n, shape.k, rank, e, shape.bias, self.blocksize,
+                          self.double_quant)
+
+
+def run(opts: Options) -> int:
+    """Run the suite; returns the exit code (non-zero when a provider failed)."""
+    if torch.cuda.is_available():
+        code = run_gpu(opts)
+    else:
+        opts.say("No CUDA GPU found: GPU timings cannot be taken on this machine.\n"
+                 "Instead: (1) a smoke pass of every provider on tiny shapes (Triton kernels in "
+                 "the CPU interpreter), checked against float64 - no timings, CPU times say "
+                 "nothing about GPU speed; (2) a MODELLED table for "
+                 f"{' and '.join(MODELLED_GPUS)} from counted FLOPs and minimum bytes over "
+                 "datasheet peaks - a model, not a measurement.")
+        code = run_smoke(opts)
+        run_modelled(opts)
+    write_compile_report(opts)
+    return code
+
+
+# ----------------------------------------------------------------------------- GPU
+
+_RESULT_COLUMNS = [("shape", "shape"), ("m", "M"), ("rank", "r"), ("mode", "mode"),
+                   ("provider", "provider"), ("median_ms", "median ms"), ("p20_ms", "p20 ms"),
+                   ("p80_ms", "p80 ms"), (f"speedup_vs_{BASELINE}", f"x vs {BASELINE}"),
+                   ("tflops", "TFLOP/s"), ("pct_peak_tflops", "% peak FLOP/s"),
+                   ("gbs", "GB/s"), ("pct_peak_gbs", "% peak GB/s"), ("peak_mib", "peak MiB"),
+                   ("status", "status")]
+
+
+def run_gpu(opts: Options) -> int:
+    from tqdm import tqdm
+
+    device_name = torch.cuda.get_device_name()
+    peak = peak_for(device_name)
+    env = report.environment(device_name)
+    l2_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    opts.say(f"GPU: {device_name}; " + (f"datasheet peak {peak.tflops} TFLOP/s, {peak.gbs} GB/s"
+             if peak else "not in fastlora.bench.peaks.PEAKS: % of peak left blank"))
+    opts.say(backend.describe("cuda") + "; versions: " + ", ".join(
+        f"{k} {env[k]}" for k in ("torch", "cuda", "triton", "bitsandbytes", "peft")))
+    total = len(opts.shapes) * len(opts.ranks) * len(opts.ms) * len(opts.modes) \
+        * len(opts.providers)
+    rows, failed = [], False
+    bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr)
+    for shape in opts.shapes:
+        for rank in opts.ranks:
+            case = opts.case(1, shape, rank)
+            built, skipped = {}, {}
+            for name in opts.providers:
+                try:
+                    built[name] = PROVIDERS[name](case)
+                except Unavailable as exc:
+                    skipped[name] = str(exc)
+            for name, why in skipped.items():
+                bar.write(f"{name}: skipped for {shape.name} - {why}")
+            for m in opts.ms:
+                e = torch.finfo(opts.torch_dtype).bits // 8
+                copies = copies_needed((m * shape.k + m * shape.n) * e, l2_bytes)
+                xs, dys = make_inputs(m, shape.k, shape.n, opts.torch_dtype, "cuda", copies)
+                for mode in opts.modes:
+                    group = []
+                    for name in opts.providers:
+                        bar.set_postfix_str(f"{shape.name} M={m} r={rank} {mode} {name}")
+                        row = {**env, **opts.config(), "shape": shape.name, "m": m,
+                               "n": shape.n, "k": shape.k, "rank": rank, "mode": mode,
+                               "provider": name, "status": "ok"}
+                        if name in skipped:
+                            row["status"] = "skipped: " + skipped[name]
+                        else:
+                            try:
+                                t = measure(built[name], mode, xs, dys, opts.warmup_ms,
+                                            opts.rep_ms)
+                                row.update(median_ms=t.median_ms, p20_ms=t.p20_ms,
+                                           p80_ms=t.p80_ms, peak_mib=t.peak_mib)
+                            except torch.cuda.OutOfMemoryError:
+                                row["status"] = "out of memory"
+                                torch.cuda.empty_cache()
+                            except Exception as exc:  # keep going; report it in the row
+                                row["status"] = f"error: {type(exc).__name__}: {exc}"
+                                failed = True
+                                bar.write(f"{name} failed on {shape.name} M={m} r={rank} "
+                                          f"{mode}: {row['status']}")
+                        group.append(row)
+                        bar.update(1)
+                    _derive(group, opts.dims(m, shape, rank), peak)
+                    rows += group
+                del xs, dys
+            del case, built
+    bar.close()
+    _write_gpu_results(opts, rows)
+    return 1 if failed else 0
+
+
+def _derive(group: list[dict], dims: model.Dims, peak) -> None:
+    """Speedup vs the baseline, achieved TFLOP/s and GB/s (the layer's useful FLOPs and
+    compulsory bytes over the measured median: the same numerator for every provider) and
+    their share of the datasheet peak."""
+    nan = float("nan")
+    mode = group[0]["mode"]
+    base = next((r.get("median_ms") for r in group if r["provider"] == BASELINE), None)
+    flops, nbytes = model.layer_flops(mode, dims), model.layer_bytes(mode, dims)
+    for r in group:
+        ms = r.get("median_ms")
+        if ms is None:
+            r.update(median_ms=nan, p20_ms=nan, p80_ms=nan, peak_mib=nan)
+            ms = nan
+        tflops, gbs = flops / (ms * 1e-3) / 1e12, nbytes / (ms * 1e-3) / 1e9
+        r[f"speedup_vs_{BASELINE}"] = base / ms if base else nan
+        r.update(tflops=tflops, gbs=gbs,
+                 pct_peak_tflops=100 * tflops / peak.tflops if peak else nan,
+                 pct_peak_gbs=100 * gbs / peak.gbs if peak else nan)
+
+
+def _write_gpu_results(opts: Options, rows: list[dict]) -> None:
+    if not rows:
+        return
+    report.append_csv(os.path.join(opts.out, "results.csv"), rows)
+    first = rows[0]
+    head = (f"# fastlora bench on {first['gpu']}\n\n{first['timestamp']}; torch {first['torch']}"
+            f" (CUDA {first['cuda']}), triton {first['triton']}, bitsandbytes "
+            f"{first['bitsandbytes']}, peft {first['peft']}, fastlora {first['fastlora']}; "
+            f"{opts.dtype}, {opts.quant_type}, blocksize {opts.blocksize}, double quant "
+            f"{opts.double_quant}.\n\nTimes from triton.testing.do_bench (CUDA events, L2 "
+            "flushed, inputs rotated). TFLOP/s and GB/s: the layer's useful FLOPs and "
+            "compulsory bytes over the median, so they rank providers like the times do.\n")
+    sections = [head]
+    for mode in opts.modes:
+        part = [r for r in rows if r["mode"] == mode]
+        sections.append(f"## {mode}\n\n" + report.markdown_table(part, _RESULT_COLUMNS))
+        for rank in opts.ranks:
+            ranked = [r for r in part if r["rank"] == rank and r["provider"] != BASELINE]
+            name = f"speedup_{mode}_r{rank}.png"
+            report.plot_speedup(ranked, os.path.join(opts.out, name),
+                                f"{first['gpu']}: {mode}, rank {rank}, {opts.dtype} (measured)",
+                                f"speedup_vs_{BASELINE}", BASELINE)
+    with open(os.path.join(opts.out, "results.md"), "w", encoding="utf-8") as fh:
+        fh.write("\n\n".join(sections) + "\n")
+    opts.say(report.text_table(rows, _RESULT_COLUMNS))
+    opts.say(f"wrote results.csv (appended), results.md and speedup_*.png to {opts.out}")
+
+
+# ----------------------------------------------------------------------------- no GPU
+
+_SMOKE_COLUMNS = [("provider", "provider"), ("shape", "shape"), ("m", "M"), ("n", "N"),
+                  ("k", "K"), ("rank", "r"), ("dtype", "dtype"), ("modes", "modes run"),
+                  ("worst", "worst output"), ("max_err", "max err"), ("bound", "bound"),
+                  ("status", "status")]
+
+
+def run_smoke(opts: Options) -> int:
+    """Every provider, forward + backward on tiny shapes, each output compared with the float64
+    reference (fastlora.numerics bound); then each timing mode's callable once. Returns the
+    exit code. No timings: this proves the suite runs, not how fast."""
+    opts.say(f"\n== smoke pass ({backend.describe('cpu')}) ==")
+    dtype = opts.torch_dtype
+    rows, failed = [], False
+    for shape in shape_table.SMOKE_SHAPES:
+        case = opts.case(shape_table.SMOKE_M, shape, shape_table.SMOKE_RANK)
+        dy = torch.randn(shape_table.SMOKE_M, shape.n,
+                         generator=torch.Generator().manual_seed(7)).to(dtype)
+        truth, baseline = reference_pair(case, dtype, dy)
+        for name in opts.providers:
+            row = {"provider": name, "shape": shape.name, "m": shape_table.SMOKE_M,
+                   "n": shape.n, "k": shape.k, "rank": shape_table.SMOKE_RANK,
+                   "dtype": opts.dtype, "modes": "", "worst": "", "max_err": float("nan"),
+                   "bound": float("nan")}
+            try:
+                built = PROVIDERS[name](case)
+                x = case.x.detach().clone().requires_grad_(True)
+                y = built.fn(x)
+                y.backward(dy)
+                outputs = {"y": y.detach(), "dx": x.grad, "dA": built.params[0].grad,
+                           "dB": built.params[1].grad}
+                checks = [compare(k, v, truth[k], baseline[k], dtype) for k, v in outputs.items()]
+                worst = max(checks, key=lambda c: c.max_err / c.bound if c.bound else math.inf)
+                row.update(worst=worst.name, max_err=worst.max_err, bound=worst.bound,
+                           status="ok" if all(c.ok for c in checks) else "FAIL: " + "; ".join(
+                               c.message() for c in checks if not c.ok))
+                xs, dys = make_inputs(shape_table.SMOKE_M, shape.k, shape.n, dtype, "cpu", 2)
+                for mode in opts.modes:
+                    mode_callable(built, mode, xs, dys)()
+                row["modes"] = ",".join(opts.modes)
+            except Unavailable as exc:
+                row["status"] = f"skipped: {exc}"
+            except Exception as exc:
+                row["status"] = f"error: {type(exc).__name__}: {exc}"
+            failed |= not (row["status"] == "ok" or row["status"].startswith("skipped"))
+            rows.append(row)
+    opts.say(report.text_table(rows, _SMOKE_COLUMNS))
+    with open(os.path.join(opts.out, "smoke.md"), "w", encoding="utf-8") as fh:
+        fh.write("# fastlora bench smoke pass (no GPU)\n\nCorrectness only: every provider's "
+                 "forward and backward on tiny shapes against the float64 reference, bound "
+                 "2 x plain-PyTorch error + 1 ulp (fastlora.numerics). No timings.\n\n"
+                 + report.markdown_table(rows, _SMOKE_COLUMNS) + "\n")
+    opts.say("smoke pass: " + ("FAILED (see status)" if failed else "every provider ran and "
+                               "matched the float64 reference (or was skipped, as shown)"))
+    return 1 if failed else 0
+
+
+def modelled_rows(opts: Options) -> list[dict]:
+    """One row per GPU x shape x M x rank x mode x modelled provider."""
+    rows = []
+    providers = [p for p in opts.providers if p in model.PROVIDER_STEPS]
+    for gpu in MODELLED_GPUS:
+        peak = peak_named(gpu)
+        for shape in opts.shapes:
+            for rank in opts.ranks:
+                for m in opts.ms:
+                    d = opts.dims(m, shape, rank)
+                    for mode in opts.modes:
+                        times = {p: model.roofline_seconds(model.steps(p, mode, d), peak)
+                                 for p in model.PROVIDER_STEPS}
+                        for p in providers:
+                            st = model.steps(p, mode, d)
+                            rows.append({
+                                "gpu": gpu, **opts.config(), "shape": shape.name, "m": m,
+                                "n": shape.n, "k": shape.k, "rank": rank, "mode": mode,
+                                "provider": p, "kernels": len(st),
+                                "modelled_gflop": sum(s.flops for s in st) / 1e9,
+                                "modelled_mb": sum(s.bytes for s in st) / 1e6,
+                                "modelled_us": times[p] * 1e6,
+                                f"modelled_speedup_vs_{BASELINE}": times[BASELINE] / times[p]})
+    return rows
+
+
+def _pivot(rows: list[dict], providers: list[str]) -> list[dict]:
+    """(shape, M) rows with one 'µs (x speedup)' column per provider."""
+    table: dict = {}
+    for r in rows:
+        entry = table.setdefault((r["shape"], r["m"]), {"shape": r["shape"], "m": r["m"]})
+        entry[r["provider"]] = (f"{r['modelled_us']:.1f} "
+                                f"({r[f'modelled_speedup_vs_{BASELINE}']:.2f}x)")
+    return list(table.values())
+
+
+def run_modelled(opts: Options) -> None:
+    rows = modelled_rows(opts)
+    providers = [p for p in opts.providers if p in model.PROVIDER_STEPS]
+    columns = [("shape", "shape"), ("m", "M")] + [
+        (p, f"{p} modelled us (x vs {BASELINE})") for p in providers]
+    note = ("MODELLED, not measured: roofline time = sum over each provider's kernels of "
+            "max(FLOPs / peak FLOP/s, minimum bytes / peak GB/s) with datasheet peaks "
+            "(fastlora.bench.model); no launch latency.")
+    sections = [f"# fastlora bench: modelled table (no GPU was available)\n\n{note}"]
+    opts.say(f"\n== modelled table ==\n{note}")
+    if BASELINE not in providers:
+        opts.say(f"(speedups are against {BASELINE}, modelled even though not selected)")
+    for gpu in MODELLED_GPUS:
+        for rank in opts.ranks:
+            for mode in opts.modes:
+                part = [r for r in rows if r["gpu"] == gpu and r["rank"] == rank
+                        and r["mode"] == mode]
+                title = f"{gpu}, rank {rank}, {mode}, {opts.dtype} (modelled)"
+                sections.append(f"## {title}\n\n" + report.markdown_table(
+                    _pivot(part, providers), columns))
+                if mode == opts.modes[-1]:
+                    opts.say(f"\n{title}\n" + report.text_table(_pivot(part, providers),
+                                                                columns))
+                slug = gpu.split()[0].lower()
+                report.plot_speedup(
+                    [r for r in part if r["provider"] != BASELINE],
+                    os.path.join(opts.out, f"modelled_speedup_{slug}_{mode}_r{rank}.png"),
+                    f"MODELLED (not measured): {title}", f"modelled_speedup_vs_{BASELINE}",
+                    BASELINE)
+    report.append_csv(os.path.join(opts.out, "modelled.csv"), rows)
+    with open(os.path.join(opts.out, "modelled.md"), "w", encoding="utf-8") as fh:
+        fh.write("\n\n".join(sections) + "\n")
+    opts.say(f"wrote smoke.md, modelled.md, modelled.csv and modelled_speedup_*.png to "
+             f"{opts.out}")
+
+
+# ----------------------------------------------------------------------------- compile report
+
+def compile_rows(archs=("sm_80", "sm_90")) -> list[dict]:
+    """fastlora.compile_report(archs). Under TRITON_INTERPRET=1 the kernels are interpreter
+    objects that cannot be compiled, so the report then runs in a child process without it."""
+    if not backend.interpreter_active():
+        from .. import compile_report
+
+        return compile_report(archs)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json, sys, fastlora; "
+            f"json.dump(fastlora.compile_report({tuple(archs)!r}), sys.stdout)")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        last = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
+        raise RuntimeError(f"compile report failed: {last[0]}")
+    return json.loads(done.stdout)
+
+
+def write_compile_report(opts: Options, archs=("sm_80", "sm_90")) -> list[str]:
+    """Print the compile report, write compile_report.md; returns its problems."""
+    from ..compilecheck import format_table, problems
+
+    rows = compile_rows(archs)
+    found = problems(rows)
+    text = format_table(rows)
+    summary = ("no spills; tensor-core instructions wherever tl.dot is used" if not found
+               else "PROBLEMS:\n" + "\n".join(found))
+    opts.say(f"\n== compile report ({', '.join(archs)}, compiled on this machine) ==\n"
+             f"{text}\n{summary}")
+    with open(os.path.join(opts.out, "compile_report.md"), "w", encoding="utf-8") as fh:
+        fh.write(f"# Compile report ({', '.join(archs)})\n\n```\n{text}\n```\n\n{summary}\n")
+    return found

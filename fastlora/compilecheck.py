@@ -1,0 +1,118 @@
+"""Ahead-of-time compile check: every shipped kernel config, compiled for sm_80 and sm_90 on
+this machine (no GPU needed), with its register / spill / shared-memory use and tensor-core
+instruction count.
+
+Triton compiles for a GPU it does not have: `triton.compile(ASTSource(...), target=
+GPUTarget("cuda", 90, 32))` yields a cubin, and the wheel ships `cuobjdump`, which reads the
+cubin's resource usage (REG, STACK, SHARED, LOCAL) and disassembles it (SASS), where sm_80
+tensor-core instructions are HMMA and sm_90's warpgroup ones HGMMA. STACK or LOCAL > 0 means
+register spills. The specs come from each kernel file's COMPILE_SPECS (csrc_triton).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ARCHS = {"sm_80": 80, "sm_90": 90}
+_RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+_MMA = re.compile(r"\b(HGMMA|HMMA)\b")
+FIELDS = ("kernel", "config", "arch", "registers", "stack_bytes", "local_bytes", "shared_bytes",
+          "mma_instructions")
+
+
+def _nvidia_tool(name: str) -> str:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{name} not found at {path}: this Triton wheel ships no CUDA "
+                                "binary tools, so the compile report cannot run")
+    return str(path)
+
+
+def _run(tool: str, *args: str) -> str:
+    done = subprocess.run([_nvidia_tool(tool), *args], capture_output=True, text=True,
+                          check=True)
+    return done.stdout
+
+
+def compile_spec(spec, arch: str) -> dict:
+    """Compile one CompileSpec for `arch` ('sm_80' / 'sm_90') and measure it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {tuple(ARCHS)}, got {arch!r}")
+    source = ASTSource(fn=spec.fn, signature={**spec.signature,
+                                              **{k: "constexpr" for k in spec.constexprs}},
+                       constexprs=dict(spec.constexprs))
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, **spec.options}
+    kernel = triton.compile(source, target=GPUTarget("cuda", ARCHS[arch], 32), options=options)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as fh:
+            fh.write(kernel.asm["cubin"])
+        usage = _RESOURCE.search(_run("cuobjdump", "--dump-resource-usage", cubin))
+        sass = _run("cuobjdump", "-sass", cubin)
+    if usage is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage for {spec.kernel}")
+    registers, stack, shared, local = (int(v) for v in usage.groups())
+    # Triton allocates shared memory dynamically: the cubin's static SHARED is ~0, the
+    # launch-time figure is in the compiled metadata. Report the larger.
+    shared = max(shared, int(getattr(kernel.metadata, "shared", 0) or 0))
+    return {"kernel": spec.kernel, "config": spec.config, "arch": arch, "registers": registers,
+            "stack_bytes": stack, "local_bytes": local, "shared_bytes": shared,
+            "mma_instructions": len(_MMA.findall(sass)), "uses_dot": spec.uses_dot}
+
+
+def compile_report(archs=("sm_80", "sm_90"), kernels=None, workers: int | None = None
+                   ) -> list[dict]:
+    """One dict per kernel x config x arch (fields: kernel, config, arch, registers,
+    stack_bytes, local_bytes, shared_bytes, mma_instructions; plus uses_dot).
+
+    kernels: optional iterable of kernel names to restrict the report to."""
+    from csrc_triton import all_compile_specs
+
+    archs = tuple(archs)
+    for arch in archs:
+        if arch not in ARCHS:
+            raise ValueError(f"arch must be one of {tuple(ARCHS)}, got {arch!r}")
+    wanted = set(kernels) if kernels is not None else None
+    jobs = [(spec, arch) for spec in all_compile_specs() for arch in archs
+            if arch in spec.archs and (wanted is None or spec.kernel in wanted)]
+    workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # ptxas runs as a subprocess
+        return list(pool.map(lambda job: compile_spec(*job), jobs))
+
+
+def problems(rows: list[dict]) -> list[str]:
+    """What is wrong with a report: spills, or a tl.dot kernel with no tensor-core instruction."""
+    found = []
+    for row in rows:
+        where = f"{row['kernel']} [{row['config']}] on {row['arch']}"
+        if row["stack_bytes"] or row["local_bytes"]:
+            found.append(f"{where} spills: stack {row['stack_bytes']} B, local "
+                         f"{row['local_bytes']} B")
+        if row.get("uses_dot") and row["mma_instructions"] == 0:
+            found.append(f"{where} calls tl.dot but has no HMMA/HGMMA instruction")
+    return found
+
+
+def format_table(rows: list[dict]) -> str:
+    """The report as an aligned text table."""
+    header = ("kernel", "config", "arch", "regs", "stack B", "local B", "shared B", "mma")
+    body = [(r["kernel"], r["config"], r["arch"], str(r["registers"]), str(r["stack_bytes"]),
+             str(r["local_bytes"]), str(r["shared_bytes"]), str(r["mma_instructions"]))
+            for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
+              for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)

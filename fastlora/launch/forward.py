@@ -1,0 +1,167 @@
+"""Launcher of the fused forward: csrc_triton/forward.py (M > 16) and csrc_triton/small_m.py.
+
+    lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, seed, *, config, path)
+        -> (y [M, N], u [M, r])
+
+runs `U = dropout(x) @ A^T` (forward._lora_u_kernel), then `y = x @ deq(W)^T + s * U @ B^T +
+bias` with the tiled kernel, or with the split-K small-M kernel when M <= SMALL_M_MAX.
+`config=None` picks the configuration automatically (autotuned over the pruned per-arch list on a
+GPU, one fixed small config in the interpreter); an explicit dict is the debug/benchmark entry
+point (keys: see TILED_KEYS / SMALL_M_KEYS).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..ops import ACTIVATION_DTYPES, check_inputs
+from ..reference import dropout_threshold
+from .. import backend
+from .common import LAUNCH_OPTIONS, prepare, weight_args
+
+SMALL_M_MAX = 16
+PATHS = ("auto", "tiled", "small_m")
+TILED_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "W_FIRST", "num_warps", "num_stages")
+SMALL_M_KEYS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
+
+
+def check_forward_args(x, packed, state, lora_A, lora_B, scaling, bias, p, seed) -> None:
+    """fastlora.ops.check_inputs (shared with the public op), plus what the launcher adds:
+    2-D x, an integer seed."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D [M, K] tensor (fold leading dims into M), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    check_inputs(x, packed, state, lora_A, lora_B, scaling, bias, p, True, seed,
+                 allowed_dtypes=ACTIVATION_DTYPES)
+    if seed is None:
+        raise ValueError("seed must be an int (fastlora.ops.resolve_seed draws one)")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input_precision: fp32 activations follow torch.backends.cuda.matmul.allow_tf32
+    (tf32 when torch would use it, full fp32 'ieee' otherwise); 16-bit inputs ignore it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def choose_path(m: int, path: str = "auto") -> str:
+    """'small_m' for M <= SMALL_M_MAX, else 'tiled'; `path` forces one ('auto' decides)."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if path != "auto":
+        return path
+    return "small_m" if m <= SMALL_M_MAX else "tiled"
+
+
+def _check_config(config: dict, keys: tuple, path: str) -> dict:
+    if not isinstance(config, dict) or set(config) != set(keys):
+        raise ValueError(f"config for the {path} path must be a dict with keys {keys}, "
+                         f"got {config!r}")
+    return config
+
+
+def lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, seed, *, config=None,
+                 path="auto"):
+    """(y, u) of the fused forward for 2-D x [M, K] (any strides) in fp16/bf16/fp32.
+
+    packed/state: the bnb 4-bit weight [N, K] (any quant_storage); lora_A [r, K]; lora_B [N, r];
+    bias [N] or None, in x's dtype; p in [0, 1) (0: no dropout); seed: int. Returns y [M, N]
+    and u = dropout(x) @ A^T [M, r], both in x's dtype. `config`: None (automatic) or a dict
+    of the chosen path's keys; `path`: 'auto', 'tiled' or 'small_m'."""
+    check_forward_args(x, packed, state, lora_A, lora_B, scaling, bias, p, seed)
+    prepare()
+    m, k = x.shape
+    n, rank = lora_B.shape
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    u = torch.empty((m, rank), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y, u
+    precision = dot_precision(x.dtype)
+    _launch_u(x, lora_A, u, float(p), int(seed), precision)
+    which = choose_path(m, path)
+    args = (x, *weight_args(packed, state), u, lora_B, bias if bias is not None else y, y)
+    flags = {"QBLOCK": state.blocksize, "DOUBLE_QUANT": state.nested,
+             "K_ALIGNED": k % state.blocksize == 0, "HAS_BIAS": bias is not None,
+             "PRECISION": precision, "BLOCK_R": forward_kernels().rank_block(rank)}
+    if which == "small_m":
+        _launch_small_m(args, flags, m, n, k, rank, float(scaling), config)
+    else:
+        _launch_tiled(args, flags, m, n, k, rank, float(scaling), config)
+    return y, u
+
+
+def forward_kernels():
+    from csrc_triton import forward
+
+    return forward
+
+
+def _launch_u(x, lora_a, u, p, seed, precision):
+    fwd = forward_kernels()
+    m, k = x.shape
+    cfg = fwd.u_config(fwd.rank_block(lora_a.shape[0]))
+    meta = {key: value for key, value in cfg.items() if key.startswith("BLOCK")}
+    fwd._lora_u_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+        x, lora_a, u, m, k, lora_a.shape[0], x.stride(0), x.stride(1), lora_a.stride(0),
+        lora_a.stride(1), u.stride(0), u.stride(1), seed, dropout_threshold(p),
+        1.0 / (1.0 - p), HAS_DROPOUT=p > 0.0, PRECISION=precision, **meta,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _strides(x, u, lora_b, y):
+    return (x.stride(0), x.stride(1), u.stride(0), u.stride(1), lora_b.stride(0),
+            lora_b.stride(1), y.stride(0), y.stride(1))
+
+
+def _launch_tiled(args, flags, m, n, k, rank, scaling, config):
+    fwd = forward_kernels()
+    x, u, lora_b, y = args[0], args[7], args[8], args[10]
+    if config is None and not backend.interpreter_active():
+        kernel, meta = _autotuned_tiled(x.device), {}
+    else:
+        cfg = dict(_check_config(config, TILED_KEYS, "tiled") if config is not None
+                   else fwd.INTERPRETER_CONFIG)
+        kernel = fwd._nf4_lora_fwd_kernel
+        meta = cfg
+    def grid(meta_):
+        return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)
+    kernel[grid](*args, m, n, k, rank, fwd.m_bucket(m), *_strides(x, u, lora_b, y), scaling,
+                 **flags, **meta, **LAUNCH_OPTIONS)
+
+
+def _small_m_kernels():
+    from csrc_triton import small_m
+
+    return small_m
+
+
+def _launch_small_m(args, flags, m, n, k, rank, scaling, config):
+    sm = _small_m_kernels()
+    x, u, lora_b, y = args[0], args[7], args[8], args[10]
+    if config is None and not backend.interpreter_active():
+        kernel, meta = _autotuned_small_m(x.device), {}
+        slices = sm.split_k(m, n, k, _num_sms(x.device))
+        granule = sm.SPLIT_GRANULE
+    else:
+        meta = dict(_check_config(config, SMALL_M_KEYS, "small_m") if config is not None
+                    else sm.INTERPRETER_CONFIG)
+        kernel = sm._nf4_lora_fwd_small_m_kernel
+        slices = meta.pop("SPLIT_K")
+        granule = meta["BLOCK_K"]
+    units = triton.cdiv(k, granule)
+    k_per_split = triton.cdiv(units, max(1, min(slices, units))) * granule
+    n_slices = triton.cdiv(k, k_per_split)
+    ws = torch.empty((n_slices, m, n), dtype=torch.float32, device=x.device) \
+        if n_slices > 1 else y
+    strides = _strides(x, u, lora_b, y)
+    kernel[lambda meta_: (triton.cdiv(n, meta_["BLOCK_N"]), n_slices)](
+        *args, ws, m, n, k, rank, k_per_split, *strides, scaling, **flags, SPLIT=n_slices > 1,
+        BLOCK_M=sm.BLOCK_M, **meta, **LAUNCH_OPTIONS)
+    if n_slices > 1:
+        sm._splitk_reduce_kernel[(triton.cdiv(n, sm.REDUCE_BLOCK_N),)](
+            ws, u, lora_b, args[9], y, m, n, rank, n_slices, *strides[2:], scaling,
+            HAS_BIAS=flags["HAS_BIAS"], PRECISION=flags["PRECISION"],
+            BLOCK_R=flags["BLOCK_R"], BLOCK_M=sm.BLOCK_M, BLOCK_N=sm.REDUCE_BLOCK_N,
+            num_warps=sm.REDUCE_NUM_WARPS)
