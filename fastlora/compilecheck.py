@@ -7,13 +7,18 @@ GPUTarget("cuda", 90, 32))` yields a cubin, and the wheel ships `cuobjdump`, whi
 cubin's resource usage (REG, STACK, SHARED, LOCAL) and disassembles it (SASS), where sm_80
 tensor-core instructions are HMMA and sm_90's warpgroup ones HGMMA. STACK or LOCAL > 0 means
 register spills. The specs come from each kernel file's COMPILE_SPECS (csrc_triton).
+
+Kernels decorated under TRITON_INTERPRET=1 are interpreter objects that cannot be compiled, so
+when the interpreter is active the report runs in a child process without it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -77,18 +82,34 @@ def compile_report(archs=("sm_80", "sm_90"), kernels=None, workers: int | None =
     stack_bytes, local_bytes, shared_bytes, mma_instructions; plus uses_dot).
 
     kernels: optional iterable of kernel names to restrict the report to."""
-    from csrc_triton import all_compile_specs
-
     archs = tuple(archs)
     for arch in archs:
         if arch not in ARCHS:
             raise ValueError(f"arch must be one of {tuple(ARCHS)}, got {arch!r}")
+    from .backend import interpreter_active
+
+    if interpreter_active():
+        return _report_in_child(archs, kernels, workers)
+    from csrc_triton import all_compile_specs
+
     wanted = set(kernels) if kernels is not None else None
     jobs = [(spec, arch) for spec in all_compile_specs() for arch in archs
             if arch in spec.archs and (wanted is None or spec.kernel in wanted)]
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # ptxas runs as a subprocess
         return list(pool.map(lambda job: compile_spec(*job), jobs))
+
+
+def _report_in_child(archs, kernels, workers) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = json.dumps([list(archs), list(kernels) if kernels is not None else None, workers])
+    code = ("import json, sys; from fastlora.compilecheck import compile_report; "
+            "a, k, w = json.loads(sys.argv[1]); print(json.dumps(compile_report(a, k, w)))")
+    done = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True,
+                          env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"compile report failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def problems(rows: list[dict]) -> list[str]:
