@@ -30,7 +30,11 @@ class CompileSpec:
     """One kernel x config to compile ahead of time (fastlora.compile_report).
 
     signature: Triton type string per non-constexpr argument ("*fp16", "i32", ...);
-    constexprs: the constexpr values (block sizes and feature flags) of this config."""
+    constexprs: the constexpr values (block sizes and feature flags) of this config;
+    aligned: arguments a real launch specialises as multiples of 16 (pointers 16-byte aligned,
+    extents and strides of real model shapes). Triton's launcher adds these divisibility hints
+    itself when they hold; compiling without them models a misaligned launch, whose index math
+    alone costs tens of registers."""
 
     kernel: str
     fn: object
@@ -42,6 +46,7 @@ class CompileSpec:
     uses_dot: bool = True
     label: str = ""
     options: dict = field(default_factory=dict)
+    aligned: tuple = ()
 
     @property
     def config(self) -> str:

@@ -6,8 +6,8 @@
 The main kernel never materialises deq(W): each K step loads the packed bytes of a
 [BLOCK_N, BLOCK_K] weight tile, decodes them in registers (code[nibble] * absmax, double-quant
 absmax decoded on the fly, no cached decoded absmax), casts to x's dtype and feeds tl.dot with an
-fp32 accumulator. The epilogue adds s * U_tile @ B_tile^T (a second tl.dot, rank padded to a
-power of two >= 16) and the bias, then stores once in x's dtype.
+fp32 accumulator. The epilogue adds s * U_tile @ B_tile^T (tl.dot over rank chunks of 16 or 32,
+zero-padded past r) and the bias, then stores once in x's dtype.
 
 Tile orientation (constexpr W_FIRST): on sm_90 the kernel computes y^T tiles,
 acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T, so the decoded weight tile is the FIRST operand of
@@ -86,30 +86,36 @@ def lora_epilogue(acc, offs_m, offs_n, M, N, R, u_ptr, b_ptr, bias_ptr, y_ptr,
     """Store y tile = acc + scaling * U_tile @ B_tile^T + bias once, in y's dtype.
 
     acc: fp32 [BLOCK_M, BLOCK_N], or its transpose [BLOCK_N, BLOCK_M] when W_FIRST.
-    u_ptr [M, R], b_ptr [N, R], bias_ptr [N] in y's dtype; the rank is padded to BLOCK_R
-    (a power of two >= 16, tl.dot's minimum) with zeros, so the LoRA term runs on tensor cores."""
-    offs_r = tl.arange(0, BLOCK_R)
+    u_ptr [M, R], b_ptr [N, R], bias_ptr [N] in y's dtype. The rank runs in chunks of BLOCK_R
+    (16 or 32: tl.dot needs >= 16; zero-padded past R) on tensor cores, so a rank-256 adapter
+    needs no more registers than a rank-16 one (one [BLOCK_M, BLOCK_N] product at a time)."""
     m_ok = offs_m < M
     n_ok = offs_n < N
-    r_ok = offs_r < R
-    u = tl.load(u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur,
-                mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-    b = tl.load(b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+    u_rows = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um
+    b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        u = tl.load(u_rows + offs_r[None, :] * stride_ur, mask=m_ok[:, None] & r_ok[None, :],
+                    other=0.0)
+        b = tl.load(b_rows + offs_r[None, :] * stride_br, mask=n_ok[:, None] & r_ok[None, :],
+                    other=0.0)
+        if W_FIRST:
+            acc += scaling * tl.dot(b, tl.trans(u), input_precision=PRECISION)
+        else:
+            acc += scaling * tl.dot(u, tl.trans(b), input_precision=PRECISION)
     if W_FIRST:
-        out = acc + scaling * tl.dot(b, tl.trans(u), input_precision=PRECISION)
         if HAS_BIAS:
-            out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         y_ptrs = (y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym
                   + offs_n.to(tl.int64)[:, None] * stride_yn)
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
     else:
-        out = acc + scaling * tl.dot(u, tl.trans(b), input_precision=PRECISION)
         if HAS_BIAS:
-            out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         y_ptrs = (y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym
                   + offs_n.to(tl.int64)[None, :] * stride_yn)
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -201,27 +207,22 @@ def _nf4_lora_fwd_kernel(x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, 
 # ----------------------------------------------------------------------------- configs
 
 def rank_block(rank: int) -> int:
-    """BLOCK_R: the rank padded to a power of two >= 16 (tl.dot's minimum), <= 256."""
+    """BLOCK_R of _lora_u_kernel: the rank padded to a power of two >= 16 (tl.dot's minimum)."""
     return max(16, triton.next_power_of_2(rank))
 
 
+def rank_chunk(rank: int) -> int:
+    """BLOCK_R of the epilogue (lora_epilogue): rank chunks of 16 up to r = 16, else 32."""
+    return 16 if rank <= 16 else 32
+
+
 def u_config(block_r: int) -> dict:
-    """Config of _lora_u_kernel for a padded rank: the fp32 accumulator BLOCK_M x BLOCK_R stays
-    at 4096 values (32 registers a thread at 4 warps) up to r = 128; r = 256 takes 8 warps."""
-    block_m = max(16, min(64, 8192 // block_r))
-    return {"BLOCK_M": block_m, "BLOCK_R": block_r, "BLOCK_K": 64,
-            "num_warps": 8 if block_r >= 256 else 4, "num_stages": 3}
-
-
-# The interpreter's config: its cost is per program instance, and 32x32x32 tiles keep the test
-# shapes (M <= 100, N ~ 72, K ~ 256) at a few dozen programs. y^T orientation, as on sm_90.
-INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "W_FIRST": True,
-                      "num_warps": 4, "num_stages": 1}
-
-
-def m_bucket(m: int) -> int:
-    """The autotune key's M: the next power of two, 32 .. 8192 (larger M reuses 8192's pick)."""
-    return min(8192, max(32, triton.next_power_of_2(m)))
+    """Config of _lora_u_kernel for a padded rank: 64 rows and 4 warps up to r = 64; 32 rows
+    and 8 warps beyond (64 x 128 at 4 warps spills 8 B in fp32 on sm_80, and 16 x 128 at
+    4 warps 16 B on sm_90)."""
+    wide = block_r > 64
+    return {"BLOCK_M": 32 if wide else 64, "BLOCK_R": block_r, "BLOCK_K": 64,
+            "num_warps": 8 if wide else 4, "num_stages": 3}
 
 
 # ----------------------------------------------------------------------------- tiled configs
@@ -231,21 +232,150 @@ def _cfg(bm, bn, bk, warps, stages, w_first, group_m=8):
             "W_FIRST": w_first, "num_warps": warps, "num_stages": stages}
 
 
-# sm_90: y^T tiles, the decoded weight tile [BLOCK_N, BLOCK_K] is wgmma's register operand
-# (BLOCK_N = 64 rows per warpgroup), x^T [BLOCK_K, BLOCK_M] its shared-memory operand.
+# Every config below compiles with zero spill bytes (STACK 0, LOCAL 0) for its arch and dtype
+# class, with K_ALIGNED either way and rank chunks 16 or 32 (COMPILE_SPECS; 16-byte aligned
+# arguments as at a real launch). Spilling candidates that were measured and dropped (bf16,
+# registers capped at 255): 256x128x64 w8 (sm_90, 520 B), 128x256x64 w8 (sm_90, 672 B),
+# 64x128x64 w4 (sm_80, 16 B), 128x128x64 w8 (sm_80, 8 B).
+#
+# sm_90: y^T tiles (W_FIRST): the decoded weight tile [BLOCK_N, BLOCK_K] is wgmma's register
+# operand (64 rows per warpgroup, so BLOCK_N = 64 * warpgroups or more), x^T its shared one.
 SM90_CONFIGS = [
     _cfg(128, 128, 64, 8, 3, True),
-    _cfg(256, 128, 64, 8, 3, True),
-    _cfg(64, 128, 64, 4, 4, True),
+    _cfg(128, 128, 64, 8, 4, True),
     _cfg(128, 64, 64, 4, 4, True),
-    _cfg(32, 128, 128, 4, 4, True),
     _cfg(64, 64, 128, 4, 4, True),
+    _cfg(32, 64, 128, 4, 4, True),
 ]
-# sm_80 (and other mma.sync GPUs): plain [BLOCK_M, BLOCK_N] tiles.
+# sm_80 and every other mma.sync GPU: [BLOCK_M, BLOCK_N] tiles.
 SM80_CONFIGS = [
     _cfg(128, 128, 32, 8, 3, False),
-    _cfg(128, 64, 64, 4, 3, False),
-    _cfg(64, 128, 64, 4, 3, False),
+    _cfg(128, 128, 32, 8, 4, False),
+    _cfg(256, 64, 32, 8, 3, False),
     _cfg(64, 64, 64, 4, 4, False),
-    _cfg(32, 64, 128, 4, 4, False),
+    _cfg(32, 64, 64, 4, 4, False),
 ]
+# fp32 activations double the operand registers: smaller lists that do not spill.
+SM90_FP32_CONFIGS = [_cfg(128, 128, 64, 8, 2, True), _cfg(32, 64, 64, 4, 3, True)]
+SM80_FP32_CONFIGS = [_cfg(64, 64, 64, 4, 4, False), _cfg(32, 64, 64, 4, 3, False)]
+# K % QBLOCK != 0 (blocks straddle rows): every element gathers its own byte and absmax, and the
+# pipeliner stages all of it (~10 bytes of shared memory per weight value and stage: 128x128x64
+# at 3 stages needs 262144 B on sm_90, over its 232448): one modest config, not tuned.
+UNALIGNED_CONFIGS = {"sm_90": _cfg(64, 64, 64, 4, 2, True), "sm_80": _cfg(64, 64, 64, 4, 2, False)}
+
+# The interpreter's config: its cost is per program instance, and 32x32x32 tiles keep the test
+# shapes (M <= 100, N ~ 72, K ~ 256) at a few dozen programs. y^T orientation, as on sm_90.
+INTERPRETER_CONFIG = _cfg(32, 32, 32, 4, 1, True, group_m=4)
+
+
+def tiled_configs(arch: str, fp32: bool, k_aligned: bool = True) -> list[dict]:
+    """The autotune list for an arch ('sm_90': compute capability 9.x, else 'sm_80')."""
+    if not k_aligned:
+        return [UNALIGNED_CONFIGS[arch]]
+    if arch == "sm_90":
+        return SM90_FP32_CONFIGS if fp32 else SM90_CONFIGS
+    return SM80_FP32_CONFIGS if fp32 else SM80_CONFIGS
+
+
+def m_bucket(m: int) -> int:
+    """The autotune key's M: the next power of two, 32 .. 8192 (larger M reuses 8192's pick)."""
+    return min(8192, max(32, triton.next_power_of_2(m)))
+
+
+def shared_bytes(cfg: dict, elt: int) -> int:
+    """Shared-memory estimate of a config per stage set: the x tile, the packed bytes and the
+    gathered 4-byte code values are all staged (cp.async) per pipeline stage. Over-estimates the
+    compiled figure by ~20% (128x128x64 s3 bf16 on sm_90: 159744 vs 133120 B measured)."""
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    return cfg["num_stages"] * (bm * bk * elt + bn * bk // 2 + bn * bk * 4)
+
+
+def keep_config(cfg: dict, m_bucket_: int, k: int, qblock: int, elt: int,
+                smem_budget: int) -> bool:
+    """Pruning rule of the autotune list:
+    - BLOCK_M <= the M bucket (no tile mostly past M);
+    - BLOCK_K <= 4 * QBLOCK (at most 4 absmax loads per row and step) and <= K rounded up;
+    - the shared-memory estimate fits the device's budget."""
+    return (cfg["BLOCK_M"] <= m_bucket_
+            and cfg["BLOCK_K"] <= min(4 * qblock, max(32, triton.next_power_of_2(k)))
+            and shared_bytes(cfg, elt) <= smem_budget)
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """triton.autotune early_config_prune over triton.Config objects (keep_config); keeps the
+    smallest tile when nothing passes, so the autotuner always has a candidate."""
+    x = named_args["x_ptr"]
+    from triton.runtime import driver
+
+    budget = driver.active.utils.get_device_properties(x.device.index)["max_shared_mem"]
+    kept = [c for c in configs
+            if keep_config({**c.kwargs, "num_stages": c.num_stages}, named_args["M_BUCKET"],
+                           named_args["K"], kwargs["QBLOCK"], x.element_size(), budget)]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def triton_configs(configs: list[dict]) -> list:
+    """triton.Config objects of config dicts (the autotuner's input)."""
+    return [triton.Config({k: v for k, v in c.items() if not k.startswith("num_")},
+                          num_warps=c["num_warps"], num_stages=c["num_stages"])
+            for c in configs]
+
+
+# ----------------------------------------------------------------------------- compile specs
+
+# Arguments that are multiples of 16 (pointers: 16-byte aligned) at a real launch, where Triton
+# specialises on it; compiling without it would model unvectorised loads and spill.
+ALIGNED_ARGS = ("x_ptr", "packed_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr", "offset_ptr",
+                "code_ptr", "u_ptr", "b_ptr", "bias_ptr", "y_ptr", "a_ptr", "ws_ptr", "N", "K",
+                "M_BUCKET", "k_per_split", "stride_xm", "stride_um", "stride_bn", "stride_ym",
+                "stride_ar")
+# contiguous last dims are 1 at a launch, which Triton specialises as a constant
+UNIT_STRIDES = {"stride_xk": 1, "stride_ur": 1, "stride_br": 1, "stride_yn": 1}
+
+
+def weight_signature(double_quant: bool) -> dict:
+    return {"packed_ptr": "*u8", "absmax_ptr": "*u8" if double_quant else "*fp32",
+            "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "offset_ptr": "*fp32",
+            "code_ptr": "*fp32"}
+
+
+def _fwd_spec(cfg, arch, dtype="bf16", k_aligned=True, rank=16):
+    sig = {"x_ptr": f"*{dtype}", **weight_signature(True), "u_ptr": f"*{dtype}",
+           "b_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
+           **{n: "i32" for n in ("M", "N", "K", "R", "M_BUCKET", "stride_xm", "stride_um",
+                                 "stride_bn", "stride_ym")}, "scaling": "fp32"}
+    blocks = {k: v for k, v in cfg.items() if not k.startswith("num_")}
+    constexprs = {"QBLOCK": 64, "DOUBLE_QUANT": True, "K_ALIGNED": k_aligned, "HAS_BIAS": True,
+                  "PRECISION": "tf32", "BLOCK_R": rank_chunk(rank), **blocks, **UNIT_STRIDES}
+    return CompileSpec(kernel="_nf4_lora_fwd_kernel", fn=_nf4_lora_fwd_kernel, signature=sig,
+                       constexprs=constexprs, num_warps=cfg["num_warps"],
+                       num_stages=cfg["num_stages"], archs=(arch,),
+                       label=f"{dtype} k_aligned={int(k_aligned)} r={rank}",
+                       options={"enable_fp_fusion": False}, aligned=ALIGNED_ARGS)
+
+
+def _u_spec(rank, dtype, dropout):
+    cfg = u_config(rank_block(rank))
+    sig = {"x_ptr": f"*{dtype}", "a_ptr": f"*{dtype}", "u_ptr": f"*{dtype}",
+           **{n: "i32" for n in ("M", "K", "R", "stride_xm", "stride_ar", "stride_um")},
+           "seed": "i64", "threshold": "i64", "keep_scale": "fp32"}
+    constexprs = {"HAS_DROPOUT": dropout, "PRECISION": "tf32",
+                  **{k: v for k, v in cfg.items() if k.startswith("BLOCK")},
+                  "stride_xk": 1, "stride_ak": 1, "stride_ur": 1}
+    return CompileSpec(kernel="_lora_u_kernel", fn=_lora_u_kernel, signature=sig,
+                       constexprs=constexprs, num_warps=cfg["num_warps"],
+                       num_stages=cfg["num_stages"], label=f"{dtype} dropout={int(dropout)}",
+                       aligned=ALIGNED_ARGS)
+
+
+COMPILE_SPECS = (
+    [_fwd_spec(c, arch, "bf16", True, r)
+     for arch, configs in (("sm_90", SM90_CONFIGS), ("sm_80", SM80_CONFIGS))
+     for c in configs for r in (16, 64)]
+    + [_fwd_spec(c, arch, dt, False) for arch, c in UNALIGNED_CONFIGS.items()
+       for dt in ("bf16", "fp32")]
+    + [_fwd_spec(c, arch, "fp32")
+       for arch, configs in (("sm_90", SM90_FP32_CONFIGS), ("sm_80", SM80_FP32_CONFIGS))
+       for c in configs]
+    + [_u_spec(r, dt, True) for r in (16, 32, 64, 128, 256) for dt in ("bf16", "fp32")]
+)

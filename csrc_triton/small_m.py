@@ -112,3 +112,73 @@ def split_k(m: int, n: int, k: int, num_sms: int, block_n: int = 64) -> int:
     wanted = triton.cdiv(4 * num_sms, programs_n)
     cap = max(1, k // (64 * m))
     return max(1, min(wanted, cap, triton.cdiv(k, SPLIT_GRANULE)))
+
+
+def _cfg(bn, bk, warps, stages):
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
+
+
+# Autotune lists (both archs: the weight tile is the first tl.dot operand everywhere). Each
+# BLOCK_K divides SPLIT_GRANULE. All compile with zero spill bytes (COMPILE_SPECS) and fit
+# sm_80's 163 KB of shared memory; dropped after measuring: BLOCK_K = 256 (392-688 B spilled),
+# 128x128 at 3 stages (208 KB of shared memory).
+SMALL_M_CONFIGS = [_cfg(64, 64, 4, 4), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3),
+                   _cfg(64, 128, 4, 3), _cfg(128, 64, 4, 4)]
+SMALL_M_FP32_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(64, 128, 4, 2)]
+# K % QBLOCK != 0: per-element gathers, staged per pipeline stage (forward.UNALIGNED_CONFIGS):
+# one small config, not tuned.
+UNALIGNED_CONFIG = _cfg(32, 64, 4, 2)
+
+
+def small_m_configs(fp32: bool, k_aligned: bool = True) -> list[dict]:
+    if not k_aligned:
+        return [UNALIGNED_CONFIG]
+    return SMALL_M_FP32_CONFIGS if fp32 else SMALL_M_CONFIGS
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """triton.autotune early_config_prune: BLOCK_K <= 4 * QBLOCK (at most 4 absmax loads per
+    row and step); the smallest BLOCK_K survives when nothing passes."""
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= 4 * kwargs["QBLOCK"]]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_K"])]
+
+
+def _spec(cfg, dtype, k_aligned, split):
+    from .forward import ALIGNED_ARGS, UNIT_STRIDES, weight_signature
+
+    sig = {"x_ptr": f"*{dtype}", **weight_signature(True), "u_ptr": f"*{dtype}",
+           "b_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
+           "ws_ptr": "*fp32",
+           **{n: "i32" for n in ("M", "N", "K", "R", "k_per_split", "stride_xm", "stride_um",
+                                 "stride_bn", "stride_ym")}, "scaling": "fp32"}
+    constexprs = {"QBLOCK": 64, "DOUBLE_QUANT": True, "K_ALIGNED": k_aligned, "HAS_BIAS": True,
+                  "PRECISION": "tf32", "BLOCK_R": 16, "SPLIT": split, "BLOCK_M": BLOCK_M,
+                  "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], **UNIT_STRIDES}
+    return CompileSpec(kernel="_nf4_lora_fwd_small_m_kernel", fn=_nf4_lora_fwd_small_m_kernel,
+                       signature=sig, constexprs=constexprs, num_warps=cfg["num_warps"],
+                       num_stages=cfg["num_stages"],
+                       label=f"{dtype} k_aligned={int(k_aligned)} split={int(split)}",
+                       options={"enable_fp_fusion": False}, aligned=ALIGNED_ARGS)
+
+
+def _reduce_spec(dtype):
+    from .forward import ALIGNED_ARGS
+
+    sig = {"ws_ptr": "*fp32", "u_ptr": f"*{dtype}", "b_ptr": f"*{dtype}",
+           "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
+           **{n: "i32" for n in ("M", "N", "R", "n_slices", "stride_um", "stride_bn",
+                                 "stride_ym")}, "scaling": "fp32"}
+    constexprs = {"HAS_BIAS": True, "PRECISION": "tf32", "BLOCK_R": 32, "BLOCK_M": BLOCK_M,
+                  "BLOCK_N": REDUCE_BLOCK_N, "stride_ur": 1, "stride_br": 1, "stride_yn": 1}
+    return CompileSpec(kernel="_splitk_reduce_kernel", fn=_splitk_reduce_kernel, signature=sig,
+                       constexprs=constexprs, num_warps=REDUCE_NUM_WARPS, num_stages=1,
+                       label=dtype, aligned=ALIGNED_ARGS)
+
+
+COMPILE_SPECS = (
+    [_spec(c, "bf16", True, split) for c in SMALL_M_CONFIGS for split in (True, False)]
+    + [_spec(c, "fp32", True, split) for c in SMALL_M_FP32_CONFIGS for split in (True, False)]
+    + [_spec(UNALIGNED_CONFIG, dt, False, split) for dt in ("bf16", "fp32")
+       for split in (True, False)]
+    + [_reduce_spec(dt) for dt in ("bf16", "fp32")]
+)

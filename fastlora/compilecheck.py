@@ -54,9 +54,12 @@ def compile_spec(spec, arch: str) -> dict:
 
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {tuple(ARCHS)}, got {arch!r}")
+    arg_names = spec.fn.arg_names
+    attrs = {(arg_names.index(name),): [["tt.divisibility", 16]]
+             for name in spec.aligned if name in spec.signature}
     source = ASTSource(fn=spec.fn, signature={**spec.signature,
                                               **{k: "constexpr" for k in spec.constexprs}},
-                       constexprs=dict(spec.constexprs))
+                       constexprs=dict(spec.constexprs), attrs=attrs)
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, **spec.options}
     kernel = triton.compile(source, target=GPUTarget("cuda", ARCHS[arch], 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:

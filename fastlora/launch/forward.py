@@ -50,6 +50,8 @@ def choose_path(m: int, path: str = "auto") -> str:
     """'small_m' for M <= SMALL_M_MAX, else 'tiled'; `path` forces one ('auto' decides)."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if path == "small_m" and m > SMALL_M_MAX:
+        raise ValueError(f"path='small_m' handles at most {SMALL_M_MAX} rows, x has {m}")
     if path != "auto":
         return path
     return "small_m" if m <= SMALL_M_MAX else "tiled"
@@ -77,14 +79,15 @@ def lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, seed, *, co
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     u = torch.empty((m, rank), dtype=x.dtype, device=x.device)
     if m == 0:
+        choose_path(m, path)
         return y, u
+    which = choose_path(m, path)
     precision = dot_precision(x.dtype)
     _launch_u(x, lora_A, u, float(p), int(seed), precision)
-    which = choose_path(m, path)
     args = (x, *weight_args(packed, state), u, lora_B, bias if bias is not None else y, y)
     flags = {"QBLOCK": state.blocksize, "DOUBLE_QUANT": state.nested,
              "K_ALIGNED": k % state.blocksize == 0, "HAS_BIAS": bias is not None,
-             "PRECISION": precision, "BLOCK_R": forward_kernels().rank_block(rank)}
+             "PRECISION": precision, "BLOCK_R": _forward_kernels().rank_chunk(rank)}
     if which == "small_m":
         _launch_small_m(args, flags, m, n, k, rank, float(scaling), config)
     else:
@@ -92,14 +95,14 @@ def lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, seed, *, co
     return y, u
 
 
-def forward_kernels():
+def _forward_kernels():
     from csrc_triton import forward
 
     return forward
 
 
 def _launch_u(x, lora_a, u, p, seed, precision):
-    fwd = forward_kernels()
+    fwd = _forward_kernels()
     m, k = x.shape
     cfg = fwd.u_config(fwd.rank_block(lora_a.shape[0]))
     meta = {key: value for key, value in cfg.items() if key.startswith("BLOCK")}
@@ -116,10 +119,11 @@ def _strides(x, u, lora_b, y):
 
 
 def _launch_tiled(args, flags, m, n, k, rank, scaling, config):
-    fwd = forward_kernels()
+    fwd = _forward_kernels()
     x, u, lora_b, y = args[0], args[7], args[8], args[10]
     if config is None and not backend.interpreter_active():
-        kernel, meta = _autotuned_tiled(x.device), {}
+        kernel, meta = _autotuned_tiled(x.device, x.dtype == torch.float32,
+                                        flags["K_ALIGNED"]), {}
     else:
         cfg = dict(_check_config(config, TILED_KEYS, "tiled") if config is not None
                    else fwd.INTERPRETER_CONFIG)
@@ -141,7 +145,8 @@ def _launch_small_m(args, flags, m, n, k, rank, scaling, config):
     sm = _small_m_kernels()
     x, u, lora_b, y = args[0], args[7], args[8], args[10]
     if config is None and not backend.interpreter_active():
-        kernel, meta = _autotuned_small_m(x.device), {}
+        kernel, meta = _autotuned_small_m(x.device, x.dtype == torch.float32,
+                                          flags["K_ALIGNED"]), {}
         slices = sm.split_k(m, n, k, _num_sms(x.device))
         granule = sm.SPLIT_GRANULE
     else:
@@ -165,3 +170,44 @@ def _launch_small_m(args, flags, m, n, k, rank, scaling, config):
             HAS_BIAS=flags["HAS_BIAS"], PRECISION=flags["PRECISION"],
             BLOCK_R=flags["BLOCK_R"], BLOCK_M=sm.BLOCK_M, BLOCK_N=sm.REDUCE_BLOCK_N,
             num_warps=sm.REDUCE_NUM_WARPS)
+
+
+# ----------------------------------------------------------------------------- GPU autotuning
+# Built on first use per (path, arch, fp32[, K aligned]): nothing touches the device at import time.
+_AUTOTUNED: dict = {}
+_TILED_KEY = ["M_BUCKET", "N", "K", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "HAS_BIAS",
+              "BLOCK_R", "PRECISION"]
+
+
+def _arch(device: torch.device) -> str:
+    """'sm_90' on compute capability 9.x (wgmma), else 'sm_80' (mma.sync configs)."""
+    return "sm_90" if torch.cuda.get_device_capability(device)[0] == 9 else "sm_80"
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _autotuned_tiled(device: torch.device, fp32: bool, k_aligned: bool):
+    key = ("tiled", _arch(device), fp32, k_aligned)
+    if key not in _AUTOTUNED:
+        fwd = _forward_kernels()
+        _AUTOTUNED[key] = triton.autotune(
+            configs=fwd.triton_configs(fwd.tiled_configs(key[1], fp32, k_aligned)),
+            key=_TILED_KEY,
+            prune_configs_by={"early_config_prune": fwd.prune_configs},
+        )(fwd._nf4_lora_fwd_kernel)
+    return _AUTOTUNED[key]
+
+
+def _autotuned_small_m(device: torch.device, fp32: bool, k_aligned: bool):
+    key = ("small_m", _arch(device), fp32, k_aligned)
+    if key not in _AUTOTUNED:
+        sm = _small_m_kernels()
+        _AUTOTUNED[key] = triton.autotune(
+            configs=_forward_kernels().triton_configs(sm.small_m_configs(fp32, k_aligned)),
+            key=["N", "K", "k_per_split", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "HAS_BIAS",
+                 "BLOCK_R", "PRECISION", "SPLIT"],
+            prune_configs_by={"early_config_prune": sm.prune_configs},
+        )(sm._nf4_lora_fwd_small_m_kernel)
+    return _AUTOTUNED[key]

@@ -1,0 +1,295 @@
+"""The fused forward (issue 3) against fastlora.reference in float64, weights quantised by
+bitsandbytes; kernels run in Triton's interpreter on CPU (tests/conftest.py).
+
+Bound: fastlora.numerics (2 x the plain-PyTorch error in the same dtype + 1 ulp)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import fastlora
+from fastlora import reference
+from fastlora.launch import forward as launch
+from fastlora.numerics import assert_close
+from helpers import DTYPES, bnb_weight, make_case, reference_pair
+
+N = 72  # not a multiple of 16: masked N edges in every case
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def pairwise(axes: dict) -> list[dict]:
+    """A small set of combinations covering every pair of values of any two axes (greedy:
+    each step takes the combination that covers the most uncovered pairs; deterministic)."""
+    names = list(axes)
+    uncovered = {((a, va), (b, vb)) for a, b in itertools.combinations(names, 2)
+                 for va in axes[a] for vb in axes[b]}
+    candidates = [dict(zip(names, values)) for values in itertools.product(*axes.values())]
+    chosen = []
+
+    def gain(combo):
+        return sum(((a, combo[a]), (b, combo[b])) in uncovered
+                   for a, b in itertools.combinations(names, 2))
+
+    while uncovered:
+        best = max(candidates, key=gain)
+        chosen.append(best)
+        uncovered -= {((a, best[a]), (b, best[b])) for a, b in itertools.combinations(names, 2)}
+    return chosen
+
+
+AXES = {"dtype": ["fp16", "bf16", "fp32"], "quant": ["nf4", "fp4"], "dq": [True, False],
+        "bs": [64, 128, 256], "bias": [True, False], "p": [0.0, 0.1], "rank": [1, 8, 12, 64],
+        "m": [1, 3, 16, 17, 100],
+        # 200: K % blocksize != 0 (blocks straddle rows); 193: odd K (rows start mid-byte);
+        # 256: aligned (the vectorised decode)
+        "k": [200, 193, 256]}
+MATRIX = pairwise(AXES)
+
+
+def case_id(c: dict) -> str:
+    return (f"{c['dtype']}-{c['quant']}-dq{int(c['dq'])}-bs{c['bs']}-"
+            f"{'bias' if c['bias'] else 'nobias'}-p{c['p']}-r{c['rank']}-m{c['m']}-k{c['k']}")
+
+
+def u_truth(case, dtype):
+    """(float64 truth, plain PyTorch in dtype) of u = dropout(x) @ A^T."""
+    x, a = case.x.to(dtype), case.lora_A.to(dtype)
+    truth = reference.apply_dropout(x.double(), case.seed, case.dropout_p) @ a.double().t()
+    baseline = reference.apply_dropout(x, case.seed, case.dropout_p) @ a.t()
+    return truth, baseline
+
+
+def check_forward(case, dtype, x=None, **kwargs):
+    """Run lora_forward on the case (x overridden when given) and check y and u."""
+    args = list(case.args(dtype))
+    if x is not None:
+        args[0] = x
+    truth, baseline = reference_pair(case, dtype)
+    y, u = launch.lora_forward(*args, case.dropout_p, case.seed, **kwargs)
+    assert y.dtype == dtype and u.dtype == dtype
+    assert_close("y", y, truth["y"], baseline["y"])
+    assert_close("u", u, *u_truth(case, dtype))
+    return y, u
+
+
+# ----------------------------------------------------------------------------- the matrix
+
+def test_matrix_covers_every_pair():
+    for a, b in itertools.combinations(AXES, 2):
+        seen = {(c[a], c[b]) for c in MATRIX}
+        missing = set(itertools.product(AXES[a], AXES[b])) - seen
+        assert not missing, f"axes {a} x {b}: pairs {sorted(missing)} not covered"
+
+
+@pytest.mark.parametrize("c", MATRIX, ids=case_id)
+def test_forward_matches_reference(c):
+    dtype = DTYPES[c["dtype"]]
+    case = make_case(c["m"], N, c["k"], c["rank"], dtype, c["quant"], c["bs"], c["dq"],
+                     c["bias"], c["p"], seed=len(case_id(c)))
+    check_forward(case, dtype)
+
+
+# ----------------------------------------------------------------------------- paths and configs
+
+SMALL_SPLIT1 = {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "num_stages": 1}
+SMALL_SPLIT3 = {"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 3, "num_warps": 4, "num_stages": 1}
+TILED_PLAIN = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2, "W_FIRST": False,
+               "num_warps": 4, "num_stages": 1}
+TILED_WIDE_K = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 128, "GROUP_M": 1, "W_FIRST": True,
+                "num_warps": 4, "num_stages": 1}
+
+
+@pytest.mark.parametrize("path,config", [
+    ("small_m", None), ("small_m", SMALL_SPLIT1), ("small_m", SMALL_SPLIT3),
+    ("tiled", None), ("tiled", TILED_PLAIN), ("tiled", TILED_WIDE_K),
+], ids=["small-auto", "small-split1", "small-split3", "tiled-auto", "tiled-xfirst",
+        "tiled-bk128"])
+@pytest.mark.parametrize("k", [256, 200], ids=["k256", "k200"])
+def test_paths_and_configs(path, config, k):
+    """Both paths (forced) on the same small-M case, and explicit configs: split-K with 1 and 3
+    slices, the sm_80 orientation (x first), and BLOCK_K spanning two 64-blocks."""
+    case = make_case(11, N, k, 12, torch.bfloat16, "nf4", 64, True, True, 0.1, seed=7)
+    check_forward(case, torch.bfloat16, path=path, config=config)
+
+
+def test_small_and_tiled_paths_agree():
+    case = make_case(16, N, 256, 8, torch.float16, "fp4", 128, False, True, 0.0, seed=3)
+    args = case.args(torch.float16)
+    y_small, u_small = launch.lora_forward(*args, 0.0, case.seed, path="small_m")
+    y_tiled, u_tiled = launch.lora_forward(*args, 0.0, case.seed, path="tiled")
+    assert torch.equal(u_small, u_tiled)
+    diff = (y_small.float() - y_tiled.float()).abs().max().item()
+    # both are fp32 sums of the same products, in a different order: a few fp16 ulps at most
+    assert diff <= 4 * torch.finfo(torch.float16).eps * y_tiled.abs().max().item(), diff
+
+
+def test_choose_path():
+    assert launch.choose_path(16) == "small_m"
+    assert launch.choose_path(17) == "tiled"
+    assert launch.choose_path(3, "tiled") == "tiled"
+    with pytest.raises(ValueError, match="small_m"):
+        launch.choose_path(17, "small_m")
+    with pytest.raises(ValueError, match="path"):
+        launch.choose_path(3, "fast")
+
+
+# ----------------------------------------------------------------------------- shapes, views, formats
+
+def test_3d_input_through_public_op():
+    case = make_case(5, N, 200, 8, torch.bfloat16, "nf4", 64, True, True, 0.1, seed=11,
+                     lead=(3,))
+    truth, baseline = reference_pair(case, torch.bfloat16)
+    y = fastlora.lora_linear_4bit(*case.args(torch.bfloat16), **case.kwargs())
+    assert y.shape == (3, 5, N)
+    assert_close("y", y, truth["y"], baseline["y"])
+
+
+@pytest.mark.parametrize("view", ["column-slice", "transposed"])
+def test_non_contiguous_x(view):
+    case = make_case(20, N, 200, 8, torch.float16, "nf4", 64, False, False, 0.1, seed=5)
+    x = case.x.to(torch.float16)
+    if view == "column-slice":  # row stride 2K, unit column stride
+        big = torch.zeros(20, 400, dtype=torch.float16)
+        big[:, ::2] = x
+        x_view = big[:, ::2]
+    else:  # column-major storage: stride (1, M)
+        x_view = x.t().contiguous().t()
+    assert not x_view.is_contiguous() and torch.equal(x_view, x)
+    check_forward(case, torch.float16, x=x_view)
+    truth, baseline = reference_pair(case, torch.float16)
+    y = fastlora.lora_linear_4bit(x_view, *case.args(torch.float16)[1:], **case.kwargs())
+    assert_close("y (public op)", y, truth["y"], baseline["y"])
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_quant_storage_views(storage):
+    case = make_case(17, N, 200, 8, torch.bfloat16, "nf4", 64, True, True, 0.0, seed=2)
+    case.packed, case.state = bnb_weight(N, 200, "nf4", 64, True, torch.bfloat16,
+                                         quant_storage=storage, seed=2)
+    assert case.packed.dtype == storage
+    check_forward(case, torch.bfloat16)
+
+
+@pytest.mark.parametrize("blocksize,m", [(32, 17), (4096, 5)], ids=["bs32", "bs4096"])
+def test_extreme_blocksizes(blocksize, m):
+    case = make_case(m, N, 200, 8, torch.float16, "nf4", blocksize, True, True, 0.1, seed=4)
+    check_forward(case, torch.float16)
+
+
+def test_large_rank_chunks_and_public_op():
+    """r = 200: the U kernel pads the rank to 256, the epilogue runs 7 chunks of 32."""
+    case = make_case(20, N, 256, 200, torch.bfloat16, "fp4", 256, False, True, 0.0, seed=9)
+    check_forward(case, torch.bfloat16)
+    truth, baseline = reference_pair(case, torch.bfloat16)
+    y = fastlora.lora_linear_4bit(*case.args(torch.bfloat16), **case.kwargs())
+    assert_close("y (public op)", y, truth["y"], baseline["y"])
+
+
+def test_empty_m():
+    case = make_case(0, N, 200, 8, torch.float16, seed=1)
+    y, u = launch.lora_forward(*case.args(torch.float16), 0.0, case.seed)
+    assert y.shape == (0, N) and u.shape == (0, 8)
+
+
+# ----------------------------------------------------------------------------- dropout
+
+@pytest.mark.parametrize("p,seed", [(0.1, 1234), (0.5, 2**40 + 5)], ids=["p0.1", "p0.5-seed2^40"])
+def test_dropout_mask_is_the_reference_mask(p, seed):
+    """With A = I, u is dropout(x) itself: bit for bit reference.apply_dropout (Philox port),
+    and the kept fraction is within 5 binomial sigmas of 1 - p."""
+    m, k = 64, 200
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(0)) + 5.0  # never 0
+    eye = torch.eye(k)
+    packed, state = bnb_weight(N, k, blocksize=64, dtype=torch.float32, seed=1)
+    _, u = launch.lora_forward(x, packed, state, eye, torch.zeros(N, k), 1.0, None, p, seed)
+    expected = reference.apply_dropout(x, seed, p)
+    mismatch = (u != expected).sum().item()
+    assert mismatch == 0, f"{mismatch} of {m * k} elements differ from the reference dropout"
+    kept = (u != 0).double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / (m * k))
+    assert abs(kept - (1 - p)) <= 5 * sigma, f"kept {kept:.4f}, expected {1 - p} +- {5 * sigma:.4f}"
+
+
+def test_dropout_same_seed_same_output():
+    case = make_case(20, N, 200, 8, torch.float16, "nf4", 64, True, False, 0.1, seed=6)
+    args = case.args(torch.float16)
+    y1 = fastlora.lora_linear_4bit(*args, dropout_p=0.1, training=True, seed=99)
+    y2 = fastlora.lora_linear_4bit(*args, dropout_p=0.1, training=True, seed=99)
+    y3 = fastlora.lora_linear_4bit(*args, dropout_p=0.1, training=True, seed=100)
+    assert torch.equal(y1, y2)
+    assert not torch.equal(y1, y3)
+
+
+# ----------------------------------------------------------------------------- configs, checks
+
+def test_dot_precision_follows_torch():
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = True
+        assert launch.dot_precision(torch.float32) == "tf32"
+        matmul.allow_tf32 = False
+        assert launch.dot_precision(torch.float32) == "ieee"
+        assert launch.dot_precision(torch.bfloat16) == "tf32"  # ignored for 16-bit inputs
+    finally:
+        matmul.allow_tf32 = saved
+
+
+def test_config_pruning_rules():
+    from csrc_triton import forward as kernels
+
+    assert [kernels.m_bucket(m) for m in (17, 33, 100, 5000, 10**6)] == [32, 64, 128, 8192,
+                                                                        8192]
+    big = kernels._cfg(128, 128, 64, 8, 3, True)
+    assert kernels.keep_config(big, 8192, 4096, 64, 2, 232448)
+    assert not kernels.keep_config(big, 64, 4096, 64, 2, 232448)  # BLOCK_M past the M bucket
+    assert not kernels.keep_config(big, 8192, 4096, 64, 2, 100_000)  # shared memory
+    wide_k = kernels._cfg(32, 64, 256, 4, 2, True)
+    assert kernels.keep_config(wide_k, 8192, 4096, 64, 2, 232448)
+    assert not kernels.keep_config(wide_k, 8192, 4096, 32, 2, 232448)  # BLOCK_K > 4 x 32
+    assert not kernels.keep_config(wide_k, 8192, 100, 64, 2, 232448)  # BLOCK_K past K
+    for arch in ("sm_80", "sm_90"):
+        for fp32 in (False, True):
+            for cfg in kernels.tiled_configs(arch, fp32):
+                assert cfg["W_FIRST"] == (arch == "sm_90"), cfg
+
+
+def _bad(case, **override):
+    args = dict(zip(("x", "packed", "state", "lora_A", "lora_B", "scaling", "bias"),
+                    case.args(torch.float16)))
+    args.update(p=0.0, seed=0)
+    args.update(override)
+    return args
+
+
+@pytest.mark.parametrize("override,error,name", [
+    (lambda c: {"x": torch.zeros(4, 100, dtype=torch.float16)}, ValueError, "x"),
+    (lambda c: {"x": torch.zeros(2, 4, 200, dtype=torch.float16)}, ValueError, "x"),
+    (lambda c: {"lora_A": torch.zeros(8, 100, dtype=torch.float16)}, ValueError, "lora_A"),
+    (lambda c: {"lora_B": torch.zeros(N, 4, dtype=torch.float16)}, ValueError, "lora_B"),
+    (lambda c: {"lora_A": c.lora_A.float()}, TypeError, "lora_A"),
+    (lambda c: {"bias": torch.zeros(N, dtype=torch.float32)}, TypeError, "bias"),
+    (lambda c: {"lora_B": torch.zeros(N, 8, dtype=torch.float16, device="meta")}, ValueError,
+     "lora_B"),
+    (lambda c: {"p": 1.0}, ValueError, "dropout_p"),
+    (lambda c: {"p": -0.1}, ValueError, "dropout_p"),
+], ids=["x-last-dim", "x-3d", "A-shape", "B-rank", "A-dtype", "bias-dtype", "B-device",
+        "p-one", "p-negative"])
+def test_bad_input_names_the_argument(override, error, name):
+    case = make_case(4, N, 200, 8, torch.float16, seed=1)
+    args = _bad(case, **override(case))
+    with pytest.raises(error, match=name):
+        launch.lora_forward(args.pop("x"), args.pop("packed"), args.pop("state"),
+                            args.pop("lora_A"), args.pop("lora_B"), args.pop("scaling"),
+                            args.pop("bias"), args.pop("p"), args.pop("seed"))
+
+
+def test_bad_config_is_rejected():
+    case = make_case(20, N, 200, 8, torch.float16, seed=1)
+    with pytest.raises(ValueError, match="config"):
+        launch.lora_forward(*case.args(torch.float16), 0.0, 0, config={"BLOCK_M": 32})
