@@ -1,30 +1,43 @@
-"""Backward of the QLoRA layer (DESIGN.md, "The math"), three kernels and a reduction:
+"""Backward of the QLoRA layer (DESIGN.md, "The math"): three kernels and a reduction, run in
+this order (each needs the one before):
 
-    _lora_bwd_du_db_kernel   dU = s * dy @ B  and  dB = s * dy^T @ U   in one pass over dy
+    _lora_bwd_du_db_kernel   dU = s * dy @ B  and  dB = s * dy^T @ U, one pass over dy
     _lora_bwd_reduce_kernel  fixed-order sum of fp32 partials (dU, dB, dA), times a scale
-    _nf4_lora_bwd_dx_kernel  dx = dy @ deq(W) + dropout'(dU @ A)   W read packed, never [N, K]
-    _lora_bwd_da_kernel      dA = dU^T @ dropout(x)                mask regenerated from the seed
+    _lora_bwd_da_kernel      dA = dU^T @ dropout(x)  and  dx := dropout'(dU @ A), one pass over
+                             x, the dropout mask regenerated from the seed once for both
+    _nf4_lora_bwd_dx_kernel  dx += dy @ deq(W), W read packed and decoded tile by tile: no
+                             [N, K] buffer. The LoRA term already in dx is the accumulator's
+                             initial value, so both terms meet in one fp32 accumulator.
+
+Why the LoRA term of dx is made by the dA kernel: both need the dropout mask, and Philox keeps
+several 32-bit words per element live; drawn inside the dx GEMM it spilled (hundreds of bytes
+at 128 x 128 tiles, next to the accumulator and the weight decode). Drawn once in the dA
+kernel, the GEMM holds only its accumulator and decode, and the mask costs one draw per
+element instead of two. The price: dx's LoRA term is rounded to the activation dtype once
+before the sum (plain PyTorch rounds both terms), and dx is read back once (2 * M * K bytes).
 
 Determinism: dB and dA are sums over M. Rather than atomics (whose order varies run to run),
 M is cut into a fixed number of splits; each program writes its split's fp32 partial to a
-workspace it alone owns, and _lora_bwd_reduce_kernel adds the partials in split order. The same
-inputs and the same config give bit-identical gradients. dU is a sum over N, cut the same way
-into column groups so that one pass over dy can fill the GPU at every shape.
+workspace it alone owns, and _lora_bwd_reduce_kernel adds the partials in split order. dU, a
+sum over N, is cut into column groups the same way, so that one pass over dy fills the GPU at
+every shape. Same inputs and same config: bit-identical gradients.
 
 Orientation: the dx kernel accumulates dx^T tiles [BLOCK_K, BLOCK_M] = deq(W)^T @ dy^T, so the
-decoded weight tile (made in registers) is tl.dot's FIRST operand; on sm_90 wgmma then takes it
-from registers, and dy comes through shared memory (DESIGN.md, "Compilation"). The dA kernel
-does the same with the masked x tile (dA^T = dropout(x)^T @ dU).
+decoded weight tile (made in registers) is tl.dot's FIRST operand; on sm_90 wgmma takes it from
+registers (SASS `HGMMA.64x128x16.F32.BF16 R24, R96, gdesc[UR8]`), dy from shared memory
+(DESIGN.md, "Compilation"). The weight tile comes from common.decode_tile, the decoder the
+forward uses too: vectorised bytes and one scale per row and block when K % QBLOCK == 0, else
+common.decode_weight per element (blocks straddling rows, odd K).
 
-Precision: elementwise math in fp32 (also because the interpreter computes bf16 elementwise
-math on bit patterns); tl.dot takes operands in the activation dtype and accumulates in fp32;
-fp32 activations use DOT_PRECISION ("tf32" or "ieee", the launcher follows
+Precision: elementwise math in fp32 (the interpreter computes bf16 elementwise math on bit
+patterns); tl.dot takes operands in the activation dtype and accumulates in fp32; fp32
+activations use DOT_PRECISION ("tf32" or "ieee": the launcher follows
 torch.backends.cuda.matmul.allow_tf32). Row offsets are int64: M * stride passes 2^31 at
-M * K > 2^31 (e.g. 512k tokens x 4096).
+M * K > 2^31 (512k tokens x 4096).
 
-Configs: CONFIGS[kernel][arch] lists what the GPU autotunes over (pruned by `prune_configs`),
-INTERPRETER_CONFIGS the one fixed config used in Triton's CPU interpreter, COMPILE_SPECS every
-shipped config x arch for fastlora.compile_report().
+Configs: CONFIGS[kernel][arch, fp32] is what the GPU autotunes over (pruned by
+`prune_configs`), INTERPRETER_CONFIGS the one fixed config of Triton's CPU interpreter,
+COMPILE_SPECS every shipped config x arch for fastlora.compile_report().
 """
 
 from __future__ import annotations
@@ -32,9 +45,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import CompileSpec, decode_weight, dropout_keep
+from .common import CompileSpec, decode_tile, dropout_keep
 
-MAX_RANK = 256  # rank is padded to a power of two R_PAD in [16, 256]
+MAX_R_PAD = 256  # the rank is padded to a power of two R_PAD in [16, 256]
 
 
 @triton.jit
@@ -86,7 +99,8 @@ def _lora_bwd_du_db_kernel(dy_ptr, u_ptr, b_ptr, ws_du_ptr, ws_db_ptr,
                 ws = (ws_db_ptr + (pid_s.to(tl.int64) * N + offs_n[:, None]) * R
                       + offs_r[None, :])
                 tile_mask = n_mask[:, None] & r_mask[None, :]
-                prev = tl.load(ws, mask=tile_mask & (m0 > row_start), other=0.0)
+                later = tl.full((1, 1), m0, tl.int32) > row_start  # not the first row block
+                prev = tl.load(ws, mask=tile_mask & later, other=0.0)
                 tl.store(ws, prev + part, mask=tile_mask)
         if COMPUTE_DU:
             ws = ws_du_ptr + (pid_g.to(tl.int64) * M + rows[:, None]) * R + offs_r[None, :]
@@ -102,8 +116,10 @@ def _lora_bwd_reduce_kernel(ws_ptr, out_ptr, parts, n, scale, BLOCK: tl.constexp
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for j in range(0, parts):
-        acc += tl.load(ws_ptr + j * n + offs, mask=mask, other=0.0)
+    part_ptrs = ws_ptr + offs
+    for _ in range(0, parts):
+        acc += tl.load(part_ptrs, mask=mask, other=0.0)
+        part_ptrs += n  # 64-bit pointer steps: parts * n may pass 2^31
     tl.store(out_ptr + offs, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -112,6 +128,7 @@ def _nf4_lora_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_p
                             code_ptr, dx_ptr, M, N, K, m_bucket,
                             stride_dym, stride_dyn, stride_dxm, stride_dxk,
                             QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                            K_ALIGNED: tl.constexpr,
                             DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """dx += dy @ deq(W), one [BLOCK_M, BLOCK_K] tile of dx per program, W read packed.
@@ -122,9 +139,9 @@ def _nf4_lora_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_p
     one fp32 accumulator and dx is rounded once more at the store. m_bucket: unused here, part
     of the autotune key.
 
-    The loop decodes each [BLOCK_K, BLOCK_N] tile of W^T in registers from the packed bytes,
-    never an [N, K] buffer; blocks may straddle rows and K may be odd: decode_weight works on
-    flat indices n * K + k.
+    The loop over N decodes each [BLOCK_N, BLOCK_K] tile of W in registers from the packed
+    bytes (common.decode_tile: K_ALIGNED when K % QBLOCK == 0; otherwise per element, blocks
+    straddling rows and odd K included) and feeds its transpose to tl.dot as the first operand.
     """
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16,
                      "tl.dot needs every dimension >= 16")
@@ -145,6 +162,7 @@ def _nf4_lora_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_p
     m_mask = offs_m < M
     k_mask = offs_k < K
     rows = offs_m.to(tl.int64)
+    k0 = pid_k * BLOCK_K
     cols = offs_k.to(tl.int64)
     dx_ptrs = dx_ptr + cols[:, None] * stride_dxk + rows[None, :] * stride_dxm
     dx_mask = k_mask[:, None] & m_mask[None, :]
@@ -154,11 +172,9 @@ def _nf4_lora_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_p
         n_mask = offs_n < N
         dy_t = tl.load(dy_ptr + offs_n[:, None] * stride_dyn + rows[None, :] * stride_dym,
                        mask=n_mask[:, None] & m_mask[None, :], other=0.0)
-        flat = offs_n.to(tl.int64)[None, :] * K + cols[:, None]
-        w_t = decode_weight(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                            code_ptr, flat, k_mask[:, None] & n_mask[None, :], QBLOCK,
-                            DOUBLE_QUANT)
-        acc = tl.dot(w_t.to(act), dy_t, acc, input_precision=DOT_PRECISION)
+        w = decode_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
+                        offs_n, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, DOUBLE_QUANT, K_ALIGNED)
+        acc = tl.dot(tl.trans(w.to(act)), dy_t, acc, input_precision=DOT_PRECISION)
     tl.store(dx_ptrs, acc.to(act), mask=dx_mask)
 
 
@@ -180,9 +196,7 @@ def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, dx_ptr, M, K, R, seed, thr
     takes as its accumulator's initial value.
     The mask is regenerated from (seed, m * K + k), as the forward drew it; the masked x tile is
     rounded to x's dtype (what the forward fed its dot) and is the first dot operand
-    (dA^T = dropout(x)^T @ dU). Drawing the mask here rather than in the dx kernel keeps
-    Philox's per-element state out of the big GEMM's registers (it spilled there, hundreds of
-    bytes at 128 x 128 tiles). m_bucket: unused here, part of the autotune key.
+    (dA^T = dropout(x)^T @ dU). m_bucket: unused here, part of the autotune key.
     """
     tl.static_assert(R_PAD >= 16 and BLOCK_M >= 16 and BLOCK_K >= 16,
                      "tl.dot needs every dimension >= 16")
@@ -227,40 +241,81 @@ def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, dx_ptr, M, K, R, seed, thr
 
 # ----------------------------------------------------------------------------- configs
 
-def _cfg(num_warps, num_stages, **blocks):
-    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+def _cfg(num_warps, num_stages, max_r_pad=MAX_R_PAD, **blocks):
+    """A config, shipped for padded ranks up to `max_r_pad` (where it was compiled)."""
+    config = triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+    config.max_r_pad = max_r_pad
+    return config
 
 
-# What the GPU autotunes over, per kernel and arch. Reasoning, for M = 8192, 4096 x 14336, r=16:
-# - dx is the GEMM (2*M*N*K flops); its tiles follow the forward's: 128-wide on the MMA's
-#   M side (BLOCK_K here), BLOCK_N = 32/64 keeps the decoded tile (fp32 code * scale
-#   products) small enough not to spill next to the accumulator.
-# - du_db reads dy once (memory-bound: 2*M*N bytes), so its tiles are sized for registers:
-#   the dU accumulator is [BLOCK_M, R_PAD] fp32, pruned against R_PAD.
-# - da reads x once; its accumulator [BLOCK_K, R_PAD] fp32 likewise.
-# - reduce is elementwise over the small dU / dB / dA (not autotuned).
+# What the GPU autotunes over, per kernel, arch and activation class (16-bit or fp32: fp32
+# operands take twice the registers). Every entry compiles with zero spill bytes for its arch
+# (COMPILE_SPECS, at its largest R_PAD, double-quant on, K aligned or not, 16-byte aligned
+# arguments as at a real launch). Measured and dropped (registers capped at 255):
+# dx 64x64x64 w4 (sm_90 K unaligned: 72 B; sm_80: 48 B), dx 256x64x64 w8 (sm_80: 96 B),
+# dx fp32 256x32x64 w8 (sm_80: 40 B); du_db 32x128 w4 at R_PAD 64 (sm_80: 16 B);
+# rank-wide tiles spill at R_PAD 256 unless they are 16-32 rows (du_db 64x64 w4: 720 B).
+# Shapes, for M = 8192, 4096 x 14336, r = 16:
+# - dx is the GEMM (2*M*N*K flops). Each weight tile is decoded once per BLOCK_M rows, so
+#   BLOCK_M is the large side (256 amortises the decode over 256 rows of dy); the decoded
+#   [BLOCK_N, BLOCK_K] tile is kept small (32-64 x 64) next to the accumulator.
+# - du_db reads dy once (memory-bound, 2*M*N bytes); da reads x once and draws the mask.
 CONFIGS = {
     "dx": {
-        "sm_80": [_cfg(8, 3, BLOCK_M=128, BLOCK_N=32, BLOCK_K=128, GROUP_M=8),
-                  _cfg(4, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=8),
-                  _cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-                  _cfg(4, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)],
-        "sm_90": [_cfg(8, 3, BLOCK_M=128, BLOCK_N=32, BLOCK_K=128, GROUP_M=8),
-                  _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
-                  _cfg(4, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=8),
-                  _cfg(4, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)],
+        ("sm_90", False): [_cfg(8, 3, BLOCK_M=256, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
+                           _cfg(8, 4, BLOCK_M=256, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
+                           _cfg(8, 3, BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+                           _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+                           _cfg(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)],
+        ("sm_80", False): [_cfg(8, 3, BLOCK_M=256, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
+                           _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+                           _cfg(4, 3, BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
+                           _cfg(4, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)],
+        ("sm_90", True): [_cfg(8, 3, BLOCK_M=256, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
+                          _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+                          _cfg(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)],
+        ("sm_80", True): [_cfg(8, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+                          _cfg(8, 3, BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
+                          _cfg(4, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8)],
     },
     "du_db": {
-        "sm_80": [_cfg(4, 3, BLOCK_M=64, BLOCK_N=64), _cfg(4, 3, BLOCK_M=32, BLOCK_N=128),
-                  _cfg(8, 2, BLOCK_M=32, BLOCK_N=32)],
-        "sm_90": [_cfg(4, 3, BLOCK_M=64, BLOCK_N=64), _cfg(8, 3, BLOCK_M=64, BLOCK_N=128),
-                  _cfg(8, 2, BLOCK_M=32, BLOCK_N=32)],
+        ("sm_90", False): [_cfg(4, 3, 64, BLOCK_M=64, BLOCK_N=64),
+                           _cfg(8, 3, 64, BLOCK_M=64, BLOCK_N=128),
+                           _cfg(4, 3, 64, BLOCK_M=32, BLOCK_N=64),
+                           _cfg(8, 2, BLOCK_M=32, BLOCK_N=32),
+                           _cfg(4, 2, BLOCK_M=16, BLOCK_N=32)],
+        ("sm_80", False): [_cfg(4, 3, 64, BLOCK_M=64, BLOCK_N=64),
+                           _cfg(8, 3, 64, BLOCK_M=64, BLOCK_N=128),
+                           _cfg(4, 3, 64, BLOCK_M=32, BLOCK_N=64),
+                           _cfg(8, 2, BLOCK_M=32, BLOCK_N=32),
+                           _cfg(4, 2, BLOCK_M=16, BLOCK_N=32)],
+        ("sm_90", True): [_cfg(4, 3, 64, BLOCK_M=64, BLOCK_N=64),
+                          _cfg(4, 3, 64, BLOCK_M=32, BLOCK_N=64),
+                          _cfg(8, 2, BLOCK_M=32, BLOCK_N=32),
+                          _cfg(8, 2, BLOCK_M=16, BLOCK_N=16)],
+        ("sm_80", True): [_cfg(8, 3, 16, BLOCK_M=64, BLOCK_N=128),
+                          _cfg(8, 2, 64, BLOCK_M=32, BLOCK_N=32),
+                          _cfg(4, 2, 64, BLOCK_M=16, BLOCK_N=32),
+                          _cfg(8, 2, BLOCK_M=16, BLOCK_N=16)],
     },
     "da": {
-        "sm_80": [_cfg(4, 3, BLOCK_M=64, BLOCK_K=64), _cfg(4, 3, BLOCK_M=32, BLOCK_K=128),
-                  _cfg(8, 2, BLOCK_M=32, BLOCK_K=32)],
-        "sm_90": [_cfg(4, 3, BLOCK_M=64, BLOCK_K=64), _cfg(8, 3, BLOCK_M=64, BLOCK_K=128),
-                  _cfg(8, 2, BLOCK_M=32, BLOCK_K=32)],
+        ("sm_90", False): [_cfg(4, 3, 64, BLOCK_M=64, BLOCK_K=64),
+                           _cfg(8, 3, 64, BLOCK_M=64, BLOCK_K=128),
+                           _cfg(4, 3, 64, BLOCK_M=32, BLOCK_K=64),
+                           _cfg(4, 2, BLOCK_M=16, BLOCK_K=64),
+                           _cfg(4, 2, BLOCK_M=16, BLOCK_K=32)],
+        ("sm_80", False): [_cfg(4, 3, 64, BLOCK_M=64, BLOCK_K=64),
+                           _cfg(8, 3, 64, BLOCK_M=64, BLOCK_K=128),
+                           _cfg(4, 3, 64, BLOCK_M=32, BLOCK_K=64),
+                           _cfg(4, 2, BLOCK_M=16, BLOCK_K=64),
+                           _cfg(4, 2, BLOCK_M=16, BLOCK_K=32)],
+        ("sm_90", True): [_cfg(4, 3, 64, BLOCK_M=64, BLOCK_K=64),
+                          _cfg(4, 3, 64, BLOCK_M=32, BLOCK_K=64),
+                          _cfg(4, 2, 64, BLOCK_M=16, BLOCK_K=64),
+                          _cfg(4, 2, BLOCK_M=16, BLOCK_K=32)],
+        ("sm_80", True): [_cfg(4, 3, 64, BLOCK_M=32, BLOCK_K=64),
+                          _cfg(4, 2, 64, BLOCK_M=16, BLOCK_K=64),
+                          _cfg(4, 2, BLOCK_M=16, BLOCK_K=32)],
     },
 }
 
@@ -274,100 +329,100 @@ INTERPRETER_CONFIGS = {
 REDUCE_BLOCK = 1024  # elementwise: 8 fp32 per thread at 4 warps
 REDUCE_WARPS = 4
 
-# fp32 accumulator elements per thread that leave room for the operands (65536 registers per
-# SM, 255 per thread): the rank-wide accumulators of du_db ([BLOCK_M, R_PAD] + the dB tile
-# [BLOCK_N, R_PAD]) and da ([BLOCK_K, R_PAD]).
-_ACC_PER_THREAD = 64
+
+def prune_configs(configs, m_bucket_: int, r_pad: int):
+    """Configs worth timing for this problem: shipped for this padded rank, and no row tile
+    more than twice the (bucketed) M. Keeps the smallest rank-safe tile when nothing passes."""
+    fits = [c for c in configs if r_pad <= c.max_r_pad]
+    keep = [c for c in fits if c.kwargs["BLOCK_M"] <= 2 * m_bucket_]
+    return keep or [min(fits, key=lambda c: c.kwargs["BLOCK_M"])]
 
 
-def _rank_fits(kernel: str, config: triton.Config, r_pad: int) -> bool:
-    kw, threads = config.kwargs, 32 * config.num_warps
-    if kernel == "du_db":
-        return (kw["BLOCK_M"] + kw["BLOCK_N"]) * r_pad <= _ACC_PER_THREAD * threads
-    if kernel == "da":
-        return kw["BLOCK_K"] * r_pad <= _ACC_PER_THREAD * threads
-    return True
+def _early_prune(configs, named_args, **kwargs):
+    return prune_configs(configs, named_args["m_bucket"], kwargs.get("R_PAD", 16))
 
 
-def prune_configs(kernel: str, configs, m_bucket: int, r_pad: int):
-    """Configs worth timing for this problem: rank-wide accumulators that fit in registers,
-    and no row tile more than twice the (bucketed) M. Falls back to the smallest config."""
-    keep = [c for c in configs if _rank_fits(kernel, c, r_pad)
-            and c.kwargs["BLOCK_M"] <= max(32, 2 * m_bucket)]
-    if keep:
-        return keep
-    return [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], c.num_warps * -1))]
-
-
-def _early_prune(kernel):
-    def prune(configs, named_args, **kwargs):
-        return prune_configs(kernel, configs, named_args["m_bucket"],
-                             kwargs.get("R_PAD", 16))
-    return prune
-
-
-_KEYS = {"dx": ["m_bucket", "N", "K", "QBLOCK", "DOUBLE_QUANT", "HAS_DROPOUT"],
-         "du_db": ["m_bucket", "N", "R_PAD", "COMPUTE_DU", "COMPUTE_DB"],
-         "da": ["m_bucket", "K", "R_PAD", "HAS_DROPOUT"]}
+_KEYS = {"dx": ["m_bucket", "N", "K", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "DOT_PRECISION"],
+         "du_db": ["m_bucket", "N", "R_PAD", "COMPUTE_DU", "COMPUTE_DB", "DOT_PRECISION"],
+         "da": ["m_bucket", "K", "R_PAD", "COMPUTE_DA", "WRITE_DX", "HAS_DROPOUT",
+                "DOT_PRECISION"]}
 KERNELS = {"dx": _nf4_lora_bwd_dx_kernel, "du_db": _lora_bwd_du_db_kernel,
            "da": _lora_bwd_da_kernel}
 _tuned: dict = {}
 
 
-def autotuned(kernel: str, arch: str):
-    """The autotuned launcher of `kernel` over CONFIGS[kernel][arch] (built on first use).
-    du_db adds into its workspace, but only after a plain store on its first row block, so
-    re-running it while timing configs leaves the same result."""
-    if (kernel, arch) not in _tuned:
-        _tuned[kernel, arch] = triton.autotune(
-            configs=CONFIGS[kernel][arch], key=_KEYS[kernel],
-            prune_configs_by={"early_config_prune": _early_prune(kernel)})(KERNELS[kernel])
-    return _tuned[kernel, arch]
+def autotuned(kernel: str, arch: str, fp32: bool):
+    """The autotuned launcher of `kernel` over CONFIGS[kernel][arch, fp32] (built on first
+    use). du_db adds into its workspace, but after a plain store on its first row block, so
+    re-running it while configs are timed leaves the same result."""
+    key = (kernel, arch, fp32)
+    if key not in _tuned:
+        _tuned[key] = triton.autotune(configs=CONFIGS[kernel][arch, fp32], key=_KEYS[kernel],
+                                      prune_configs_by={"early_config_prune": _early_prune}
+                                      )(KERNELS[kernel])
+    return _tuned[key]
 
 
 # ----------------------------------------------------------------------------- compile specs
 
-# Ranks the specs are compiled at: the rank-wide tiles of du_db / da scale with R_PAD.
-_SPEC_RANKS = (16, 64, 256)
+# Contiguous last dimensions have stride 1 at a launch, which Triton specialises as a constant.
+UNIT_STRIDES = {"dx": {"stride_dyn": 1, "stride_dxk": 1},
+                "du_db": {"stride_dyn": 1, "stride_ur": 1, "stride_br": 1},
+                "da": {"stride_xk": 1, "stride_dur": 1, "stride_ak": 1, "stride_dxk": 1}}
+# Arguments that are multiples of 16 at a real launch (CompileSpec.aligned): pointers of fresh
+# tensors, model extents (M = tokens, N and K = 4096, 14336, ...) and the strides built of them.
+ALIGNED_ARGS = ("dy_ptr", "packed_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr", "offset_ptr",
+                "code_ptr", "dx_ptr", "u_ptr", "b_ptr", "ws_du_ptr", "ws_db_ptr", "x_ptr",
+                "du_ptr", "a_ptr", "ws_ptr", "M", "N", "K", "stride_dym", "stride_dxm",
+                "stride_um", "stride_bn", "stride_xm", "stride_dum", "stride_ar",
+                "rows_per_split", "cols_per_group", "m_bucket")
 
 
-def _dx_spec(cfg, arch, act, double_quant):
-    sig = {"dy_ptr": f"*{act}", "packed_ptr": "*u8",
-           "absmax_ptr": "*u8" if double_quant else "*fp32", "absmax2_ptr": "*fp32",
-           "code2_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32",
-           "dx_ptr": f"*{act}", "M": "i32", "N": "i32", "K": "i32", "m_bucket": "i32",
-           **{s: "i32" for s in ("stride_dym", "stride_dyn", "stride_dxm", "stride_dxk")}}
-    consts = {"QBLOCK": 64, "DOUBLE_QUANT": double_quant,
-              "DOT_PRECISION": "tf32" if act == "fp32" else "ieee", **cfg.kwargs}
-    return CompileSpec(kernel="_nf4_lora_bwd_dx_kernel", fn=_nf4_lora_bwd_dx_kernel,
-                       signature=sig, constexprs=consts, num_warps=cfg.num_warps,
-                       num_stages=cfg.num_stages, archs=(arch,),
-                       label=f"{act} dq={int(double_quant)}", options={"enable_fp_fusion": False})
+def _spec(kernel, cfg, arch, act, r_pad, sig, flags, label, options=None):
+    fn = KERNELS[kernel]
+    units = UNIT_STRIDES[kernel]
+    sig = {name: t for name, t in sig.items() if name not in units}
+    consts = {**flags, "DOT_PRECISION": "tf32" if act == "fp32" else "ieee", **cfg.kwargs,
+              **units, **({"R_PAD": r_pad} if r_pad else {})}
+    return CompileSpec(kernel=fn.__name__, fn=fn, signature=sig, constexprs=consts,
+                       num_warps=cfg.num_warps, num_stages=cfg.num_stages, archs=(arch,),
+                       label=label, options=options or {}, aligned=ALIGNED_ARGS)
 
 
-def _du_db_spec(cfg, arch, act, r_pad):
+def _ints(*names):
+    return {name: "i32" for name in names}
+
+
+def _dx_spec(cfg, arch, act, k_aligned):
+    sig = {"dy_ptr": f"*{act}", "packed_ptr": "*u8", "absmax_ptr": "*u8",
+           "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "offset_ptr": "*fp32",
+           "code_ptr": "*fp32", "dx_ptr": f"*{act}",
+           **_ints("M", "N", "K", "m_bucket", "stride_dym", "stride_dyn", "stride_dxm",
+                   "stride_dxk")}
+    flags = {"QBLOCK": 64, "DOUBLE_QUANT": True, "K_ALIGNED": k_aligned}
+    return _spec("dx", cfg, arch, act, None, sig, flags, f"{act} k_aligned={int(k_aligned)}",
+                 {"enable_fp_fusion": False})
+
+
+def _du_db_spec(cfg, arch, act):
     sig = {"dy_ptr": f"*{act}", "u_ptr": f"*{act}", "b_ptr": f"*{act}", "ws_du_ptr": "*fp32",
-           "ws_db_ptr": "*fp32", **{a: "i32" for a in (
-               "M", "N", "R", "rows_per_split", "cols_per_group", "m_bucket", "stride_dym",
-               "stride_dyn", "stride_um", "stride_ur", "stride_bn", "stride_br")}}
-    consts = {"COMPUTE_DU": True, "COMPUTE_DB": True, "R_PAD": r_pad,
-              "DOT_PRECISION": "tf32" if act == "fp32" else "ieee", **cfg.kwargs}
-    return CompileSpec(kernel="_lora_bwd_du_db_kernel", fn=_lora_bwd_du_db_kernel,
-                       signature=sig, constexprs=consts, num_warps=cfg.num_warps,
-                       num_stages=cfg.num_stages, archs=(arch,), label=f"{act} R_PAD={r_pad}")
+           "ws_db_ptr": "*fp32",
+           **_ints("M", "N", "R", "rows_per_split", "cols_per_group", "m_bucket", "stride_dym",
+                   "stride_dyn", "stride_um", "stride_ur", "stride_bn", "stride_br")}
+    flags = {"COMPUTE_DU": True, "COMPUTE_DB": True}
+    return _spec("du_db", cfg, arch, act, cfg.max_r_pad, sig, flags,
+                 f"{act} R_PAD={cfg.max_r_pad}")
 
 
-def _da_spec(cfg, arch, act, r_pad):
+def _da_spec(cfg, arch, act):
     sig = {"x_ptr": f"*{act}", "du_ptr": f"*{act}", "a_ptr": f"*{act}", "ws_ptr": "*fp32",
-           "dx_ptr": f"*{act}", "M": "i32", "K": "i32", "R": "i32", "seed": "i64",
-           "threshold": "i64", "keep_scale": "fp32", "rows_per_split": "i32", "m_bucket": "i32",
-           **{s: "i32" for s in ("stride_xm", "stride_xk", "stride_dum", "stride_dur",
-                                 "stride_ar", "stride_ak", "stride_dxm", "stride_dxk")}}
-    consts = {"COMPUTE_DA": True, "WRITE_DX": True, "HAS_DROPOUT": True, "R_PAD": r_pad,
-              "DOT_PRECISION": "tf32" if act == "fp32" else "ieee", **cfg.kwargs}
-    return CompileSpec(kernel="_lora_bwd_da_kernel", fn=_lora_bwd_da_kernel, signature=sig,
-                       constexprs=consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                       archs=(arch,), label=f"{act} R_PAD={r_pad}")
+           "dx_ptr": f"*{act}", **_ints("M", "K", "R"), "seed": "i64", "threshold": "i64",
+           "keep_scale": "fp32",
+           **_ints("rows_per_split", "m_bucket", "stride_xm", "stride_xk", "stride_dum",
+                   "stride_dur", "stride_ar", "stride_ak", "stride_dxm", "stride_dxk")}
+    flags = {"COMPUTE_DA": True, "WRITE_DX": True, "HAS_DROPOUT": True}
+    return _spec("da", cfg, arch, act, cfg.max_r_pad, sig, flags,
+                 f"{act} R_PAD={cfg.max_r_pad}")
 
 
 def _reduce_spec(out):
@@ -375,21 +430,18 @@ def _reduce_spec(out):
                        signature={"ws_ptr": "*fp32", "out_ptr": f"*{out}", "parts": "i32",
                                   "n": "i32", "scale": "fp32"},
                        constexprs={"BLOCK": REDUCE_BLOCK}, num_warps=REDUCE_WARPS, num_stages=1,
-                       uses_dot=False, label=f"out={out}")
+                       uses_dot=False, label=f"out={out}", aligned=("ws_ptr", "out_ptr", "n"))
 
 
-def _compile_specs():
-    specs = []
-    for arch in ("sm_80", "sm_90"):
-        for act in ("bf16", "fp32"):  # fp16 compiles like bf16; fp32 is the tf32 path
-            specs += [_dx_spec(c, arch, act, dq) for c in CONFIGS["dx"][arch]
-                      for dq in (True, False)]
-            for r_pad in _SPEC_RANKS:
-                specs += [_du_db_spec(c, arch, act, r_pad)
-                          for c in prune_configs("du_db", CONFIGS["du_db"][arch], 8192, r_pad)]
-                specs += [_da_spec(c, arch, act, r_pad)
-                          for c in prune_configs("da", CONFIGS["da"][arch], 8192, r_pad)]
-    return specs + [_reduce_spec(out) for out in ("bf16", "fp16", "fp32")]
-
-
-COMPILE_SPECS = _compile_specs()
+# Every shipped config x arch x activation class (fp16 compiles as bf16), each at its worst
+# case: double quantisation on, dropout on, K aligned (vectorised decode) and not (per-element
+# decode), the largest R_PAD the config ships for.
+COMPILE_SPECS = (
+    [_dx_spec(c, arch, "fp32" if fp32 else "bf16", ka)
+     for (arch, fp32), configs in CONFIGS["dx"].items() for c in configs for ka in (True, False)]
+    + [_du_db_spec(c, arch, "fp32" if fp32 else "bf16")
+       for (arch, fp32), configs in CONFIGS["du_db"].items() for c in configs]
+    + [_da_spec(c, arch, "fp32" if fp32 else "bf16")
+       for (arch, fp32), configs in CONFIGS["da"].items() for c in configs]
+    + [_reduce_spec(out) for out in ("bf16", "fp16", "fp32")]
+)

@@ -23,60 +23,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import CompileSpec, block_scales, decode_weight, dropout_keep
+from .common import (CompileSpec, decode_tile, dropout_keep, load_x_tile, m_bucket,  # noqa: F401
+                     weight_signature)
 
 
 # ----------------------------------------------------------------------------- device helpers
-
-@triton.jit
-def decode_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
-                offs_n, k0, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, K_ALIGNED: tl.constexpr):
-    """fp32 [BLOCK_N, BLOCK_K] tile of deq(W): rows offs_n, columns k0 .. k0 + BLOCK_K - 1;
-    0 outside N x K. k0 must be a multiple of BLOCK_K.
-
-    K_ALIGNED (K % QBLOCK == 0, true for every real layer): rows start on a byte and on a
-    quantisation block, so the tile's bytes are loaded once as [BLOCK_N, BLOCK_K / 2]
-    (vectorised, both nibbles split in registers) and the scales as one value per row and
-    QBLOCK-wide sub-block. Otherwise (odd K, blocks straddling rows) every element finds its
-    own byte and block: common.decode_weight."""
-    row_ok = offs_n < N
-    rows = offs_n.to(tl.int64)
-    if K_ALIGNED:
-        # Both powers of two: BLOCK_K covers SUB whole blocks, or lies inside one block.
-        SUB: tl.constexpr = (BLOCK_K + QBLOCK - 1) // QBLOCK
-        half = tl.arange(0, BLOCK_K // 2)
-        byte_ok = row_ok[:, None] & ((k0 + 2 * half) < K)[None, :]
-        byte_ptrs = packed_ptr + (rows * (K // 2) + k0 // 2)[:, None] + half[None, :]
-        byte = tl.load(byte_ptrs, mask=byte_ok, other=0).to(tl.int32)
-        # value 2i is the high nibble of byte i: join puts it first, reshape interleaves
-        nibble = tl.reshape(tl.join(byte >> 4, byte & 0xF), (BLOCK_N, BLOCK_K))
-        code = tl.load(code_ptr + nibble)  # nibble is 0..15: always in bounds
-        sub = tl.arange(0, SUB)
-        block_idx = ((rows * K + k0) // QBLOCK)[:, None] + sub[None, :]
-        block_ok = row_ok[:, None] & ((k0 + sub * QBLOCK) < K)[None, :]
-        scale = block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_idx,
-                             block_ok, DOUBLE_QUANT)
-        w = tl.reshape(tl.reshape(code, (BLOCK_N, SUB, BLOCK_K // SUB)) * scale[:, :, None],
-                       (BLOCK_N, BLOCK_K))
-    else:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        flat = rows[:, None] * K + offs_k[None, :]
-        mask = row_ok[:, None] & (offs_k < K)[None, :]
-        w = decode_weight(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
-                          flat, mask, QBLOCK, DOUBLE_QUANT)
-    return w
-
-
-@triton.jit
-def load_x_tile(x_ptr, offs_m, k0, M, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
-    """[BLOCK_M, BLOCK_K] tile of x (its dtype), zero outside M x K; strides honoured
-    (int64 offsets: a strided view can pass 2^31 elements)."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    ptrs = (x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-            + offs_k.to(tl.int64)[None, :] * stride_xk)
-    return tl.load(ptrs, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
-
 
 @triton.jit
 def lora_epilogue(acc, offs_m, offs_n, M, N, R, u_ptr, b_ptr, bias_ptr, y_ptr,
@@ -277,11 +228,6 @@ def tiled_configs(arch: str, fp32: bool, k_aligned: bool = True) -> list[dict]:
     return SM80_FP32_CONFIGS if fp32 else SM80_CONFIGS
 
 
-def m_bucket(m: int) -> int:
-    """The autotune key's M: the next power of two, 32 .. 8192 (larger M reuses 8192's pick)."""
-    return min(8192, max(32, triton.next_power_of_2(m)))
-
-
 def shared_bytes(cfg: dict, elt: int) -> int:
     """Shared-memory estimate of a config per stage set: the x tile, the packed bytes and the
     gathered 4-byte code values are all staged (cp.async) per pipeline stage. Over-estimates the
@@ -331,12 +277,6 @@ ALIGNED_ARGS = ("x_ptr", "packed_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr",
                 "stride_ar")
 # contiguous last dims are 1 at a launch, which Triton specialises as a constant
 UNIT_STRIDES = {"stride_xk": 1, "stride_ur": 1, "stride_br": 1, "stride_yn": 1}
-
-
-def weight_signature(double_quant: bool) -> dict:
-    return {"packed_ptr": "*u8", "absmax_ptr": "*u8" if double_quant else "*fp32",
-            "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "offset_ptr": "*fp32",
-            "code_ptr": "*fp32"}
 
 
 def _fwd_spec(cfg, arch, dtype="bf16", k_aligned=True, rank=16):

@@ -20,8 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import CompileSpec
-from .forward import decode_tile, load_x_tile, lora_epilogue
+from .common import CompileSpec, decode_tile, load_x_tile, weight_signature
+from .forward import lora_epilogue
 
 BLOCK_M = 16  # rows handled by one program: M <= 16, padded (tl.dot's minimum)
 
@@ -144,7 +144,7 @@ def prune_configs(configs, named_args, **kwargs):
 
 
 def _spec(cfg, dtype, k_aligned, split):
-    from .forward import ALIGNED_ARGS, UNIT_STRIDES, weight_signature
+    from .forward import ALIGNED_ARGS, UNIT_STRIDES
 
     sig = {"x_ptr": f"*{dtype}", **weight_signature(True), "u_ptr": f"*{dtype}",
            "b_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",

@@ -156,17 +156,18 @@ def _lora_bwd(dy: torch.Tensor, x: torch.Tensor, u: torch.Tensor, packed: torch.
                              lora_B.shape[0], x.shape[1], x.dtype)
     dx, da, db = lora_backward(dy, x, u, packed, state, lora_A, lora_B, scaling, p, seed,
                                need_dx, need_dA, need_dB)
-    empty = x.new_empty(0)  # custom ops cannot return None: an empty tensor stands for "none"
-    return (dx if dx is not None else empty, da if da is not None else empty,
-            db if db is not None else empty)
+    # custom ops cannot return None: an empty tensor stands for "none" (a fresh one each:
+    # outputs may not alias one another)
+    return tuple(g if g is not None else x.new_empty(0) for g in (dx, da, db))
 
 
 @_lora_bwd.register_fake
 def _(dy, x, u, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B, scaling, p, seed,
       blocksize, quant_type, need_dx, need_dA, need_dB):
-    return (torch.empty_like(x) if need_dx else x.new_empty(0),
-            torch.empty_like(lora_A) if need_dA else x.new_empty(0),
-            torch.empty_like(lora_B) if need_dB else x.new_empty(0))
+    # contiguous, as the launcher allocates them (empty_like would copy a view's strides)
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
+            lora_A.new_empty(lora_A.shape) if need_dA else x.new_empty(0),
+            lora_B.new_empty(lora_B.shape) if need_dB else x.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,5 +1,46 @@
 """Test helpers. The case builders live in the package (fastlora.cases) because
-`fastlora verify` and the benchmarks use them too; tests may append their own helpers below."""
+`fastlora verify` and the benchmarks use them too; the kernel test matrix lives here."""
+
+import itertools
 
 from fastlora.cases import (  # noqa: F401
     DEVICE, DTYPES, LoraCase, bnb_weight, fused, make_case, reference_pair, run)
+
+
+# ----------------------------------------------------------------------------- kernel matrix
+
+def pairwise(axes: dict) -> list[dict]:
+    """A small set of combinations covering every pair of values of any two axes (greedy:
+    each step takes the combination that covers the most uncovered pairs; deterministic)."""
+    names = list(axes)
+    uncovered = {((a, va), (b, vb)) for a, b in itertools.combinations(names, 2)
+                 for va in axes[a] for vb in axes[b]}
+    candidates = [dict(zip(names, values)) for values in itertools.product(*axes.values())]
+    chosen = []
+
+    def gain(combo):
+        return sum(((a, combo[a]), (b, combo[b])) in uncovered
+                   for a, b in itertools.combinations(names, 2))
+
+    while uncovered:
+        best = max(candidates, key=gain)
+        chosen.append(best)
+        uncovered -= {((a, best[a]), (b, best[b])) for a, b in itertools.combinations(names, 2)}
+    return chosen
+
+
+AXES = {"dtype": ["fp16", "bf16", "fp32"], "quant": ["nf4", "fp4"], "dq": [True, False],
+        "bs": [64, 128, 256], "bias": [True, False], "p": [0.0, 0.1], "rank": [1, 8, 12, 64],
+        "m": [1, 3, 16, 17, 100],
+        # 200: K % blocksize != 0 (blocks straddle rows); 193: odd K (rows start mid-byte);
+        # 256: aligned (the vectorised decode)
+        "k": [200, 193, 256]}
+MATRIX = pairwise(AXES)
+
+
+def case_id(c: dict) -> str:
+    return (f"{c['dtype']}-{c['quant']}-dq{int(c['dq'])}-bs{c['bs']}-"
+            f"{'bias' if c['bias'] else 'nobias'}-p{c['p']}-r{c['rank']}-m{c['m']}-k{c['k']}")
+
+
+N = 72  # out_features of the matrix cases: not a multiple of 16, masked N edges everywhere

@@ -15,46 +15,10 @@ import fastlora
 from fastlora import reference
 from fastlora.launch import forward as launch
 from fastlora.numerics import assert_close
-from helpers import DTYPES, bnb_weight, make_case, reference_pair
-
-N = 72  # not a multiple of 16: masked N edges in every case
+from helpers import AXES, DTYPES, MATRIX, N, bnb_weight, case_id, make_case, reference_pair
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def pairwise(axes: dict) -> list[dict]:
-    """A small set of combinations covering every pair of values of any two axes (greedy:
-    each step takes the combination that covers the most uncovered pairs; deterministic)."""
-    names = list(axes)
-    uncovered = {((a, va), (b, vb)) for a, b in itertools.combinations(names, 2)
-                 for va in axes[a] for vb in axes[b]}
-    candidates = [dict(zip(names, values)) for values in itertools.product(*axes.values())]
-    chosen = []
-
-    def gain(combo):
-        return sum(((a, combo[a]), (b, combo[b])) in uncovered
-                   for a, b in itertools.combinations(names, 2))
-
-    while uncovered:
-        best = max(candidates, key=gain)
-        chosen.append(best)
-        uncovered -= {((a, best[a]), (b, best[b])) for a, b in itertools.combinations(names, 2)}
-    return chosen
-
-
-AXES = {"dtype": ["fp16", "bf16", "fp32"], "quant": ["nf4", "fp4"], "dq": [True, False],
-        "bs": [64, 128, 256], "bias": [True, False], "p": [0.0, 0.1], "rank": [1, 8, 12, 64],
-        "m": [1, 3, 16, 17, 100],
-        # 200: K % blocksize != 0 (blocks straddle rows); 193: odd K (rows start mid-byte);
-        # 256: aligned (the vectorised decode)
-        "k": [200, 193, 256]}
-MATRIX = pairwise(AXES)
-
-
-def case_id(c: dict) -> str:
-    return (f"{c['dtype']}-{c['quant']}-dq{int(c['dq'])}-bs{c['bs']}-"
-            f"{'bias' if c['bias'] else 'nobias'}-p{c['p']}-r{c['rank']}-m{c['m']}-k{c['k']}")
-
 
 def u_truth(case, dtype):
     """(float64 truth, plain PyTorch in dtype) of u = dropout(x) @ A^T."""

@@ -30,7 +30,18 @@ def weight_args(packed: torch.Tensor, state: QuantState) -> tuple:
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
-def index_dtype_needed(*extents: int) -> str:
-    """'int64' when any product of tensor extents a kernel forms can pass 2^31 - 1 (the
-    kernels then widen the offsets they build), else 'int32'."""
-    return "int64" if any(e >= 2**31 for e in extents) else "int32"
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input_precision: fp32 activations follow torch.backends.cuda.matmul.allow_tf32
+    (tf32 when torch would use it, full fp32 'ieee' otherwise); 16-bit inputs ignore it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def arch(device: torch.device) -> str:
+    """'sm_90' on compute capability 9.x (wgmma), else 'sm_80' (mma.sync configs)."""
+    return "sm_90" if torch.cuda.get_device_capability(device)[0] == 9 else "sm_80"
+
+
+def num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -18,7 +18,7 @@ import triton
 from ..ops import ACTIVATION_DTYPES, check_inputs
 from ..reference import dropout_threshold
 from .. import backend
-from .common import LAUNCH_OPTIONS, prepare, weight_args
+from .common import LAUNCH_OPTIONS, arch, dot_precision, num_sms, prepare, weight_args
 
 SMALL_M_MAX = 16
 PATHS = ("auto", "tiled", "small_m")
@@ -36,14 +36,6 @@ def check_forward_args(x, packed, state, lora_A, lora_B, scaling, bias, p, seed)
                  allowed_dtypes=ACTIVATION_DTYPES)
     if seed is None:
         raise ValueError("seed must be an int (fastlora.ops.resolve_seed draws one)")
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input_precision: fp32 activations follow torch.backends.cuda.matmul.allow_tf32
-    (tf32 when torch would use it, full fp32 'ieee' otherwise); 16-bit inputs ignore it."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
 
 
 def choose_path(m: int, path: str = "auto") -> str:
@@ -147,7 +139,7 @@ def _launch_small_m(args, flags, m, n, k, rank, scaling, config):
     if config is None and not backend.interpreter_active():
         kernel, meta = _autotuned_small_m(x.device, x.dtype == torch.float32,
                                           flags["K_ALIGNED"]), {}
-        slices = sm.split_k(m, n, k, _num_sms(x.device))
+        slices = sm.split_k(m, n, k, num_sms(x.device))
         granule = sm.SPLIT_GRANULE
     else:
         meta = dict(_check_config(config, SMALL_M_KEYS, "small_m") if config is not None
@@ -179,17 +171,8 @@ _TILED_KEY = ["M_BUCKET", "N", "K", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "HAS_
               "BLOCK_R", "PRECISION"]
 
 
-def _arch(device: torch.device) -> str:
-    """'sm_90' on compute capability 9.x (wgmma), else 'sm_80' (mma.sync configs)."""
-    return "sm_90" if torch.cuda.get_device_capability(device)[0] == 9 else "sm_80"
-
-
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _autotuned_tiled(device: torch.device, fp32: bool, k_aligned: bool):
-    key = ("tiled", _arch(device), fp32, k_aligned)
+    key = ("tiled", arch(device), fp32, k_aligned)
     if key not in _AUTOTUNED:
         fwd = _forward_kernels()
         _AUTOTUNED[key] = triton.autotune(
@@ -201,7 +184,7 @@ def _autotuned_tiled(device: torch.device, fp32: bool, k_aligned: bool):
 
 
 def _autotuned_small_m(device: torch.device, fp32: bool, k_aligned: bool):
-    key = ("small_m", _arch(device), fp32, k_aligned)
+    key = ("small_m", arch(device), fp32, k_aligned)
     if key not in _AUTOTUNED:
         sm = _small_m_kernels()
         _AUTOTUNED[key] = triton.autotune(

@@ -1,0 +1,207 @@
+"""Launcher of csrc_triton/backward.py: the gradients of the QLoRA layer.
+
+    dU = s * dy @ B      dB = s * dy^T @ U      (one pass over dy, _lora_bwd_du_db_kernel)
+    dA = dU^T @ dropout(x),  dx = dropout'(dU @ A)   (mask drawn once, _lora_bwd_da_kernel)
+    dx += dy @ deq(W)                               (W read packed, _nf4_lora_bwd_dx_kernel)
+
+in that order (each step needs the one before). Sums over M (dB, dA) and over N (dU) are cut
+into a fixed number of parts whose fp32 partials are added in a fixed order
+(_lora_bwd_reduce_kernel): same inputs, same config -> bit-identical gradients. On a GPU the
+autotuner's pick is cached per process; pass `config=` to pin it across processes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+
+from ..ops import ACTIVATION_DTYPES, check_inputs
+from ..quant import QuantState
+from ..reference import dropout_threshold
+from .common import LAUNCH_OPTIONS, arch, dot_precision, num_sms, prepare, weight_args
+
+__all__ = ["lora_backward", "KERNELS"]
+
+KERNELS = ("du_db", "da", "dx")  # the keys of `config=`
+
+
+def _parallelism(device: torch.device) -> int:
+    """How many programs a split kernel should aim for: two waves on a GPU; in the
+    interpreter a few, so that the tests exercise multi-part reductions."""
+    return 2 * num_sms(device) if device.type == "cuda" else 4
+
+
+def _parts(extent: int, unit: int, count: int) -> tuple[int, int]:
+    """Cut `extent` into at most `count` parts of a multiple of `unit` (>= 1 part);
+    returns (part size, number of parts)."""
+    tiles = triton.cdiv(extent, unit)
+    size = triton.cdiv(tiles, max(1, min(count, tiles))) * unit
+    return size, triton.cdiv(extent, size)
+
+
+class _Configs:
+    """Which config each kernel runs with: `config[kernel]` when given (a dict of its BLOCK_*
+    constexprs plus num_warps / num_stages), else the fixed interpreter config, else the
+    autotuner over the arch's list for the activation class."""
+
+    def __init__(self, x: torch.Tensor, config: Optional[dict]):
+        from csrc_triton import backward as kernels
+
+        self.kernels = kernels
+        config = config or {}
+        if not isinstance(config, dict) or set(config) - set(KERNELS):
+            raise ValueError(f"config must be a dict with keys among {KERNELS}, each a dict of "
+                             f"block sizes, num_warps and num_stages; got {config!r}")
+        self.fixed = {}
+        for name in KERNELS:
+            if name in config:
+                meta = dict(config[name])
+                self.fixed[name] = triton.Config(
+                    {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")},
+                    num_warps=meta.get("num_warps", 4), num_stages=meta.get("num_stages", 2))
+            elif x.device.type != "cuda":
+                self.fixed[name] = kernels.INTERPRETER_CONFIGS[name]
+        self.tuned = (arch(x.device), x.dtype == torch.float32) \
+            if x.device.type == "cuda" else None
+
+    def largest(self, name: str, block: str) -> int:
+        """The largest `block` the kernel may run with (split boundaries are aligned to it)."""
+        configs = ([self.fixed[name]] if name in self.fixed
+                   else self.kernels.CONFIGS[name][self.tuned])
+        return max(c.kwargs[block] for c in configs)
+
+    def launch(self, name: str, grid, args: tuple, consts: dict, options: Optional[dict] = None):
+        """Run kernel `name`; grid(meta) -> grid tuple, meta holding the BLOCK_* sizes."""
+        options = options or {}
+        if name in self.fixed:
+            cfg = self.fixed[name]
+            self.kernels.KERNELS[name][grid(cfg.kwargs)](
+                *args, **consts, **cfg.kwargs, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages, **options)
+        else:
+            self.kernels.autotuned(name, *self.tuned)[grid](*args, **consts, **options)
+
+
+def _check(dy, x, u, lora_A, lora_B, need_dB):
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    m, n = x.shape[0], lora_B.shape[0]
+    if not isinstance(dy, torch.Tensor):
+        raise TypeError(f"dy must be a tensor, got {type(dy).__name__}")
+    if tuple(dy.shape) != (m, n):
+        raise ValueError(f"dy must be [M, N] = [{m}, {n}] (x's rows, the weight's "
+                         f"out_features), got {tuple(dy.shape)}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy is {dy.dtype} but x is {x.dtype}: the output gradient must have "
+                        "the forward's dtype")
+    if dy.device != x.device:
+        raise ValueError(f"dy is on {dy.device} but x is on {x.device}")
+    rank = lora_A.shape[0]
+    if rank > 256:
+        raise ValueError(f"lora_A has rank {rank}; the fused backward supports ranks 1..256")
+    if need_dB:
+        if not isinstance(u, torch.Tensor):
+            raise TypeError(f"u must be the [M, r] tensor saved by the forward, got "
+                            f"{type(u).__name__}")
+        if tuple(u.shape) != (m, rank) or u.dtype != x.dtype or u.device != x.device:
+            raise ValueError(f"u must be [{m}, {rank}] {x.dtype} on {x.device} (saved by the "
+                             f"forward), got {tuple(u.shape)} {u.dtype} on {u.device}")
+
+
+def lora_backward(dy: torch.Tensor, x: torch.Tensor, u: Optional[torch.Tensor],
+                  packed: torch.Tensor, state: QuantState, lora_A: torch.Tensor,
+                  lora_B: torch.Tensor, scaling: float, p: float, seed: int, need_dx: bool,
+                  need_dA: bool, need_dB: bool, *, config: Optional[dict] = None):
+    """Gradients of y = x @ deq(W)^T + s * dropout(x) @ A^T @ B^T (+ bias) for one layer.
+
+    dy [M, N] and x [M, K] (any strides) in fp16/bf16/fp32; u [M, r] = dropout(x) @ A^T as the
+    forward saved it (only read for dB); packed/state the 4-bit W [N, K]; lora_A [r, K],
+    lora_B [N, r] in x's dtype; p, seed: the forward's dropout (p = 0: none).
+    Returns (dx [M, K] in x's dtype or None, dA [r, K] in lora_A's dtype or None,
+    dB [N, r] in lora_B's dtype or None), computing only what `need_*` asks for.
+    config: optional {"du_db" | "da" | "dx": {BLOCK_*: .., "num_warps": .., "num_stages": ..}}
+    pinning a kernel's config (debugging, benchmarks); the others are autotuned on a GPU.
+    """
+    p, seed = check_inputs(x, packed, state, lora_A, lora_B, scaling, None, p, True, seed,
+                           allowed_dtypes=ACTIVATION_DTYPES)
+    _check(dy, x, u, lora_A, lora_B, need_dB)
+    m, k = x.shape
+    n, rank = lora_B.shape
+    need_du = bool(need_dx or need_dA)
+    if m == 0 or not (need_du or need_dB):
+        return (x.new_empty(m, k) if need_dx else None,
+                torch.zeros_like(lora_A) if need_dA else None,
+                torch.zeros_like(lora_B) if need_dB else None)
+    prepare()
+    cfgs = _Configs(x, config)
+    width = _parallelism(x.device)
+    precision = dot_precision(x.dtype)
+    r_pad = max(16, triton.next_power_of_2(rank))
+    from csrc_triton.common import m_bucket as bucket_of
+
+    m_bucket = bucket_of(m)  # autotune key: M to a power of two (the forward's rule)
+    f32 = dict(dtype=torch.float32, device=x.device)
+
+    # dU and dB: one pass over dy, split over M (for dB) x N (for dU).
+    rows_per_split, splits = _parts(m, cfgs.largest("du_db", "BLOCK_M"),
+                                    round(math.sqrt(width * m / n)))
+    cols_per_group, groups = _parts(n, cfgs.largest("du_db", "BLOCK_N"),
+                                    triton.cdiv(width, splits))
+    unused = torch.empty(0, **f32)  # stands for a workspace a flag switches off
+    ws_du = torch.empty((groups, m, rank), **f32) if need_du else unused
+    ws_db = torch.empty((splits, n, rank), **f32) if need_dB else unused
+    u_arg = u if need_dB else lora_B  # unread when dB is not needed
+    cfgs.launch("du_db", lambda meta: (splits, groups),
+                (dy, u_arg, lora_B, ws_du, ws_db, m, n, rank, rows_per_split, cols_per_group,
+                 m_bucket, dy.stride(0), dy.stride(1), u_arg.stride(0), u_arg.stride(1),
+                 lora_B.stride(0), lora_B.stride(1)),
+                dict(COMPUTE_DU=need_du, COMPUTE_DB=bool(need_dB), R_PAD=r_pad,
+                     DOT_PRECISION=precision))
+    dB = _reduce(ws_db, lora_B.new_empty(n, rank), scaling) if need_dB else None
+    if not need_du:
+        return None, None, dB
+    du = _reduce(ws_du, x.new_empty(m, rank), scaling)
+    del ws_du, ws_db
+
+    # dA and dx's LoRA term: one pass over x, split over M (for dA).
+    dx = x.new_empty(m, k) if need_dx else None
+    k_tiles = triton.cdiv(k, cfgs.largest("da", "BLOCK_K"))
+    rows_per_split, splits = _parts(m, cfgs.largest("da", "BLOCK_M"), triton.cdiv(width, k_tiles))
+    ws_da = torch.empty((splits, rank, k), **f32) if need_dA else unused
+    dx_arg = dx if need_dx else x  # unwritten when dx is not needed
+    cfgs.launch("da", lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), splits),
+                (x, du, lora_A, ws_da, dx_arg, m, k, rank, seed, dropout_threshold(p),
+                 1.0 / (1.0 - p), rows_per_split, m_bucket, x.stride(0), x.stride(1),
+                 du.stride(0), du.stride(1), lora_A.stride(0), lora_A.stride(1),
+                 dx_arg.stride(0), dx_arg.stride(1)),
+                dict(COMPUTE_DA=bool(need_dA), WRITE_DX=bool(need_dx), HAS_DROPOUT=p > 0.0,
+                     R_PAD=r_pad, DOT_PRECISION=precision))
+    dA = _reduce(ws_da, lora_A.new_empty(rank, k), 1.0) if need_dA else None
+    del ws_da
+
+    # dx += dy @ deq(W), the GEMM; dx holds the LoRA term on entry.
+    if need_dx:
+        cfgs.launch("dx", lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) *
+                                        triton.cdiv(k, meta["BLOCK_K"]),),
+                    (dy, *weight_args(packed, state), dx, m, n, k, m_bucket, dy.stride(0),
+                     dy.stride(1), dx.stride(0), dx.stride(1)),
+                    dict(QBLOCK=state.blocksize, DOUBLE_QUANT=state.nested,
+                         K_ALIGNED=k % state.blocksize == 0,
+                         DOT_PRECISION=precision),
+                    LAUNCH_OPTIONS)
+    return dx, dA, dB
+
+
+def _reduce(ws: torch.Tensor, out: torch.Tensor, scale: float) -> torch.Tensor:
+    """out = scale * ws.sum(0) in fp32, parts added in index order, rounded once to out's
+    dtype (out: a fresh contiguous tensor)."""
+    from csrc_triton import backward as kernels
+
+    n = out.numel()
+    kernels._lora_bwd_reduce_kernel[(triton.cdiv(n, kernels.REDUCE_BLOCK),)](
+        ws, out, ws.shape[0], n, float(scale), BLOCK=kernels.REDUCE_BLOCK,
+        num_warps=kernels.REDUCE_WARPS)
+    return out

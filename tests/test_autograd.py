@@ -1,0 +1,220 @@
+"""Autograd behaviour of fastlora.lora_linear_4bit (issue 4): what the op saves and
+allocates, which gradients it computes, autocast, views, gradient checkpointing, in-place
+modification; and the reference path's own backward (gradcheck in float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastlora
+import fastlora.launch.backward as launch_backward
+from fastlora import quant, reference
+from fastlora.quant import dequantize_4bit_torch
+from helpers import bnb_weight, make_case
+
+M, N, K, R = 17, 72, 200, 8  # M < N: any floating tensor with N * K elements is a weight
+
+
+def layer(dtype=torch.bfloat16, bias=True, p=0.1, seed=31):
+    """(inputs dict of fresh leaves requiring grad, call(inputs) -> y) for one layer."""
+    case = make_case(M, N, K, R, dtype, bias=bias, dropout_p=p, seed=2)
+    leaves = {"x": case.x, "lora_A": case.lora_A, "lora_B": case.lora_B, "bias": case.bias}
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in leaves.items() if v is not None}
+
+    def call(t, **overrides):
+        kw = dict(bias=t.get("bias"), dropout_p=p, training=p > 0, seed=seed, **overrides)
+        return fastlora.lora_linear_4bit(t["x"], case.packed, case.state, t["lora_A"],
+                                         t["lora_B"], case.scaling, **kw)
+    return leaves, call, case
+
+
+def grads_of(leaves, y, dy=None):
+    y.backward(torch.ones_like(y) if dy is None else dy)
+    return {k: v.grad for k, v in leaves.items()}
+
+
+def assert_same(got: dict, expected: dict):
+    for name, g in expected.items():
+        assert got[name] is not None, f"{name}: no gradient"
+        assert got[name].dtype == g.dtype, f"{name}: {got[name].dtype} vs {g.dtype}"
+        assert torch.equal(got[name], g), \
+            f"{name}: differs by up to {float((got[name].double() - g.double()).abs().max()):.3e}"
+
+
+# ----------------------------------------------------------------------------- memory
+
+def test_never_a_dense_weight(monkeypatch):
+    """Forward + backward on the fused path: full dequantisation is never called, no floating
+    tensor of N * K elements (or more) is created, and nothing saved for backward is a
+    dequantised weight or a dropout mask (a bool tensor)."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the fused path dequantised the whole weight")
+    monkeypatch.setattr(quant, "dequantize_4bit_torch", forbidden)
+    monkeypatch.setattr(reference, "dequantize_4bit_torch", forbidden)
+    monkeypatch.setattr(quant, "dequantize_4bit", forbidden)
+    monkeypatch.setattr(fastlora, "dequantize_4bit", forbidden)
+
+    created = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    created.append((str(func), tuple(t.shape), t.dtype))
+            return out
+
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    leaves, call, _ = layer()
+    with Record(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = call(leaves)
+        y.backward(torch.ones_like(y))
+    assert all(v.grad is not None for v in leaves.values())
+    assert created, "the dispatch mode recorded nothing"
+    dense = [c for c in created if c[2].is_floating_point and torch.Size(c[1]).numel() >= N * K]
+    assert not dense, f"floating tensors as large as the weight were created: {dense}"
+    assert (tuple(leaves["x"].shape), torch.bfloat16) in saved
+    assert not [s for s in saved if s[1] == torch.bool], f"a mask was saved: {saved}"
+    assert not [s for s in saved if s[1].is_floating_point and torch.Size(s[0]).numel() >= N * K]
+
+
+# ----------------------------------------------------------------------------- needs_input_grad
+
+@pytest.mark.parametrize("trainable,flags", [
+    (("lora_A", "lora_B", "bias"), (False, True, True)),   # x needs no grad (first layer)
+    (("x", "bias"), (True, False, False)),                 # frozen adapter
+    (("lora_B",), (False, False, True)),
+], ids=["no-dx", "frozen-adapter", "only-dB"])
+def test_needs_input_grad(monkeypatch, trainable, flags):
+    """The backward asks the kernels for exactly the gradients autograd needs, and those are
+    bit-identical to the ones of a run where everything is trainable."""
+    leaves, call, _ = layer()
+    full = grads_of(leaves, call(leaves))
+    asked = []
+    real = launch_backward.lora_backward
+
+    def spy(*args, **kwargs):
+        asked.append(tuple(args[-3:]))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(launch_backward, "lora_backward", spy)
+    part = {k: v.detach().clone().requires_grad_(k in trainable) for k, v in leaves.items()}
+    got = grads_of(part, call(part))
+    assert asked == [flags], f"backward asked for (dx, dA, dB) = {asked}, expected {flags}"
+    assert_same({k: got[k] for k in trainable}, {k: full[k] for k in trainable})
+    assert all(got[k] is None for k in part if k not in trainable)
+
+
+# ----------------------------------------------------------------------------- dtypes and views
+
+def test_autocast_gives_parameter_dtypes():
+    """fp32 parameters under bf16 autocast: the op runs in bf16, gradients come back in fp32,
+    equal to casting by hand."""
+    leaves, call, _ = layer(torch.float32, seed=77)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = call(leaves)
+    assert y.dtype == torch.bfloat16
+    got = grads_of(leaves, y)
+    by_hand = {k: v.detach().to(torch.bfloat16).requires_grad_() for k, v in leaves.items()}
+    expected = {k: g.float() for k, g in grads_of(by_hand, call(by_hand)).items()}
+    assert_same(got, expected)
+
+
+def test_views():
+    """x as a non-contiguous 3-D view (strides (1, M) once flattened: the kernels read it in
+    place) and lora_A as a transposed view: the gradients reach the underlying tensors, equal
+    to those of contiguous inputs."""
+    leaves, call, _ = layer(torch.float16)
+    expected = grads_of(leaves, call(leaves))
+    x_km = leaves["x"].detach().t().contiguous().requires_grad_()  # [K, M]
+    a_kr = leaves["lora_A"].detach().t().contiguous().requires_grad_()  # [K, R]
+    views = {"x": x_km.t().unsqueeze(0), "lora_A": a_kr.t(),  # [1, M, K], [R, K]
+             "lora_B": leaves["lora_B"], "bias": leaves["bias"]}
+    assert not views["x"].is_contiguous() and not views["lora_A"].is_contiguous()
+    leaves["lora_B"].grad = leaves["bias"].grad = None
+    call(views).backward(torch.ones(1, M, N, dtype=torch.float16))
+    assert_same({"x": x_km.grad.t(), "lora_A": a_kr.grad.t(), "lora_B": leaves["lora_B"].grad,
+                 "bias": leaves["bias"].grad}, expected)
+
+
+# ----------------------------------------------------------------------------- checkpointing
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_checkpoint_reproduces_dropout(reentrant):
+    """With the seed drawn from torch's generator (seed=None), recomputing the forward inside
+    torch.utils.checkpoint draws the same seed, hence the same mask: gradients equal those of
+    the plain run; a different generator state gives different ones (dropout is live)."""
+    leaves, call, _ = layer(seed=None)
+
+    def fn(x, a, b, bias):
+        return call({"x": x, "lora_A": a, "lora_B": b, "bias": bias})
+    args = [leaves[k] for k in ("x", "lora_A", "lora_B", "bias")]
+    torch.manual_seed(123)
+    plain = grads_of(leaves, fn(*args))
+    for v in leaves.values():
+        v.grad = None
+    torch.manual_seed(123)
+    y = checkpoint(fn, *args, use_reentrant=reentrant)
+    torch.manual_seed(999)  # the recomputation must not depend on the generator now
+    assert_same(grads_of(leaves, y), plain)
+    for v in leaves.values():
+        v.grad = None
+    torch.manual_seed(124)
+    other = grads_of(leaves, fn(*args))
+    assert not torch.equal(other["lora_A"], plain["lora_A"])
+
+
+# ----------------------------------------------------------------------------- in-place
+
+@pytest.mark.parametrize("target", ["x", "lora_A"])
+def test_saved_tensor_modified_in_place(target):
+    leaves, call, _ = layer()
+    inputs = dict(leaves, x=leaves["x"] * 1)  # a non-leaf x that may be modified in place
+    y = call(inputs)
+    with torch.no_grad():
+        inputs[target].add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(torch.ones_like(y))
+
+
+# ----------------------------------------------------------------------------- the reference
+
+def _reference_inputs(p):
+    packed, state = bnb_weight(6, 40, blocksize=64, dtype=torch.float32, seed=4)
+    g = torch.Generator().manual_seed(4)
+    t = [torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+         for shape in ((2, 3, 40), (5, 40), (6, 5), (6,))]
+    return packed, state, t
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
+def test_reference_gradcheck(p):
+    """torch.autograd.gradcheck of the reference's explicit backward, float64, 3-D x."""
+    packed, state, inputs = _reference_inputs(p)
+
+    def f(x, a, b, bias):
+        return reference.lora_linear_4bit(x, packed, state, a, b, 1.5, bias, p, True, 42)
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_reference_backward_equals_autograd_of_plain_ops():
+    """The reference's hand-written backward against torch.autograd through plain ops."""
+    p, seed, s = 0.3, 42, 1.5
+    packed, state, (x, a, b, bias) = _reference_inputs(p)
+    y = reference.lora_linear_4bit(x, packed, state, a, b, s, bias, p, True, seed)
+    dy = torch.randn_like(y)
+    explicit = torch.autograd.grad(y, (x, a, b, bias), dy)
+    x2 = x.reshape(-1, 40)
+    w = dequantize_4bit_torch(packed, state, torch.float64)
+    plain = (x2 @ w.t() + s * reference.apply_dropout(x2, seed, p) @ a.t() @ b.t()
+             + bias).reshape(y.shape)
+    for name, e, q in zip(("x", "A", "B", "bias"), explicit,
+                          torch.autograd.grad(plain, (x, a, b, bias), dy)):
+        torch.testing.assert_close(e, q, rtol=1e-12, atol=1e-12, msg=f"grad of {name}")

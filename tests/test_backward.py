@@ -1,0 +1,199 @@
+"""The fused backward (issue 4) against float64 autograd through fastlora.reference, weights
+quantised by bitsandbytes; kernels run in Triton's interpreter on CPU (tests/conftest.py).
+
+Bound: fastlora.numerics (2 x the plain-PyTorch error in the same dtype + 1 ulp). The launcher
+is tested on its own (U from the reference) and through fastlora.lora_linear_4bit (U from the
+fused forward), over the forward's pairwise matrix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastlora
+from fastlora import reference
+from fastlora.launch.backward import lora_backward
+from fastlora.numerics import assert_close
+from helpers import DTYPES, MATRIX, N, bnb_weight, case_id, make_case, reference_pair, run
+
+GRADS = ("dx", "dA", "dB")
+
+
+def matrix_case(c: dict):
+    dtype = DTYPES[c["dtype"]]
+    case = make_case(c["m"], N, c["k"], c["rank"], dtype, c["quant"], c["bs"], c["dq"],
+                     c["bias"], c["p"], seed=len(case_id(c)))
+    return case, dtype
+
+
+def grad_out(case, seed: int = 5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(case.x.shape[0], case.lora_B.shape[0], generator=g).to(case.x.device)
+
+
+def backward_of(case, dtype, dy, need=(True, True, True), x=None, **kwargs):
+    """lora_backward on the case in `dtype`, with U as the reference computes it."""
+    x = case.x.to(dtype) if x is None else x
+    a, b = case.lora_A.to(dtype), case.lora_B.to(dtype)
+    u = reference.apply_dropout(x, case.seed, case.dropout_p) @ a.t()
+    return dict(zip(GRADS, lora_backward(dy.to(dtype), x, u, case.packed, case.state, a, b,
+                                         case.scaling, case.dropout_p, case.seed, *need,
+                                         **kwargs)))
+
+
+def check_grads(out: dict, truth: dict, baseline: dict, dtype, names=GRADS):
+    for name in names:
+        assert out[name].dtype == dtype, f"{name} is {out[name].dtype}, expected {dtype}"
+        assert_close(name, out[name], truth[name], baseline[name])
+
+
+# ----------------------------------------------------------------------------- the matrix
+
+@pytest.mark.parametrize("c", MATRIX, ids=case_id)
+def test_launcher_matches_reference(c):
+    case, dtype = matrix_case(c)
+    dy = grad_out(case)
+    truth, baseline = reference_pair(case, dtype, dy)
+    check_grads(backward_of(case, dtype, dy), truth, baseline, dtype)
+
+
+@pytest.mark.parametrize("c", MATRIX[::3], ids=case_id)
+def test_forward_backward_matches_reference(c):
+    """The whole layer through fastlora.lora_linear_4bit: the custom ops, U saved by the fused
+    forward, dbias; a third of the matrix (the launcher test above runs all of it)."""
+    case, dtype = matrix_case(c)
+    dy = grad_out(case)
+    truth, baseline = reference_pair(case, dtype, dy)
+    out = run(fastlora.lora_linear_4bit, case, dtype, dy)
+    check_grads(out, truth, baseline, dtype, ("y",) + GRADS + (("dbias",) if c["bias"] else ()))
+
+
+@pytest.mark.parametrize("rank,k", [(200, 64), (256, 96)], ids=["r200-k64", "r256-k96"])
+def test_large_rank(rank, k):
+    """Ranks up to 256: R_PAD = 256 tiles in du_db / da."""
+    case = make_case(20, 40, k, rank, torch.bfloat16, dropout_p=0.1, seed=3)
+    dy = grad_out(case)
+    truth, baseline = reference_pair(case, torch.bfloat16, dy)
+    check_grads(backward_of(case, torch.bfloat16, dy), truth, baseline, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- dropout mask
+
+def test_dropout_mask_same_in_forward_and_backward():
+    """With W = 0 and A = I (r = K = 16) the forward's U is dropout(x) itself and the
+    backward's dx is dropout'(dU @ A): their zero patterns are the two kernels' masks, and both
+    must be the reference's mask for the seed, element for element."""
+    from fastlora.launch.forward import lora_forward
+
+    m, n, k, p, seed = 37, 24, 16, 0.3, 987654321
+    packed, state = bnb_weight(n, k, scale=0.0)  # all-zero weight
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(m, k, generator=g) + 0.5  # no zeros of its own
+    a = torch.eye(k)
+    b = torch.rand(n, k, generator=g) + 0.5
+    dy = torch.rand(m, n, generator=g) + 0.5  # dU @ A = s * dy @ B > 0 everywhere
+    expected = reference.dropout_mask(seed, m, k, p)
+    assert 0.5 < expected.float().mean() < 0.9
+    _, u = lora_forward(x, packed, state, a, b, 1.0, None, p, seed)
+    dx, _, _ = lora_backward(dy, x, u, packed, state, a, b, 1.0, p, seed, True, False, False)
+    forward_mask, backward_mask = u != 0, dx != 0
+    assert torch.equal(forward_mask, expected), \
+        f"forward mask differs at {int((forward_mask != expected).sum())} positions"
+    assert torch.equal(backward_mask, expected), \
+        f"backward mask differs at {int((backward_mask != expected).sum())} positions"
+
+
+# ----------------------------------------------------------------------------- determinism
+
+def test_gradients_bit_identical_across_runs():
+    """dB and dA are sums over M split into parts (several here: M = 100 -> 4 splits in the
+    interpreter), added in a fixed order: repeated runs agree bit for bit."""
+    case = make_case(100, N, 200, 8, torch.float32, dropout_p=0.1, seed=11)
+    dy = grad_out(case)
+    first = backward_of(case, torch.float32, dy)
+    for _ in range(2):
+        again = backward_of(case, torch.float32, dy)
+        for name in GRADS:
+            assert torch.equal(first[name], again[name]), f"{name} changed between runs"
+
+
+# ----------------------------------------------------------------------------- what is computed
+
+@pytest.mark.parametrize("need", [(True, False, False), (False, True, False),
+                                  (False, False, True), (True, False, True),
+                                  (False, True, True)],
+                         ids=["dx", "dA", "dB", "dx-dB", "dA-dB"])
+def test_only_requested_gradients(need):
+    """Each subset of gradients: the others are None, the computed ones bit-identical to a run
+    computing all three (the flags only switch work off)."""
+    case = make_case(17, N, 200, 8, torch.bfloat16, dropout_p=0.1, seed=5)
+    dy = grad_out(case)
+    full = backward_of(case, torch.bfloat16, dy)
+    part = backward_of(case, torch.bfloat16, dy, need)
+    for name, wanted in zip(GRADS, need):
+        if wanted:
+            assert torch.equal(part[name], full[name]), f"{name} differs from the full run"
+        else:
+            assert part[name] is None, f"{name} was not requested but returned"
+
+
+def test_strided_x_and_explicit_config():
+    """x as a non-contiguous view gives the same gradients as its contiguous copy; an
+    explicit config (other block sizes) stays within the bound."""
+    case = make_case(33, N, 200, 12, torch.float16, dropout_p=0.1, seed=9)
+    dy = grad_out(case)
+    wide = torch.zeros(2 * 200, 33, dtype=torch.float16)
+    wide[::2] = case.x.to(torch.float16).t()
+    strided = wide[::2].t()  # [33, 200], strides (1, 66)
+    assert not strided.is_contiguous() and torch.equal(strided, case.x.to(torch.float16))
+    plain = backward_of(case, torch.float16, dy)
+    viewed = backward_of(case, torch.float16, dy, x=strided)
+    for name in GRADS:
+        assert torch.equal(plain[name], viewed[name]), f"{name} differs for a strided x"
+    config = {"du_db": {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1},
+              "da": {"BLOCK_M": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1},
+              "dx": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "GROUP_M": 1,
+                     "num_warps": 4, "num_stages": 1}}
+    truth, baseline = reference_pair(case, torch.float16, dy)
+    check_grads(backward_of(case, torch.float16, dy, config=config), truth, baseline,
+                torch.float16)
+
+
+def test_empty_m():
+    case = make_case(5, N, 200, 8, torch.bfloat16)
+    x = case.x[:0].to(torch.bfloat16)
+    a, b = case.lora_A.to(torch.bfloat16), case.lora_B.to(torch.bfloat16)
+    dx, da, db = lora_backward(torch.empty(0, N, dtype=torch.bfloat16), x,
+                               torch.empty(0, 8, dtype=torch.bfloat16), case.packed,
+                               case.state, a, b, 2.0, 0.0, 0, True, True, True)
+    assert dx.shape == (0, 200) and dx.dtype == torch.bfloat16
+    assert torch.equal(da, torch.zeros_like(a)) and torch.equal(db, torch.zeros_like(b))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def call_with(case, dy=None, u=None):
+    """lora_backward on a bf16 case with dy / u overridden."""
+    x, a, b = (t.to(torch.bfloat16) for t in (case.x, case.lora_A, case.lora_B))
+    dy = grad_out(case).to(torch.bfloat16) if dy is None else dy
+    u = x @ a.t() if u is None else u
+    return lora_backward(dy, x, u, case.packed, case.state, a, b, 2.0, 0.0, 0, True, True,
+                         True)
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    (lambda dy: dy[:, :-1], ValueError, r"dy must be \[M, N\] = \[8, 72\].*got \(8, 71\)"),
+    (lambda dy: dy[:-1], ValueError, r"dy must be \[M, N\].*got \(7, 72\)"),
+    (lambda dy: dy.float(), TypeError, r"dy is torch.float32 but x is torch.bfloat16"),
+    (lambda dy: dy.tolist(), TypeError, r"dy must be a tensor"),
+], ids=["short-n", "short-m", "dtype", "not-a-tensor"])
+def test_bad_dy(bad, error, match):
+    case = make_case(8, N, 200, 8, torch.bfloat16)
+    with pytest.raises(error, match=match):
+        call_with(case, dy=bad(grad_out(case).to(torch.bfloat16)))
+
+
+def test_bad_saved_u():
+    case = make_case(8, N, 200, 8, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"u must be \[8, 8\]"):
+        call_with(case, u=torch.zeros(8, 7, dtype=torch.bfloat16))
