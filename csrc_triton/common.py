@@ -24,6 +24,14 @@ import triton.language as tl
 
 NESTED_BLOCK = tl.constexpr(256)  # bnb compresses absmax in blocks of 256
 
+# Pointer arguments whose tensors stay far below 2^31 elements for any real layer, so 32-bit
+# offsets address them safely: the 16/256-entry code tables, the offset scalar, absmax2
+# (N*K / (blocksize * 256) values), bias [N], lora_A [r <= 256, K] and lora_B [N, r] (K, N < 2^23).
+# Every other pointer (x, dy, dx, y, U, dU, the packed weight, absmax, workspaces) must be
+# addressed with at least one 64-bit offset: fastlora.compilecheck verifies it on the TTIR.
+BOUNDED_ARGS = ("code_ptr", "code2_ptr", "offset_ptr", "absmax2_ptr", "bias_ptr", "a_ptr",
+                "b_ptr")
+
 
 @dataclass(frozen=True)
 class CompileSpec:
@@ -47,6 +55,7 @@ class CompileSpec:
     label: str = ""
     options: dict = field(default_factory=dict)
     aligned: tuple = ()
+    bounded_args: tuple = BOUNDED_ARGS
 
     @property
     def config(self) -> str:

@@ -8,6 +8,11 @@ cubin's resource usage (REG, STACK, SHARED, LOCAL) and disassembles it (SASS), w
 tensor-core instructions are HMMA and sm_90's warpgroup ones HGMMA. STACK or LOCAL > 0 means
 register spills. The specs come from each kernel file's COMPILE_SPECS (csrc_triton).
 
+Large-index safety: every load and store of a tensor that can pass 2^31 elements (x, y, dy,
+dx, U, the packed weight, absmax, workspaces) must reach its pointer through at least one 64-bit
+offset. `wide_addressing` reads that off the kernel's TTIR (def-use chains from each tt.load /
+tt.store back to the pointer argument), so a 32-bit row offset anywhere is a reported problem.
+
 Kernels decorated under TRITON_INTERPRET=1 are interpreter objects that cannot be compiled, so
 when the interpreter is active the report runs in a child process without it.
 """
@@ -28,6 +33,11 @@ _RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 _MMA = re.compile(r"\b(HGMMA|HMMA)\b")
 FIELDS = ("kernel", "config", "arch", "registers", "stack_bytes", "local_bytes", "shared_bytes",
           "mma_instructions")
+_DEF = re.compile(r"^\s*(%[\w#]+)(?::(\d+))?\s*=\s*([\w.]+)\s+(.*)$")
+_ACCESS = re.compile(r"^(?:%[\w#]+ = )?tt\.(?:load|store) (%[\w#]+)")
+_PTR_ARG = re.compile(r"%(\w+): !tt\.ptr")
+_PASS_THROUGH = ("tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape", "tt.trans",
+                 "ttg.convert_layout", "iter_arg")
 
 
 def _nvidia_tool(name: str) -> str:
@@ -44,6 +54,44 @@ def _run(tool: str, *args: str) -> str:
     done = subprocess.run([_nvidia_tool(tool), *args], capture_output=True, text=True,
                           check=True)
     return done.stdout
+
+
+def narrow_pointer_args(ttir: str) -> set:
+    """Pointer arguments that some tt.load / tt.store addresses with 32-bit offsets only.
+
+    Follows each access's pointer back through tt.addptr (noting whether an offset is i64),
+    splats, broadcasts, reshapes and loop-carried values to the kernel argument it came from."""
+    defs = {}
+    for line in ttir.splitlines():
+        found = _DEF.match(line)
+        if found:
+            name, results, op, rest = found.groups()
+            defs[name] = (op, rest)
+            for i in range(int(results or 0)):
+                defs[f"{name}#{i}"] = (op, rest)
+        if "iter_args(" in line:
+            for carried, init in re.findall(r"(%[\w#]+) = (%[\w#]+)",
+                                            line.split("iter_args(", 1)[1]):
+                defs[carried] = ("iter_arg", init)
+    args = set(_PTR_ARG.findall(ttir))
+    narrow = set()
+    for line in ttir.splitlines():
+        access = _ACCESS.match(line.strip())
+        if not access:
+            continue
+        ptr, wide = access.group(1), False
+        while ptr[1:] not in args:
+            if ptr not in defs:
+                raise ValueError(f"cannot trace pointer {ptr} in: {line.strip()}")
+            op, rest = defs[ptr]
+            if op == "tt.addptr":
+                wide |= "i64" in rest.rsplit(":", 1)[-1].split(",")[-1]
+            elif op not in _PASS_THROUGH:
+                raise ValueError(f"cannot trace pointer {ptr} through {op}: {line.strip()}")
+            ptr = re.findall(r"%[\w#]+", rest)[0]
+        if not wide:
+            narrow.add(ptr[1:])
+    return narrow
 
 
 def compile_spec(spec, arch: str) -> dict:
@@ -68,6 +116,7 @@ def compile_spec(spec, arch: str) -> dict:
             fh.write(kernel.asm["cubin"])
         usage = _RESOURCE.search(_run("cuobjdump", "--dump-resource-usage", cubin))
         sass = _run("cuobjdump", "-sass", cubin)
+    unsafe = sorted(narrow_pointer_args(kernel.asm["ttir"]) - set(spec.bounded_args))
     if usage is None:
         raise RuntimeError(f"cuobjdump printed no resource usage for {spec.kernel}")
     registers, stack, shared, local = (int(v) for v in usage.groups())
@@ -76,7 +125,8 @@ def compile_spec(spec, arch: str) -> dict:
     shared = max(shared, int(getattr(kernel.metadata, "shared", 0) or 0))
     return {"kernel": spec.kernel, "config": spec.config, "arch": arch, "registers": registers,
             "stack_bytes": stack, "local_bytes": local, "shared_bytes": shared,
-            "mma_instructions": len(_MMA.findall(sass)), "uses_dot": spec.uses_dot}
+            "mma_instructions": len(_MMA.findall(sass)), "uses_dot": spec.uses_dot,
+            "i32_addressed": unsafe}
 
 
 def compile_report(archs=("sm_80", "sm_90"), kernels=None, workers: int | None = None
@@ -125,6 +175,9 @@ def problems(rows: list[dict]) -> list[str]:
                          f"{row['local_bytes']} B")
         if row.get("uses_dot") and row["mma_instructions"] == 0:
             found.append(f"{where} calls tl.dot but has no HMMA/HGMMA instruction")
+        if row.get("i32_addressed"):
+            found.append(f"{where} addresses {', '.join(row['i32_addressed'])} with 32-bit "
+                         "offsets only (overflows past 2^31 elements)")
     return found
 
 

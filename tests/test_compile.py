@@ -40,3 +40,38 @@ def test_problems_flags_spills_and_missing_mma():
 def test_unknown_arch_is_rejected():
     with pytest.raises(ValueError, match="arch"):
         fastlora.compile_report(archs=("sm_75",))
+
+
+SYNTHETIC_TTIR = """
+  tt.func public @k(%x_ptr: !tt.ptr<bf16> loc("x_ptr"(#loc)), %code_ptr: !tt.ptr<f32> loc("c"(#loc)), %M: i32) {
+    %rows = tt.splat %x_ptr : !tt.ptr<bf16> -> tensor<64x!tt.ptr<bf16>>
+    %offs = arith.muli %r, %s : tensor<64xi32>
+    %ptrs = tt.addptr %rows, %offs : tensor<64x!tt.ptr<bf16>>, tensor<64xi32>
+    %v = tt.load %ptrs : tensor<64x!tt.ptr<bf16>>
+    %wide = arith.extsi %offs : tensor<64xi32> to tensor<64xi64>
+    %ptrs2 = tt.addptr %rows, %wide : tensor<64x!tt.ptr<bf16>>, tensor<64xi64>
+    %ptrs3 = tt.addptr %ptrs2, %offs : tensor<64x!tt.ptr<bf16>>, tensor<64xi32>
+    %w = tt.load %ptrs3 : tensor<64x!tt.ptr<bf16>>
+    %c = tt.splat %code_ptr : !tt.ptr<f32> -> tensor<64x!tt.ptr<f32>>
+    %cp = tt.addptr %c, %offs : tensor<64x!tt.ptr<f32>>, tensor<64xi32>
+    tt.store %cp, %v : tensor<64x!tt.ptr<f32>>
+"""
+
+
+def test_large_index_check_finds_32bit_only_addressing():
+    """The TTIR check behind the `i32_addressed` column: a load through a 32-bit row offset is
+    flagged, one with a 64-bit offset anywhere on its pointer's path is not."""
+    from fastlora.compilecheck import narrow_pointer_args
+
+    assert narrow_pointer_args(SYNTHETIC_TTIR) == {"x_ptr", "code_ptr"}
+    only_wide = SYNTHETIC_TTIR.replace("%v = tt.load %ptrs :", "%v = tt.load %ptrs2 :")
+    assert narrow_pointer_args(only_wide) == {"code_ptr"}
+
+
+def test_every_large_tensor_is_addressed_with_64bit_offsets(report):
+    """Issue 7 item 4 statically: x, y, dy, dx, U, dU, packed weight, absmax and workspaces
+    reach their pointers through an int64 offset in every shipped kernel config (tests in
+    tests/test_large_index.py show it at run time)."""
+    bad = [r for r in report if r["i32_addressed"]]
+    assert not bad, "\n".join(f"{r['kernel']} [{r['config']}] {r['arch']}: {r['i32_addressed']}"
+                              for r in bad)

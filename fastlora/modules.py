@@ -1,0 +1,171 @@
+"""`fastlora.LoRALinear4bit`: a frozen bitsandbytes 4-bit linear layer with one LoRA adapter,
+run by the fused op (`fastlora.lora_linear_4bit`).
+
+    y = x @ deq(W)^T + scaling * dropout(x) @ lora_A.weight^T @ lora_B.weight^T + bias
+
+It mirrors PEFT's `lora.Linear4bit` for one adapter: the base is a `bitsandbytes.nn.Linear4bit`
+(`base_layer`), the adapter two bias-free `nn.Linear` (`lora_A` [r, in], `lora_B` [out, r],
+float32 like PEFT's, A kaiming-uniform with a=sqrt(5), B zeros), so the state-dict keys are
+PEFT's: `base_layer.weight` with bitsandbytes' quant-state entries, and `lora_A.weight`,
+`lora_B.weight`, the keys of a PEFT adapter file (PEFT drops the adapter name when saving).
+
+`fused_lora_forward` is the one place where a bnb base layer and an adapter become a call of
+the fused op; `fastlora.patch` sends PEFT's layers through it too.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .ops import ACTIVATION_DTYPES, lora_linear_4bit
+from .quant import QuantState, quantize_4bit
+
+__all__ = ["LoRALinear4bit", "fused_lora_forward", "bnb_quant_state"]
+
+
+def bnb_quant_state(base_layer: nn.Module):
+    """The bitsandbytes QuantState of a bnb Linear4bit, found where bitsandbytes itself looks:
+    on the weight, else on the module (FSDP's flat parameters lose the weight's attribute)."""
+    state = getattr(base_layer.weight, "quant_state", None)
+    return state if state is not None else getattr(base_layer, "quant_state", None)
+
+
+def fused_lora_forward(x: torch.Tensor, base_layer: nn.Module, lora_A: nn.Linear,
+                       lora_B: nn.Linear, scaling: float, dropout: nn.Module) -> torch.Tensor:
+    """base_layer(x) + scaling * lora_B(lora_A(dropout(x))) in one fused op.
+
+    Computes in the base layer's compute_dtype (x's dtype when it has none), as bitsandbytes
+    does, and returns x's dtype. The adapter's weights (float32 in PEFT) and the frozen bias
+    are cast to the compute dtype inside the autograd graph, so their gradients come back in
+    their own dtype. A bias on lora_B (PEFT's lora_bias) joins the frozen bias, times scaling.
+    `dropout` is nn.Dropout or nn.Identity; its p and .training are read at every call."""
+    dtype = x.dtype if base_layer.compute_dtype is None else base_layer.compute_dtype
+    bias = base_layer.bias.to(dtype) if base_layer.bias is not None else None
+    if lora_B.bias is not None:
+        lora_bias = lora_B.bias.to(dtype) * scaling
+        bias = lora_bias if bias is None else bias + lora_bias
+    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    y = lora_linear_4bit(x.to(dtype), base_layer.weight.data, bnb_quant_state(base_layer),
+                         lora_A.weight.to(dtype), lora_B.weight.to(dtype), scaling, bias,
+                         dropout_p=p, training=dropout.training)
+    return y.to(x.dtype)
+
+
+def _bnb_linear4bit(packed: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor],
+                    compute_dtype: Optional[torch.dtype], quant_storage: torch.dtype):
+    """A bitsandbytes Linear4bit holding `packed` and `state` as they are (no copy, no
+    re-quantisation); built on the meta device so no dense weight is ever allocated."""
+    import bitsandbytes as bnb
+
+    n_out, k_in = state.shape
+    layer = bnb.nn.Linear4bit(k_in, n_out, bias=bias is not None, compute_dtype=compute_dtype,
+                              compress_statistics=state.nested, quant_type=state.quant_type,
+                              quant_storage=quant_storage, device="meta")
+    bnb_state = state.to_bnb()
+    layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=bnb_state,
+                                     blocksize=state.blocksize,
+                                     compress_statistics=state.nested,
+                                     quant_type=state.quant_type, quant_storage=quant_storage,
+                                     module=layer, bnb_quantized=True)
+    layer.quant_state = bnb_state
+    layer.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+    return layer
+
+
+def _check_lora_args(r, lora_alpha, lora_dropout) -> None:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) \
+            or not math.isfinite(float(lora_alpha)):
+        raise TypeError(f"lora_alpha must be a finite real number, got {lora_alpha!r}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) \
+            or not 0.0 <= float(lora_dropout) < 1.0:
+        raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+
+
+class LoRALinear4bit(nn.Module):
+    """A frozen bitsandbytes 4-bit linear layer plus a trainable LoRA adapter, fused.
+
+    Build it with `from_linear` (quantises a dense nn.Linear with fastlora.quantize_4bit,
+    bit-identical to bitsandbytes) or `from_bnb` (adopts an existing, quantised
+    bitsandbytes.nn.Linear4bit: its packed weight and quant state are used in place).
+    scaling = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (as PEFT)."""
+
+    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float,
+                 lora_dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        import bitsandbytes as bnb
+
+        if not isinstance(base_layer, bnb.nn.Linear4bit):
+            raise TypeError(f"base_layer must be a bitsandbytes.nn.Linear4bit, got "
+                            f"{type(base_layer).__name__}")
+        state = bnb_quant_state(base_layer)
+        if state is None:
+            raise ValueError("base_layer has no quant_state: quantise it first (bitsandbytes "
+                             "quantises a Linear4bit when it is moved to its device)")
+        if getattr(state, "packing_format_for_cpu", False):
+            raise ValueError("base_layer's weight was repacked by bitsandbytes for its CPU "
+                             "inference kernel; fastlora reads the standard 4-bit layout only")
+        QuantState.from_bnb(state).validate(base_layer.weight.data, name="base_layer quant_state")
+        if tuple(state.shape) != (base_layer.out_features, base_layer.in_features):
+            raise ValueError(f"base_layer quant_state.shape is {tuple(state.shape)} but the layer "
+                             f"is {base_layer.out_features}x{base_layer.in_features}")
+        _check_lora_args(r, lora_alpha, lora_dropout)
+        base_layer.requires_grad_(False)
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.r, self.lora_alpha, self.use_rslora = int(r), float(lora_alpha), bool(use_rslora)
+        self.scaling = self.lora_alpha / (math.sqrt(self.r) if use_rslora else self.r)
+        device = base_layer.weight.device
+        self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=device)
+        self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                    bias: bool = True, use_rslora: bool = False, quant_type: str = "nf4",
+                    blocksize: int = 64, double_quant: bool = True,
+                    quant_storage: torch.dtype = torch.uint8,
+                    compute_dtype: Optional[torch.dtype] = None) -> "LoRALinear4bit":
+        """Quantise `linear`'s weight to 4 bits (its dtype is the quant state's dtype) and add a
+        LoRA adapter. bias=True keeps linear's bias (frozen, copied) when it has one.
+        compute_dtype None: compute in the input's dtype."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if compute_dtype is not None and compute_dtype not in ACTIVATION_DTYPES:
+            raise TypeError(f"compute_dtype must be None or one of {ACTIVATION_DTYPES}, "
+                            f"got {compute_dtype}")
+        packed, state = quantize_4bit(linear.weight.detach(), quant_type, blocksize,
+                                      double_quant, quant_storage)
+        keep_bias = linear.bias.detach().clone() if bias and linear.bias is not None else None
+        base = _bnb_linear4bit(packed, state, keep_bias, compute_dtype, quant_storage)
+        return cls(base, r, lora_alpha, lora_dropout, use_rslora)
+
+    @classmethod
+    def from_bnb(cls, bnb_linear: nn.Module, r: int, lora_alpha: float,
+                 lora_dropout: float = 0.0, use_rslora: bool = False) -> "LoRALinear4bit":
+        """Adopt a quantised bitsandbytes.nn.Linear4bit as the frozen base (the same module
+        object: its packed weight, quant state and bias are shared, not copied) and add a LoRA
+        adapter. The layer's parameters are set to requires_grad=False."""
+        return cls(bnb_linear, r, lora_alpha, lora_dropout, use_rslora)
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default init: A kaiming-uniform (a=sqrt(5)), B zeros, so the layer starts
+        equal to its base."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fused_lora_forward(x, self.base_layer, self.lora_A, self.lora_B, self.scaling,
+                                  self.lora_dropout)
+
+    def extra_repr(self) -> str:
+        state = bnb_quant_state(self.base_layer)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"scaling={self.scaling:g}, quant_type={state.quant_type}")

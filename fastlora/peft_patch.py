@@ -1,0 +1,194 @@
+"""`fastlora.patch` / `fastlora.unpatch`: send PEFT's LoRA layers over bitsandbytes 4-bit bases
+(`peft.tuners.lora.bnb.Linear4bit`) through the fused op, in place.
+
+A patched layer keeps every module and parameter object it had; only its `forward` changes (an
+instance attribute that shadows the class's), so optimizer state, `save_pretrained`,
+`load_adapter`, `set_adapter`, `merge_and_unload` and checkpoints see nothing different. The
+patched forward reads the layer's state at every call (active adapter, scaling, dropout p and
+train/eval, merged/disabled) and hands the call to PEFT's own forward whenever the fused path
+cannot serve it (e.g. inside `with model.disable_adapter():`, or with `adapter_names=`).
+
+`patch` serves a layer when exactly one active adapter lives in it, that adapter is plain LoRA
+(not DoRA, aLoRA or Arrow), it is neither merged nor disabled, its weights and the compute
+dtype are fp16/bf16/fp32, its dropout is nn.Dropout or nn.Identity, and the base weight has a
+quant_state that describes it in bitsandbytes' standard layout. Other layers keep PEFT's forward
+and are listed in the report under their reason (REASONS); the log gets one line per reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .modules import bnb_quant_state, fused_lora_forward
+from .ops import ACTIVATION_DTYPES
+from .quant import QuantState
+
+__all__ = ["patch", "unpatch", "PatchReport", "REASONS"]
+
+logger = logging.getLogger("fastlora")
+
+# why a layer keeps PEFT's forward (PatchReport.skipped keys)
+DISABLED = "adapters disabled"
+MERGED = "adapter merged into the base weight"
+NO_ACTIVE = "no active adapter in this layer"
+SEVERAL = "several active adapters"
+VARIANT = "LoRA variant (DoRA, aLoRA or Arrow)"
+DROPOUT = "dropout module is not nn.Dropout or nn.Identity"
+DTYPE = "unsupported dtype (adapter weights and compute dtype must be fp16, bf16 or fp32)"
+NO_STATE = "missing quant_state"
+BAD_STATE = "inconsistent quant_state"
+CPU_PACKED = "weight repacked by bitsandbytes for its CPU inference kernel"
+WRAPPED = "forward already replaced on the instance (e.g. an accelerate hook)"
+# call-time only: the patched forward hands these calls to PEFT
+MIXED_BATCH = "mixed-batch adapter_names"
+EXTRA_ARGS = "extra forward arguments"
+REASONS = (DISABLED, MERGED, NO_ACTIVE, SEVERAL, VARIANT, DROPOUT, DTYPE, NO_STATE, BAD_STATE,
+           CPU_PACKED, WRAPPED, MIXED_BATCH, EXTRA_ARGS)
+
+
+@dataclass
+class PatchReport:
+    """What `patch` did: `patched` layers run fused; `skipped` maps a reason (REASONS) to the
+    names (as in model.named_modules()) of the LoRA 4-bit layers that keep PEFT's forward."""
+    patched: int = 0
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"fastlora.patch: {self.patched} layer(s) fused"]
+        lines += [f"  skipped {len(names)} ({reason}): {', '.join(names)}"
+                  for reason, names in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _serving_plan(layer) -> tuple:
+    """(adapter, None) when the fused path can serve `layer` now, else (None, reason).
+    Cheap enough to run at every call."""
+    if layer.disable_adapters:
+        return None, DISABLED
+    if layer.merged:
+        return None, MERGED
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if not active:
+        return None, NO_ACTIVE
+    if len(active) > 1:
+        return None, SEVERAL
+    adapter = active[0]
+    # recent PEFT lists variants in lora_variant; older releases flag DoRA in use_dora only
+    if adapter in getattr(layer, "lora_variant", ()) or getattr(layer, "use_dora", {}).get(adapter):
+        return None, VARIANT
+    if not isinstance(layer.lora_dropout[adapter], (nn.Dropout, nn.Identity)):
+        return None, DROPOUT
+    base = layer.get_base_layer()
+    if layer.lora_A[adapter].weight.dtype not in ACTIVATION_DTYPES \
+            or layer.lora_B[adapter].weight.dtype not in ACTIVATION_DTYPES \
+            or base.compute_dtype not in (None,) + ACTIVATION_DTYPES:
+        return None, DTYPE
+    state = bnb_quant_state(base)
+    if state is None:
+        return None, NO_STATE
+    if getattr(state, "packing_format_for_cpu", False):
+        return None, CPU_PACKED
+    return adapter, None
+
+
+def _patch_reason(layer):
+    """Why `patch` leaves `layer` alone, or None: the call-time plan plus one-off checks."""
+    if "forward" in layer.__dict__ and not _is_patched(layer):
+        return WRAPPED
+    _, reason = _serving_plan(layer)
+    if reason is not None:
+        return reason
+    base = layer.get_base_layer()
+    state = bnb_quant_state(base)
+    try:
+        QuantState.from_bnb(state).validate(base.weight.data)
+    except (TypeError, ValueError):
+        return BAD_STATE
+    if tuple(state.shape) != (base.out_features, base.in_features):
+        return BAD_STATE
+    return None
+
+
+_fallbacks_logged: set = set()
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The forward `patch` installs on a PEFT lora.Linear4bit (bound to it)."""
+    adapter, reason = _serving_plan(self)
+    if reason is None and kwargs.get("adapter_names") is not None:
+        reason = MIXED_BATCH
+    if reason is None and (args or any(v is not None for v in kwargs.values())):
+        reason = EXTRA_ARGS
+    if reason is not None:
+        if reason not in _fallbacks_logged:
+            _fallbacks_logged.add(reason)
+            logger.info("fastlora: a patched layer runs PEFT's forward for this call (%s); "
+                        "logged once per reason", reason)
+        return type(self).forward(self, x, *args, **kwargs)
+    return fused_lora_forward(x, self.get_base_layer(), self.lora_A[adapter],
+                              self.lora_B[adapter], self.scaling[adapter],
+                              self.lora_dropout[adapter])
+
+
+def _is_patched(module: nn.Module) -> bool:
+    return getattr(module.__dict__.get("forward"), "__func__", None) is _fused_forward
+
+
+def _lora_4bit_class():
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:  # PEFT without bitsandbytes support: no such layer can exist
+        return None
+    return Linear4bit
+
+
+def patch(model: nn.Module) -> PatchReport:
+    """Send every servable PEFT LoRA layer over a bitsandbytes 4-bit base in `model` through
+    the fused op (fastlora.lora_linear_4bit); returns a PatchReport.
+
+    Idempotent: patching again re-examines every layer (a patched layer that can no longer be
+    served, e.g. merged since, gets PEFT's forward back and is reported). Nothing is copied or
+    re-registered; a model without such layers gives a report with zero patched."""
+    report = PatchReport()
+    lora_4bit = _lora_4bit_class()
+    found = 0
+    for name, module in model.named_modules():
+        if lora_4bit is None or not isinstance(module, lora_4bit):
+            continue
+        found += 1
+        reason = _patch_reason(module)
+        if reason is None:
+            if not _is_patched(module):
+                module.forward = types.MethodType(_fused_forward, module)
+            report.patched += 1
+        else:
+            if _is_patched(module):
+                del module.forward
+            report.skipped.setdefault(reason, []).append(name)
+    if not found:
+        logger.warning("fastlora.patch: no PEFT LoRA layer over a bitsandbytes 4-bit base in "
+                       "this %s; nothing patched", type(model).__name__)
+        return report
+    logger.info("fastlora.patch: %d of %d LoRA 4-bit layers fused", report.patched, found)
+    for reason, names in report.skipped.items():
+        logger.warning("fastlora.patch: %d layer(s) keep PEFT's forward: %s (first: %s)",
+                       len(names), reason, names[0])
+    return report
+
+
+def unpatch(model: nn.Module) -> int:
+    """Give every patched layer in `model` its original forward back; returns how many.
+    A no-op (returning 0) on a model that is not patched."""
+    restored = 0
+    for module in model.modules():
+        if _is_patched(module):
+            del module.forward
+            restored += 1
+    if restored:
+        logger.info("fastlora.unpatch: %d layer(s) restored", restored)
+    return restored

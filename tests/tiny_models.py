@@ -1,0 +1,119 @@
+"""A tiny Llama QLoRA model for tests and demos, built in-process (no downloads).
+
+    save_tiny_llama(path)                   random bf16 Llama (hidden 64, 2 layers), saved to path
+    load_4bit(path, quant_type=..., ...)    loaded by transformers with BitsAndBytesConfig, on CPU
+    add_lora(model, ...)                    wrapped by PEFT LoRA on all seven projections, with
+                                            random non-zero lora_B so the LoRA path counts
+    float64_twin(path, peft_model)          its float64 truth: same dequantised weights, adapters
+    token_batch(batch, seq)                 (input_ids, labels) for a causal-LM step
+
+Sizes are multiples of 64 so that quantisation blocks never straddle rows (bitsandbytes 0.50's
+CPU library mis-scales those, see tests/test_format.py) and the interpreter stays fast.
+Models and batches go to DEVICE (the GPU when there is one, so the compiled kernels run there)
+unless a `device` is given.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VOCAB = 256
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def save_tiny_llama(path, seed: int = 0) -> str:
+    """A random Llama (hidden 64, intermediate 128, 2 layers, 4 heads, vocab 256) saved to `path`
+    in bf16, so loading it in bf16, fp16 or fp32 quantises the very same values."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB,
+                         max_position_embeddings=128)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(path))
+    return str(path)
+
+
+def load_4bit(path, quant_type: str = "nf4", double_quant: bool = True,
+              compute_dtype: torch.dtype = torch.bfloat16,
+              quant_storage: torch.dtype = torch.uint8, dtype: torch.dtype | None = None,
+              device: str = DEVICE):
+    """The saved model loaded in 4 bits on `device`; `dtype` (default: compute_dtype) is the
+    dtype of the unquantised parts (embeddings, norms, lm_head).
+
+    bitsandbytes' CPU inference repack (on CPUs with AVX512-BF16 it rewrites a weight into its
+    own layout at the first eval forward without grad) is switched off, so that patched and
+    unpatched runs read the same bytes; fastlora.patch skips repacked layers (test_patch.py)."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                bnb_4bit_use_double_quant=double_quant,
+                                bnb_4bit_compute_dtype=compute_dtype,
+                                bnb_4bit_quant_storage=quant_storage)
+    model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=config,
+                                                 device_map=device, dtype=dtype or compute_dtype)
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def add_lora(model, r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
+             seed: int = 0, **config_kwargs):
+    """`model` wrapped by PEFT LoRA on TARGETS; lora_B drawn N(0, 0.05^2) from `seed` (PEFT
+    starts it at zero, which would hide the LoRA path and A's gradient). Extra keyword
+    arguments go to LoraConfig (use_dora=True, lora_bias=True, ...)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                        target_modules=list(TARGETS), **config_kwargs)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config)
+    randomize_lora_B(peft_model, seed)
+    return peft_model
+
+
+def randomize_lora_B(peft_model, seed: int = 0) -> None:
+    """Every lora_B weight (of every adapter) drawn N(0, 0.05^2), deterministically."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.05)
+
+
+def float64_twin(path, peft_model):
+    """The model of `peft_model` in float64, the truth a bf16/fp16/fp32 run is measured against
+    (fastlora.numerics): the saved model loaded dense in float64, each 4-bit layer's weight
+    replaced by its exact dequantised values (bitsandbytes' decoder in float32, exact in
+    float64), and the same adapter values under a PEFT LoRA of the same config. bitsandbytes'
+    own 4-bit forward cannot be the truth: with float64 inputs it returns wrong values."""
+    import bitsandbytes.functional as bnbF
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from peft.tuners.lora.bnb import Linear4bit
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float64)
+    prefix = "base_model.model."
+    with torch.no_grad():
+        for name, layer in peft_model.named_modules():
+            if isinstance(layer, Linear4bit):
+                base = layer.get_base_layer()
+                state = copy.copy(base.weight.quant_state)
+                state.dtype = torch.float32
+                weight = bnbF.dequantize_4bit(base.weight.data, state)
+                dense.get_submodule(name[len(prefix):]).weight.copy_(weight.double())
+    twin = get_peft_model(dense, copy.deepcopy(peft_model.peft_config["default"]))
+    set_peft_model_state_dict(twin, get_peft_model_state_dict(peft_model))
+    return twin.double().to(peft_model.device)
+
+
+def token_batch(batch: int = 2, seq: int = 16, seed: int = 0, device: str = DEVICE):
+    """(input_ids, labels) [batch, seq] of random tokens; labels = input_ids (HF shifts them)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=g).to(device)
+    return ids, ids.clone()
