@@ -348,19 +348,13 @@ _KEYS = {"dx": ["m_bucket", "N", "K", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "DO
                 "DOT_PRECISION"]}
 KERNELS = {"dx": _nf4_lora_bwd_dx_kernel, "du_db": _lora_bwd_du_db_kernel,
            "da": _lora_bwd_da_kernel}
-_tuned: dict = {}
-
-
-def autotuned(kernel: str, arch: str, fp32: bool):
-    """The autotuned launcher of `kernel` over CONFIGS[kernel][arch, fp32] (built on first
-    use). du_db adds into its workspace, but after a plain store on its first row block, so
-    re-running it while configs are timed leaves the same result."""
-    key = (kernel, arch, fp32)
-    if key not in _tuned:
-        _tuned[key] = triton.autotune(configs=CONFIGS[kernel][arch, fp32], key=_KEYS[kernel],
-                                      prune_configs_by={"early_config_prune": _early_prune}
-                                      )(KERNELS[kernel])
-    return _tuned[key]
+def build_autotuner(kernel: str, arch: str, fp32: bool):
+    """A triton.autotune launcher of `kernel` over CONFIGS[kernel][arch, fp32] (the launcher
+    caches one per key). du_db adds into its workspace, but after a plain store on its first
+    row block, so re-running it while configs are timed leaves the same result."""
+    return triton.autotune(configs=CONFIGS[kernel][arch, fp32], key=_KEYS[kernel],
+                           prune_configs_by={"early_config_prune": _early_prune}
+                           )(KERNELS[kernel])
 
 
 # ----------------------------------------------------------------------------- compile specs

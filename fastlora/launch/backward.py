@@ -21,7 +21,8 @@ import triton
 from ..ops import ACTIVATION_DTYPES, check_inputs
 from ..quant import QuantState
 from ..reference import dropout_threshold
-from .common import LAUNCH_OPTIONS, arch, dot_precision, num_sms, prepare, weight_args
+from .common import (LAUNCH_OPTIONS, arch, cached_autotuner, dot_precision, kernel_entry, num_sms,
+                     weight_args)
 
 __all__ = ["lora_backward", "KERNELS"]
 
@@ -82,7 +83,9 @@ class _Configs:
                 *args, **consts, **cfg.kwargs, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages, **options)
         else:
-            self.kernels.autotuned(name, *self.tuned)[grid](*args, **consts, **options)
+            tuner = cached_autotuner(("backward", name, *self.tuned),
+                                     lambda: self.kernels.build_autotuner(name, *self.tuned))
+            tuner[grid](*args, **consts, **options)
 
 
 def _check(dy, x, u, lora_A, lora_B, need_dB):
@@ -111,6 +114,7 @@ def _check(dy, x, u, lora_A, lora_B, need_dB):
                              f"forward), got {tuple(u.shape)} {u.dtype} on {u.device}")
 
 
+@kernel_entry
 def lora_backward(dy: torch.Tensor, x: torch.Tensor, u: Optional[torch.Tensor],
                   packed: torch.Tensor, state: QuantState, lora_A: torch.Tensor,
                   lora_B: torch.Tensor, scaling: float, p: float, seed: int, need_dx: bool,
@@ -135,7 +139,6 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, u: Optional[torch.Tensor],
         return (x.new_empty(m, k) if need_dx else None,
                 torch.zeros_like(lora_A) if need_dA else None,
                 torch.zeros_like(lora_B) if need_dB else None)
-    prepare()
     cfgs = _Configs(x, config)
     width = _parallelism(x.device)
     precision = dot_precision(x.dtype)

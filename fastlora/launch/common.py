@@ -1,6 +1,10 @@
-"""Shared launcher plumbing: QuantState -> kernel arguments, interpreter setup."""
+"""Shared launcher plumbing: QuantState -> kernel arguments, interpreter setup, device facts,
+the autotuner cache."""
 
 from __future__ import annotations
+
+import functools
+import threading
 
 import torch
 
@@ -8,11 +12,23 @@ from .. import backend, interpreter
 from ..quant import QuantState, code_table, packed_bytes
 
 
-def prepare() -> None:
-    """Call before launching any kernel: installs the interpreter correction when it applies
-    (a no-op on a GPU)."""
-    if backend.interpreter_active():
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def kernel_entry(launcher):
+    """Decorator of every launcher: installs the interpreter correction when it applies and,
+    while kernels run in Triton's CPU interpreter, runs one launcher at a time. The interpreter
+    rebinds triton.language functions while it runs a kernel, so two threads interpreting at
+    once break each other (measured: "... must be provided outside of JIT functions").
+    Compiled GPU launches are unaffected."""
+    @functools.wraps(launcher)
+    def guarded(*args, **kwargs):
+        if not backend.interpreter_active():
+            return launcher(*args, **kwargs)
         interpreter.apply()
+        with _INTERPRETER_LOCK:
+            return launcher(*args, **kwargs)
+    return guarded
 
 
 def weight_args(packed: torch.Tensor, state: QuantState) -> tuple:
@@ -45,3 +61,17 @@ def arch(device: torch.device) -> str:
 
 def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_TUNERS: dict = {}
+_TUNERS_LOCK = threading.Lock()
+
+
+def cached_autotuner(key: tuple, build):
+    """The triton.autotune launcher for `key`, built by `build()` once per process even when
+    threads race to the first call (GPU only; the interpreter runs fixed configs)."""
+    with _TUNERS_LOCK:
+        tuner = _TUNERS.get(key)
+        if tuner is None:
+            tuner = _TUNERS[key] = build()
+    return tuner

@@ -6,15 +6,15 @@ import torch
 import triton
 
 from ..quant import QuantState
-from .common import LAUNCH_OPTIONS, prepare, weight_args
+from .common import LAUNCH_OPTIONS, kernel_entry, weight_args
 
 
+@kernel_entry
 def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState,
                            dtype: torch.dtype) -> torch.Tensor:
     """Kernel path of fastlora.dequantize_4bit (inputs already validated there)."""
     from csrc_triton import dequant
 
-    prepare()
     n = state.numel
     out = torch.empty(state.shape, dtype=dtype, device=packed.device)
     grid = (triton.cdiv(n, dequant.BLOCK),)

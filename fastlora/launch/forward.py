@@ -18,7 +18,8 @@ import triton
 from ..ops import ACTIVATION_DTYPES, check_inputs
 from ..reference import dropout_threshold
 from .. import backend
-from .common import LAUNCH_OPTIONS, arch, dot_precision, num_sms, prepare, weight_args
+from .common import (LAUNCH_OPTIONS, arch, cached_autotuner, dot_precision, kernel_entry, num_sms,
+                     weight_args)
 
 SMALL_M_MAX = 16
 PATHS = ("auto", "tiled", "small_m")
@@ -56,6 +57,7 @@ def _check_config(config: dict, keys: tuple, path: str) -> dict:
     return config
 
 
+@kernel_entry
 def lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, seed, *, config=None,
                  path="auto"):
     """(y, u) of the fused forward for 2-D x [M, K] (any strides) in fp16/bf16/fp32.
@@ -65,7 +67,6 @@ def lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, seed, *, co
     and u = dropout(x) @ A^T [M, r], both in x's dtype. `config`: None (automatic) or a dict
     of the chosen path's keys; `path`: 'auto', 'tiled' or 'small_m'."""
     check_forward_args(x, packed, state, lora_A, lora_B, scaling, bias, p, seed)
-    prepare()
     m, k = x.shape
     n, rank = lora_B.shape
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -165,32 +166,26 @@ def _launch_small_m(args, flags, m, n, k, rank, scaling, config):
 
 
 # ----------------------------------------------------------------------------- GPU autotuning
-# Built on first use per (path, arch, fp32[, K aligned]): nothing touches the device at import time.
-_AUTOTUNED: dict = {}
+# Built on first use per (path, arch, fp32, K aligned): nothing touches the device at import time.
 _TILED_KEY = ["M_BUCKET", "N", "K", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "HAS_BIAS",
               "BLOCK_R", "PRECISION"]
+_SMALL_M_KEY = ["N", "K", "k_per_split", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "HAS_BIAS",
+                "BLOCK_R", "PRECISION", "SPLIT"]
 
 
 def _autotuned_tiled(device: torch.device, fp32: bool, k_aligned: bool):
+    fwd = _forward_kernels()
     key = ("tiled", arch(device), fp32, k_aligned)
-    if key not in _AUTOTUNED:
-        fwd = _forward_kernels()
-        _AUTOTUNED[key] = triton.autotune(
-            configs=fwd.triton_configs(fwd.tiled_configs(key[1], fp32, k_aligned)),
-            key=_TILED_KEY,
-            prune_configs_by={"early_config_prune": fwd.prune_configs},
-        )(fwd._nf4_lora_fwd_kernel)
-    return _AUTOTUNED[key]
+    return cached_autotuner(key, lambda: triton.autotune(
+        configs=fwd.triton_configs(fwd.tiled_configs(key[1], fp32, k_aligned)),
+        key=_TILED_KEY, prune_configs_by={"early_config_prune": fwd.prune_configs},
+    )(fwd._nf4_lora_fwd_kernel))
 
 
 def _autotuned_small_m(device: torch.device, fp32: bool, k_aligned: bool):
+    sm = _small_m_kernels()
     key = ("small_m", arch(device), fp32, k_aligned)
-    if key not in _AUTOTUNED:
-        sm = _small_m_kernels()
-        _AUTOTUNED[key] = triton.autotune(
-            configs=_forward_kernels().triton_configs(sm.small_m_configs(fp32, k_aligned)),
-            key=["N", "K", "k_per_split", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "HAS_BIAS",
-                 "BLOCK_R", "PRECISION", "SPLIT"],
-            prune_configs_by={"early_config_prune": sm.prune_configs},
-        )(sm._nf4_lora_fwd_small_m_kernel)
-    return _AUTOTUNED[key]
+    return cached_autotuner(key, lambda: triton.autotune(
+        configs=_forward_kernels().triton_configs(sm.small_m_configs(fp32, k_aligned)),
+        key=_SMALL_M_KEY, prune_configs_by={"early_config_prune": sm.prune_configs},
+    )(sm._nf4_lora_fwd_small_m_kernel))
