@@ -147,6 +147,11 @@ def _lora_4bit_class():
     return Linear4bit
 
 
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def patch(model: nn.Module) -> PatchReport:
     """Send every servable PEFT LoRA layer over a bitsandbytes 4-bit base in `model` through
     the fused op (fastlora.lora_linear_4bit); returns a PatchReport.
@@ -154,6 +159,7 @@ def patch(model: nn.Module) -> PatchReport:
     Idempotent: patching again re-examines every layer (a patched layer that can no longer be
     served, e.g. merged since, gets PEFT's forward back and is reported). Nothing is copied or
     re-registered; a model without such layers gives a report with zero patched."""
+    _check_model(model)
     report = PatchReport()
     lora_4bit = _lora_4bit_class()
     found = 0
@@ -184,6 +190,7 @@ def patch(model: nn.Module) -> PatchReport:
 def unpatch(model: nn.Module) -> int:
     """Give every patched layer in `model` its original forward back; returns how many.
     A no-op (returning 0) on a model that is not patched."""
+    _check_model(model)
     restored = 0
     for module in model.modules():
         if _is_patched(module):
