@@ -81,14 +81,17 @@ def layer_bytes(mode: str, d: Dims) -> int:
 
 def _fastlora(d: Dims, s: dict) -> tuple[list[Step], list[Step]]:
     m, n, k, r = d.m, d.n, d.k, d.r
+    # fastlora/launch/forward.py: U first (_lora_u_kernel), then the fused pass
     fwd = [Step("U = x A^T", _mm(m, r, k), s["x"] + s["a"] + s["u"]),
            Step("y = x deq(W)^T + s U B^T + bias (fused)", _mm(m, n, k) + _mm(m, n, r),
                 s["x"] + s["w4"] + s["u"] + s["b"] + s["bias"] + s["y"])]
+    # fastlora/launch/backward.py's three kernels, in order (their small fp32 split-reduction
+    # partials for dU, dA, dB are left out: O((M + N + K) r) bytes)
     bwd = [Step("dU = s dy B, dB = s dy^T U", 2 * _mm(m, r, n),
                 s["y"] + s["b"] + s["u"] + s["u"] + s["b"]),
-           Step("dx = dy deq(W) + dU A (fused)", _mm(m, k, n) + _mm(m, k, r),
-                s["y"] + s["w4"] + s["u"] + s["a"] + s["x"]),
-           Step("dA = dU^T x", _mm(r, k, m), s["u"] + s["x"] + s["a"])]
+           Step("dA = dU^T x, dx = dU A", _mm(r, k, m) + _mm(m, k, r),
+                s["u"] + s["x"] + s["a"] + s["a"] + s["x"]),
+           Step("dx += dy deq(W)", _mm(m, k, n), s["y"] + s["w4"] + 2 * s["x"])]
     return fwd, bwd
 
 

@@ -40,10 +40,10 @@ def copies_needed(bytes_per_copy: int, l2_bytes: int) -> int:
 
 def make_inputs(m: int, k: int, n: int, dtype: torch.dtype, device, copies: int, seed: int = 0):
     """`copies` pairs (x [m, k] requiring grad, dy [m, n])."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    xs = [torch.randn(m, k, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    g = torch.Generator(device=device).manual_seed(seed)
+    xs = [torch.randn(m, k, generator=g, device=device, dtype=dtype).requires_grad_(True)
           for _ in range(copies)]
-    dys = [torch.randn(m, n, generator=g).to(device=device, dtype=dtype) for _ in range(copies)]
+    dys = [torch.randn(m, n, generator=g, device=device, dtype=dtype) for _ in range(copies)]
     return xs, dys
 
 

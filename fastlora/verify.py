@@ -1,0 +1,150 @@
+"""`fastlora verify`: the fused kernels against the float64 reference, on this machine.
+
+For each case of the matrix (every activation dtype and quant type this device supports, with
+and without double quantisation, bias and dropout spread over the cases) it runs the forward
+and backward of fastlora.lora_linear_4bit on the Triton kernels (compiled on a GPU, in Triton's
+interpreter on a CPU) and compares y, dx, dA, dB (and dbias) with the float64 reference, against
+the bound of fastlora.numerics: 2 x the plain-PyTorch error in the same dtype + 1 ulp.
+The cases come from fastlora.cases (weights quantised by bitsandbytes itself).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import backend
+from .bench import report
+from .cases import DEVICE, DTYPES, fused, make_case, reference_pair, run
+from .numerics import compare
+
+
+@dataclass(frozen=True)
+class VerifyCase:
+    m: int
+    n: int
+    k: int
+    rank: int
+    dtype: str
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    bias: bool = False
+    dropout_p: float = 0.0
+    lead: tuple = ()
+
+    @property
+    def label(self) -> str:
+        rows = "x".join(str(d) for d in (*self.lead, self.m))
+        parts = [f"{rows}x{self.n}x{self.k} r{self.rank}", self.quant_type,
+                 f"bs{self.blocksize}", "dq" if self.double_quant else "no-dq"]
+        parts += ["bias"] if self.bias else []
+        parts += [f"p={self.dropout_p}"] if self.dropout_p else []
+        return " ".join(parts)
+
+
+def supported_dtypes() -> list[str]:
+    """Activation dtypes this device runs: all three on a CPU (the interpreter) and on GPUs
+    with bf16 support (sm_80+); fp16 and fp32 on older GPUs."""
+    if DEVICE == "cuda" and not torch.cuda.is_bf16_supported():
+        return ["fp16", "fp32"]
+    return list(DTYPES)
+
+
+def matrix(full: bool = False) -> list[VerifyCase]:
+    """The default matrix (well under 2 minutes on a 2-core CPU): dtype x quant type x double
+    quant on one uneven shape (M=33; K=160, so quantisation blocks of 64 straddle rows), bias
+    on the cases without double quantisation and dropout 0.1 on the FP4 ones; plus per dtype a
+    decode call (M=1, the small-M kernel), leading batch dimensions, and block sizes 32 and
+    128. --full adds block sizes up to 4096, more M and ranks, and larger shapes."""
+    cases = [VerifyCase(33, 96, 160, 8, dt, qt, dq, bias=not dq,
+                        dropout_p=0.1 if qt == "fp4" else 0.0)
+             for dt, qt, dq in itertools.product(supported_dtypes(), ("nf4", "fp4"),
+                                                 (True, False))]
+    for dt in supported_dtypes():
+        cases += [VerifyCase(1, 192, 320, 16, dt, bias=True),
+                  VerifyCase(17, 96, 128, 8, dt, lead=(3,), dropout_p=0.1),
+                  VerifyCase(64, 128, 256, 16, dt, blocksize=32),
+                  VerifyCase(64, 128, 256, 16, dt, "fp4", False, blocksize=128)]
+        if full:
+            cases += [VerifyCase(64, 128, 256, 16, dt, blocksize=bs) for bs in (256, 1024, 4096)]
+            cases += [VerifyCase(m, 192, 320, 16, dt, bias=True) for m in (2, 7, 16, 300)]
+            cases += [VerifyCase(40, 160, 96, rk, dt, "fp4", dropout_p=0.2) for rk in (1, 64)]
+            cases += [VerifyCase(128, 320, 448, 32, dt, "fp4", False, bias=True),
+                      VerifyCase(256, 512, 512, 64, dt, dropout_p=0.05)]
+    return cases
+
+
+def check_case(vc: VerifyCase) -> list[dict]:
+    """Forward + backward of one case on the kernels; one row per compared output."""
+    dtype = DTYPES[vc.dtype]
+    case = make_case(vc.m, vc.n, vc.k, vc.rank, dtype, vc.quant_type, vc.blocksize,
+                     vc.double_quant, vc.bias, vc.dropout_p, lead=vc.lead)
+    g = torch.Generator().manual_seed(99)
+    grad_out = torch.randn(*vc.lead, vc.m, vc.n, generator=g).to(DEVICE)
+    truth, baseline = reference_pair(case, dtype, grad_out)
+    out = run(fused, case, dtype, grad_out)
+    rows = []
+    for name, value in out.items():
+        if value is None:
+            continue
+        c = compare(name, value, truth[name], baseline[name], dtype)
+        rows.append({"case": vc.label, "dtype": vc.dtype, "output": name,
+                     "max_err": c.max_err, "bound": c.bound,
+                     "ratio": c.max_err / c.bound if c.bound else float("inf"),
+                     "result": "ok" if c.ok else "FAIL", "detail": "" if c.ok else c.message()})
+    return rows
+
+
+COLUMNS = [("case", "case"), ("dtype", "dtype"), ("output", "output"), ("max_err", "max err"),
+           ("bound", "bound"), ("ratio", "err/bound"), ("result", "result")]
+
+
+def preflight() -> None:
+    """Select the kernels (they are what is verified); RuntimeError when they cannot run here
+    (no GPU and TRITON_INTERPRET unset)."""
+    os.environ["FASTLORA_BACKEND"] = "triton"
+    backend.use_triton(torch.empty(0, device=DEVICE))
+
+
+def verify(full: bool = False, out: str | None = None,
+           say: Callable[[str], None] = print) -> int:
+    """Run the matrix (after `preflight`); print the table; write verify.md / verify.csv
+    into `out` when given. Returns the exit code: 0 when every output is within its bound,
+    1 otherwise."""
+    from tqdm import tqdm
+
+    say(f"fastlora verify: {backend.describe(DEVICE)}")
+    cases = matrix(full)
+    rows, start = [], time.perf_counter()
+    for vc in tqdm(cases, desc="verify", unit="case"):
+        try:
+            rows += check_case(vc)
+        except Exception as exc:  # a crashing case is a failure with its reason, not a stop
+            rows.append({"case": vc.label, "dtype": vc.dtype, "output": "-",
+                         "max_err": float("nan"), "bound": float("nan"), "ratio": float("nan"),
+                         "result": "ERROR", "detail": f"{type(exc).__name__}: {exc}"})
+    failed = [r for r in rows if r["result"] != "ok"]
+    say(report.text_table(rows, COLUMNS))
+    for r in failed:
+        say(f"{r['result']} {r['case']} [{r['dtype']}]: {r['detail']}")
+    say(f"{len(rows) - len(failed)}/{len(rows)} outputs within bound over {len(cases)} cases "
+        f"in {time.perf_counter() - start:.0f} s"
+        + ("" if not failed else f"; {len(failed)} FAILED"))
+    if out is not None:
+        with open(os.path.join(out, "verify.md"), "w", encoding="utf-8") as fh:
+            fh.write(f"# fastlora verify\n\n{backend.describe(DEVICE)}. Bound: 2 x plain-PyTorch "
+                     "error + 1 ulp (fastlora.numerics).\n\n"
+                     + report.markdown_table(rows, COLUMNS + [("detail", "detail")]) + "\n")
+        report.append_csv(os.path.join(out, "verify.csv"),
+                          [{**report.environment(_device_name()), **r} for r in rows])
+    return 1 if failed else 0
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (Triton interpreter)"
