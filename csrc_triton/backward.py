@@ -45,7 +45,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import CompileSpec, decode_tile, dropout_keep
+from .common import CompileSpec, decode_tile, dropout_keep, grouped_tile
 
 MAX_R_PAD = 256  # the rank is padded to a power of two R_PAD in [16, 256]
 
@@ -149,13 +149,9 @@ def _nf4_lora_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_p
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_k = tl.cdiv(K, BLOCK_K)
-    # L2 grouping (Triton tutorial 03): GROUP_M row tiles sweep the K tiles together, so a
-    # column band of W is decoded for GROUP_M row tiles while it is still in L2.
-    group = GROUP_M * num_k
-    first_m = (pid // group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_rows
-    pid_k = (pid % group) // group_rows
+    # GROUP_M row tiles sweep the K tiles together: a column band of W is decoded for all of
+    # them while it is still in L2
+    pid_m, pid_k = grouped_tile(pid, num_m, num_k, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)

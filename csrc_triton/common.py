@@ -95,6 +95,17 @@ def decode_weight(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, co
 
 
 @triton.jit
+def grouped_tile(pid, num_m, num_other, GROUP_M: tl.constexpr):
+    """(row tile, other tile) of program `pid` in the L2-friendly order of Triton tutorial 03:
+    GROUP_M row tiles sweep the other dimension's tiles together, so the weight tiles they all
+    need are decoded while still in L2 (read from HBM once per group, not once per row tile)."""
+    per_group = GROUP_M * num_other
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+
+@triton.jit
 def dropout_keep(seed, offs_m, offs_k, K, threshold):
     """bool [BM, BK]: keep element (m, k) of a [*, K] activation. One Philox draw per element
     at offset m * K + k (int64), kept when the uint32 draw >= threshold; fastlora.reference

@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (CompileSpec, decode_tile, dropout_keep, load_x_tile, m_bucket,  # noqa: F401
+from .common import (CompileSpec, decode_tile, dropout_keep, grouped_tile, load_x_tile,
                      weight_signature)
 
 
@@ -127,13 +127,7 @@ def _nf4_lora_fwd_kernel(x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, 
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    # L2-friendly order (Triton tutorial 03): GROUP_M row tiles sweep the N tiles together, so
-    # the weight tiles they share are read from HBM once per group, not once per row tile.
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    pid_m, pid_n = grouped_tile(pid, num_m, num_n, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 

@@ -112,19 +112,21 @@ def _strides(x, u, lora_b, y):
 
 
 def _launch_tiled(args, flags, m, n, k, rank, scaling, config):
+    from csrc_triton.common import m_bucket
+
     fwd = _forward_kernels()
     x, u, lora_b, y = args[0], args[7], args[8], args[10]
     if config is None and not backend.interpreter_active():
         kernel, meta = _autotuned_tiled(x.device, x.dtype == torch.float32,
                                         flags["K_ALIGNED"]), {}
     else:
-        cfg = dict(_check_config(config, TILED_KEYS, "tiled") if config is not None
-                   else fwd.INTERPRETER_CONFIG)
         kernel = fwd._nf4_lora_fwd_kernel
-        meta = cfg
+        meta = dict(_check_config(config, TILED_KEYS, "tiled") if config is not None
+                    else fwd.INTERPRETER_CONFIG)
+
     def grid(meta_):
         return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)
-    kernel[grid](*args, m, n, k, rank, fwd.m_bucket(m), *_strides(x, u, lora_b, y), scaling,
+    kernel[grid](*args, m, n, k, rank, m_bucket(m), *_strides(x, u, lora_b, y), scaling,
                  **flags, **meta, **LAUNCH_OPTIONS)
 
 
