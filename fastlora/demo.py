@@ -177,13 +177,15 @@ def write_loss_curve(losses: list[float], path: str, title: str) -> None:
     for i in range(len(losses)):
         recent = losses[max(0, i - window + 1):i + 1]
         smooth.append(sum(recent) / len(recent))
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
-    ax.plot(steps, smooth, lw=1.6, label=f"mean of last {window}")
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    ax.plot(steps, losses, lw=0.8 if window > 1 else 1.6, alpha=0.5 if window > 1 else 1.0,
+            marker=None if window > 1 else ".", label="loss")
+    if window > 1:
+        ax.plot(steps, smooth, lw=1.6, label=f"mean of last {window}")
     ax.axhline(math.log(256), color="gray", ls="--", lw=0.8, label="uniform over 256 bytes")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / byte)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=8)
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
