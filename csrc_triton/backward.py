@@ -256,6 +256,13 @@ def _cfg(num_warps, num_stages, max_r_pad=MAX_R_PAD, **blocks):
 #   BLOCK_M is the large side (256 amortises the decode over 256 rows of dy); the decoded
 #   [BLOCK_N, BLOCK_K] tile is kept small (32-64 x 64) next to the accumulator.
 # - du_db reads dy once (memory-bound, 2*M*N bytes); da reads x once and draws the mask.
+# 16-bit activations: the same lists compile spill-free on sm_80 and sm_90.
+_DU_DB_16BIT = [_cfg(4, 3, 64, BLOCK_M=64, BLOCK_N=64), _cfg(8, 3, 64, BLOCK_M=64, BLOCK_N=128),
+                _cfg(4, 3, 64, BLOCK_M=32, BLOCK_N=64), _cfg(8, 2, BLOCK_M=32, BLOCK_N=32),
+                _cfg(4, 2, BLOCK_M=16, BLOCK_N=32)]
+_DA_16BIT = [_cfg(4, 3, 64, BLOCK_M=64, BLOCK_K=64), _cfg(8, 3, 64, BLOCK_M=64, BLOCK_K=128),
+             _cfg(4, 3, 64, BLOCK_M=32, BLOCK_K=64), _cfg(4, 2, BLOCK_M=16, BLOCK_K=64),
+             _cfg(4, 2, BLOCK_M=16, BLOCK_K=32)]
 CONFIGS = {
     "dx": {
         ("sm_90", False): [_cfg(8, 3, BLOCK_M=256, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
@@ -275,16 +282,8 @@ CONFIGS = {
                           _cfg(4, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8)],
     },
     "du_db": {
-        ("sm_90", False): [_cfg(4, 3, 64, BLOCK_M=64, BLOCK_N=64),
-                           _cfg(8, 3, 64, BLOCK_M=64, BLOCK_N=128),
-                           _cfg(4, 3, 64, BLOCK_M=32, BLOCK_N=64),
-                           _cfg(8, 2, BLOCK_M=32, BLOCK_N=32),
-                           _cfg(4, 2, BLOCK_M=16, BLOCK_N=32)],
-        ("sm_80", False): [_cfg(4, 3, 64, BLOCK_M=64, BLOCK_N=64),
-                           _cfg(8, 3, 64, BLOCK_M=64, BLOCK_N=128),
-                           _cfg(4, 3, 64, BLOCK_M=32, BLOCK_N=64),
-                           _cfg(8, 2, BLOCK_M=32, BLOCK_N=32),
-                           _cfg(4, 2, BLOCK_M=16, BLOCK_N=32)],
+        ("sm_90", False): _DU_DB_16BIT,
+        ("sm_80", False): _DU_DB_16BIT,
         ("sm_90", True): [_cfg(4, 3, 64, BLOCK_M=64, BLOCK_N=64),
                           _cfg(4, 3, 64, BLOCK_M=32, BLOCK_N=64),
                           _cfg(8, 2, BLOCK_M=32, BLOCK_N=32),
@@ -295,16 +294,8 @@ CONFIGS = {
                           _cfg(8, 2, BLOCK_M=16, BLOCK_N=16)],
     },
     "da": {
-        ("sm_90", False): [_cfg(4, 3, 64, BLOCK_M=64, BLOCK_K=64),
-                           _cfg(8, 3, 64, BLOCK_M=64, BLOCK_K=128),
-                           _cfg(4, 3, 64, BLOCK_M=32, BLOCK_K=64),
-                           _cfg(4, 2, BLOCK_M=16, BLOCK_K=64),
-                           _cfg(4, 2, BLOCK_M=16, BLOCK_K=32)],
-        ("sm_80", False): [_cfg(4, 3, 64, BLOCK_M=64, BLOCK_K=64),
-                           _cfg(8, 3, 64, BLOCK_M=64, BLOCK_K=128),
-                           _cfg(4, 3, 64, BLOCK_M=32, BLOCK_K=64),
-                           _cfg(4, 2, BLOCK_M=16, BLOCK_K=64),
-                           _cfg(4, 2, BLOCK_M=16, BLOCK_K=32)],
+        ("sm_90", False): _DA_16BIT,
+        ("sm_80", False): _DA_16BIT,
         ("sm_90", True): [_cfg(4, 3, 64, BLOCK_M=64, BLOCK_K=64),
                           _cfg(4, 3, 64, BLOCK_M=32, BLOCK_K=64),
                           _cfg(4, 2, 64, BLOCK_M=16, BLOCK_K=64),

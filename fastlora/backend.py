@@ -34,7 +34,7 @@ def interpreter_active() -> bool:
 
 def triton_available() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401 (only checks that it imports)
     except ImportError:  # pragma: no cover - triton is a dependency
         return False
     return True
