@@ -137,6 +137,14 @@ def _compile_report(args) -> int:
             if name not in known:
                 raise UsageError(f"unknown kernel {name!r}: shipped kernels are "
                                  f"{', '.join(known)}")
+    if args.json:
+        import json
+
+        from .compilecheck import compile_report, problems
+
+        rows = compile_report(archs, kernels)
+        print(json.dumps(rows, indent=1))
+        return 1 if problems(rows) else 0
     out = _output_dir(args.out) if args.out else None
     return 1 if write_compile_report(out, archs=archs, kernels=kernels) else 0
 
@@ -200,6 +208,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="only these kernels (comma-separated names, e.g. "
                         "_dequant_4bit_kernel); default: all")
     report.add_argument("--out", default=None, help="also write compile_report.md here")
+    report.add_argument("--json", action="store_true",
+                        help="print the rows as JSON (one object per kernel x config x arch)")
     report.set_defaults(run=_compile_report, kernels=False)
     return parser
 

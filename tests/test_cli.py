@@ -49,6 +49,18 @@ def test_compile_report(tmp_path):
     assert "no spills" in done.stdout
 
 
+def test_compile_report_json():
+    import json
+
+    done = fastlora("compile-report", "--kernels", "_dequant_4bit_kernel", "--archs", "sm_90",
+                    "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout)
+    assert rows and {row["arch"] for row in rows} == {"sm_90"}
+    assert all(row["kernel"] == "_dequant_4bit_kernel" and row["stack_bytes"] == 0
+               for row in rows)
+
+
 def test_verify(tmp_path):
     done = fastlora("verify", "--out", str(tmp_path))
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]

@@ -362,13 +362,15 @@ def run_modelled(opts: Options) -> None:
 def write_compile_report(out: str | None, say: Callable[[str], None] = print,
                          archs=("sm_80", "sm_90"), kernels=None) -> list[str]:
     """Print fastlora.compile_report(archs, kernels) (and write compile_report.md into `out`
-    when given); returns its problems (spills, tl.dot without tensor-core instructions)."""
+    when given); returns its problems (spills, tl.dot without tensor-core instructions,
+    32-bit-only addressing of a large tensor)."""
     from ..compilecheck import compile_report, format_table, problems
 
     rows = compile_report(archs, kernels)
     found = problems(rows)
     text = format_table(rows)
-    summary = ("no spills; tensor-core instructions wherever tl.dot is used" if not found
+    summary = ("no spills; tensor-core instructions wherever tl.dot is used; 64-bit addressing "
+               "of every tensor that can pass 2^31 elements" if not found
                else "PROBLEMS:\n" + "\n".join(found))
     say(f"\n== compile report ({', '.join(archs)}, compiled on this machine) ==\n"
         f"{text}\n{summary}")
