@@ -236,8 +236,8 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
         from . import reference
 
         with torch.autocast(x.device.type, enabled=False):
-            return reference.lora_linear_4bit(x, packed, state, lora_A, lora_B, scaling, bias,
-                                              dropout_p, training, seed)
+            return reference.run_checked(x, packed, state, lora_A, lora_B, scaling, bias, p,
+                                         seed)
     seed = resolve_seed(seed, p)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
