@@ -36,7 +36,8 @@ torch.backends.cuda.matmul.allow_tf32). Row offsets are int64: M * stride passes
 M * K > 2^31 (512k tokens x 4096).
 
 Configs: CONFIGS[kernel][arch, fp32] is what the GPU autotunes over (pruned by
-`prune_configs`), INTERPRETER_CONFIGS the one fixed config of Triton's CPU interpreter,
+`prune_configs`), IEEE_CONFIGS[kernel][arch] instead for fp32 at DOT_PRECISION "ieee"
+(`config_list` picks), INTERPRETER_CONFIGS the one fixed config of Triton's CPU interpreter,
 COMPILE_SPECS every shipped config x arch for fastlora.compile_report().
 """
 
@@ -88,7 +89,9 @@ def _lora_bwd_du_db_kernel(dy_ptr, u_ptr, b_ptr, ws_du_ptr, ws_db_ptr,
         for n0 in range(col_start, col_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < col_end
-            dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+            # int64 columns: a column-major dy has stride_dyn = M, and n * M can pass 2^31
+            dy = tl.load(dy_ptr + rows[:, None] * stride_dym
+                         + offs_n.to(tl.int64)[None, :] * stride_dyn,
                          mask=m_mask[:, None] & n_mask[None, :], other=0.0)
             if COMPUTE_DU:
                 b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
@@ -166,7 +169,8 @@ def _nf4_lora_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_p
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        dy_t = tl.load(dy_ptr + offs_n[:, None] * stride_dyn + rows[None, :] * stride_dym,
+        dy_t = tl.load(dy_ptr + offs_n.to(tl.int64)[:, None] * stride_dyn
+                       + rows[None, :] * stride_dym,
                        mask=n_mask[:, None] & m_mask[None, :], other=0.0)
         w = decode_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
                         offs_n, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, DOUBLE_QUANT, K_ALIGNED)
@@ -205,6 +209,7 @@ def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, dx_ptr, M, K, R, seed, thr
     offs_r = tl.arange(0, R_PAD)
     k_mask = offs_k < K
     r_mask = offs_r < R
+    cols = offs_k.to(tl.int64)  # a column-major x has stride_xk = M: k * M can pass 2^31
     if WRITE_DX:
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=r_mask[:, None] & k_mask[None, :], other=0.0)
@@ -219,7 +224,7 @@ def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, dx_ptr, M, K, R, seed, thr
         if HAS_DROPOUT:
             keep = dropout_keep(seed, offs_m, offs_k, K, threshold)
         if COMPUTE_DA:
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                         mask=tile_mask, other=0.0)
             if HAS_DROPOUT:
                 x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(act)
@@ -228,7 +233,7 @@ def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, dx_ptr, M, K, R, seed, thr
             lora = tl.dot(du, a, input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
                 lora = tl.where(keep, lora * keep_scale, 0.0)
-            tl.store(dx_ptr + rows[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+            tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
                      lora.to(act), mask=tile_mask)
     if COMPUTE_DA:
         ws = ws_ptr + (pid_s.to(tl.int64) * R + offs_r[None, :]) * K + offs_k[:, None]
@@ -273,7 +278,9 @@ CONFIGS = {
         ("sm_80", False): [_cfg(8, 3, BLOCK_M=256, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
                            _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
                            _cfg(4, 3, BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
-                           _cfg(4, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)],
+                           # 3 stages, not 2: at blocksize 32 (2 absmax sub-blocks per row)
+                           # the 2-stage build spills 8 B on sm_80; 3 stages: 168 regs, none
+                           _cfg(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)],
         ("sm_90", True): [_cfg(8, 3, BLOCK_M=256, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
                           _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
                           _cfg(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)],
@@ -306,6 +313,53 @@ CONFIGS = {
     },
 }
 
+# fp32 activations at full precision (DOT_PRECISION "ieee", torch's default allow_tf32=False):
+# tl.dot runs on the FMA units (no fp32 x fp32 tensor-core instruction), and Triton's FMA dot
+# holds each thread's rows of one operand and columns of the other over the whole dot K in
+# registers, so the fp32 lists above spill there (dx [arch, True][0]: 64 B on sm_90, 6200 B
+# on sm_80). IEEE_CONFIGS[kernel][arch], all spill-free (fp32 registers, dx: K aligned /
+# not; du_db and da at their max R_PAD: sm_80 / sm_90):
+# - dx: the dot's K is BLOCK_N, kept at 16-32 (or BLOCK_K 32). sm_90 256x16x64 w8 208 / 220,
+#   256x32x32 w8 164 / 166, 128x64x64 w8 209 / 222, 64x32x64 w4 218 / 222; sm_80 256x16x64 w8
+#   198 / 201, 128x32x32 w8 94 / 98, 64x32x64 w8 116 / 106, 32x16x64 w4 96 / 106. Dropped:
+#   sm_90 32x64x64 w4 (176 B K unaligned), 64x64x64 w4 (256 B), 32x32x64 w4 (8 B); sm_80
+#   128x32x64 w8 (136 B), 64x32x64 w4 (144 B), 256x32x32 w8 (184 B), 64x64x32 w4 (3792 B).
+# - du_db / da: one stage where R_PAD is large (at R_PAD 256 every 2-stage candidate tried on
+#   sm_90, 16-64 rows x 16-64 columns at 4-16 warps, spilled 144 B to 10 KB; one stage did
+#   not): du_db 64x64 w4 s1 (r 16) 128 / 102, 32x32 w8 (r 64) 122 / 98, 16x32 w8 (r 64)
+#   156 / 128, 16x16 w8 s1 (r 256) 172 / 186; da 64x64 w4 s1 (r 16) 198 / 185,
+#   32x64 w8 s1 (r 64) 102 / 100, 16x64 w8 s1 (r 64) 80 / 90, 16x32 w8 s1 (r 256) 110 / 102.
+#   Dropped: du_db 16x16 w8 s2 at r 256 (144 B on sm_90), 32x64 w8 s2 at r 64 (2184 B),
+#   64x64 w4 s3 at r 16 (176 B); da 16x32 w4 s2 at r 256 (6264 B), 16x16 w8 s2 at r 256
+#   (208 B), 32x64 w8 s2 at r 64 (2664 B), 64x64 w4 s3 at r 16 (232 B).
+_DU_DB_IEEE = [_cfg(4, 1, 16, BLOCK_M=64, BLOCK_N=64), _cfg(8, 2, 64, BLOCK_M=32, BLOCK_N=32),
+               _cfg(8, 2, 64, BLOCK_M=16, BLOCK_N=32), _cfg(8, 1, BLOCK_M=16, BLOCK_N=16)]
+_DA_IEEE = [_cfg(4, 1, 16, BLOCK_M=64, BLOCK_K=64), _cfg(8, 1, 64, BLOCK_M=32, BLOCK_K=64),
+            _cfg(8, 1, 64, BLOCK_M=16, BLOCK_K=64), _cfg(8, 1, BLOCK_M=16, BLOCK_K=32)]
+IEEE_CONFIGS = {
+    "dx": {
+        "sm_90": [_cfg(8, 3, BLOCK_M=256, BLOCK_N=16, BLOCK_K=64, GROUP_M=8),
+                  _cfg(8, 3, BLOCK_M=256, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
+                  _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+                  _cfg(4, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8)],
+        "sm_80": [_cfg(8, 3, BLOCK_M=256, BLOCK_N=16, BLOCK_K=64, GROUP_M=8),
+                  _cfg(8, 3, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
+                  _cfg(8, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
+                  _cfg(4, 3, BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, GROUP_M=8)],
+    },
+    "du_db": {"sm_90": _DU_DB_IEEE, "sm_80": _DU_DB_IEEE},
+    "da": {"sm_90": _DA_IEEE, "sm_80": _DA_IEEE},
+}
+
+
+def config_list(kernel: str, arch: str, fp32: bool, precision: str) -> list:
+    """What the GPU autotunes `kernel` over: IEEE_CONFIGS[kernel][arch] for fp32 activations at
+    precision 'ieee' (fastlora.launch.common.dot_precision), else CONFIGS[kernel][arch, fp32]."""
+    if fp32 and precision == "ieee":
+        return IEEE_CONFIGS[kernel][arch]
+    return CONFIGS[kernel][arch, fp32]
+
+
 # The interpreter runs one fixed small config (the autotuner would time every config there).
 INTERPRETER_CONFIGS = {
     "dx": _cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=4),
@@ -335,12 +389,21 @@ _KEYS = {"dx": ["m_bucket", "N", "K", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "DO
                 "DOT_PRECISION"]}
 KERNELS = {"dx": _nf4_lora_bwd_dx_kernel, "du_db": _lora_bwd_du_db_kernel,
            "da": _lora_bwd_da_kernel}
-def build_autotuner(kernel: str, arch: str, fp32: bool):
-    """A triton.autotune launcher of `kernel` over CONFIGS[kernel][arch, fp32] (the launcher
-    caches one per key). du_db adds into its workspace, but after a plain store on its first
-    row block, so re-running it while configs are timed leaves the same result."""
-    return triton.autotune(configs=CONFIGS[kernel][arch, fp32], key=_KEYS[kernel],
-                           prune_configs_by={"early_config_prune": _early_prune}
+# Arguments a kernel reads as well as writes, which the autotuner must restore after each
+# timed run: dx enters _nf4_lora_bwd_dx_kernel holding the LoRA term and leaves holding
+# dx = LoRA term + dy @ deq(W); timing configs without a restore would add dy @ deq(W) once
+# per timed run. du_db adds into its workspace too, but after a plain store on its first row
+# block, so re-running it leaves the same result; da only stores.
+RESTORE_VALUE = {"dx": ["dx_ptr"], "du_db": [], "da": []}
+
+
+def build_autotuner(kernel: str, arch: str, fp32: bool, precision: str):
+    """A triton.autotune launcher of `kernel` over config_list(kernel, arch, fp32, precision)
+    (the launcher caches one per key), restoring RESTORE_VALUE[kernel] between timed runs."""
+    return triton.autotune(configs=config_list(kernel, arch, fp32, precision),
+                           key=_KEYS[kernel],
+                           prune_configs_by={"early_config_prune": _early_prune},
+                           restore_value=RESTORE_VALUE[kernel] or None
                            )(KERNELS[kernel])
 
 
@@ -359,43 +422,48 @@ ALIGNED_ARGS = ("dy_ptr", "packed_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr"
                 "rows_per_split", "cols_per_group", "m_bucket")
 
 
-def _spec(kernel, cfg, arch, act, r_pad, sig, flags, label, options=None):
+def _spec(kernel, cfg, arch, act, r_pad, sig, flags, label, options=None, precision=None):
+    """precision: DOT_PRECISION; None: tf32 for fp32 (16-bit operands ignore it)."""
     fn = KERNELS[kernel]
     units = UNIT_STRIDES[kernel]
     sig = {name: t for name, t in sig.items() if name not in units}
-    consts = {**flags, "DOT_PRECISION": "tf32" if act == "fp32" else "ieee", **cfg.kwargs,
+    precision = precision or ("tf32" if act == "fp32" else "ieee")
+    fma = act == "fp32" and precision == "ieee"
+    consts = {**flags, "DOT_PRECISION": precision, **cfg.kwargs,
               **units, **({"R_PAD": r_pad} if r_pad else {})}
     return CompileSpec(kernel=fn.__name__, fn=fn, signature=sig, constexprs=consts,
                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, archs=(arch,),
-                       label=label, options=options or {}, aligned=ALIGNED_ARGS)
+                       label=f"{label}{' ieee' * fma}", options=options or {},
+                       aligned=ALIGNED_ARGS, fma_dot=fma)
 
 
 def _ints(*names):
     return {name: "i32" for name in names}
 
 
-def _dx_spec(cfg, arch, act, k_aligned):
+def _dx_spec(cfg, arch, act, k_aligned, precision=None, qblock=64):
     sig = {"dy_ptr": f"*{act}", "packed_ptr": "*u8", "absmax_ptr": "*u8",
            "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "offset_ptr": "*fp32",
            "code_ptr": "*fp32", "dx_ptr": f"*{act}",
            **_ints("M", "N", "K", "m_bucket", "stride_dym", "stride_dyn", "stride_dxm",
                    "stride_dxk")}
-    flags = {"QBLOCK": 64, "DOUBLE_QUANT": True, "K_ALIGNED": k_aligned}
-    return _spec("dx", cfg, arch, act, None, sig, flags, f"{act} k_aligned={int(k_aligned)}",
-                 {"enable_fp_fusion": False})
+    flags = {"QBLOCK": qblock, "DOUBLE_QUANT": True, "K_ALIGNED": k_aligned}
+    label = f"{act} k_aligned={int(k_aligned)}{f' bs{qblock}' if qblock != 64 else ''}"
+    return _spec("dx", cfg, arch, act, None, sig, flags, label, {"enable_fp_fusion": False},
+                 precision)
 
 
-def _du_db_spec(cfg, arch, act):
+def _du_db_spec(cfg, arch, act, precision=None):
     sig = {"dy_ptr": f"*{act}", "u_ptr": f"*{act}", "b_ptr": f"*{act}", "ws_du_ptr": "*fp32",
            "ws_db_ptr": "*fp32",
            **_ints("M", "N", "R", "rows_per_split", "cols_per_group", "m_bucket", "stride_dym",
                    "stride_dyn", "stride_um", "stride_ur", "stride_bn", "stride_br")}
     flags = {"COMPUTE_DU": True, "COMPUTE_DB": True}
     return _spec("du_db", cfg, arch, act, cfg.max_r_pad, sig, flags,
-                 f"{act} R_PAD={cfg.max_r_pad}")
+                 f"{act} R_PAD={cfg.max_r_pad}", precision=precision)
 
 
-def _da_spec(cfg, arch, act):
+def _da_spec(cfg, arch, act, precision=None):
     sig = {"x_ptr": f"*{act}", "du_ptr": f"*{act}", "a_ptr": f"*{act}", "ws_ptr": "*fp32",
            "dx_ptr": f"*{act}", **_ints("M", "K", "R"), "seed": "i64", "threshold": "i64",
            "keep_scale": "fp32",
@@ -403,7 +471,7 @@ def _da_spec(cfg, arch, act):
                    "stride_dur", "stride_ar", "stride_ak", "stride_dxm", "stride_dxk")}
     flags = {"COMPUTE_DA": True, "WRITE_DX": True, "HAS_DROPOUT": True}
     return _spec("da", cfg, arch, act, cfg.max_r_pad, sig, flags,
-                 f"{act} R_PAD={cfg.max_r_pad}")
+                 f"{act} R_PAD={cfg.max_r_pad}", precision=precision)
 
 
 def _reduce_spec(out):
@@ -425,4 +493,18 @@ COMPILE_SPECS = (
     + [_da_spec(c, arch, "fp32" if fp32 else "bf16")
        for (arch, fp32), configs in CONFIGS["da"].items() for c in configs]
     + [_reduce_spec(out) for out in ("bf16", "fp16", "fp32")]
+    # fp32 at full precision: FMA dots, no tensor-core instruction (IEEE_CONFIGS)
+    + [_dx_spec(c, arch, "fp32", ka, "ieee")
+       for arch, configs in IEEE_CONFIGS["dx"].items() for c in configs for ka in (True, False)]
+    + [_du_db_spec(c, arch, "fp32", "ieee")
+       for arch, configs in IEEE_CONFIGS["du_db"].items() for c in configs]
+    + [_da_spec(c, arch, "fp32", "ieee")
+       for arch, configs in IEEE_CONFIGS["da"].items() for c in configs]
+    # blocksize 32: BLOCK_K 64 or 128 decodes 2 or 4 absmax sub-blocks per row (vectorised path)
+    + [_dx_spec(c, arch, "fp32" if fp32 else "bf16", True, qblock=32)
+       for (arch, fp32), configs in CONFIGS["dx"].items() for c in configs
+       if c.kwargs["BLOCK_K"] > 32]
+    + [_dx_spec(c, arch, "fp32", True, "ieee", qblock=32)
+       for arch, configs in IEEE_CONFIGS["dx"].items() for c in configs
+       if c.kwargs["BLOCK_K"] > 32]
 )

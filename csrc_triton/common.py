@@ -42,7 +42,10 @@ class CompileSpec:
     aligned: arguments a real launch specialises as multiples of 16 (pointers 16-byte aligned,
     extents and strides of real model shapes). Triton's launcher adds these divisibility hints
     itself when they hold; compiling without them models a misaligned launch, whose index math
-    alone costs tens of registers."""
+    alone costs tens of registers.
+    fma_dot: every tl.dot runs on fp32 operands at input_precision "ieee" (full fp32), which
+    has no tensor-core instruction on sm_80/sm_90 and runs on the FMA units: the compile check
+    expects NO HMMA/HGMMA for such a spec (one would mean tf32 rounding)."""
 
     kernel: str
     fn: object
@@ -56,6 +59,7 @@ class CompileSpec:
     options: dict = field(default_factory=dict)
     aligned: tuple = ()
     bounded_args: tuple = BOUNDED_ARGS
+    fma_dot: bool = False
 
     @property
     def config(self) -> str:

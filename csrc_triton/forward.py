@@ -13,7 +13,9 @@ Tile orientation (constexpr W_FIRST): on sm_90 the kernel computes y^T tiles,
 acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T, so the decoded weight tile is the FIRST operand of
 tl.dot and wgmma reads it straight from registers (SASS `HGMMA ... R..`) instead of a
 shared-memory round trip; x^T, the second operand, is read from shared memory as wgmma wants.
-On sm_80 (mma.sync takes both operands from registers) the plain orientation is used.
+On sm_80 (mma.sync takes both operands from registers) the plain orientation is used, except
+for fp32 at full precision ('ieee': FMA dots, no tensor cores), where y^T tiles spill less
+(SM80_IEEE_CONFIGS).
 
 M <= 16 goes to csrc_triton/small_m.py (split-K, reads each packed byte once).
 """
@@ -161,10 +163,19 @@ def rank_chunk(rank: int) -> int:
     return 16 if rank <= 16 else 32
 
 
-def u_config(block_r: int) -> dict:
+def u_config(block_r: int, precision: str = "tf32") -> dict:
     """Config of _lora_u_kernel for a padded rank: 64 rows and 4 warps up to r = 64; 32 rows
     and 8 warps beyond (64 x 128 at 4 warps spills 8 B in fp32 on sm_80, and 16 x 128 at
-    4 warps 16 B on sm_90)."""
+    4 warps 16 B on sm_90).
+
+    precision "ieee" (fp32 activations at full precision): tl.dot runs on the FMA units, each
+    thread holding its rows of x and columns of A^T over all of BLOCK_K, so from r = 64 on the
+    tile is BLOCK_K 32, 8 warps and 4096 / r rows (fp32 registers sm_80 / sm_90: r 64 80 / 110,
+    r 128 80 / 118, r 256 80 / 126). The rule above spills there on sm_80: 96 B at r 64 and
+    104 B at r 256; BLOCK_K 32 with 32 rows still spills 32 B at r 256 on sm_90."""
+    if precision == "ieee" and block_r >= 64:
+        return {"BLOCK_M": 4096 // block_r, "BLOCK_R": block_r, "BLOCK_K": 32,
+                "num_warps": 8, "num_stages": 3}
     wide = block_r > 64
     return {"BLOCK_M": 32 if wide else 64, "BLOCK_R": block_r, "BLOCK_K": 64,
             "num_warps": 8 if wide else 4, "num_stages": 3}
@@ -208,13 +219,52 @@ SM80_FP32_CONFIGS = [_cfg(64, 64, 64, 4, 4, False), _cfg(32, 64, 64, 4, 3, False
 # at 3 stages needs 262144 B on sm_90, over its 232448): one modest config, not tuned.
 UNALIGNED_CONFIGS = {"sm_90": _cfg(64, 64, 64, 4, 2, True), "sm_80": _cfg(64, 64, 64, 4, 2, False)}
 
+# fp32 activations at full precision (PRECISION "ieee": torch's default allow_tf32=False).
+# tl.dot then runs on the FMA units (there is no fp32 x fp32 tensor-core instruction), and
+# Triton's FMA dot holds each thread's rows of one operand and columns of the other over the
+# whole dot K in registers, so the tf32 lists spill: SM90_FP32_CONFIGS[0] 72 B on sm_90,
+# SM80_FP32_CONFIGS[0] 5248 B and [1] 576 B on sm_80, UNALIGNED_CONFIGS["sm_80"] 5600 B.
+# sm_90, y^T tiles, spill-free (fp32 registers at r = 16 / r = 64): 128x64x64 w8 220 / 220,
+# 64x128x64 w8 254 / 230, 64x64x64 w4 168 / 222, 32x64x64 w4 142 / 128. Measured and dropped:
+# 128x128x64 w8 (40 B at 3 or 4 stages), 64x64x128 w4 (456 B), 128x128x32 w8 (40 B),
+# 128x64x32 w4 (128 B), 64x64x32 w2 (64 B).
+SM90_IEEE_CONFIGS = [
+    _cfg(128, 64, 64, 8, 3, True),
+    _cfg(64, 128, 64, 8, 3, True),
+    _cfg(64, 64, 64, 4, 3, True),
+    _cfg(32, 64, 64, 4, 3, True),
+]
+# sm_80: with no tensor core in play the reason for [BLOCK_M, BLOCK_N] tiles (mma.sync) is gone
+# and y^T tiles are the ones that fit: 64x64x64 w4 spills 5248 B as y, 128 B as y^T; 32x64x32
+# w4 spills 0 either way but 64x64x32 w4 504 B as y. BLOCK_K 32 (the dot's K), spill-free
+# (r = 16 / r = 64): 64x128x32 w8 255 / 255, 64x64x32 w4 255 / 255, 64x32x32 w4 127 / 128,
+# 32x64x32 w4 168 / 122. Dropped: 128x64x32 w8 (8 B), 128x128x32 w8 (8 B), 32x32x64 w4 (264 B
+# as y).
+SM80_IEEE_CONFIGS = [
+    _cfg(64, 128, 32, 8, 3, True),
+    _cfg(64, 64, 32, 4, 3, True),
+    _cfg(64, 32, 32, 4, 3, True),
+    _cfg(32, 64, 32, 4, 3, True),
+]
+# K % QBLOCK != 0 at full precision: sm_90's UNALIGNED_CONFIGS entry fits (194 registers); on
+# sm_80 64x32x32 w4 as y^T (128 registers; 64x64x32 w4 spills 16 B, 64x64x64 w4 184 B).
+UNALIGNED_IEEE_CONFIGS = {"sm_90": UNALIGNED_CONFIGS["sm_90"],
+                          "sm_80": _cfg(64, 32, 32, 4, 2, True)}
+
 # The interpreter's config: its cost is per program instance, and 32x32x32 tiles keep the test
 # shapes (M <= 100, N ~ 72, K ~ 256) at a few dozen programs. y^T orientation, as on sm_90.
 INTERPRETER_CONFIG = _cfg(32, 32, 32, 4, 1, True, group_m=4)
 
 
-def tiled_configs(arch: str, fp32: bool, k_aligned: bool = True) -> list[dict]:
-    """The autotune list for an arch ('sm_90': compute capability 9.x, else 'sm_80')."""
+def tiled_configs(arch: str, fp32: bool, k_aligned: bool = True,
+                  precision: str = "tf32") -> list[dict]:
+    """The autotune list for an arch ('sm_90': compute capability 9.x, else 'sm_80'); fp32
+    activations at precision 'ieee' (fastlora.launch.common.dot_precision) get the *_IEEE
+    lists."""
+    if fp32 and precision == "ieee":
+        if not k_aligned:
+            return [UNALIGNED_IEEE_CONFIGS[arch]]
+        return SM90_IEEE_CONFIGS if arch == "sm_90" else SM80_IEEE_CONFIGS
     if not k_aligned:
         return [UNALIGNED_CONFIGS[arch]]
     if arch == "sm_90":
@@ -273,33 +323,38 @@ ALIGNED_ARGS = ("x_ptr", "packed_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr",
 UNIT_STRIDES = {"stride_xk": 1, "stride_ur": 1, "stride_br": 1, "stride_yn": 1}
 
 
-def _fwd_spec(cfg, arch, dtype="bf16", k_aligned=True, rank=16):
+def _fwd_spec(cfg, arch, dtype="bf16", k_aligned=True, rank=16, precision="tf32", qblock=64):
     sig = {"x_ptr": f"*{dtype}", **weight_signature(True), "u_ptr": f"*{dtype}",
            "b_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
            **{n: "i32" for n in ("M", "N", "K", "R", "M_BUCKET", "stride_xm", "stride_um",
                                  "stride_bn", "stride_ym")}, "scaling": "fp32"}
     blocks = {k: v for k, v in cfg.items() if not k.startswith("num_")}
-    constexprs = {"QBLOCK": 64, "DOUBLE_QUANT": True, "K_ALIGNED": k_aligned, "HAS_BIAS": True,
-                  "PRECISION": "tf32", "BLOCK_R": rank_chunk(rank), **blocks, **UNIT_STRIDES}
+    constexprs = {"QBLOCK": qblock, "DOUBLE_QUANT": True, "K_ALIGNED": k_aligned, "HAS_BIAS": True,
+                  "PRECISION": precision, "BLOCK_R": rank_chunk(rank), **blocks,
+                  **UNIT_STRIDES}
+    fma = dtype == "fp32" and precision == "ieee"
     return CompileSpec(kernel="_nf4_lora_fwd_kernel", fn=_nf4_lora_fwd_kernel, signature=sig,
                        constexprs=constexprs, num_warps=cfg["num_warps"],
                        num_stages=cfg["num_stages"], archs=(arch,),
-                       label=f"{dtype} k_aligned={int(k_aligned)} r={rank}",
-                       options={"enable_fp_fusion": False}, aligned=ALIGNED_ARGS)
+                       label=f"{dtype} k_aligned={int(k_aligned)} r={rank}{' ieee' * fma}"
+                             f"{f' bs{qblock}' if qblock != 64 else ''}",
+                       options={"enable_fp_fusion": False}, aligned=ALIGNED_ARGS, fma_dot=fma)
 
 
-def _u_spec(rank, dtype, dropout):
-    cfg = u_config(rank_block(rank))
+def _u_spec(rank, dtype, dropout, precision="tf32"):
+    cfg = u_config(rank_block(rank), precision)
+    fma = dtype == "fp32" and precision == "ieee"
     sig = {"x_ptr": f"*{dtype}", "a_ptr": f"*{dtype}", "u_ptr": f"*{dtype}",
            **{n: "i32" for n in ("M", "K", "R", "stride_xm", "stride_ar", "stride_um")},
            "seed": "i64", "threshold": "i64", "keep_scale": "fp32"}
-    constexprs = {"HAS_DROPOUT": dropout, "PRECISION": "tf32",
+    constexprs = {"HAS_DROPOUT": dropout, "PRECISION": precision,
                   **{k: v for k, v in cfg.items() if k.startswith("BLOCK")},
                   "stride_xk": 1, "stride_ak": 1, "stride_ur": 1}
     return CompileSpec(kernel="_lora_u_kernel", fn=_lora_u_kernel, signature=sig,
                        constexprs=constexprs, num_warps=cfg["num_warps"],
-                       num_stages=cfg["num_stages"], label=f"{dtype} dropout={int(dropout)}",
-                       aligned=ALIGNED_ARGS)
+                       num_stages=cfg["num_stages"],
+                       label=f"{dtype} dropout={int(dropout)}{' ieee' * fma}",
+                       aligned=ALIGNED_ARGS, fma_dot=fma)
 
 
 COMPILE_SPECS = (
@@ -312,4 +367,21 @@ COMPILE_SPECS = (
        for arch, configs in (("sm_90", SM90_FP32_CONFIGS), ("sm_80", SM80_FP32_CONFIGS))
        for c in configs]
     + [_u_spec(r, dt, True) for r in (16, 32, 64, 128, 256) for dt in ("bf16", "fp32")]
+    # fp32 at full precision: FMA dots, no tensor-core instruction (SM90_IEEE_CONFIGS)
+    + [_fwd_spec(c, arch, "fp32", True, r, "ieee")
+       for arch, configs in (("sm_90", SM90_IEEE_CONFIGS), ("sm_80", SM80_IEEE_CONFIGS))
+       for c in configs for r in (16, 64)]
+    + [_fwd_spec(c, arch, "fp32", False, precision="ieee")
+       for arch, c in UNALIGNED_IEEE_CONFIGS.items()]
+    + [_u_spec(r, "fp32", True, "ieee") for r in (16, 32, 64, 128, 256)]
+    # blocksize 32 (bnb >= 0.49.2): a BLOCK_K of 64 or 128 decodes 2 or 4 absmax sub-blocks per
+    # tile row in the vectorised path, more scale registers than at blocksize 64
+    + [_fwd_spec(c, arch, dtype, True, 16, precision, qblock=32)
+       for arch, dtype, precision, configs in (
+           ("sm_90", "bf16", "tf32", SM90_CONFIGS), ("sm_80", "bf16", "tf32", SM80_CONFIGS),
+           ("sm_90", "fp32", "tf32", SM90_FP32_CONFIGS),
+           ("sm_80", "fp32", "tf32", SM80_FP32_CONFIGS),
+           ("sm_90", "fp32", "ieee", SM90_IEEE_CONFIGS),
+           ("sm_80", "fp32", "ieee", SM80_IEEE_CONFIGS))
+       for c in configs if c["BLOCK_K"] > 32]
 )

@@ -128,11 +128,22 @@ SMALL_M_FP32_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(64, 128, 4, 2)]
 # K % QBLOCK != 0: per-element gathers, staged per pipeline stage (forward.UNALIGNED_CONFIGS):
 # one small config, not tuned.
 UNALIGNED_CONFIG = _cfg(32, 64, 4, 2)
+# fp32 at full precision (PRECISION "ieee"): tl.dot on the FMA units, no tensor cores
+# (forward.SM90_IEEE_CONFIGS says why the registers grow). SMALL_M_FP32_CONFIGS[1] (64x128 w4)
+# spills 560 B on sm_90 there; spill-free (fp32 registers, split / no split, sm_80 | sm_90):
+# 64x64 w4 s3 and s4 128/168 | 193/128, 128x32 w4 143/168 | 128/168, 32x128 w4 196/194 |
+# 198/198. Dropped: 128x64 w8 (16 B on sm_90), 128x64 w4 (560 B on sm_90, 8 B on sm_80).
+# UNALIGNED_CONFIG holds at full precision too (72-96 registers).
+SMALL_M_IEEE_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(64, 64, 4, 4), _cfg(128, 32, 4, 3),
+                        _cfg(32, 128, 4, 3)]
 
 
-def small_m_configs(fp32: bool, k_aligned: bool = True) -> list[dict]:
+def small_m_configs(fp32: bool, k_aligned: bool = True, precision: str = "tf32") -> list[dict]:
+    """The autotune list (both archs); fp32 at precision 'ieee' gets SMALL_M_IEEE_CONFIGS."""
     if not k_aligned:
         return [UNALIGNED_CONFIG]
+    if fp32 and precision == "ieee":
+        return SMALL_M_IEEE_CONFIGS
     return SMALL_M_FP32_CONFIGS if fp32 else SMALL_M_CONFIGS
 
 
@@ -143,36 +154,40 @@ def prune_configs(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_K"])]
 
 
-def _spec(cfg, dtype, k_aligned, split):
+def _spec(cfg, dtype, k_aligned, split, precision="tf32", qblock=64):
     from .forward import ALIGNED_ARGS, UNIT_STRIDES
 
+    fma = dtype == "fp32" and precision == "ieee"
     sig = {"x_ptr": f"*{dtype}", **weight_signature(True), "u_ptr": f"*{dtype}",
            "b_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
            "ws_ptr": "*fp32",
            **{n: "i32" for n in ("M", "N", "K", "R", "k_per_split", "stride_xm", "stride_um",
                                  "stride_bn", "stride_ym")}, "scaling": "fp32"}
-    constexprs = {"QBLOCK": 64, "DOUBLE_QUANT": True, "K_ALIGNED": k_aligned, "HAS_BIAS": True,
-                  "PRECISION": "tf32", "BLOCK_R": 16, "SPLIT": split, "BLOCK_M": BLOCK_M,
+    constexprs = {"QBLOCK": qblock, "DOUBLE_QUANT": True, "K_ALIGNED": k_aligned,
+                  "HAS_BIAS": True,
+                  "PRECISION": precision, "BLOCK_R": 16, "SPLIT": split, "BLOCK_M": BLOCK_M,
                   "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], **UNIT_STRIDES}
     return CompileSpec(kernel="_nf4_lora_fwd_small_m_kernel", fn=_nf4_lora_fwd_small_m_kernel,
                        signature=sig, constexprs=constexprs, num_warps=cfg["num_warps"],
                        num_stages=cfg["num_stages"],
-                       label=f"{dtype} k_aligned={int(k_aligned)} split={int(split)}",
-                       options={"enable_fp_fusion": False}, aligned=ALIGNED_ARGS)
+                       label=f"{dtype} k_aligned={int(k_aligned)} split={int(split)}"
+                             f"{' ieee' * fma}{f' bs{qblock}' if qblock != 64 else ''}",
+                       options={"enable_fp_fusion": False}, aligned=ALIGNED_ARGS, fma_dot=fma)
 
 
-def _reduce_spec(dtype):
+def _reduce_spec(dtype, precision="tf32"):
     from .forward import ALIGNED_ARGS
 
+    fma = dtype == "fp32" and precision == "ieee"
     sig = {"ws_ptr": "*fp32", "u_ptr": f"*{dtype}", "b_ptr": f"*{dtype}",
            "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
            **{n: "i32" for n in ("M", "N", "R", "n_slices", "stride_um", "stride_bn",
                                  "stride_ym")}, "scaling": "fp32"}
-    constexprs = {"HAS_BIAS": True, "PRECISION": "tf32", "BLOCK_R": 32, "BLOCK_M": BLOCK_M,
+    constexprs = {"HAS_BIAS": True, "PRECISION": precision, "BLOCK_R": 32, "BLOCK_M": BLOCK_M,
                   "BLOCK_N": REDUCE_BLOCK_N, "stride_ur": 1, "stride_br": 1, "stride_yn": 1}
     return CompileSpec(kernel="_splitk_reduce_kernel", fn=_splitk_reduce_kernel, signature=sig,
                        constexprs=constexprs, num_warps=REDUCE_NUM_WARPS, num_stages=1,
-                       label=dtype, aligned=ALIGNED_ARGS)
+                       label=f"{dtype}{' ieee' * fma}", aligned=ALIGNED_ARGS, fma_dot=fma)
 
 
 COMPILE_SPECS = (
@@ -181,4 +196,15 @@ COMPILE_SPECS = (
     + [_spec(UNALIGNED_CONFIG, dt, False, split) for dt in ("bf16", "fp32")
        for split in (True, False)]
     + [_reduce_spec(dt) for dt in ("bf16", "fp32")]
+    # fp32 at full precision: FMA dots, no tensor-core instruction (SMALL_M_IEEE_CONFIGS)
+    + [_spec(c, "fp32", True, split, "ieee") for c in SMALL_M_IEEE_CONFIGS
+       for split in (True, False)]
+    + [_spec(UNALIGNED_CONFIG, "fp32", False, split, "ieee") for split in (True, False)]
+    + [_reduce_spec("fp32", "ieee")]
+    # blocksize 32: a BLOCK_K of 64 or 128 decodes 2 or 4 absmax sub-blocks per tile row
+    + [_spec(c, dtype, True, split, precision, qblock=32)
+       for dtype, precision, configs in (("bf16", "tf32", SMALL_M_CONFIGS),
+                                         ("fp32", "tf32", SMALL_M_FP32_CONFIGS),
+                                         ("fp32", "ieee", SMALL_M_IEEE_CONFIGS))
+       for c in configs if c["BLOCK_K"] > 32 for split in (True, False)]
 )

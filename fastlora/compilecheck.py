@@ -31,6 +31,12 @@ from pathlib import Path
 ARCHS = {"sm_80": 80, "sm_90": 90}
 _RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 _MMA = re.compile(r"\b(HGMMA|HMMA)\b")
+# sm_90 wgmma whose A operand comes from registers: `HGMMA.64x128x16.F32.BF16 R88, R32, gdesc..`
+# (the shared-memory form reads `HGMMA... R88, gdesc[UR8], ...`)
+_HGMMA_REGISTER_A = re.compile(r"\bHGMMA\.\S+\s+R\d+,\s*R\d+,")
+# Atomics in the TTIR (tt.atomic_rmw / tt.atomic_cas) and in the PTX (atom.* / red.*)
+_TTIR_ATOMIC = re.compile(r"\btt\.atomic_\w+")
+_PTX_ATOMIC = re.compile(r"^\s*(?:@!?%\w+\s+)?(?:atom|red)\.", re.MULTILINE)
 FIELDS = ("kernel", "config", "arch", "registers", "stack_bytes", "local_bytes", "shared_bytes",
           "mma_instructions")
 _DEF = re.compile(r"^\s*(%[\w#]+)(?::(\d+))?\s*=\s*([\w.]+)\s+(.*)$")
@@ -94,8 +100,25 @@ def narrow_pointer_args(ttir: str) -> set:
     return narrow
 
 
+def hgmma_register_a(sass: str) -> int:
+    """How many sm_90 wgmma instructions take their A operand from registers (SASS
+    `HGMMA.64x128x16.F32.BF16 R88, R32, gdesc[UR20], R88`), not from shared memory (`gdesc`)."""
+    return len(_HGMMA_REGISTER_A.findall(sass))
+
+
+def atomic_ops(ttir: str, ptx: str) -> int:
+    """How many atomic operations a compiled kernel has: TTIR tt.atomic_* ops plus PTX atom. /
+    red. instructions (a kernel without atomics writes each output element from one program,
+    in a fixed order: what makes fastlora's dB and dA bit-identical run to run)."""
+    return len(_TTIR_ATOMIC.findall(ttir)) + len(_PTX_ATOMIC.findall(ptx))
+
+
 def compile_spec(spec, arch: str) -> dict:
-    """Compile one CompileSpec for `arch` ('sm_80' / 'sm_90') and measure it."""
+    """Compile one CompileSpec for `arch` ('sm_80' / 'sm_90') and measure it.
+
+    Beyond FIELDS: uses_dot and fma_dot (the spec's), i32_addressed (narrow_pointer_args),
+    hgmma_register_a (sm_90 wgmma instructions taking A from registers), atomics
+    (atomic_ops)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -126,13 +149,15 @@ def compile_spec(spec, arch: str) -> dict:
     return {"kernel": spec.kernel, "config": spec.config, "arch": arch, "registers": registers,
             "stack_bytes": stack, "local_bytes": local, "shared_bytes": shared,
             "mma_instructions": len(_MMA.findall(sass)), "uses_dot": spec.uses_dot,
-            "i32_addressed": unsafe}
+            "fma_dot": spec.fma_dot, "i32_addressed": unsafe,
+            "hgmma_register_a": hgmma_register_a(sass),
+            "atomics": atomic_ops(kernel.asm["ttir"], kernel.asm["ptx"])}
 
 
 def compile_report(archs=("sm_80", "sm_90"), kernels=None, workers: int | None = None
                    ) -> list[dict]:
     """One dict per kernel x config x arch (fields: kernel, config, arch, registers,
-    stack_bytes, local_bytes, shared_bytes, mma_instructions; plus uses_dot).
+    stack_bytes, local_bytes, shared_bytes, mma_instructions; plus what compile_spec adds).
 
     kernels: optional iterable of kernel names to restrict the report to."""
     archs = tuple(archs)
@@ -166,14 +191,22 @@ def _report_in_child(archs, kernels, workers) -> list[dict]:
 
 
 def problems(rows: list[dict]) -> list[str]:
-    """What is wrong with a report: spills, or a tl.dot kernel with no tensor-core instruction."""
+    """What is wrong with a report: spills, or a tl.dot kernel with no tensor-core instruction.
+
+    fp32 dots at full precision ('ieee', rows with fma_dot) are the one exception, and the
+    reverse holds for them: tensor cores have no fp32 x fp32 form, so such a kernel runs on
+    the FMA units and an HMMA/HGMMA there would mean its dots were rounded to tf32."""
     found = []
     for row in rows:
         where = f"{row['kernel']} [{row['config']}] on {row['arch']}"
         if row["stack_bytes"] or row["local_bytes"]:
             found.append(f"{where} spills: stack {row['stack_bytes']} B, local "
                          f"{row['local_bytes']} B")
-        if row.get("uses_dot") and row["mma_instructions"] == 0:
+        if row.get("fma_dot"):
+            if row["mma_instructions"]:
+                found.append(f"{where} is a full-precision fp32 (ieee) config but has "
+                             f"{row['mma_instructions']} HMMA/HGMMA instructions (tf32)")
+        elif row.get("uses_dot") and row["mma_instructions"] == 0:
             found.append(f"{where} calls tl.dot but has no HMMA/HGMMA instruction")
         if row.get("i32_addressed"):
             found.append(f"{where} addresses {', '.join(row['i32_addressed'])} with 32-bit "

@@ -14,17 +14,20 @@ correction and the right one with it.
 from __future__ import annotations
 
 import threading
+import warnings
 
 import numpy as np
 
 from .backend import interpreter_active
 
-# Triton releases whose interpreter has the defect (checked: 3.9.0). Newer releases are left
-# alone until someone checks them: extend the range after running the test there.
-AFFECTED_VERSIONS = ((3, 0), (3, 9))
+# Triton releases checked to have the defect, and whose builder methods the correction fits
+# (checked: 3.9.0). Other releases are left alone, with a warning, until someone runs
+# tests/test_interpreter_fix.py there and extends the range.
+AFFECTED_VERSIONS = ((3, 9), (3, 9))
 
 _lock = threading.Lock()
 _saved: dict = {}
+_warned: list = []  # one warning per process
 
 
 def _version() -> tuple:
@@ -53,10 +56,26 @@ def _fp32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
     return rounded
 
 
+def _warn_unchecked() -> None:
+    with _lock:
+        if _warned:
+            return
+        _warned.append(True)
+    import triton
+
+    warnings.warn(f"fastlora: the interpreter correction for bfloat16 is checked on Triton "
+                  f"{AFFECTED_VERSIONS[0]}..{AFFECTED_VERSIONS[1]}, not {triton.__version__}: "
+                  "bf16 results under TRITON_INTERPRET=1 may be wrong there (fp16/fp32 are "
+                  "unaffected)", RuntimeWarning, stacklevel=3)
+
+
 def apply() -> bool:
     """Install the correction if the interpreter is active on an affected Triton; idempotent.
     Returns whether the correction is in place."""
-    if not interpreter_active() or not affected():
+    if not interpreter_active():
+        return False
+    if not affected():
+        _warn_unchecked()
         return False
     with _lock:
         if _saved:

@@ -22,9 +22,13 @@ import torch
 from . import backend
 from .quant import QuantState
 
-__all__ = ["lora_linear_4bit", "check_inputs", "resolve_seed"]
+__all__ = ["lora_linear_4bit", "check_inputs", "check_fused_rank", "resolve_seed",
+           "seed_tensor"]
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The fused kernels' rank limit (their configs are compiled for padded ranks up to 256); the
+# reference path takes any rank.
+MAX_FUSED_RANK = 256
 _SEED_LIMIT = 2**63
 
 
@@ -93,15 +97,29 @@ def check_inputs(x, packed, state, lora_A, lora_B, scaling, bias, dropout_p, tra
     return p, (int(seed) if seed is not None else None)
 
 
+def check_fused_rank(lora_A: torch.Tensor) -> None:
+    """ValueError naming lora_A when its rank is past what the fused kernels serve."""
+    if lora_A.shape[0] > MAX_FUSED_RANK:
+        raise ValueError(f"lora_A has rank {lora_A.shape[0]}; the fused kernels support ranks "
+                         f"1..{MAX_FUSED_RANK} (FASTLORA_BACKEND=reference runs any rank)")
+
+
+def seed_tensor(seed: Optional[int], p: float) -> torch.Tensor:
+    """The dropout seed as an int64 [1] CPU tensor: the caller's, else one drawn from torch's
+    CPU generator (so torch.manual_seed reproduces it, and checkpoint recomputation, which
+    restores the RNG state, draws the same one); 0 when there is no dropout.
+
+    A tensor, not an int, so that torch.compile traces the draw into the graph (a fresh seed
+    per call) and the custom ops read its value inside their opaque bodies: an `.item()` here
+    would break the graph."""
+    if p == 0.0 or seed is not None:
+        return torch.tensor([seed if p != 0.0 else 0], dtype=torch.int64)
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device="cpu")
+
+
 def resolve_seed(seed: Optional[int], p: float) -> int:
-    """The dropout seed: the caller's, else one drawn from torch's CPU generator (so
-    torch.manual_seed reproduces it, and checkpoint recomputation, which restores the RNG
-    state, draws the same one). 0 when there is no dropout."""
-    if p == 0.0:
-        return 0
-    if seed is not None:
-        return seed
-    return int(torch.randint(0, 2**31 - 1, (1,), device="cpu").item())
+    """seed_tensor's value as an int (the same draw, for code that runs eagerly)."""
+    return int(seed_tensor(seed, p))
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -127,13 +145,13 @@ def _lora_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
               absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor],
               offset: Optional[torch.Tensor], code: torch.Tensor, lora_A: torch.Tensor,
               lora_B: torch.Tensor, bias: Optional[torch.Tensor], scaling: float, p: float,
-              seed: int, blocksize: int, quant_type: str, n_out: int
+              seed: torch.Tensor, blocksize: int, quant_type: str, n_out: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
     from .launch.forward import lora_forward
 
     state = _state_from_args(absmax, absmax2, code2, offset, code, blocksize, quant_type,
                              n_out, x.shape[1], x.dtype)
-    return lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, seed)
+    return lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, int(seed))
 
 
 @_lora_fwd.register_fake
@@ -147,14 +165,14 @@ def _lora_bwd(dy: torch.Tensor, x: torch.Tensor, u: torch.Tensor, packed: torch.
               absmax: torch.Tensor, absmax2: Optional[torch.Tensor],
               code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
               code: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-              p: float, seed: int, blocksize: int, quant_type: str, need_dx: bool,
+              p: float, seed: torch.Tensor, blocksize: int, quant_type: str, need_dx: bool,
               need_dA: bool, need_dB: bool
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from .launch.backward import lora_backward
 
     state = _state_from_args(absmax, absmax2, code2, offset, code, blocksize, quant_type,
                              lora_B.shape[0], x.shape[1], x.dtype)
-    dx, da, db = lora_backward(dy, x, u, packed, state, lora_A, lora_B, scaling, p, seed,
+    dx, da, db = lora_backward(dy, x, u, packed, state, lora_A, lora_B, scaling, p, int(seed),
                                need_dx, need_dA, need_dB)
     # custom ops cannot return None: an empty tensor stands for "none" (a fresh one each:
     # outputs may not alias one another)
@@ -174,14 +192,15 @@ def _setup_context(ctx, inputs, output):
     (x, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B, bias, scaling, p, seed,
      blocksize, quant_type, n_out) = inputs
     _, u = output
-    ctx.save_for_backward(x, u, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B)
-    ctx.scalars = (scaling, p, seed, blocksize, quant_type)
+    ctx.save_for_backward(x, u, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B,
+                          seed)
+    ctx.scalars = (scaling, p, blocksize, quant_type)
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, dy, _du_unused):
-    x, u, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B = ctx.saved_tensors
-    scaling, p, seed, blocksize, quant_type = ctx.scalars
+    x, u, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B, seed = ctx.saved_tensors
+    scaling, p, blocksize, quant_type = ctx.scalars
     needs = ctx.needs_input_grad
     need_dx, need_dA, need_dB, need_bias = needs[0], needs[7], needs[8], needs[9]
     dx = da = db = dbias = None
@@ -238,7 +257,7 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
         with torch.autocast(x.device.type, enabled=False):
             return reference.run_checked(x, packed, state, lora_A, lora_B, scaling, bias, p,
                                          seed)
-    seed = resolve_seed(seed, p)
+    seed = seed_tensor(seed, p)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     absmax, absmax2, code2, offset, code = _state_to_args(state)

@@ -9,4 +9,6 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("FASTLORA_BACKEND", "auto")
+# Forced, not defaulted: a FASTLORA_BACKEND=reference left in the shell would make every
+# kernel-vs-reference test compare the reference with itself and pass without running a kernel.
+os.environ["FASTLORA_BACKEND"] = "auto"

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlora
 import fastlora.launch.backward as launch_backward
+import fastlora.launch.forward as launch_forward
 from fastlora import quant, reference
 from fastlora.quant import dequantize_4bit_torch
 from helpers import bnb_weight, make_case
@@ -67,6 +68,18 @@ def test_never_a_dense_weight(monkeypatch):
                     created.append((str(func), tuple(t.shape), t.dtype))
             return out
 
+    # A dispatch mode is switched off while it runs an op, so the custom ops' bodies (the
+    # launchers, where workspaces and outputs are allocated) would be invisible to the outer
+    # Record: record inside them too.
+    def recorded(launcher):
+        def run_recorded(*args, **kwargs):
+            with Record():
+                return launcher(*args, **kwargs)
+        return run_recorded
+    monkeypatch.setattr(launch_forward, "lora_forward", recorded(launch_forward.lora_forward))
+    monkeypatch.setattr(launch_backward, "lora_backward",
+                        recorded(launch_backward.lora_backward))
+
     saved = []
 
     def pack(t):
@@ -78,7 +91,9 @@ def test_never_a_dense_weight(monkeypatch):
         y = call(leaves)
         y.backward(torch.ones_like(y))
     assert all(v.grad is not None for v in leaves.values())
-    assert created, "the dispatch mode recorded nothing"
+    shapes = {c[1] for c in created}
+    assert (M, N) in shapes and (M, R) in shapes, "the launchers' y and U were not recorded"
+    assert (M, K) in shapes, "the backward launcher's dx was not recorded"
     dense = [c for c in created if c[2].is_floating_point and torch.Size(c[1]).numel() >= N * K]
     assert not dense, f"floating tensors as large as the weight were created: {dense}"
     assert (tuple(leaves["x"].shape), torch.bfloat16) in saved

@@ -31,11 +31,13 @@ def grad_out(case, seed: int = 5) -> torch.Tensor:
     return torch.randn(case.x.shape[0], case.lora_B.shape[0], generator=g).to(case.x.device)
 
 
-def backward_of(case, dtype, dy, need=(True, True, True), x=None, **kwargs):
-    """lora_backward on the case in `dtype`, with U as the reference computes it."""
+def backward_of(case, dtype, dy, need=(True, True, True), x=None, u=None, **kwargs):
+    """lora_backward on the case in `dtype`, with U as the reference computes it (unless
+    given)."""
     x = case.x.to(dtype) if x is None else x
     a, b = case.lora_A.to(dtype), case.lora_B.to(dtype)
-    u = reference.apply_dropout(x, case.seed, case.dropout_p) @ a.t()
+    if u is None:
+        u = reference.apply_dropout(x, case.seed, case.dropout_p) @ a.t()
     return dict(zip(GRADS, lora_backward(dy.to(dtype), x, u, case.packed, case.state, a, b,
                                          case.scaling, case.dropout_p, case.seed, *need,
                                          **kwargs)))
@@ -146,8 +148,12 @@ def test_strided_x_and_explicit_config():
     wide[::2] = case.x.to(torch.float16).t()
     strided = wide[::2].t()  # [33, 200], strides (1, 66)
     assert not strided.is_contiguous() and torch.equal(strided, case.x.to(torch.float16))
-    plain = backward_of(case, torch.float16, dy)
-    viewed = backward_of(case, torch.float16, dy, x=strided)
+    # one U for both: torch's own fp16 CPU matmul may round a column-major x differently
+    # (seen: 3e-5 apart on some CPUs), which is torch's business, not the kernels'
+    u = reference.apply_dropout(case.x.to(torch.float16), case.seed, case.dropout_p) \
+        @ case.lora_A.to(torch.float16).t()
+    plain = backward_of(case, torch.float16, dy, u=u)
+    viewed = backward_of(case, torch.float16, dy, x=strided, u=u)
     for name in GRADS:
         assert torch.equal(plain[name], viewed[name]), f"{name} differs for a strided x"
     config = {"du_db": {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1},

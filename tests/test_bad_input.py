@@ -79,6 +79,9 @@ OP_CASES = {
     "packed-too-short": (lambda c: _op(c, packed=c.packed[:-1]), ValueError, "packed holds"),
     "packed-requires-grad": (lambda c: _op(c, packed=_packed_grad(c)), ValueError,
                              "packed must not require grad"),
+    # ranks past the fused kernels' configs (the reference path would take them)
+    "rank-257": (lambda c: _op(c, lora_A=torch.zeros(257, K), lora_B=torch.zeros(N, 257)),
+                 ValueError, "lora_A has rank 257"),
 }
 
 
@@ -87,6 +90,33 @@ def test_lora_linear_4bit_rejects(case, name):
     call, error, needle = OP_CASES[name]
     with pytest.raises(error, match=needle):
         call(case)
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values as a non-contiguous view (every other element of a twice-longer
+    tensor)."""
+    wide = torch.zeros(t.numel() * 2, dtype=t.dtype, device=t.device)
+    wide[::2] = t.reshape(-1)
+    view = wide[::2].view(t.shape) if t.dim() == 1 else wide[::2]
+    assert not view.is_contiguous()
+    return view
+
+
+@pytest.mark.parametrize("what", ["bias", "absmax", "state2-code"])
+def test_non_contiguous_bias_and_state_give_the_contiguous_result(case, what):
+    """The kernels index bias and the quantisation statistics flat: views with strides must
+    give what their contiguous copies give, not values from between them."""
+    want = _op(case)
+    s = case.state
+    if what == "bias":
+        got = _op(case, bias=_strided(case.bias))
+    elif what == "absmax":
+        got = _op(case, state=_state_with(case, absmax=_strided(s.absmax)))
+    else:
+        state2 = QuantState(absmax=s.state2.absmax, code=_strided(s.state2.code),
+                            blocksize=s.state2.blocksize, dtype=s.state2.dtype)
+        got = _op(case, state=_state_with(case, state2=state2))
+    assert torch.equal(got, want)
 
 
 def test_empty_batch_gives_empty_output_and_zero_gradients(case):

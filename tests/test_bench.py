@@ -152,6 +152,20 @@ def test_smoke_pass_every_provider(tmp_path, capsys):
     assert "matched the float64 reference" in text
 
 
+@pytest.mark.parametrize("problems,code", [([], 0), (["dx spills: stack 8 B"], 1)],
+                         ids=["clean", "spill"])
+def test_compile_report_problems_fail_the_run(tmp_path, monkeypatch, problems, code):
+    """A compile report with a problem (a spill, a missing tensor-core instruction, 32-bit
+    addressing) makes `fastlora bench` exit non-zero, though every provider passed."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(suite, "run_smoke", lambda opts: 0)
+    monkeypatch.setattr(suite, "run_modelled", lambda opts: None)
+    monkeypatch.setattr(suite, "write_compile_report", lambda out, say: problems)
+    opts = suite.Options(shapes=[], ms=(), ranks=(), modes=shapes.MODES, providers=[],
+                         out=str(tmp_path), say=lambda line: None)
+    assert suite.run(opts) == code
+
+
 def test_gpu_report_path_with_faked_timings(tmp_path, monkeypatch):
     """The GPU path after the timing (rows, speedups, achieved throughput, writers), with
     do_bench replaced by fixed times: fastlora 1 ms, peft_bnb 2 ms; one provider skipped and

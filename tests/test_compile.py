@@ -1,5 +1,6 @@
 """Every shipped kernel config compiles ahead of time for sm_80 and sm_90 on this CPU machine
-with zero spill bytes, and with tensor-core instructions wherever it calls tl.dot."""
+with zero spill bytes, and with tensor-core instructions wherever it calls tl.dot (except
+full-precision fp32 'ieee' configs, which must have none: they run on the FMA units)."""
 
 import pytest
 
@@ -35,6 +36,104 @@ def test_problems_flags_spills_and_missing_mma():
            "local_bytes": 0, "shared_bytes": 0, "mma_instructions": 0, "uses_dot": True}
     found = problems([row])
     assert len(found) == 2 and "spills" in found[0] and "HMMA/HGMMA" in found[1]
+
+
+def test_problems_expects_no_mma_in_full_precision_fp32_configs():
+    """fp32 tl.dot at input_precision 'ieee' has no tensor-core form: no MMA is right there
+    (and only there), and an MMA would mean tf32 rounding."""
+    row = {"kernel": "k", "config": "c ieee", "arch": "sm_90", "registers": 128,
+           "stack_bytes": 0, "local_bytes": 0, "shared_bytes": 0, "mma_instructions": 0,
+           "uses_dot": True, "fma_dot": True}
+    assert problems([row]) == []
+    found = problems([{**row, "mma_instructions": 4}])
+    assert len(found) == 1 and "tf32" in found[0]
+    assert "HMMA/HGMMA" in problems([{**row, "fma_dot": False}])[0]
+
+
+def test_full_precision_fp32_configs_are_in_the_report(report):
+    """Every kernel taking a dot precision ships configs compiled at PRECISION='ieee' for both
+    archs (torch's default fp32 matmul precision asks for it); the report covers them."""
+    fma = {(r["kernel"], r["arch"]) for r in report if r["fma_dot"]}
+    kernels = {"_nf4_lora_fwd_kernel", "_lora_u_kernel", "_nf4_lora_fwd_small_m_kernel",
+               "_splitk_reduce_kernel", "_nf4_lora_bwd_dx_kernel", "_lora_bwd_du_db_kernel",
+               "_lora_bwd_da_kernel"}
+    assert fma == {(k, arch) for k in kernels for arch in ("sm_80", "sm_90")}
+    assert all("ieee" in r["config"] and r["mma_instructions"] == 0
+               for r in report if r["fma_dot"])
+
+
+SASS_HGMMA = """
+        /*3fd0*/                   HGMMA.64x128x16.F32.BF16 R88, R32, gdesc[UR20], R88 ;
+        /*4010*/                   HGMMA.64x128x16.F32.BF16 R88, R36, gdesc[UR20], R88, gsb0 ;
+        /*4a70*/                   HGMMA.64x128x16.F32.BF16 R88, gdesc[UR8], RZ, !UPT, gsb0 ;
+        /*4b00*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+"""
+
+
+def test_hgmma_register_a_counts_the_register_operand_form():
+    from fastlora.compilecheck import hgmma_register_a
+
+    assert hgmma_register_a(SASS_HGMMA) == 2  # the gdesc-A form and sm_80 HMMA do not count
+
+
+# The kernels whose sm_90 configs compute a transposed tile so that the decoded weight tile is
+# tl.dot's FIRST operand, which wgmma then reads from registers (DESIGN.md, "Compilation").
+REGISTER_A_KERNELS = ("_nf4_lora_fwd_kernel", "_nf4_lora_bwd_dx_kernel")
+
+
+@pytest.mark.parametrize("kernel", REGISTER_A_KERNELS)
+def test_sm90_wgmma_takes_the_decoded_weight_tile_from_registers(report, kernel):
+    """SASS `HGMMA.64x128x16.F32.BF16 R88, R32, gdesc[..]`: A from registers, no shared-memory
+    round trip for the decoded weight. In dx every HGMMA is that one product; the forward adds
+    the LoRA epilogue's B @ U^T, whose operands are both loads (shared-memory A), so there
+    the register form need only be present. Full-precision fp32 configs have no HGMMA."""
+    rows = [r for r in report
+            if r["kernel"] == kernel and r["arch"] == "sm_90" and not r["fma_dot"]]
+    assert rows, f"no sm_90 configs of {kernel} in the report"
+    if kernel == "_nf4_lora_bwd_dx_kernel":
+        bad = [r for r in rows if r["hgmma_register_a"] != r["mma_instructions"]]
+    else:
+        bad = [r for r in rows if r["hgmma_register_a"] == 0]
+    assert not bad, "\n".join(f"{r['config']}: {r['hgmma_register_a']} register-A HGMMA of "
+                              f"{r['mma_instructions']}" for r in bad)
+
+
+SYNTHETIC_ATOMICS_TTIR = """
+    %2 = tt.atomic_rmw fadd, acq_rel, gpu, %1, %v, %m : (tensor<128x!tt.ptr<f32>>, ...)
+    %4 = tt.atomic_cas acq_rel, gpu, %3, %c0, %c1 : (!tt.ptr<f32>, f32, f32) -> f32
+    tt.store %p, %v : tensor<128x!tt.ptr<f32>>
+"""
+SYNTHETIC_ATOMICS_PTX = """
+	.loc	1 6 0                           // atomics.py:6:0
+	@%p1 atom.global.gpu.acq_rel.add.f32 %r1, [ %rd2 + 0 ], %r2;
+	@%p2 red.global.gpu.relaxed.max.s32 [ %rd3 + 0 ], %r2;
+	st.global.v4.b32 [ %rd4 + 0 ], { %r5, %r6, %r7, %r8 };
+"""
+
+
+def test_atomic_ops_counts_ttir_and_ptx_atomics():
+    """What tl.atomic_add / atomic_max / atomic_cas compile to (triton 3.9): TTIR
+    tt.atomic_rmw / tt.atomic_cas, PTX atom.* / red.* (predicated or not)."""
+    from fastlora.compilecheck import atomic_ops
+
+    assert atomic_ops(SYNTHETIC_ATOMICS_TTIR, SYNTHETIC_ATOMICS_PTX) == 4
+    assert atomic_ops("tt.store %p, %v", "\tst.global.b32 [ %rd4 + 0 ], %r5;") == 0
+
+
+BACKWARD_KERNELS = {"_lora_bwd_du_db_kernel", "_lora_bwd_reduce_kernel",
+                    "_nf4_lora_bwd_dx_kernel", "_lora_bwd_da_kernel"}
+
+
+def test_backward_kernels_have_no_atomics(report):
+    """dB and dA are deterministic ("same inputs give bit-identical dB") because the backward
+    sums partials in a fixed order and never accumulates through atomics. The interpreter runs
+    programs one after another, so a run-twice test there cannot see an atomic's varying
+    order: check the compiled TTIR and PTX of every shipped backward config instead."""
+    rows = [r for r in report if r["kernel"] in BACKWARD_KERNELS]
+    assert {r["kernel"] for r in rows} == BACKWARD_KERNELS
+    bad = [r for r in rows if r["atomics"]]
+    assert not bad, "\n".join(f"{r['kernel']} [{r['config']}] {r['arch']}: {r['atomics']} "
+                              "atomic operations" for r in bad)
 
 
 def test_unknown_arch_is_rejected():

@@ -139,10 +139,14 @@ def test_quant_storage_views(storage):
     check_forward(case, torch.bfloat16)
 
 
-@pytest.mark.parametrize("blocksize,m", [(32, 17), (4096, 5)], ids=["bs32", "bs4096"])
-def test_extreme_blocksizes(blocksize, m):
-    case = make_case(m, N, 200, 8, torch.float16, "nf4", blocksize, True, True, 0.1, seed=4)
-    check_forward(case, torch.float16)
+@pytest.mark.parametrize("blocksize,m,k,config", [
+    (32, 17, 200, None), (4096, 5, 200, None), (32, 17, 256, TILED_WIDE_K)],
+    ids=["bs32", "bs4096", "bs32-k256-bk128"])
+def test_extreme_blocksizes(blocksize, m, k, config):
+    """K = 200 straddles blocks (per-element decode); K = 256 with BLOCK_K = 128 takes the
+    vectorised decode with four 32-blocks per tile row."""
+    case = make_case(m, N, k, 8, torch.float16, "nf4", blocksize, True, True, 0.1, seed=4)
+    check_forward(case, torch.float16, config=config)
 
 
 def test_large_rank_chunks_and_public_op():
@@ -202,6 +206,21 @@ def test_dot_precision_follows_torch():
         assert launch.dot_precision(torch.bfloat16) == "tf32"  # ignored for 16-bit inputs
     finally:
         matmul.allow_tf32 = saved
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"),
+                    reason="torch < 2.9 has only the legacy allow_tf32 flag")
+def test_dot_precision_follows_torchs_new_precision_api():
+    """Once a user sets torch's new fp32_precision API, reading the legacy allow_tf32 flag
+    raises; the launchers must read the new one."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    try:
+        for setting, want in (("tf32", "tf32"), ("ieee", "ieee")):
+            matmul.fp32_precision = setting
+            assert launch.dot_precision(torch.float32) == want
+    finally:
+        matmul.fp32_precision = saved
 
 
 def test_config_pruning_rules():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import os
 import threading
+import time
 import weakref
 
 import bitsandbytes.functional as bnbF
@@ -76,6 +77,14 @@ def _laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
 @example(c={"m": 300, "n": 17, "k": 300, "rank": 64, "dtype": "fp16", "quant": "fp4",
             "dq": False, "bs": 256, "bias": False, "p": 0.1, "lead": (2,),
             "layout": "transposed", "seed": 7})
+# fp32 and blocksizes 64/128 with x reaching the kernels strided: a column-major 2-D x, and a
+# 3-D column slice (whose leading dims fold into M without a copy)
+@example(c={"m": 37, "n": 45, "k": 130, "rank": 12, "dtype": "fp32", "quant": "nf4",
+            "dq": True, "bs": 64, "bias": True, "p": 0.1, "lead": (), "layout": "transposed",
+            "seed": 11})
+@example(c={"m": 19, "n": 33, "k": 256, "rank": 5, "dtype": "fp32", "quant": "fp4",
+            "dq": False, "bs": 128, "bias": False, "p": 0.0, "lead": (2,),
+            "layout": "column-slice", "seed": 12})
 def test_fused_equals_reference_on_random_layers(c):
     dtype = DTYPES[c["dtype"]]
     case = make_case(c["m"], c["n"], c["k"], c["rank"], dtype, c["quant"], c["bs"], c["dq"],
@@ -235,6 +244,96 @@ def test_autotuner_cache_builds_once_under_a_race():
     for t in threads:
         t.join()
     assert len(built) == 1 and len({id(g) for g in got}) == 1
+
+
+def test_locked_tuner_keeps_each_threads_arguments():
+    """Triton's Autotuner.run keeps the call's arguments on the shared instance (self.nargs)
+    and resets them to None when it returns; this stub does the same, with a pause in between.
+    Through LockedTuner each thread gets its own arguments back; the stub alone mixes them."""
+    from fastlora.launch.common import LockedTuner
+
+    class SharedStateTuner:
+        nargs = None
+
+        def __getitem__(self, grid):
+            return self.run
+
+        def run(self, value):
+            self.nargs = value
+            time.sleep(0.02)  # timing configs: another thread may enter here
+            seen, self.nargs = self.nargs, None
+            return seen
+
+    def race(tuner) -> list:
+        out, barrier = {}, threading.Barrier(4)
+
+        def worker(i):
+            barrier.wait()
+            out[i] = tuner[None](i)
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return [out[i] for i in range(4)]
+
+    assert race(LockedTuner(SharedStateTuner())) == [0, 1, 2, 3]
+    assert race(SharedStateTuner()) != [0, 1, 2, 3]  # the hazard is real without the lock
+
+
+def _cpu_bench(kernel_call, quantiles):
+    """The autotuner's do_bench on a CPU (it has no driver there): three timed calls."""
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        kernel_call()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return [times[1], times[0], times[2]]
+
+
+def test_autotuned_dx_equals_the_fixed_config(monkeypatch):
+    """The dx kernel adds dy @ deq(W) into dx (which holds the LoRA term on entry), so the
+    autotuner must restore dx after each timed run. Runs the GPU's autotuned path in the
+    interpreter, with two small dx configs timed on the CPU: the result must be the
+    fixed-config result bit for bit (without the restore it is off by several times dx)."""
+    from csrc_triton import backward as kernels
+    from fastlora.launch import backward as launch, common
+
+    case = make_case(40, 48, 64, 4, torch.bfloat16, "nf4", 64, True, False, 0.0, seed=3)
+    dy = torch.randn(40, 48, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+
+    def dx_of():
+        x, a, b = (t.to(torch.bfloat16) for t in (case.x, case.lora_A, case.lora_B))
+        u = x @ a.t()
+        return lora_backward(dy, x, u, case.packed, case.state, a, b, case.scaling, 0.0, 0,
+                             True, False, False)[0]
+    want = dx_of()
+
+    tuned = ("sm_80", False, "tf32")  # (arch, fp32 activations, dot precision)
+    configs = [kernels._cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=4),
+               kernels._cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)]
+    monkeypatch.setitem(kernels.CONFIGS["dx"], tuned[:2], configs)
+    monkeypatch.setattr(common, "_TUNERS", {})
+    build = kernels.build_autotuner
+    built = []
+
+    def build_on_cpu(*args):
+        built.append(tuner := build(*args))
+        tuner.do_bench = _cpu_bench
+        return tuner
+    monkeypatch.setattr(kernels, "build_autotuner", build_on_cpu)
+    init = launch._Configs.__init__
+
+    def tuned_dx(self, x, config):
+        init(self, x, config)
+        del self.fixed["dx"]
+        self.tuned = tuned
+    monkeypatch.setattr(launch._Configs, "__init__", tuned_dx)
+
+    got = dx_of()
+    assert len(built) == 1 and len(built[0].configs_timings) == 2, "both configs were timed"
+    assert torch.equal(got, want), f"max |diff| {(got.float() - want.float()).abs().max()}"
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "fwd+bwd"])

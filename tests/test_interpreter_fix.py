@@ -74,10 +74,27 @@ def test_bf16_cast_rounds_to_nearest_even_with_correction():
 
 
 def test_correction_is_version_guarded(monkeypatch):
-    monkeypatch.setattr(interpreter, "_version", lambda: (3, 10))
-    assert not interpreter.affected()
+    for unchecked in ((3, 8), (3, 10)):
+        monkeypatch.setattr(interpreter, "_version", lambda: unchecked)
+        assert not interpreter.affected()
     monkeypatch.setattr(interpreter, "_version", lambda: (3, 9))
     assert interpreter.affected()
+
+
+def test_unchecked_version_warns_and_leaves_triton_alone(monkeypatch):
+    from triton.runtime import interpreter as interp
+
+    interpreter.remove()
+    monkeypatch.setattr(interpreter, "_version", lambda: (3, 10))
+    monkeypatch.setattr(interpreter, "_warned", [])
+    original = interp.InterpreterBuilder.create_dot
+    try:
+        with pytest.warns(RuntimeWarning, match="bf16 results under TRITON_INTERPRET"):
+            assert interpreter.apply() is False
+        assert interp.InterpreterBuilder.create_dot is original and not interpreter.active()
+    finally:
+        monkeypatch.undo()
+        interpreter.apply()
 
 
 def test_correction_needs_the_interpreter(monkeypatch):

@@ -1,5 +1,5 @@
 """Large-index safety at run time (issue 7 item 4): the kernels read x and dy through row
-offsets past 2^31 elements, without allocating such tensors.
+and column offsets past 2^31 elements, without allocating such tensors.
 
 x and dy are 3-row views whose row stride is 2^30 + K (so row 2 starts past element 2^31) into
 a buffer of ~4 GB that is reserved but never touched except for the three rows: the OS only
@@ -40,35 +40,47 @@ _PRELUDE = textwrap.dedent("""
         assert view.stride(0) * (rows - 1) >= 2**31
         return view
 
+    def far_cols(t):
+        # same values, columns ~2^31 / (cols - 1) apart: the last column starts past 2^31
+        rows, cols = t.shape
+        stride = 2**31 // (cols - 1) + rows
+        big = torch.empty(stride * (cols - 1) + rows, dtype=t.dtype)
+        view = big.as_strided((rows, cols), (1, stride))
+        view.copy_(t)
+        assert view.stride(1) * (cols - 1) >= 2**31
+        return view
+
     c = make_case(3, 40, 64, 4, torch.bfloat16, "nf4", 64, True, True, 0.25)
     args = (c.packed, c.state, c.lora_A, c.lora_B, c.scaling)
 """)
 
+_FORWARD = """
+    y, u = lora_forward({view}(c.x), *args, c.bias, c.dropout_p, c.seed, path="{path}")
+    y0, u0 = lora_forward(c.x, *args, c.bias, c.dropout_p, c.seed, path="{path}")
+    assert torch.equal(y, y0) and torch.equal(u, u0)
+"""
+_BACKWARD = """
+    y0, u0 = lora_forward(c.x, *args, c.bias, c.dropout_p, c.seed)
+    dy = torch.randn(3, 40, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    far = lora_backward({view}(dy), {view}(c.x), u0, c.packed, c.state, c.lora_A, c.lora_B,
+                        c.scaling, c.dropout_p, c.seed, True, True, True)
+    near = lora_backward(dy, c.x, u0, c.packed, c.state, c.lora_A, c.lora_B, c.scaling,
+                         c.dropout_p, c.seed, True, True, True)
+    assert all(torch.equal(a, b) for a, b in zip(far, near))
+"""
+# Row views reach past 2^31 through row * stride; column-major views (far_cols) through
+# column * stride, products that must be formed in 64 bits as well.
 _CASES = {
-    "forward-tiled": """
-        y, u = lora_forward(far_rows(c.x), *args, c.bias, c.dropout_p, c.seed, path="tiled")
-        y0, u0 = lora_forward(c.x, *args, c.bias, c.dropout_p, c.seed, path="tiled")
-        assert torch.equal(y, y0) and torch.equal(u, u0)
-    """,
-    "forward-small-m": """
-        y, u = lora_forward(far_rows(c.x), *args, c.bias, c.dropout_p, c.seed, path="small_m")
-        y0, u0 = lora_forward(c.x, *args, c.bias, c.dropout_p, c.seed, path="small_m")
-        assert torch.equal(y, y0) and torch.equal(u, u0)
-    """,
-    "backward": """
-        y0, u0 = lora_forward(c.x, *args, c.bias, c.dropout_p, c.seed)
-        dy = torch.randn(3, 40, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-        far = lora_backward(far_rows(dy), far_rows(c.x), u0, c.packed, c.state, c.lora_A,
-                            c.lora_B, c.scaling, c.dropout_p, c.seed, True, True, True)
-        near = lora_backward(dy, c.x, u0, c.packed, c.state, c.lora_A, c.lora_B, c.scaling,
-                             c.dropout_p, c.seed, True, True, True)
-        assert all(torch.equal(a, b) for a, b in zip(far, near))
-    """,
+    "forward-tiled": _FORWARD.format(view="far_rows", path="tiled"),
+    "forward-small-m": _FORWARD.format(view="far_rows", path="small_m"),
+    "backward": _BACKWARD.format(view="far_rows"),
+    "forward-far-columns": _FORWARD.format(view="far_cols", path="tiled"),
+    "backward-far-columns": _BACKWARD.format(view="far_cols"),
 }
 
 
 @pytest.mark.parametrize("case", list(_CASES))
-def test_rows_past_2_31_elements(case):
+def test_offsets_past_2_31_elements(case):
     code = _PRELUDE + textwrap.dedent(_CASES[case]) + "\nprint('OK')\n"
     tests_dir = os.path.dirname(__file__)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(

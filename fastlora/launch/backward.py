@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import triton
 
-from ..ops import ACTIVATION_DTYPES, check_inputs
+from ..ops import ACTIVATION_DTYPES, check_fused_rank, check_inputs
 from ..quant import QuantState
 from ..reference import dropout_threshold
 from .common import (LAUNCH_OPTIONS, arch, cached_autotuner, dot_precision, kernel_entry, num_sms,
@@ -46,7 +46,7 @@ def _parts(extent: int, unit: int, count: int) -> tuple[int, int]:
 class _Configs:
     """Which config each kernel runs with: `config[kernel]` when given (a dict of its BLOCK_*
     constexprs plus num_warps / num_stages), else the fixed interpreter config, else the
-    autotuner over the arch's list for the activation class."""
+    autotuner over the arch's list for the activation class and dot precision."""
 
     def __init__(self, x: torch.Tensor, config: Optional[dict]):
         from csrc_triton import backward as kernels
@@ -65,13 +65,15 @@ class _Configs:
                     num_warps=meta.get("num_warps", 4), num_stages=meta.get("num_stages", 2))
             elif x.device.type != "cuda":
                 self.fixed[name] = kernels.INTERPRETER_CONFIGS[name]
-        self.tuned = (arch(x.device), x.dtype == torch.float32) \
+        # (arch, fp32, dot precision): fp32 at precision "ieee" autotunes over its own
+        # spill-free list (csrc_triton.backward.IEEE_CONFIGS), cached apart from tf32's
+        self.tuned = (arch(x.device), x.dtype == torch.float32, dot_precision(x.dtype)) \
             if x.device.type == "cuda" else None
 
     def largest(self, name: str, block: str) -> int:
         """The largest `block` the kernel may run with (split boundaries are aligned to it)."""
         configs = ([self.fixed[name]] if name in self.fixed
-                   else self.kernels.CONFIGS[name][self.tuned])
+                   else self.kernels.config_list(name, *self.tuned))
         return max(c.kwargs[block] for c in configs)
 
     def launch(self, name: str, grid, args: tuple, consts: dict, options: Optional[dict] = None):
@@ -103,8 +105,7 @@ def _check(dy, x, u, lora_A, lora_B, need_dB):
     if dy.device != x.device:
         raise ValueError(f"dy is on {dy.device} but x is on {x.device}")
     rank = lora_A.shape[0]
-    if rank > 256:
-        raise ValueError(f"lora_A has rank {rank}; the fused backward supports ranks 1..256")
+    check_fused_rank(lora_A)
     if need_dB:
         if not isinstance(u, torch.Tensor):
             raise TypeError(f"u must be the [M, r] tensor saved by the forward, got "

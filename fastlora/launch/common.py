@@ -33,23 +33,39 @@ def kernel_entry(launcher):
 
 def weight_args(packed: torch.Tensor, state: QuantState) -> tuple:
     """(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr) for a kernel, in
-    the order csrc_triton/common.py documents; unused double-quant pointers repeat absmax."""
+    the order csrc_triton/common.py documents; unused double-quant pointers repeat absmax.
+    The kernels index these flat, so a strided view (never what bitsandbytes makes) is copied:
+    at most N*K/32 bytes of absmax, against the N*K/2 of the packed weight."""
     raw = packed_bytes(packed)
     code = code_table(state.quant_type, packed.device)  # the decoders' table (FP4 zero is -0.0)
+    absmax = state.absmax.contiguous()
     if state.nested:
         offset = state.offset.reshape(1).to(torch.float32)
-        return (raw, state.absmax, state.state2.absmax, state.state2.code, offset, code)
-    return (raw, state.absmax, state.absmax, state.absmax, state.absmax, code)
+        return (raw, absmax, state.state2.absmax.contiguous(), state.state2.code.contiguous(),
+                offset, code)
+    return (raw, absmax, absmax, absmax, absmax, code)
 
 
 # Kernel launch options shared by every weight-reading kernel: see csrc_triton/common.py on FMA.
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
+def torch_matmul_uses_tf32() -> bool:
+    """Whether torch's own fp32 matmuls on CUDA run as tf32. torch >= 2.9 has
+    `matmul.fp32_precision` ('tf32', 'ieee', or 'none' = inherit; the getter resolves the
+    inheritance and reflects the legacy flag too), and reading the legacy `allow_tf32` raises
+    once a user has set the new API: read the new one where it exists."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input_precision: fp32 activations follow torch.backends.cuda.matmul.allow_tf32
-    (tf32 when torch would use it, full fp32 'ieee' otherwise); 16-bit inputs ignore it."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    """tl.dot input_precision: fp32 activations follow torch's fp32 matmul setting (tf32 when
+    torch would use it, full fp32 'ieee' otherwise); 16-bit inputs ignore it."""
+    if dtype == torch.float32 and not torch_matmul_uses_tf32():
         return "ieee"
     return "tf32"
 
@@ -63,15 +79,35 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+class LockedTuner:
+    """A triton.autotune launcher that one thread runs at a time. Triton's Autotuner keeps the
+    call's arguments on the shared instance (`self.nargs`, set at the start of `run`, read while
+    configs are timed and pruned, reset to None at the end), so two threads in `run` at once
+    can read each other's arguments or None. Holding the lock costs one uncontended acquire per
+    launch (launches are asynchronous); a thread that arrives while configs are being timed
+    waits for the pick instead of timing them again."""
+
+    def __init__(self, tuner):
+        self.tuner = tuner
+        self.lock = threading.Lock()
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            with self.lock:
+                return self.tuner[grid](*args, **kwargs)
+        return launch
+
+
 _TUNERS: dict = {}
 _TUNERS_LOCK = threading.Lock()
 
 
-def cached_autotuner(key: tuple, build):
-    """The triton.autotune launcher for `key`, built by `build()` once per process even when
-    threads race to the first call (GPU only; the interpreter runs fixed configs)."""
+def cached_autotuner(key: tuple, build) -> LockedTuner:
+    """The triton.autotune launcher for `key` (behind its LockedTuner), built by `build()` once
+    per process even when threads race to the first call (GPU only; the interpreter runs fixed
+    configs)."""
     with _TUNERS_LOCK:
         tuner = _TUNERS.get(key)
         if tuner is None:
-            tuner = _TUNERS[key] = build()
+            tuner = _TUNERS[key] = LockedTuner(build())
     return tuner

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..ops import ACTIVATION_DTYPES, check_inputs
+from ..ops import ACTIVATION_DTYPES, check_fused_rank, check_inputs
 from ..reference import dropout_threshold
 from .. import backend
 from .common import (LAUNCH_OPTIONS, arch, cached_autotuner, dot_precision, kernel_entry, num_sms,
@@ -29,7 +29,7 @@ SMALL_M_KEYS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
 
 def check_forward_args(x, packed, state, lora_A, lora_B, scaling, bias, p, seed) -> None:
     """fastlora.ops.check_inputs (shared with the public op), plus what the launcher adds:
-    2-D x, an integer seed."""
+    2-D x, an integer seed, a rank the kernels serve."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D [M, K] tensor (fold leading dims into M), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -37,6 +37,7 @@ def check_forward_args(x, packed, state, lora_A, lora_B, scaling, bias, p, seed)
                  allowed_dtypes=ACTIVATION_DTYPES)
     if seed is None:
         raise ValueError("seed must be an int (fastlora.ops.resolve_seed draws one)")
+    check_fused_rank(lora_A)
 
 
 def choose_path(m: int, path: str = "auto") -> str:
@@ -77,7 +78,9 @@ def lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, seed, *, co
     which = choose_path(m, path)
     precision = dot_precision(x.dtype)
     _launch_u(x, lora_A, u, float(p), int(seed), precision)
-    args = (x, *weight_args(packed, state), u, lora_B, bias if bias is not None else y, y)
+    # the kernels read bias[n] at bias_ptr + n: a strided view (bias[::2]) is copied, N values
+    bias_arg = bias.contiguous() if bias is not None else y  # y: unread when HAS_BIAS is off
+    args = (x, *weight_args(packed, state), u, lora_B, bias_arg, y)
     flags = {"QBLOCK": state.blocksize, "DOUBLE_QUANT": state.nested,
              "K_ALIGNED": k % state.blocksize == 0, "HAS_BIAS": bias is not None,
              "PRECISION": precision, "BLOCK_R": _forward_kernels().rank_chunk(rank)}
@@ -97,7 +100,7 @@ def _forward_kernels():
 def _launch_u(x, lora_a, u, p, seed, precision):
     fwd = _forward_kernels()
     m, k = x.shape
-    cfg = fwd.u_config(fwd.rank_block(lora_a.shape[0]))
+    cfg = fwd.u_config(fwd.rank_block(lora_a.shape[0]), precision)
     meta = {key: value for key, value in cfg.items() if key.startswith("BLOCK")}
     fwd._lora_u_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
         x, lora_a, u, m, k, lora_a.shape[0], x.stride(0), x.stride(1), lora_a.stride(0),
@@ -118,7 +121,7 @@ def _launch_tiled(args, flags, m, n, k, rank, scaling, config):
     x, u, lora_b, y = args[0], args[7], args[8], args[10]
     if config is None and not backend.interpreter_active():
         kernel, meta = _autotuned_tiled(x.device, x.dtype == torch.float32,
-                                        flags["K_ALIGNED"]), {}
+                                        flags["K_ALIGNED"], flags["PRECISION"]), {}
     else:
         kernel = fwd._nf4_lora_fwd_kernel
         meta = dict(_check_config(config, TILED_KEYS, "tiled") if config is not None
@@ -141,7 +144,7 @@ def _launch_small_m(args, flags, m, n, k, rank, scaling, config):
     x, u, lora_b, y = args[0], args[7], args[8], args[10]
     if config is None and not backend.interpreter_active():
         kernel, meta = _autotuned_small_m(x.device, x.dtype == torch.float32,
-                                          flags["K_ALIGNED"]), {}
+                                          flags["K_ALIGNED"], flags["PRECISION"]), {}
         slices = sm.split_k(m, n, k, num_sms(x.device))
         granule = sm.SPLIT_GRANULE
     else:
@@ -168,26 +171,28 @@ def _launch_small_m(args, flags, m, n, k, rank, scaling, config):
 
 
 # ----------------------------------------------------------------------------- GPU autotuning
-# Built on first use per (path, arch, fp32, K aligned): nothing touches the device at import time.
+# Built on first use per (path, arch, fp32, K aligned, dot precision): nothing touches the device
+# at import time. fp32 at precision "ieee" has its own lists (FMA dots: the tf32 ones spill).
 _TILED_KEY = ["M_BUCKET", "N", "K", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "HAS_BIAS",
               "BLOCK_R", "PRECISION"]
 _SMALL_M_KEY = ["N", "K", "k_per_split", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "HAS_BIAS",
                 "BLOCK_R", "PRECISION", "SPLIT"]
 
 
-def _autotuned_tiled(device: torch.device, fp32: bool, k_aligned: bool):
+def _autotuned_tiled(device: torch.device, fp32: bool, k_aligned: bool, precision: str):
     fwd = _forward_kernels()
-    key = ("tiled", arch(device), fp32, k_aligned)
+    key = ("tiled", arch(device), fp32, k_aligned, precision)
     return cached_autotuner(key, lambda: triton.autotune(
-        configs=fwd.triton_configs(fwd.tiled_configs(key[1], fp32, k_aligned)),
+        configs=fwd.triton_configs(fwd.tiled_configs(key[1], fp32, k_aligned, precision)),
         key=_TILED_KEY, prune_configs_by={"early_config_prune": fwd.prune_configs},
     )(fwd._nf4_lora_fwd_kernel))
 
 
-def _autotuned_small_m(device: torch.device, fp32: bool, k_aligned: bool):
+def _autotuned_small_m(device: torch.device, fp32: bool, k_aligned: bool, precision: str):
     sm = _small_m_kernels()
-    key = ("small_m", arch(device), fp32, k_aligned)
+    key = ("small_m", arch(device), fp32, k_aligned, precision)
     return cached_autotuner(key, lambda: triton.autotune(
-        configs=_forward_kernels().triton_configs(sm.small_m_configs(fp32, k_aligned)),
+        configs=_forward_kernels().triton_configs(sm.small_m_configs(fp32, k_aligned,
+                                                                     precision)),
         key=_SMALL_M_KEY, prune_configs_by={"early_config_prune": sm.prune_configs},
     )(sm._nf4_lora_fwd_small_m_kernel))
