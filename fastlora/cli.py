@@ -57,6 +57,16 @@ def _interpreter_without_gpu() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _check_backend() -> None:
+    """A bad FASTLORA_BACKEND is bad input: say so before any work, not at the first op."""
+    from .backend import requested
+
+    try:
+        requested()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 # ----------------------------------------------------------------------------- commands
 
 def _bench(args) -> int:
@@ -76,9 +86,36 @@ def _bench(args) -> int:
             blocksize=args.blocksize, double_quant=not args.no_double_quant,
             warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
             compile_report=not args.no_compile_report)
+        path, columns = _bench_csv_columns(opts)
+        if columns:
+            from .bench.report import check_csv_columns
+
+            check_csv_columns(path, columns)  # now, not after the whole run
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return run(opts)
+
+
+def _bench_csv_columns(opts) -> tuple:
+    """(path, columns) of the CSV the run appends to: results.csv on a GPU, modelled.csv
+    without one (columns None when it writes no row there). The columns come from one row
+    built by the suite's own code, so they cannot drift from what the run writes: a modelled
+    row, or a GPU row that skips its provider (measure_row then times nothing)."""
+    import dataclasses
+
+    from .bench import report, suite
+
+    one = dataclasses.replace(opts, shapes=opts.shapes[:1], ms=opts.ms[:1],
+                              ranks=opts.ranks[:1], modes=opts.modes[:1])
+    if torch.cuda.is_available():
+        name = opts.providers[0]
+        row = suite.measure_row(one, report.environment(torch.cuda.get_device_name()),
+                                one.shapes[0], one.ranks[0], one.ms[0], one.modes[0], name,
+                                built={}, skipped={name: "column check"}, xs=[], dys=[])
+        suite.derive([row], one, peak=None)
+        return os.path.join(opts.out, "results.csv"), list(row)
+    rows = suite.modelled_rows(one)
+    return os.path.join(opts.out, "modelled.csv"), list(rows[0]) if rows else None
 
 
 def _modes(spec: str) -> tuple:
@@ -105,7 +142,7 @@ def _verify(args) -> int:
 
 
 def _demo(args) -> int:
-    from .demo import make_config, run_demo
+    from .demo import DemoError, make_config, run_demo
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -115,7 +152,11 @@ def _demo(args) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     _output_dir(cfg.out)
-    return run_demo(cfg)
+    try:
+        return run_demo(cfg)
+    except DemoError as exc:
+        print(f"fastlora demo: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _compile_report(args) -> int:
@@ -223,6 +264,8 @@ def main(argv=None) -> int:
     if args.kernels:
         _interpreter_without_gpu()
     try:
+        if args.kernels:
+            _check_backend()
         return args.run(args)
     except UsageError as exc:
         print(f"fastlora {args.command}: error: {exc}", file=sys.stderr)

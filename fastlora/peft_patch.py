@@ -2,30 +2,33 @@
 (`peft.tuners.lora.bnb.Linear4bit`) through the fused op, in place.
 
 A patched layer keeps every module and parameter object it had; only its `forward` changes (an
-instance attribute that shadows the class's), so optimizer state, `save_pretrained`,
-`load_adapter`, `set_adapter`, `merge_and_unload` and checkpoints see nothing different. The
-patched forward reads the layer's state at every call (active adapter, scaling, dropout p and
-train/eval, merged/disabled) and hands the call to PEFT's own forward whenever the fused path
-cannot serve it (e.g. inside `with model.disable_adapter():`, or with `adapter_names=`).
+instance attribute that shadows the class's: a small picklable callable holding the layer, so
+`torch.save(model)` / `torch.load` and `copy.deepcopy` keep the patch), so optimizer state,
+`save_pretrained`, `load_adapter`, `set_adapter`, `merge_and_unload` and checkpoints see nothing
+different. The patched forward reads the layer's state at every call (active adapter, scaling,
+dropout p and train/eval, merged/disabled) and hands the call to PEFT's own forward whenever
+the fused path cannot serve it (e.g. inside `with model.disable_adapter():`, or with
+`adapter_names=`); such a hand-over is logged at WARNING, once per reason per process, so
+nothing runs slow silently.
 
 `patch` serves a layer when exactly one active adapter lives in it, that adapter is plain LoRA
-(not DoRA, aLoRA or Arrow), it is neither merged nor disabled, its weights and the compute
-dtype are fp16/bf16/fp32, its dropout is nn.Dropout or nn.Identity, and the base weight has a
-quant_state that describes it in bitsandbytes' standard layout. Other layers keep PEFT's forward
-and are listed in the report under their reason (REASONS); the log gets one line per reason.
+(not DoRA, aLoRA or Arrow) of rank 1..256, it is neither merged nor disabled, its weights and
+the compute dtype are fp16/bf16/fp32, its dropout is nn.Dropout or nn.Identity, and the base
+weight has a quant_state that describes it in bitsandbytes' standard layout. Other layers keep
+PEFT's forward and are listed in the report under their reason (REASONS); the log gets one
+line per reason.
 """
 
 from __future__ import annotations
 
 import logging
-import types
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .modules import bnb_quant_state, fused_lora_forward
-from .ops import ACTIVATION_DTYPES
+from .ops import ACTIVATION_DTYPES, MAX_FUSED_RANK
 from .quant import QuantState
 
 __all__ = ["patch", "unpatch", "PatchReport", "REASONS"]
@@ -39,6 +42,7 @@ NO_ACTIVE = "no active adapter in this layer"
 SEVERAL = "several active adapters"
 VARIANT = "LoRA variant (DoRA, aLoRA or Arrow)"
 DROPOUT = "dropout module is not nn.Dropout or nn.Identity"
+RANK = f"LoRA rank above {MAX_FUSED_RANK} (the fused kernels support ranks 1..{MAX_FUSED_RANK})"
 DTYPE = "unsupported dtype (adapter weights and compute dtype must be fp16, bf16 or fp32)"
 NO_STATE = "missing quant_state"
 BAD_STATE = "inconsistent quant_state"
@@ -47,8 +51,8 @@ WRAPPED = "forward already replaced on the instance (e.g. an accelerate hook)"
 # call-time only: the patched forward hands these calls to PEFT
 MIXED_BATCH = "mixed-batch adapter_names"
 EXTRA_ARGS = "extra forward arguments"
-REASONS = (DISABLED, MERGED, NO_ACTIVE, SEVERAL, VARIANT, DROPOUT, DTYPE, NO_STATE, BAD_STATE,
-           CPU_PACKED, WRAPPED, MIXED_BATCH, EXTRA_ARGS)
+REASONS = (DISABLED, MERGED, NO_ACTIVE, SEVERAL, VARIANT, DROPOUT, RANK, DTYPE, NO_STATE,
+           BAD_STATE, CPU_PACKED, WRAPPED, MIXED_BATCH, EXTRA_ARGS)
 
 
 @dataclass
@@ -83,6 +87,8 @@ def _serving_plan(layer) -> tuple:
         return None, VARIANT
     if not isinstance(layer.lora_dropout[adapter], (nn.Dropout, nn.Identity)):
         return None, DROPOUT
+    if layer.lora_A[adapter].weight.shape[0] > MAX_FUSED_RANK:  # the kernels' limit
+        return None, RANK
     base = layer.get_base_layer()
     if layer.lora_A[adapter].weight.dtype not in ACTIVATION_DTYPES \
             or layer.lora_B[adapter].weight.dtype not in ACTIVATION_DTYPES \
@@ -118,25 +124,49 @@ _fallbacks_logged: set = set()
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """The forward `patch` installs on a PEFT lora.Linear4bit (bound to it)."""
+    """The forward `patch` installs on a PEFT lora.Linear4bit (through _FusedForward)."""
     adapter, reason = _serving_plan(self)
     if reason is None and kwargs.get("adapter_names") is not None:
         reason = MIXED_BATCH
     if reason is None and (args or any(v is not None for v in kwargs.values())):
         reason = EXTRA_ARGS
     if reason is not None:
-        if reason not in _fallbacks_logged:
+        if reason not in _fallbacks_logged:  # WARNING: the slow path must not go unnoticed
             _fallbacks_logged.add(reason)
-            logger.info("fastlora: a patched layer runs PEFT's forward for this call (%s); "
-                        "logged once per reason", reason)
+            logger.warning("fastlora: a patched layer runs PEFT's (unfused, slower) forward "
+                           "for this call (%s); logged once per reason", reason)
         return type(self).forward(self, x, *args, **kwargs)
     return fused_lora_forward(x, self.get_base_layer(), self.lora_A[adapter],
                               self.lora_B[adapter], self.scaling[adapter],
                               self.lora_dropout[adapter])
 
 
+class _FusedForward:
+    """What `patch` installs as a layer's `forward`: `_fused_forward` bound to the layer.
+
+    Not a types.MethodType: pickle stores a bound method as getattr(layer, "_fused_forward"),
+    which the layer does not have, so torch.load of a patched model failed. This pickles as
+    _FusedForward(layer) (the layer itself is pickled once, cycles included), and deepcopy
+    rebinds it to the copied layer the same way."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return _fused_forward(self.layer, x, *args, **kwargs)
+
+    def __reduce__(self):
+        return _FusedForward, (self.layer,)
+
+    def __repr__(self) -> str:
+        return f"<fastlora fused forward of {type(self.layer).__name__}>"
+
+
 def _is_patched(module: nn.Module) -> bool:
-    return getattr(module.__dict__.get("forward"), "__func__", None) is _fused_forward
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, _FusedForward) and forward.layer is module
 
 
 def _lora_4bit_class():
@@ -170,7 +200,7 @@ def patch(model: nn.Module) -> PatchReport:
         reason = _patch_reason(module)
         if reason is None:
             if not _is_patched(module):
-                module.forward = types.MethodType(_fused_forward, module)
+                module.forward = _FusedForward(module)
             report.patched += 1
         else:
             if _is_patched(module):

@@ -81,6 +81,8 @@ def test_demo(tmp_path):
     assert "14 layers fused" in done.stdout
     assert "tokens/s" in done.stdout and "peak memory" in done.stdout
     assert "-> OK" in done.stdout
+    assert "logits vs the same model in float64" in done.stdout  # fastlora.numerics' rule
+    assert "bound 2 x unpatched + 1 ulp" in done.stdout
     assert (tmp_path / "loss.png").stat().st_size > 0
     assert len((tmp_path / "loss.csv").read_text().splitlines()) == 1 + 3
 
@@ -113,6 +115,14 @@ BAD_INPUT = {
     "demo output is a file": (["demo", "--out", "{file}/x"], "cannot write to output folder"),
     "demo zero steps": (["demo", "--steps", "0"], "must be >= 1"),
     "demo odd width": (["demo", "--hidden", "100"], "multiple of 64"),
+    # the check batch is drawn from the corpus' 681-byte held-out slice
+    "demo seq-len over held-out": (["demo", "--seq-len", "700"], "--seq-len must be <= 680"),
+    "demo seq-len over corpus": (["demo", "--seq-len", "7000"], "--seq-len must be <= 680"),
+    "demo seed too large": (["demo", "--seed", str(2**70)], "--seed must be in 0..2**63-1"),
+    "demo seed negative": (["demo", "--seed", "-1"], "--seed must be in 0..2**63-1"),
+    "bench csv with other columns": (["bench", "--shapes", "llama3-8b.q_proj", "--m", "1",
+                                      "--out", "{other_csv}", "--no-compile-report"],
+                                     "holds rows with other columns"),
     "unknown arch": (["compile-report", "--archs", "sm_75"], "unknown arch"),
     "unknown kernel": (["compile-report", "--kernels", "_no_such_kernel"], "unknown kernel"),
     "unknown command": (["train"], "invalid choice"),
@@ -120,13 +130,67 @@ BAD_INPUT = {
 }
 
 
+@pytest.fixture
+def other_csv(tmp_path):
+    """A bench output folder whose results.csv and modelled.csv hold other columns (an older
+    fastlora's, say): the run appends to one of them, so it must refuse before it starts."""
+    folder = tmp_path / "old-bench"
+    folder.mkdir()
+    for name in ("results.csv", "modelled.csv"):
+        (folder / name).write_text("gpu,shape,m,median_ms\nX,llama3-8b.q_proj,1,0.1\n")
+    return str(folder)
+
+
 @pytest.mark.parametrize("argv, expected", list(BAD_INPUT.values()), ids=list(BAD_INPUT))
-def test_bad_input_is_one_line(argv, expected, a_file, capsys):
-    code, err = run_main([a.format(file=a_file) for a in argv], capsys)
+def test_bad_input_is_one_line(argv, expected, a_file, other_csv, capsys):
+    code, err = run_main([a.format(file=a_file, other_csv=other_csv) for a in argv], capsys)
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], err
     assert lines[0].startswith("fastlora"), err
+
+
+@pytest.mark.parametrize("command", [["demo"], ["verify"], ["bench", "--m", "1"]])
+def test_bad_backend_is_one_line(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FASTLORA_BACKEND", "bogus")
+    code, err = run_main(command + ["--out", str(tmp_path)], capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "FASTLORA_BACKEND must be one of" in lines[0], err
+    assert lines[0].startswith(f"fastlora {command[0]}: error:"), err
+
+
+def test_bench_csv_check_sees_the_columns_a_gpu_run_writes(tmp_path, monkeypatch):
+    """On a GPU the pre-run check takes results.csv's columns from a row that skips its
+    provider; a row that was measured must have the very same columns (faked GPU here)."""
+    from fastlora.bench import report, shapes, suite
+    from fastlora.bench.timing import Timing
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(suite, "measure", lambda *a: Timing(1.0, 0.9, 1.1, 10.0))
+    opts = suite.Options(shapes=shapes.select_shapes("llama3-8b.q_proj"), ms=(16,),
+                         ranks=(16,), modes=("full",), providers=["fastlora"],
+                         out=str(tmp_path))
+    path, columns = cli._bench_csv_columns(opts)
+    assert path == str(tmp_path / "results.csv")
+    env = report.environment("NVIDIA H100 80GB HBM3")
+    row = suite.measure_row(opts, env, opts.shapes[0], 16, 16, "full", "fastlora",
+                            {"fastlora": None}, {}, [], [])
+    suite.derive([row], opts, peak=None)
+    assert row["status"] == "ok" and list(row) == columns
+
+
+def test_demo_fails_when_nothing_is_patched(tmp_path, capsys):
+    """Rank 257 is past the fused kernels' limit, so fastlora.patch fuses no layer: the demo
+    stops with one line and exit 1 instead of comparing PEFT with itself."""
+    code, err = run_main(["demo", "--rank", "257", "--hidden", "320", "--steps", "1",
+                          "--out", str(tmp_path)], capsys)
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastlora demo: error: fastlora.patch "
+                                                   "fused no layer"), err
+    assert "LoRA rank above 256" in lines[0], err
 
 
 def test_bad_input_in_a_real_process(tmp_path):

@@ -12,6 +12,7 @@ both runs carry the same bf16 rounding of the non-LoRA parts (attention, norms, 
 """
 
 import copy
+import io
 import logging
 import types
 
@@ -262,6 +263,103 @@ def test_compile_patched_layer(model_dir):
         _close_fp32(compiled, eager, f"compiled {name}")
 
 
+def _lora_grads(model) -> dict:
+    return {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()
+            if "lora_" in n}
+
+
+def test_compile_whole_patched_model(model_dir, fused_calls):
+    """The whole patched tiny Llama in training mode (dropout 0): torch._dynamo.explain finds
+    one graph and no graph break, and torch.compile(model, fullgraph=True) trains: loss and
+    every LoRA gradient equal eager's. Backend aot_eager (AOTAutograd through the ops' fake
+    implementations and autograd formula): inductor's code generation for a whole model takes
+    ~40 s on 2 CPU cores, and the inductor path is covered per layer above."""
+    model = tm.add_lora(tm.load_4bit(model_dir, compute_dtype=torch.float32))
+    model.train()
+    assert fastlora.patch(model).patched == N_LAYERS
+    ids, labels = tm.token_batch()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(ids, labels=labels)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), \
+        explained.break_reasons
+    results = []
+    for fn in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
+        model.zero_grad(set_to_none=True)
+        loss = fn(ids, labels=labels).loss
+        loss.backward()
+        results.append({"loss": loss.detach(), **_lora_grads(model)})
+    torch._dynamo.reset()
+    eager, compiled = results
+    assert len(fused_calls) >= 2 * N_LAYERS  # explain, eager and the traced run went fused
+    assert set(compiled) == set(eager) and len(eager) == 1 + 2 * N_LAYERS
+    for name in eager:
+        _close_fp32(compiled[name], eager[name], f"compiled {name}")
+
+
+def test_compile_with_dropout_captures_the_seed_draw(model_dir):
+    """With dropout > 0 in training the op draws its dropout seed as a tensor
+    (fastlora.ops.seed_tensor) that the custom ops read inside: the draw joins the graph, so
+    fullgraph compiles with torch's default settings, and under the same torch.manual_seed the
+    compiled layer gives eager's output and gradients; two calls draw two masks."""
+    model = tm.add_lora(tm.load_4bit(model_dir, compute_dtype=torch.float32), lora_dropout=0.3)
+    model.train()
+    fastlora.patch(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 16, 64, device=tm.DEVICE)
+    torch._dynamo.reset()
+    runs = []
+    for fn in (layer, torch.compile(layer, fullgraph=True, backend="aot_eager")):
+        layer.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        y = fn(x)
+        y.square().sum().backward()
+        runs.append((y.detach(), layer.lora_A["default"].weight.grad,
+                     layer.lora_B["default"].weight.grad, fn(x).detach()))
+    torch._dynamo.reset()
+    for name, eager, compiled in zip(("y", "dA", "dB"), *runs):
+        _close_fp32(compiled, eager, f"compiled {name}")
+    y, again = runs[1][0], runs[1][3]
+    assert (y - again).abs().max() > 1e-2, "two compiled calls drew the same dropout mask"
+
+
+def test_pickle_and_deepcopy_keep_the_patch(model_dir, fused_calls):
+    """torch.save(model) / torch.load(weights_only=False) and copy.deepcopy of a patched model
+    give a model whose layers are patched (each bound to its own new layer), run the fused
+    path and give the original's logits bit for bit; unpatch restores PEFT's forward there."""
+    model = tm.add_lora(tm.load_4bit(model_dir, compute_dtype=torch.float32))
+    assert fastlora.patch(model).patched == N_LAYERS
+    want = _logits(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (loaded, copy.deepcopy(model)):
+        calls = len(fused_calls)
+        assert torch.equal(_logits(other), want)
+        assert len(fused_calls) == calls + N_LAYERS
+        assert sum(peft_patch._is_patched(m) for m in other.modules()) == N_LAYERS
+        assert fastlora.unpatch(other) == N_LAYERS
+        assert not any("forward" in m.__dict__ for m in other.modules())
+        _close_fp32(_logits(other), want, "unpatched copy")
+        assert len(fused_calls) == calls + N_LAYERS
+    assert sum(peft_patch._is_patched(m) for m in model.modules()) == N_LAYERS
+
+
+def test_fallback_warns_once_per_reason(model_dir, caplog, monkeypatch):
+    """A call the fused path cannot serve goes to PEFT's slower forward with a WARNING (so a
+    user sees it), once per reason per process, not once per layer or call."""
+    monkeypatch.setattr(peft_patch, "_fallbacks_logged", set())
+    model = tm.add_lora(tm.load_4bit(model_dir, compute_dtype=torch.float32))
+    fastlora.patch(model)
+    with caplog.at_level(logging.WARNING, logger="fastlora"):
+        for _ in range(2):
+            with model.disable_adapter():
+                _logits(model)
+        _logits(model)  # fused: no warning
+    warned = _logged(caplog)
+    assert len(warned) == 1 and peft_patch.DISABLED in warned[0], warned
+
+
 def _names(model, count=None):
     names = [n for n, m in model.named_modules() if isinstance(m, peft_patch._lora_4bit_class())]
     return names[:count] if count else names
@@ -278,6 +376,20 @@ def test_report_dora(model_dir, caplog):
     assert report.patched == 0
     assert report.skipped == {peft_patch.VARIANT: _names(model)}
     assert len(_logged(caplog)) == 1 and peft_patch.VARIANT in _logged(caplog)[0]
+
+
+def test_report_rank_above_256(model_dir, fused_calls):
+    """The fused kernels support ranks 1..256: layers of a larger rank keep PEFT's forward
+    (and still compute), the others are patched."""
+    model = tm.add_lora(tm.load_4bit(model_dir, compute_dtype=torch.float32),
+                        rank_pattern={"q_proj": 257, "k_proj": 256})
+    want = _logits(model)
+    report = fastlora.patch(model)
+    q_proj = [n for n in _names(model) if n.endswith("q_proj")]
+    assert report.skipped == {peft_patch.RANK: q_proj} and len(q_proj) == 2
+    assert report.patched == N_LAYERS - 2
+    _close_fp32(_logits(model), want, "partly patched logits")
+    assert len(fused_calls) == N_LAYERS - 2
 
 
 def test_report_two_active_adapters(model_dir):

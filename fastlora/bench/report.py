@@ -29,18 +29,26 @@ def environment(device_name: str) -> dict:
                 timespec="seconds")}
 
 
+def check_csv_columns(path: str, columns: list[str]) -> bool:
+    """Whether rows with `columns` can be appended to `path`: True when it is new or empty,
+    False when its header is exactly `columns`; ValueError when it holds other columns (the
+    suite checks this before a run, so a long run never ends in this error)."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return True
+    with open(path, newline="", encoding="utf-8") as fh:
+        existing = next(csv.reader(fh), [])
+    if existing != list(columns):
+        raise ValueError(f"{path} holds rows with other columns; write to another folder "
+                         "(--out) or move that file away")
+    return False
+
+
 def append_csv(path: str, rows: list[dict]) -> None:
     """Append `rows` to the CSV at `path` (header written when the file is new)."""
     if not rows:
         return
     columns = list(rows[0])
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    if not new:
-        with open(path, newline="", encoding="utf-8") as fh:
-            existing = next(csv.reader(fh), [])
-        if existing != columns:
-            raise ValueError(f"{path} holds rows with other columns; write to another folder "
-                             "(--out) or move that file away")
+    new = check_csv_columns(path, columns)
     with open(path, "a", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         if new:
