@@ -79,6 +79,24 @@ def test_large_rank(rank, k):
     check_grads(backward_of(case, torch.bfloat16, dy), truth, baseline, torch.bfloat16)
 
 
+@pytest.mark.parametrize("blocksize,storage,seed", [
+    (4096, torch.uint8, None), (64, torch.bfloat16, None), (128, torch.float32, 2**40 + 5)],
+    ids=["bs4096", "storage-bf16", "storage-fp32-seed2^40"])
+def test_blocksizes_storage_and_large_seeds(blocksize, storage, seed):
+    """The backward's weight and mask paths off the matrix: one quantisation block larger than
+    the whole layer (blocks straddle every row), quant_storage views of the packed bytes, and
+    a dropout seed past 2^31 (the Philox key's upper word)."""
+    case = make_case(33, N, 200, 8, torch.bfloat16, "nf4", blocksize, True, True, 0.1, seed=6)
+    case.packed, case.state = bnb_weight(N, 200, "nf4", blocksize, True, torch.bfloat16,
+                                         quant_storage=storage, seed=6)
+    assert case.packed.dtype == storage
+    if seed is not None:
+        case.seed = seed
+    dy = grad_out(case)
+    truth, baseline = reference_pair(case, torch.bfloat16, dy)
+    check_grads(backward_of(case, torch.bfloat16, dy), truth, baseline, torch.bfloat16)
+
+
 # ----------------------------------------------------------------------------- dropout mask
 
 def test_dropout_mask_same_in_forward_and_backward():
