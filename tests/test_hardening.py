@@ -248,27 +248,34 @@ def test_autotuner_cache_builds_once_under_a_race():
 
 def test_locked_tuner_keeps_each_threads_arguments():
     """Triton's Autotuner.run keeps the call's arguments on the shared instance (self.nargs)
-    and resets them to None when it returns; this stub does the same, with a pause in between.
-    Through LockedTuner each thread gets its own arguments back; the stub alone mixes them."""
+    and resets them to None when it returns; this stub does the same, with a pause in between
+    (timing configs). Through LockedTuner each thread gets its own arguments back; without it,
+    threads that meet inside `run` (a rendezvous, so the overlap does not depend on timing)
+    read one another's."""
     from fastlora.launch.common import LockedTuner
 
     class SharedStateTuner:
         nargs = None
+
+        def __init__(self, rendezvous=None):
+            self.rendezvous = rendezvous
 
         def __getitem__(self, grid):
             return self.run
 
         def run(self, value):
             self.nargs = value
-            time.sleep(0.02)  # timing configs: another thread may enter here
+            if self.rendezvous is not None:
+                self.rendezvous.wait(timeout=60)  # every thread is inside run now
+            time.sleep(0.02)
             seen, self.nargs = self.nargs, None
             return seen
 
     def race(tuner) -> list:
-        out, barrier = {}, threading.Barrier(4)
+        out, start = {}, threading.Barrier(4)
 
         def worker(i):
-            barrier.wait()
+            start.wait()
             out[i] = tuner[None](i)
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
         for t in threads:
@@ -278,7 +285,8 @@ def test_locked_tuner_keeps_each_threads_arguments():
         return [out[i] for i in range(4)]
 
     assert race(LockedTuner(SharedStateTuner())) == [0, 1, 2, 3]
-    assert race(SharedStateTuner()) != [0, 1, 2, 3]  # the hazard is real without the lock
+    mixed = race(SharedStateTuner(rendezvous=threading.Barrier(4)))
+    assert mixed != [0, 1, 2, 3], "the hazard is real without the lock"
 
 
 def _cpu_bench(kernel_call, quantiles):
