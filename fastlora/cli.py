@@ -86,36 +86,12 @@ def _bench(args) -> int:
             blocksize=args.blocksize, double_quant=not args.no_double_quant,
             warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
             compile_report=not args.no_compile_report)
-        path, columns = _bench_csv_columns(opts)
-        if columns:
-            from .bench.report import check_csv_columns
+        from .bench.suite import check_output_csv
 
-            check_csv_columns(path, columns)  # now, not after the whole run
+        check_output_csv(opts)  # now, not after the whole run
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return run(opts)
-
-
-def _bench_csv_columns(opts) -> tuple:
-    """(path, columns) of the CSV the run appends to: results.csv on a GPU, modelled.csv
-    without one (columns None when it writes no row there). The columns come from one row
-    built by the suite's own code, so they cannot drift from what the run writes: a modelled
-    row, or a GPU row that skips its provider (measure_row then times nothing)."""
-    import dataclasses
-
-    from .bench import report, suite
-
-    one = dataclasses.replace(opts, shapes=opts.shapes[:1], ms=opts.ms[:1],
-                              ranks=opts.ranks[:1], modes=opts.modes[:1])
-    if torch.cuda.is_available():
-        name = opts.providers[0]
-        row = suite.measure_row(one, report.environment(torch.cuda.get_device_name()),
-                                one.shapes[0], one.ranks[0], one.ms[0], one.modes[0], name,
-                                built={}, skipped={name: "column check"}, xs=[], dys=[])
-        suite.derive([row], one, peak=None)
-        return os.path.join(opts.out, "results.csv"), list(row)
-    rows = suite.modelled_rows(one)
-    return os.path.join(opts.out, "modelled.csv"), list(rows[0]) if rows else None
 
 
 def _modes(spec: str) -> tuple:

@@ -112,8 +112,10 @@ def seed_tensor(seed: Optional[int], p: float) -> torch.Tensor:
     A tensor, not an int, so that torch.compile traces the draw into the graph (a fresh seed
     per call) and the custom ops read its value inside their opaque bodies: an `.item()` here
     would break the graph."""
-    if p == 0.0 or seed is not None:
-        return torch.tensor([seed if p != 0.0 else 0], dtype=torch.int64)
+    if p == 0.0:
+        seed = 0
+    if seed is not None:
+        return torch.tensor([seed], dtype=torch.int64)
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device="cpu")
 
 

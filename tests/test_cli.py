@@ -172,7 +172,7 @@ def test_bench_csv_check_sees_the_columns_a_gpu_run_writes(tmp_path, monkeypatch
     opts = suite.Options(shapes=shapes.select_shapes("llama3-8b.q_proj"), ms=(16,),
                          ranks=(16,), modes=("full",), providers=["fastlora"],
                          out=str(tmp_path))
-    path, columns = cli._bench_csv_columns(opts)
+    path, columns = suite.check_output_csv(opts)
     assert path == str(tmp_path / "results.csv")
     env = report.environment("NVIDIA H100 80GB HBM3")
     row = suite.measure_row(opts, env, opts.shapes[0], 16, 16, "full", "fastlora",

@@ -65,6 +65,29 @@ class Options:
                           self.double_quant)
 
 
+def check_output_csv(opts: Options) -> tuple:
+    """ValueError, before a run, when the CSV it appends to (results.csv on a GPU, modelled.csv
+    without one) holds other columns; returns (that CSV's path, the run's columns or None when
+    it writes no row there). The columns come from one row built by this module's own
+    code, so they cannot drift from what the run writes: a modelled row, or a GPU row that
+    skips its provider (measure_row then times nothing)."""
+    one = dataclasses.replace(opts, shapes=opts.shapes[:1], ms=opts.ms[:1],
+                              ranks=opts.ranks[:1], modes=opts.modes[:1])
+    if torch.cuda.is_available():
+        name = opts.providers[0]
+        row = measure_row(one, report.environment(torch.cuda.get_device_name()),
+                          one.shapes[0], one.ranks[0], one.ms[0], one.modes[0], name,
+                          built={}, skipped={name: "column check"}, xs=[], dys=[])
+        derive([row], one, peak=None)
+        path, columns = os.path.join(opts.out, "results.csv"), list(row)
+    else:
+        rows = modelled_rows(one)
+        path, columns = os.path.join(opts.out, "modelled.csv"), list(rows[0]) if rows else None
+    if columns:
+        report.check_csv_columns(path, columns)
+    return path, columns
+
+
 def run(opts: Options) -> int:
     """Run the suite; returns the exit code (non-zero when a provider failed or the compile
     report found a problem)."""
