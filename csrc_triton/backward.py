@@ -46,7 +46,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import CompileSpec, decode_tile, dropout_keep, grouped_tile
+from .common import CompileSpec, decode_tile, dropout_keep, grouped_tile, lane_table
 
 MAX_R_PAD = 256  # the rank is padded to a power of two R_PAD in [16, 256]
 
@@ -133,7 +133,8 @@ def _nf4_lora_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_p
                             QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                             K_ALIGNED: tl.constexpr,
                             DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                            LANE_TABLE: tl.constexpr):
     """dx += dy @ deq(W), one [BLOCK_M, BLOCK_K] tile of dx per program, W read packed.
 
     dy_ptr fp16/bf16/fp32 [M, N]; packed_ptr .. code_ptr: the 4-bit W [N, K] (common.py);
@@ -166,14 +167,16 @@ def _nf4_lora_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_p
     dx_ptrs = dx_ptr + cols[:, None] * stride_dxk + rows[None, :] * stride_dxm
     dx_mask = k_mask[:, None] & m_mask[None, :]
     acc = tl.load(dx_ptrs, mask=dx_mask, other=0.0).to(tl.float32)  # dx^T tile
+    table = lane_table(code_ptr, LANE_TABLE)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         dy_t = tl.load(dy_ptr + offs_n.to(tl.int64)[:, None] * stride_dyn
                        + rows[None, :] * stride_dym,
                        mask=n_mask[:, None] & m_mask[None, :], other=0.0)
-        w = decode_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
-                        offs_n, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, DOUBLE_QUANT, K_ALIGNED)
+        w = decode_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table,
+                        offs_n, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, DOUBLE_QUANT, K_ALIGNED,
+                        LANE_TABLE)
         acc = tl.dot(tl.trans(w.to(act)), dy_t, acc, input_precision=DOT_PRECISION)
     tl.store(dx_ptrs, acc.to(act), mask=dx_mask)
 
@@ -242,11 +245,18 @@ def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, dx_ptr, M, K, R, seed, thr
 
 # ----------------------------------------------------------------------------- configs
 
-def _cfg(num_warps, num_stages, max_r_pad=MAX_R_PAD, **blocks):
-    """A config, shipped for padded ranks up to `max_r_pad` (where it was compiled)."""
+def _cfg(num_warps, num_stages, max_r_pad=MAX_R_PAD, large_m=False, **blocks):
+    """A config, shipped for padded ranks up to `max_r_pad` (where it was compiled). large_m:
+    a headline dx config, the only kind timed from an M bucket of LARGE_M on, and only with
+    K_ALIGNED (its per-element decode for K % blocksize != 0 spills: 920 B on sm_90)."""
     config = triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
     config.max_r_pad = max_r_pad
+    config.large_m = large_m
     return config
+
+
+LARGE_M = 4096
+HEADLINE_CEILING = 0.85  # the modelled tensor-core share a large_m dx config must reach
 
 
 # What the GPU autotunes over, per kernel, arch and activation class (16-bit or fp32: fp32
@@ -270,17 +280,25 @@ _DA_16BIT = [_cfg(4, 3, 64, BLOCK_M=64, BLOCK_K=64), _cfg(8, 3, 64, BLOCK_M=64, 
              _cfg(4, 2, BLOCK_M=16, BLOCK_K=32)]
 CONFIGS = {
     "dx": {
-        ("sm_90", False): [_cfg(8, 3, BLOCK_M=256, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
+        # modelled hot-loop ceilings (bf16, K aligned): 256x64x128 1.00 (254 registers),
+        # 256x32x64 0.53, 256x64x64 0.65, 128x64x64 w8 0.39, 32x64x64 w4 0.16
+        ("sm_90", False): [_cfg(8, 3, large_m=True, BLOCK_M=256, BLOCK_N=64, BLOCK_K=128,
+                                GROUP_M=8),
+                           _cfg(8, 3, BLOCK_M=256, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
                            _cfg(8, 4, BLOCK_M=256, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
                            _cfg(8, 3, BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
                            _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
                            _cfg(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)],
-        ("sm_80", False): [_cfg(8, 3, BLOCK_M=256, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
-                           _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-                           _cfg(4, 3, BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
-                           # 3 stages, not 2: at blocksize 32 (2 absmax sub-blocks per row)
-                           # the 2-stage build spills 8 B on sm_80; 3 stages: 168 regs, none
-                           _cfg(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)],
+        # 256x16x128 0.86 (244 registers), 256x32x64 0.74, 32x64x64 w4 0.26. Dropped with the
+        # register-table decode: 128x64x64 w8 and 128x32x64 w4 (16 and 8 B spilled),
+        # 256x32x128 w8 (1.00 but 16 B spilled), 256x64x128 w8 (80 B)
+        ("sm_80", False): [_cfg(8, 3, large_m=True, BLOCK_M=256, BLOCK_N=16, BLOCK_K=128,
+                                GROUP_M=8),
+                           _cfg(8, 3, BLOCK_M=256, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
+                           # 64x32, not 32x64: with the register table 32x64x64 w4 s3
+                           # spills 96 B on K-unaligned shapes (64x32: 202 registers there,
+                           # 124 aligned, 128 at blocksize 32)
+                           _cfg(4, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8)],
         ("sm_90", True): [_cfg(8, 3, BLOCK_M=256, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
                           _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
                           _cfg(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)],
@@ -338,13 +356,17 @@ _DA_IEEE = [_cfg(4, 1, 16, BLOCK_M=64, BLOCK_K=64), _cfg(8, 1, 64, BLOCK_M=32, B
             _cfg(8, 1, 64, BLOCK_M=16, BLOCK_K=64), _cfg(8, 1, BLOCK_M=16, BLOCK_K=32)]
 IEEE_CONFIGS = {
     "dx": {
-        "sm_90": [_cfg(8, 3, BLOCK_M=256, BLOCK_N=16, BLOCK_K=64, GROUP_M=8),
+        # With the register-table decode, 2 stages where 3 spilled (sm_90 256x16x64 32 B at
+        # blocksize 32, 128x64x64 48 B and 64x32x64 32 B K-unaligned; sm_80 128x32x32 16 B),
+        # and on sm_80 256x16x32 / 128x16x64 for 256x16x64 (8-24 B at any stage count) and
+        # 64x32x64 w8 (16 B)
+        "sm_90": [_cfg(8, 2, BLOCK_M=256, BLOCK_N=16, BLOCK_K=64, GROUP_M=8),
                   _cfg(8, 3, BLOCK_M=256, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
-                  _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-                  _cfg(4, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8)],
-        "sm_80": [_cfg(8, 3, BLOCK_M=256, BLOCK_N=16, BLOCK_K=64, GROUP_M=8),
-                  _cfg(8, 3, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
-                  _cfg(8, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
+                  _cfg(8, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+                  _cfg(4, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8)],
+        "sm_80": [_cfg(8, 3, BLOCK_M=256, BLOCK_N=16, BLOCK_K=32, GROUP_M=8),
+                  _cfg(8, 2, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
+                  _cfg(8, 3, BLOCK_M=128, BLOCK_N=16, BLOCK_K=64, GROUP_M=8),
                   _cfg(4, 3, BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, GROUP_M=8)],
     },
     "du_db": {"sm_90": _DU_DB_IEEE, "sm_80": _DU_DB_IEEE},
@@ -371,16 +393,21 @@ REDUCE_BLOCK = 1024  # elementwise: 8 fp32 per thread at 4 warps
 REDUCE_WARPS = 4
 
 
-def prune_configs(configs, m_bucket_: int, r_pad: int):
-    """Configs worth timing for this problem: shipped for this padded rank, and no row tile
-    more than twice the (bucketed) M. Keeps the smallest rank-safe tile when nothing passes."""
-    fits = [c for c in configs if r_pad <= c.max_r_pad]
+def prune_configs(configs, m_bucket_: int, r_pad: int, k_aligned: bool = True):
+    """Configs worth timing for this problem: shipped for this padded rank (and, for the
+    large_m ones, K aligned), and no row tile more than twice the (bucketed) M; from an M
+    bucket of LARGE_M on, the large_m configs alone when any is left. Keeps the smallest
+    rank-safe tile when nothing passes."""
+    fits = [c for c in configs if r_pad <= c.max_r_pad and (k_aligned or not c.large_m)]
     keep = [c for c in fits if c.kwargs["BLOCK_M"] <= 2 * m_bucket_]
+    if m_bucket_ >= LARGE_M:
+        keep = [c for c in keep if c.large_m] or keep
     return keep or [min(fits, key=lambda c: c.kwargs["BLOCK_M"])]
 
 
 def _early_prune(configs, named_args, **kwargs):
-    return prune_configs(configs, named_args["m_bucket"], kwargs.get("R_PAD", 16))
+    return prune_configs(configs, named_args["m_bucket"], kwargs.get("R_PAD", 16),
+                         kwargs.get("K_ALIGNED", True))
 
 
 _KEYS = {"dx": ["m_bucket", "N", "K", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "DOT_PRECISION"],
@@ -422,8 +449,10 @@ ALIGNED_ARGS = ("dy_ptr", "packed_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr"
                 "rows_per_split", "cols_per_group", "m_bucket")
 
 
-def _spec(kernel, cfg, arch, act, r_pad, sig, flags, label, options=None, precision=None):
-    """precision: DOT_PRECISION; None: tf32 for fp32 (16-bit operands ignore it)."""
+def _spec(kernel, cfg, arch, act, r_pad, sig, flags, label, options=None, precision=None,
+          **trip):
+    """precision: DOT_PRECISION; None: tf32 for fp32 (16-bit operands ignore it).
+    trip: CompileSpec's trip_flops or trip_bytes (one trip of the kernel's main loop)."""
     fn = KERNELS[kernel]
     units = UNIT_STRIDES[kernel]
     sig = {name: t for name, t in sig.items() if name not in units}
@@ -434,7 +463,7 @@ def _spec(kernel, cfg, arch, act, r_pad, sig, flags, label, options=None, precis
     return CompileSpec(kernel=fn.__name__, fn=fn, signature=sig, constexprs=consts,
                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, archs=(arch,),
                        label=f"{label}{' ieee' * fma}", options=options or {},
-                       aligned=ALIGNED_ARGS, fma_dot=fma)
+                       aligned=ALIGNED_ARGS, fma_dot=fma, **trip)
 
 
 def _ints(*names):
@@ -442,15 +471,19 @@ def _ints(*names):
 
 
 def _dx_spec(cfg, arch, act, k_aligned, precision=None, qblock=64):
+    """A headline (large_m) config, K aligned at blocksize 64, is gated at HEADLINE_CEILING."""
     sig = {"dy_ptr": f"*{act}", "packed_ptr": "*u8", "absmax_ptr": "*u8",
            "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "offset_ptr": "*fp32",
            "code_ptr": "*fp32", "dx_ptr": f"*{act}",
            **_ints("M", "N", "K", "m_bucket", "stride_dym", "stride_dyn", "stride_dxm",
                    "stride_dxk")}
-    flags = {"QBLOCK": qblock, "DOUBLE_QUANT": True, "K_ALIGNED": k_aligned}
+    flags = {"QBLOCK": qblock, "DOUBLE_QUANT": True, "K_ALIGNED": k_aligned, "LANE_TABLE": True}
     label = f"{act} k_aligned={int(k_aligned)}{f' bs{qblock}' if qblock != 64 else ''}"
+    b = cfg.kwargs
     return _spec("dx", cfg, arch, act, None, sig, flags, label, {"enable_fp_fusion": False},
-                 precision)
+                 precision, trip_flops=2 * b["BLOCK_M"] * b["BLOCK_N"] * b["BLOCK_K"],
+                 ceiling_target=HEADLINE_CEILING if cfg.large_m and k_aligned and qblock == 64
+                 else 0.0)
 
 
 def _du_db_spec(cfg, arch, act, precision=None):
@@ -459,8 +492,10 @@ def _du_db_spec(cfg, arch, act, precision=None):
            **_ints("M", "N", "R", "rows_per_split", "cols_per_group", "m_bucket", "stride_dym",
                    "stride_dyn", "stride_um", "stride_ur", "stride_bn", "stride_br")}
     flags = {"COMPUTE_DU": True, "COMPUTE_DB": True}
+    elt = 4 if act == "fp32" else 2
     return _spec("du_db", cfg, arch, act, cfg.max_r_pad, sig, flags,
-                 f"{act} R_PAD={cfg.max_r_pad}", precision=precision)
+                 f"{act} R_PAD={cfg.max_r_pad}", precision=precision,
+                 trip_bytes=cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] * elt)  # dy tile
 
 
 def _da_spec(cfg, arch, act, precision=None):
@@ -470,8 +505,10 @@ def _da_spec(cfg, arch, act, precision=None):
            **_ints("rows_per_split", "m_bucket", "stride_xm", "stride_xk", "stride_dum",
                    "stride_dur", "stride_ar", "stride_ak", "stride_dxm", "stride_dxk")}
     flags = {"COMPUTE_DA": True, "WRITE_DX": True, "HAS_DROPOUT": True}
+    elt = 4 if act == "fp32" else 2
     return _spec("da", cfg, arch, act, cfg.max_r_pad, sig, flags,
-                 f"{act} R_PAD={cfg.max_r_pad}", precision=precision)
+                 f"{act} R_PAD={cfg.max_r_pad}", precision=precision,  # x read, dx written
+                 trip_bytes=2 * cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"] * elt)
 
 
 def _reduce_spec(out):
@@ -479,7 +516,8 @@ def _reduce_spec(out):
                        signature={"ws_ptr": "*fp32", "out_ptr": f"*{out}", "parts": "i32",
                                   "n": "i32", "scale": "fp32"},
                        constexprs={"BLOCK": REDUCE_BLOCK}, num_warps=REDUCE_WARPS, num_stages=1,
-                       uses_dot=False, label=f"out={out}", aligned=("ws_ptr", "out_ptr", "n"))
+                       uses_dot=False, label=f"out={out}", aligned=("ws_ptr", "out_ptr", "n"),
+                       trip_bytes=REDUCE_BLOCK * 4)  # one fp32 partial per trip
 
 
 # Every shipped config x arch x activation class (fp16 compiles as bf16), each at its worst
@@ -487,7 +525,10 @@ def _reduce_spec(out):
 # decode), the largest R_PAD the config ships for.
 COMPILE_SPECS = (
     [_dx_spec(c, arch, "fp32" if fp32 else "bf16", ka)
-     for (arch, fp32), configs in CONFIGS["dx"].items() for c in configs for ka in (True, False)]
+     for (arch, fp32), configs in CONFIGS["dx"].items() for c in configs for ka in (True, False)
+     if ka or not c.large_m]
+    + [_dx_spec(c, arch, "fp16", True) for (arch, fp32), configs in CONFIGS["dx"].items()
+       for c in configs if c.large_m]
     + [_du_db_spec(c, arch, "fp32" if fp32 else "bf16")
        for (arch, fp32), configs in CONFIGS["du_db"].items() for c in configs]
     + [_da_spec(c, arch, "fp32" if fp32 else "bf16")

@@ -45,7 +45,14 @@ class CompileSpec:
     alone costs tens of registers.
     fma_dot: every tl.dot runs on fp32 operands at input_precision "ieee" (full fp32), which
     has no tensor-core instruction on sm_80/sm_90 and runs on the FMA units: the compile check
-    expects NO HMMA/HGMMA for such a spec (one would mean tf32 rounding)."""
+    expects NO HMMA/HGMMA for such a spec (one would mean tf32 rounding).
+    trip_flops / trip_bytes: the unavoidable work of one trip of the kernel's main loop, for the
+    compile report's hot-loop model (fastlora.compilecheck): tensor-core FLOPs of a GEMM trip
+    (2 * BLOCK_M * BLOCK_N * BLOCK_K), or the HBM bytes a memory-bound trip must move; 0 where
+    it does not apply.
+    ceiling_target: a headline config (what the GPU autotuner picks for Llama-3-8B's layers at
+    M >= 4096): the modelled hot-loop ceiling it must reach; tests/test_ceilings.py fails below
+    it, or when its SASS does not read the code table by warp shuffle. 0: not gated."""
 
     kernel: str
     fn: object
@@ -60,6 +67,9 @@ class CompileSpec:
     aligned: tuple = ()
     bounded_args: tuple = BOUNDED_ARGS
     fma_dot: bool = False
+    trip_flops: int = 0
+    trip_bytes: int = 0
+    ceiling_target: float = 0.0
 
     @property
     def config(self) -> str:
@@ -83,19 +93,67 @@ def block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_idx, mask
 
 
 @triton.jit
-def decode_weight(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
-                  flat_idx, mask, QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+def lane_table(code_ptr, LANE_TABLE: tl.constexpr):
+    """The 4-bit code table as the decoders read it, made once before a kernel's main loop.
+
+    LANE_TABLE (compiled GPU kernels): every lane holds code[laneid % 16] as int32 bits, one
+    load per thread, and code_lookup reads code[i] from lane i with one warp shuffle: no
+    per-value gather through memory (which Triton stages as LDGSTS + LDS per value).
+    Otherwise (Triton's CPU interpreter, which runs no PTX): code_ptr itself, and code_lookup
+    gathers from it. Both give the same fp32 code values, bit for bit."""
+    if LANE_TABLE:
+        table = tl.inline_asm_elementwise(
+            "{ .reg .u32 l; .reg .u64 a; mov.u32 l, %laneid; and.b32 l, l, 15; "
+            "mad.wide.u32 a, l, 4, $1; ld.global.nc.b32 $0, [a]; }",
+            "=r,l", [code_ptr.to(tl.int64)], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        table = code_ptr
+    return table
+
+
+@triton.jit
+def code_lookup(table, index, LANE_TABLE: tl.constexpr):
+    """fp32 code[index & 15] for an int32 tensor `index` (bits above the low 4 may be set).
+
+    LANE_TABLE: `shfl.sync.idx` takes its source lane from the index's low 5 bits, and lanes
+    i and i + 16 hold the same entry, so index needs no masking (bit 4 picks either copy).
+    Every lane of the warp must reach it (fastlora's kernels call it outside any branch)."""
+    if LANE_TABLE:
+        bits = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;",
+                                         "=r,r,r", [table, index], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+        code = bits.to(tl.float32, bitcast=True)
+    else:
+        code = tl.load(table + (index & 0xF))
+    return code
+
+
+@triton.jit
+def word_nibbles(words):
+    """The 8 nibbles of each int32 word of packed bytes, in weight order: [..., 2, 2, 2]
+    reshaped to [..., 8] is value 8i + j of word i. Bytes are little-endian in the word and
+    value 2b is the high nibble of byte b. Junk bits above each nibble's low 4 stay (shifts
+    only, 7 per 8 values; code_lookup ignores them); every split is in-thread (tl.join)."""
+    halves = tl.join(words, words >> 16)
+    octets = tl.join(halves, halves >> 8)
+    return tl.join(octets >> 4, octets)
+
+
+@triton.jit
+def decode_weight(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table,
+                  flat_idx, mask, QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                  LANE_TABLE: tl.constexpr):
     """fp32 values of weight elements at flattened indices `flat_idx` (int64, any shape):
-    code[nibble] * absmax[flat_idx // QBLOCK]; 0 where ~mask. Each byte is read once per
-    element that uses it (both nibbles of a byte sit next to each other, so the two reads hit
-    the same cache line)."""
+    code[nibble] * absmax[flat_idx // QBLOCK]; 0 where ~mask. The general per-element path
+    (blocks straddling rows, odd K): each byte is read once per element that uses it (both
+    nibbles of a byte sit next to each other, so the two reads hit the same cache line).
+    table: lane_table(code_ptr, LANE_TABLE)."""
     byte = tl.load(packed_ptr + (flat_idx >> 1), mask=mask, other=0).to(tl.int32)
     shift = ((flat_idx & 1) ^ 1).to(tl.int32) * 4  # even index -> high nibble
-    nibble = (byte >> shift) & 0xF
-    code = tl.load(code_ptr + nibble, mask=mask, other=0.0)
+    code = code_lookup(table, byte >> shift, LANE_TABLE)
     scale = block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat_idx // QBLOCK,
                          mask, DOUBLE_QUANT)
-    return code * scale
+    return code * scale  # scale is 0 where ~mask (and every code value is finite)
 
 
 @triton.jit
@@ -120,42 +178,47 @@ def dropout_keep(seed, offs_m, offs_k, K, threshold):
 
 
 @triton.jit
-def decode_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
+def decode_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table,
                 offs_n, k0, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, K_ALIGNED: tl.constexpr):
+                QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, K_ALIGNED: tl.constexpr,
+                LANE_TABLE: tl.constexpr):
     """fp32 [BLOCK_N, BLOCK_K] tile of deq(W): rows offs_n, columns k0 .. k0 + BLOCK_K - 1;
-    0 outside N x K. k0 must be a multiple of BLOCK_K.
+    0 outside N x K. k0 must be a multiple of BLOCK_K; table: lane_table(code_ptr, ...).
 
-    K_ALIGNED (K % QBLOCK == 0, true for every real layer): rows start on a byte and on a
-    quantisation block, so the tile's bytes are loaded once as [BLOCK_N, BLOCK_K / 2]
-    (vectorised, both nibbles split in registers) and the scales as one value per row and
-    QBLOCK-wide sub-block. Otherwise (odd K, blocks straddling rows) every element finds its
-    own byte and block: common.decode_weight."""
+    K_ALIGNED (K % QBLOCK == 0, true for every real layer; the launcher also requires the
+    packed bytes 4-byte aligned): rows start on a 32-bit word and on a quantisation block, so
+    the tile arrives as [BLOCK_N, BLOCK_K / 8] int32 words (8 values each, split in registers
+    by word_nibbles), looked up in the register table, and scaled by one absmax per row and
+    QBLOCK-wide sub-block. Per value that is ~1 shift, 1 shuffle, 1 FMUL and half a pack,
+    against ~16 instructions for a byte load and a table gather. Otherwise (odd K, blocks
+    straddling rows) every element finds its own byte and block: decode_weight."""
     row_ok = offs_n < N
     rows = offs_n.to(tl.int64)
     if K_ALIGNED:
+        tl.static_assert(BLOCK_K % 8 == 0, "8 values per 32-bit word")
         # Both powers of two: BLOCK_K covers SUB whole blocks, or lies inside one block.
         SUB: tl.constexpr = (BLOCK_K + QBLOCK - 1) // QBLOCK
-        half = tl.arange(0, BLOCK_K // 2)
-        byte_ok = row_ok[:, None] & ((k0 + 2 * half) < K)[None, :]
-        byte_ptrs = packed_ptr + (rows * (K // 2) + k0 // 2)[:, None] + half[None, :]
-        byte = tl.load(byte_ptrs, mask=byte_ok, other=0).to(tl.int32)
-        # value 2i is the high nibble of byte i: join puts it first, reshape interleaves
-        nibble = tl.reshape(tl.join(byte >> 4, byte & 0xF), (BLOCK_N, BLOCK_K))
-        code = tl.load(code_ptr + nibble)  # nibble is 0..15: always in bounds
+        WORDS: tl.constexpr = BLOCK_K // 8
+        word_ptr = packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        word_col = tl.arange(0, WORDS)
+        word_ok = row_ok[:, None] & ((k0 + 8 * word_col) < K)[None, :]
+        words = tl.load(word_ptr + (rows * (K // 8) + k0 // 8)[:, None] + word_col[None, :],
+                        mask=word_ok, other=0)
+        code = tl.reshape(code_lookup(table, word_nibbles(words), LANE_TABLE),
+                          (BLOCK_N, BLOCK_K))
         sub = tl.arange(0, SUB)
         block_idx = ((rows * K + k0) // QBLOCK)[:, None] + sub[None, :]
         block_ok = row_ok[:, None] & ((k0 + sub * QBLOCK) < K)[None, :]
         scale = block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_idx,
-                             block_ok, DOUBLE_QUANT)
+                             block_ok, DOUBLE_QUANT)  # 0 outside N x K
         w = tl.reshape(tl.reshape(code, (BLOCK_N, SUB, BLOCK_K // SUB)) * scale[:, :, None],
                        (BLOCK_N, BLOCK_K))
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)
         flat = rows[:, None] * K + offs_k[None, :]
         mask = row_ok[:, None] & (offs_k < K)[None, :]
-        w = decode_weight(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
-                          flat, mask, QBLOCK, DOUBLE_QUANT)
+        w = decode_weight(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table,
+                          flat, mask, QBLOCK, DOUBLE_QUANT, LANE_TABLE)
     return w
 
 

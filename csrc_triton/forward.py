@@ -6,8 +6,9 @@
 The main kernel never materialises deq(W): each K step loads the packed bytes of a
 [BLOCK_N, BLOCK_K] weight tile, decodes them in registers (code[nibble] * absmax, double-quant
 absmax decoded on the fly, no cached decoded absmax), casts to x's dtype and feeds tl.dot with an
-fp32 accumulator. The epilogue adds s * U_tile @ B_tile^T (tl.dot over rank chunks of 16 or 32,
-zero-padded past r) and the bias, then stores once in x's dtype.
+fp32 accumulator. That accumulator starts as s * U_tile @ B_tile^T (lora_init: tl.dot over
+unrolled rank chunks of up to 64, zero-padded past r), so the epilogue only adds the bias and
+stores once in x's dtype.
 
 Tile orientation (constexpr W_FIRST): on sm_90 the kernel computes y^T tiles,
 acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T, so the decoded weight tile is the FIRST operand of
@@ -25,38 +26,54 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (CompileSpec, decode_tile, dropout_keep, grouped_tile, load_x_tile,
-                     weight_signature)
+from .common import (CompileSpec, decode_tile, dropout_keep, grouped_tile, lane_table,
+                     load_x_tile, weight_signature)
 
 
 # ----------------------------------------------------------------------------- device helpers
 
 @triton.jit
-def lora_epilogue(acc, offs_m, offs_n, M, N, R, u_ptr, b_ptr, bias_ptr, y_ptr,
-                  stride_um, stride_ur, stride_bn, stride_br, stride_ym, stride_yn, scaling,
-                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-                  W_FIRST: tl.constexpr):
-    """Store y tile = acc + scaling * U_tile @ B_tile^T + bias once, in y's dtype.
+def lora_init(offs_m, offs_n, M, N, R, u_ptr, b_ptr, stride_um, stride_ur, stride_bn,
+              stride_br, scaling, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, W_FIRST: tl.constexpr):
+    """fp32 scaling * U_tile @ B_tile^T, [BLOCK_M, BLOCK_N], or its transpose when W_FIRST:
+    the GEMM accumulator's initial value, so the base product adds onto it in the same fp32
+    registers (no second [BLOCK_M, BLOCK_N] tile live next to the accumulator: at 256 x 128
+    that second tile spilled ~550 B).
 
-    acc: fp32 [BLOCK_M, BLOCK_N], or its transpose [BLOCK_N, BLOCK_M] when W_FIRST.
-    u_ptr [M, R], b_ptr [N, R], bias_ptr [N] in y's dtype. The rank runs in chunks of BLOCK_R
-    (16 or 32: tl.dot needs >= 16; zero-padded past R) on tensor cores, so a rank-256 adapter
-    needs no more registers than a rank-16 one (one [BLOCK_M, BLOCK_N] product at a time)."""
+    u_ptr [M, R], b_ptr [N, R] in the activation dtype. BLOCK_R: the rank padded to a power of
+    two >= 16 (rank_block); it runs in unrolled chunks of at most 64 on tensor cores
+    (zero-padded past R), so no loop of the kernel's SASS but the K loop holds MMAs."""
+    CHUNK: tl.constexpr = BLOCK_R if BLOCK_R < 32 else 32
     m_ok = offs_m < M
     n_ok = offs_n < N
     u_rows = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um
     b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
+    if W_FIRST:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in tl.static_range(0, BLOCK_R, CHUNK):
+        offs_r = r0 + tl.arange(0, CHUNK)
         r_ok = offs_r < R
         u = tl.load(u_rows + offs_r[None, :] * stride_ur, mask=m_ok[:, None] & r_ok[None, :],
                     other=0.0)
         b = tl.load(b_rows + offs_r[None, :] * stride_br, mask=n_ok[:, None] & r_ok[None, :],
                     other=0.0)
         if W_FIRST:
-            acc += scaling * tl.dot(b, tl.trans(u), input_precision=PRECISION)
+            acc = tl.dot(b, tl.trans(u), acc, input_precision=PRECISION)
         else:
-            acc += scaling * tl.dot(u, tl.trans(b), input_precision=PRECISION)
+            acc = tl.dot(u, tl.trans(b), acc, input_precision=PRECISION)
+    return acc * scaling
+
+
+@triton.jit
+def store_y(acc, offs_m, offs_n, M, N, bias_ptr, y_ptr, stride_ym, stride_yn,
+            HAS_BIAS: tl.constexpr, W_FIRST: tl.constexpr):
+    """Store y tile = acc + bias once, in y's dtype. acc: fp32 [BLOCK_M, BLOCK_N], or its
+    transpose [BLOCK_N, BLOCK_M] when W_FIRST; bias_ptr [N] in y's dtype (HAS_BIAS)."""
+    m_ok = offs_m < M
+    n_ok = offs_n < N
     if W_FIRST:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
@@ -117,13 +134,15 @@ def _nf4_lora_fwd_kernel(x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, 
                          K_ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
                          PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GROUP_M: tl.constexpr, W_FIRST: tl.constexpr):
+                         GROUP_M: tl.constexpr, W_FIRST: tl.constexpr,
+                         LANE_TABLE: tl.constexpr):
     """y = x @ deq(W)^T + scaling * u @ B^T + bias, one program per [BLOCK_M, BLOCK_N] tile.
 
     x_ptr [M, K] (any strides), u_ptr [M, R], b_ptr [N, R] (lora_B), bias_ptr [N] (HAS_BIAS),
     y_ptr [M, N]: all in x's dtype (fp16/bf16/fp32); weight pointers as in common.py, the
     packed weight [N, K] flattened row-major. M_BUCKET only feeds the autotune key.
-    PRECISION: tl.dot input_precision ("tf32" or "ieee"; only fp32 activations read it)."""
+    PRECISION: tl.dot input_precision ("tf32" or "ieee"; only fp32 activations read it).
+    LANE_TABLE: the code table in registers (common.lane_table; compiled GPU kernels only)."""
     tl.static_assert(QBLOCK >= 32, "bitsandbytes blocksizes start at 32")
     tl.static_assert(BLOCK_R >= 16, "tl.dot needs the padded rank >= 16")
     pid = tl.program_id(0)
@@ -133,22 +152,20 @@ def _nf4_lora_fwd_kernel(x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
-    if W_FIRST:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    table = lane_table(code_ptr, LANE_TABLE)
+    acc = lora_init(offs_m, offs_n, M, N, R, u_ptr, b_ptr, stride_um, stride_ur, stride_bn,
+                    stride_br, scaling, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R, W_FIRST)
     for k0 in range(0, K, BLOCK_K):
         x = load_x_tile(x_ptr, offs_m, k0, M, K, stride_xm, stride_xk, BLOCK_K)
-        w = decode_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
-                        offs_n, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, DOUBLE_QUANT, K_ALIGNED)
+        w = decode_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table,
+                        offs_n, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, DOUBLE_QUANT, K_ALIGNED,
+                        LANE_TABLE)
         w = w.to(x_ptr.dtype.element_ty)  # one rounding of code * absmax, as bitsandbytes
         if W_FIRST:
             acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    lora_epilogue(acc, offs_m, offs_n, M, N, R, u_ptr, b_ptr, bias_ptr, y_ptr,
-                  stride_um, stride_ur, stride_bn, stride_br, stride_ym, stride_yn, scaling,
-                  HAS_BIAS, PRECISION, BLOCK_R, W_FIRST)
+    store_y(acc, offs_m, offs_n, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS, W_FIRST)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -156,11 +173,6 @@ def _nf4_lora_fwd_kernel(x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, 
 def rank_block(rank: int) -> int:
     """BLOCK_R of _lora_u_kernel: the rank padded to a power of two >= 16 (tl.dot's minimum)."""
     return max(16, triton.next_power_of_2(rank))
-
-
-def rank_chunk(rank: int) -> int:
-    """BLOCK_R of the epilogue (lora_epilogue): rank chunks of 16 up to r = 16, else 32."""
-    return 16 if rank <= 16 else 32
 
 
 def u_config(block_r: int, precision: str = "tf32") -> dict:
@@ -189,22 +201,38 @@ def _cfg(bm, bn, bk, warps, stages, w_first, group_m=8):
 
 
 # Every config below compiles with zero spill bytes (STACK 0, LOCAL 0) for its arch and dtype
-# class, with K_ALIGNED either way and rank chunks 16 or 32 (COMPILE_SPECS; 16-byte aligned
-# arguments as at a real launch). Spilling candidates that were measured and dropped (bf16,
-# registers capped at 255): 256x128x64 w8 (sm_90, 520 B), 128x256x64 w8 (sm_90, 672 B),
-# 64x128x64 w4 (sm_80, 16 B), 128x128x64 w8 (sm_80, 8 B).
+# class, with K_ALIGNED either way and padded ranks 16 to 64 (COMPILE_SPECS; 16-byte aligned
+# arguments as at a real launch). Each tile decodes BLOCK_N x BLOCK_K weight values per trip
+# for 2 * BLOCK_M FLOPs each, so the decode's share of the loop falls as BLOCK_M grows: the
+# modelled hot-loop ceilings (fastlora.compilecheck, bf16, r 16 / 64) are
+#   sm_90 256x128x64 w8: 1.00 / 1.00 (mio-bound at 1024 of 1024 clocks, 233-236 registers),
+#         128x128x64 w8 0.57, 128x64x64 w4 0.52, 64x64x128 w4 0.34, 32x64x128 w4 0.19;
+#   sm_80 256x128x32 w8 (y^T tiles): 1.10 (249 registers), 256x64x32 w8 0.74,
+#         128x128x32 w8 0.70, 64x64x64 w4 0.44, 32x64x64 w4 0.26.
+# Measured and dropped: sm_90 256x64x64 w4 (0.82, 255 registers, 8 B spilled at r 64);
+# sm_80 256x128x64 w8 (spills), 256x64x64 w8 0.78.
+#
+# LARGE_M_CONFIGS: what the autotuner times from an M bucket of LARGE_M on (prune_configs), the
+# headline configs whose ceilings tests/test_ceilings.py gates; smaller M tries every tile
+# (wave quantisation and M edges favour smaller ones there).
+LARGE_M = 4096
 #
 # sm_90: y^T tiles (W_FIRST): the decoded weight tile [BLOCK_N, BLOCK_K] is wgmma's register
-# operand (64 rows per warpgroup, so BLOCK_N = 64 * warpgroups or more), x^T its shared one.
-SM90_CONFIGS = [
+# operand (64 rows per warpgroup, so BLOCK_N = 64 * warpgroups or more), x^T its shared one;
+# BLOCK_M = 256 is wgmma's widest N.
+SM90_LARGE_M_CONFIGS = [_cfg(256, 128, 64, 8, 3, True), _cfg(256, 128, 64, 8, 4, True)]
+SM90_CONFIGS = SM90_LARGE_M_CONFIGS + [
     _cfg(128, 128, 64, 8, 3, True),
     _cfg(128, 128, 64, 8, 4, True),
     _cfg(128, 64, 64, 4, 4, True),
     _cfg(64, 64, 128, 4, 4, True),
     _cfg(32, 64, 128, 4, 4, True),
 ]
-# sm_80 and every other mma.sync GPU: [BLOCK_M, BLOCK_N] tiles.
-SM80_CONFIGS = [
+# sm_80 and every other mma.sync GPU: y^T tiles for the 256-row headline (mma.sync takes both
+# operands from registers; this orientation compiled to fewer instructions), [BLOCK_M, BLOCK_N]
+# tiles otherwise.
+SM80_LARGE_M_CONFIGS = [_cfg(256, 128, 32, 8, 3, True), _cfg(256, 128, 32, 8, 4, True)]
+SM80_CONFIGS = SM80_LARGE_M_CONFIGS + [
     _cfg(128, 128, 32, 8, 3, False),
     _cfg(128, 128, 32, 8, 4, False),
     _cfg(256, 64, 32, 8, 3, False),
@@ -229,7 +257,7 @@ UNALIGNED_CONFIGS = {"sm_90": _cfg(64, 64, 64, 4, 2, True), "sm_80": _cfg(64, 64
 # 128x128x64 w8 (40 B at 3 or 4 stages), 64x64x128 w4 (456 B), 128x128x32 w8 (40 B),
 # 128x64x32 w4 (128 B), 64x64x32 w2 (64 B).
 SM90_IEEE_CONFIGS = [
-    _cfg(128, 64, 64, 8, 3, True),
+    _cfg(128, 64, 64, 8, 2, True),  # 2 stages: 3 spilled 16 B with the register table
     _cfg(64, 128, 64, 8, 3, True),
     _cfg(64, 64, 64, 4, 3, True),
     _cfg(32, 64, 64, 4, 3, True),
@@ -244,7 +272,7 @@ SM80_IEEE_CONFIGS = [
     _cfg(64, 128, 32, 8, 3, True),
     _cfg(64, 64, 32, 4, 3, True),
     _cfg(64, 32, 32, 4, 3, True),
-    _cfg(32, 64, 32, 4, 3, True),
+    _cfg(32, 64, 32, 4, 2, True),  # 2 stages: 3 spilled 8 B with the register table
 ]
 # K % QBLOCK != 0 at full precision: sm_90's UNALIGNED_CONFIGS entry fits (194 registers); on
 # sm_80 64x32x32 w4 as y^T (128 registers; 64x64x32 w4 spills 16 B, 64x64x64 w4 184 B).
@@ -273,11 +301,10 @@ def tiled_configs(arch: str, fp32: bool, k_aligned: bool = True,
 
 
 def shared_bytes(cfg: dict, elt: int) -> int:
-    """Shared-memory estimate of a config per stage set: the x tile, the packed bytes and the
-    gathered 4-byte code values are all staged (cp.async) per pipeline stage. Over-estimates the
-    compiled figure by ~20% (128x128x64 s3 bf16 on sm_90: 159744 vs 133120 B measured)."""
+    """Shared-memory estimate of a config: per pipeline stage the x tile and the packed words
+    (cp.async), plus one decoded weight tile on its way to the MMA operand layout."""
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    return cfg["num_stages"] * (bm * bk * elt + bn * bk // 2 + bn * bk * 4)
+    return cfg["num_stages"] * (bm * bk * elt + bn * bk // 2) + bn * bk * elt
 
 
 def keep_config(cfg: dict, m_bucket_: int, k: int, qblock: int, elt: int,
@@ -291,16 +318,37 @@ def keep_config(cfg: dict, m_bucket_: int, k: int, qblock: int, elt: int,
             and shared_bytes(cfg, elt) <= smem_budget)
 
 
+def _tile(cfg: dict) -> tuple:
+    return (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["W_FIRST"], cfg["num_warps"],
+            cfg["num_stages"])
+
+
+_LARGE_M_TILES = {_tile(c) for c in SM90_LARGE_M_CONFIGS + SM80_LARGE_M_CONFIGS}
+
+
+def prefer_large_m(cfgs: list[dict], m_bucket_: int) -> list[dict]:
+    """From an M bucket of LARGE_M on, only the LARGE_M_CONFIGS among `cfgs` (modelled
+    ceilings 1.0 against <= 0.74 for the rest), when any is there; else `cfgs` unchanged."""
+    if m_bucket_ < LARGE_M:
+        return cfgs
+    return [c for c in cfgs if _tile(c) in _LARGE_M_TILES] or cfgs
+
+
 def prune_configs(configs, named_args, **kwargs):
-    """triton.autotune early_config_prune over triton.Config objects (keep_config); keeps the
-    smallest tile when nothing passes, so the autotuner always has a candidate."""
+    """triton.autotune early_config_prune over triton.Config objects: keep_config, then
+    prefer_large_m. Keeps the smallest tile when nothing passes, so the autotuner always has a
+    candidate."""
     x = named_args["x_ptr"]
     from triton.runtime import driver
 
     budget = driver.active.utils.get_device_properties(x.device.index)["max_shared_mem"]
+    as_dict = {id(c): {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+               for c in configs}
     kept = [c for c in configs
-            if keep_config({**c.kwargs, "num_stages": c.num_stages}, named_args["M_BUCKET"],
-                           named_args["K"], kwargs["QBLOCK"], x.element_size(), budget)]
+            if keep_config(as_dict[id(c)], named_args["M_BUCKET"], named_args["K"],
+                           kwargs["QBLOCK"], x.element_size(), budget)]
+    chosen = prefer_large_m([as_dict[id(c)] for c in kept], named_args["M_BUCKET"])
+    kept = [c for c in kept if any(as_dict[id(c)] is d for d in chosen)]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
@@ -323,14 +371,16 @@ ALIGNED_ARGS = ("x_ptr", "packed_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr",
 UNIT_STRIDES = {"stride_xk": 1, "stride_ur": 1, "stride_br": 1, "stride_yn": 1}
 
 
-def _fwd_spec(cfg, arch, dtype="bf16", k_aligned=True, rank=16, precision="tf32", qblock=64):
+def _fwd_spec(cfg, arch, dtype="bf16", k_aligned=True, rank=16, precision="tf32", qblock=64,
+              target=0.0):
     sig = {"x_ptr": f"*{dtype}", **weight_signature(True), "u_ptr": f"*{dtype}",
            "b_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
            **{n: "i32" for n in ("M", "N", "K", "R", "M_BUCKET", "stride_xm", "stride_um",
                                  "stride_bn", "stride_ym")}, "scaling": "fp32"}
     blocks = {k: v for k, v in cfg.items() if not k.startswith("num_")}
-    constexprs = {"QBLOCK": qblock, "DOUBLE_QUANT": True, "K_ALIGNED": k_aligned, "HAS_BIAS": True,
-                  "PRECISION": precision, "BLOCK_R": rank_chunk(rank), **blocks,
+    constexprs = {"QBLOCK": qblock, "DOUBLE_QUANT": True, "K_ALIGNED": k_aligned,
+                  "LANE_TABLE": True, "HAS_BIAS": True,
+                  "PRECISION": precision, "BLOCK_R": rank_block(rank), **blocks,
                   **UNIT_STRIDES}
     fma = dtype == "fp32" and precision == "ieee"
     return CompileSpec(kernel="_nf4_lora_fwd_kernel", fn=_nf4_lora_fwd_kernel, signature=sig,
@@ -338,7 +388,9 @@ def _fwd_spec(cfg, arch, dtype="bf16", k_aligned=True, rank=16, precision="tf32"
                        num_stages=cfg["num_stages"], archs=(arch,),
                        label=f"{dtype} k_aligned={int(k_aligned)} r={rank}{' ieee' * fma}"
                              f"{f' bs{qblock}' if qblock != 64 else ''}",
-                       options={"enable_fp_fusion": False}, aligned=ALIGNED_ARGS, fma_dot=fma)
+                       options={"enable_fp_fusion": False}, aligned=ALIGNED_ARGS, fma_dot=fma,
+                       trip_flops=2 * blocks["BLOCK_M"] * blocks["BLOCK_N"] * blocks["BLOCK_K"],
+                       ceiling_target=target)
 
 
 def _u_spec(rank, dtype, dropout, precision="tf32"):
@@ -354,13 +406,20 @@ def _u_spec(rank, dtype, dropout, precision="tf32"):
                        constexprs=constexprs, num_warps=cfg["num_warps"],
                        num_stages=cfg["num_stages"],
                        label=f"{dtype} dropout={int(dropout)}{' ieee' * fma}",
-                       aligned=ALIGNED_ARGS, fma_dot=fma)
+                       aligned=ALIGNED_ARGS, fma_dot=fma,
+                       trip_bytes=cfg["BLOCK_M"] * cfg["BLOCK_K"] * (4 if dtype == "fp32" else 2))
 
+
+# The modelled tensor-core share a headline (LARGE_M) config must reach (issue 10).
+HEADLINE_CEILING = 0.85
 
 COMPILE_SPECS = (
-    [_fwd_spec(c, arch, "bf16", True, r)
-     for arch, configs in (("sm_90", SM90_CONFIGS), ("sm_80", SM80_CONFIGS))
-     for c in configs for r in (16, 64)]
+    [_fwd_spec(c, arch, dtype, True, r,
+               target=HEADLINE_CEILING if c in large else 0.0)
+     for arch, configs, large in (("sm_90", SM90_CONFIGS, SM90_LARGE_M_CONFIGS),
+                                  ("sm_80", SM80_CONFIGS, SM80_LARGE_M_CONFIGS))
+     for c in configs for r in (16, 64) for dtype in ("bf16", "fp16")
+     if dtype == "bf16" or c in large]
     + [_fwd_spec(c, arch, dt, False) for arch, c in UNALIGNED_CONFIGS.items()
        for dt in ("bf16", "fp32")]
     + [_fwd_spec(c, arch, "fp32")

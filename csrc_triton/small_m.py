@@ -20,8 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import CompileSpec, decode_tile, load_x_tile, weight_signature
-from .forward import lora_epilogue
+from .common import CompileSpec, decode_tile, lane_table, load_x_tile, weight_signature
+from .forward import lora_init, store_y
 
 BLOCK_M = 16  # rows handled by one program: M <= 16, padded (tl.dot's minimum)
 
@@ -36,7 +36,8 @@ def _nf4_lora_fwd_small_m_kernel(x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, cod
                                  K_ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
                                  PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
                                  SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                 LANE_TABLE: tl.constexpr):
     """Program (n, s) computes y^T[n-tile, :M] over K slice s = [s * k_per_split, +k_per_split).
 
     x_ptr [M, K] (any strides), u_ptr [M, R], b_ptr [N, R], bias_ptr [N], y_ptr [M, N]: x's
@@ -50,20 +51,24 @@ def _nf4_lora_fwd_small_m_kernel(x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, cod
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_begin = pid_k * k_per_split
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
+    table = lane_table(code_ptr, LANE_TABLE)
+    if SPLIT:  # the reduction adds the LoRA term and the bias
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
+    else:
+        acc = lora_init(offs_m, offs_n, M, N, R, u_ptr, b_ptr, stride_um, stride_ur, stride_bn,
+                        stride_br, scaling, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R, True)
     for k0 in range(k_begin, tl.minimum(k_begin + k_per_split, K), BLOCK_K):
         x = load_x_tile(x_ptr, offs_m, k0, M, K, stride_xm, stride_xk, BLOCK_K)
-        w = decode_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
-                        offs_n, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, DOUBLE_QUANT, K_ALIGNED)
+        w = decode_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table,
+                        offs_n, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, DOUBLE_QUANT, K_ALIGNED,
+                        LANE_TABLE)
         acc = tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(x), acc, input_precision=PRECISION)
     if SPLIT:
         ws_ptrs = (ws_ptr + (pid_k * M + offs_m).to(tl.int64)[None, :] * N
                    + offs_n[:, None])
         tl.store(ws_ptrs, acc, mask=(offs_n < N)[:, None] & (offs_m < M)[None, :])
     else:
-        lora_epilogue(acc, offs_m, offs_n, M, N, R, u_ptr, b_ptr, bias_ptr, y_ptr,
-                      stride_um, stride_ur, stride_bn, stride_br, stride_ym, stride_yn,
-                      scaling, HAS_BIAS, PRECISION, BLOCK_R, True)
+        store_y(acc, offs_m, offs_n, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS, True)
 
 
 @triton.jit
@@ -81,13 +86,12 @@ def _splitk_reduce_kernel(ws_ptr, u_ptr, b_ptr, bias_ptr, y_ptr, M, N, R, n_slic
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
     ws_ptrs = ws_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc = lora_init(offs_m, offs_n, M, N, R, u_ptr, b_ptr, stride_um, stride_ur, stride_bn,
+                    stride_br, scaling, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R, True)
     for _ in range(n_slices):
         acc += tl.load(ws_ptrs, mask=mask, other=0.0)
         ws_ptrs += M * N  # M <= 16: no overflow before N passes 2^27
-    lora_epilogue(acc, offs_m, offs_n, M, N, R, u_ptr, b_ptr, bias_ptr, y_ptr,
-                  stride_um, stride_ur, stride_bn, stride_br, stride_ym, stride_yn,
-                  scaling, HAS_BIAS, PRECISION, BLOCK_R, True)
+    store_y(acc, offs_m, offs_n, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS, True)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -95,6 +99,13 @@ def _splitk_reduce_kernel(ws_ptr, u_ptr, b_ptr, bias_ptr, y_ptr, M, N, R, n_slic
 # K slices are whole multiples of SPLIT_GRANULE values, a multiple of every config's BLOCK_K,
 # so the autotuner can try any config on the same slicing.
 SPLIT_GRANULE = 256
+# The modelled HBM share (packed-weight bytes) every 16-bit K-aligned small-M config is gated
+# at: a floor under what the register-table decode reaches (0.37-0.44 on sm_80 / sm_90, from
+# ~0.25 with the table gathered through memory), NOT issue 10's 0.75. Why short: the loop is
+# bound by the shared-memory pipe, where each value costs one warp shuffle (1/32 clock) and
+# its trip through shared memory into the MMA operand layout (2 x 2 B at 128 B per clock),
+# 2/32 clock against the 0.036 clock its 0.5 byte takes at HBM speed.
+HBM_FLOOR = 0.35
 REDUCE_BLOCK_N = 64
 REDUCE_NUM_WARPS = 4
 
@@ -154,7 +165,7 @@ def prune_configs(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_K"])]
 
 
-def _spec(cfg, dtype, k_aligned, split, precision="tf32", qblock=64):
+def _spec(cfg, dtype, k_aligned, split, precision="tf32", qblock=64, target=0.0):
     from .forward import ALIGNED_ARGS, UNIT_STRIDES
 
     fma = dtype == "fp32" and precision == "ieee"
@@ -164,15 +175,18 @@ def _spec(cfg, dtype, k_aligned, split, precision="tf32", qblock=64):
            **{n: "i32" for n in ("M", "N", "K", "R", "k_per_split", "stride_xm", "stride_um",
                                  "stride_bn", "stride_ym")}, "scaling": "fp32"}
     constexprs = {"QBLOCK": qblock, "DOUBLE_QUANT": True, "K_ALIGNED": k_aligned,
+                  "LANE_TABLE": True,
                   "HAS_BIAS": True,
-                  "PRECISION": precision, "BLOCK_R": 16, "SPLIT": split, "BLOCK_M": BLOCK_M,
+                  "PRECISION": precision, "BLOCK_R": 64, "SPLIT": split, "BLOCK_M": BLOCK_M,
                   "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], **UNIT_STRIDES}
     return CompileSpec(kernel="_nf4_lora_fwd_small_m_kernel", fn=_nf4_lora_fwd_small_m_kernel,
                        signature=sig, constexprs=constexprs, num_warps=cfg["num_warps"],
                        num_stages=cfg["num_stages"],
                        label=f"{dtype} k_aligned={int(k_aligned)} split={int(split)}"
                              f"{' ieee' * fma}{f' bs{qblock}' if qblock != 64 else ''}",
-                       options={"enable_fp_fusion": False}, aligned=ALIGNED_ARGS, fma_dot=fma)
+                       options={"enable_fp_fusion": False}, aligned=ALIGNED_ARGS, fma_dot=fma,
+                       trip_bytes=cfg["BLOCK_N"] * cfg["BLOCK_K"] // 2,  # the packed weight
+                       ceiling_target=target)
 
 
 def _reduce_spec(dtype, precision="tf32"):
@@ -183,15 +197,17 @@ def _reduce_spec(dtype, precision="tf32"):
            "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
            **{n: "i32" for n in ("M", "N", "R", "n_slices", "stride_um", "stride_bn",
                                  "stride_ym")}, "scaling": "fp32"}
-    constexprs = {"HAS_BIAS": True, "PRECISION": precision, "BLOCK_R": 32, "BLOCK_M": BLOCK_M,
+    constexprs = {"HAS_BIAS": True, "PRECISION": precision, "BLOCK_R": 64, "BLOCK_M": BLOCK_M,
                   "BLOCK_N": REDUCE_BLOCK_N, "stride_ur": 1, "stride_br": 1, "stride_yn": 1}
     return CompileSpec(kernel="_splitk_reduce_kernel", fn=_splitk_reduce_kernel, signature=sig,
                        constexprs=constexprs, num_warps=REDUCE_NUM_WARPS, num_stages=1,
-                       label=f"{dtype}{' ieee' * fma}", aligned=ALIGNED_ARGS, fma_dot=fma)
+                       label=f"{dtype}{' ieee' * fma}", aligned=ALIGNED_ARGS, fma_dot=fma,
+                       trip_bytes=REDUCE_BLOCK_N * BLOCK_M * 4)  # one fp32 workspace tile
 
 
 COMPILE_SPECS = (
-    [_spec(c, "bf16", True, split) for c in SMALL_M_CONFIGS for split in (True, False)]
+    [_spec(c, dtype, True, split, target=HBM_FLOOR) for c in SMALL_M_CONFIGS
+     for split in (True, False) for dtype in ("bf16", "fp16")]
     + [_spec(c, "fp32", True, split) for c in SMALL_M_FP32_CONFIGS for split in (True, False)]
     + [_spec(UNALIGNED_CONFIG, dt, False, split) for dt in ("bf16", "fp32")
        for split in (True, False)]

@@ -13,6 +13,27 @@ dx, U, the packed weight, absmax, workspaces) must reach its pointer through at 
 offset. `wide_addressing` reads that off the kernel's TTIR (def-use chains from each tt.load /
 tt.store back to the pointer argument), so a 32-bit row offset anywhere is a reported problem.
 
+Hot-loop model (`hot_loop`, `hot_loop_model`): a first-order static bound on how fast the
+kernel's main loop can run, read off its SASS. The main loop is the back-branch region
+[target, BRA] holding the most HMMA/HGMMA instructions (if none holds any: the most global-memory
+instructions; a kernel without a back branch counts its whole body). Per trip of that loop, per
+SM and clock (DESIGN.md "Performance by construction"):
+    loop_instructions  SASS instructions in the region (per warp, counted statically)
+    issue_clocks       loop_instructions * num_warps / 4 schedulers
+    mio_clocks         the shared-memory / L1 / shuffle pipe at 128 B per clock: each LDS, STS,
+                       LDSM, SHFL, LDG, STG, LDGSTS, atomic... costs max(1, 32 lanes x bytes per
+                       lane / 128) clocks (LDSM .x1/.x2/.x4: 1/2/4), times num_warps
+    mma_clocks         the spec's trip_flops / the dense tensor-core rate (bf16/fp16: sm_90 4096,
+                       sm_80 2048 FLOP/clock/SM; half that where the loop's MMAs are tf32)
+    ceiling            GEMM specs (trip_flops): mma_clocks / max(issue, mio), the best share of
+                       tensor-core peak; memory-bound specs (trip_bytes): (trip_bytes / HBM bytes
+                       per SM clock, 13.9 sm_90, 13.4 sm_80) / max(issue, mio), the best share of
+                       HBM bandwidth; both at most 1. None for fp32 'ieee' (FMA) rows.
+    bound              "mma", "hbm" or None: which of the two the ceiling is a share of
+It is optimistic (no latencies, bank conflicts, stalls or dual-issue limits, one trip's static
+code only) and modelled, never measured: a config cannot run faster than its ceiling, and one
+at its ceiling is not shown to be fast.
+
 Kernels decorated under TRITON_INTERPRET=1 are interpreter objects that cannot be compiled, so
 when the interpreter is active the report runs in a child process without it.
 """
@@ -39,11 +60,27 @@ _TTIR_ATOMIC = re.compile(r"\btt\.atomic_\w+")
 _PTX_ATOMIC = re.compile(r"^\s*(?:@!?%\w+\s+)?(?:atom|red)\.", re.MULTILINE)
 FIELDS = ("kernel", "config", "arch", "registers", "stack_bytes", "local_bytes", "shared_bytes",
           "mma_instructions")
+HOT_LOOP_FIELDS = ("loop_instructions", "issue_clocks", "mio_clocks", "mma_clocks", "ceiling",
+                   "bound")
+# Hot-loop model constants, per SM and clock (datasheet peaks; DESIGN.md)
+SCHEDULERS = 4  # warp instructions issued per clock
+MIO_BYTES_PER_CLOCK = 128  # shared memory / L1 / shuffle pipe: one 32-lane 4-byte access
+LANES = 32
+DENSE_MMA_FLOPS = {"sm_80": 2048, "sm_90": 4096}  # bf16/fp16 dense; tf32 is half
+HBM_BYTES_PER_CLOCK = {"sm_80": 2.04e12 / 108 / 1.41e9,  # A100 80GB: ~13.4
+                       "sm_90": 3.35e12 / 132 / 1.83e9}  # H100 SXM: ~13.9
+# `/*57a0*/   @!P5 BRA 0x3810 ;` -> address, predicate, opcode, operands
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(@!?U?P(?:T|\d+)\s+)?([A-Z][\w.]*)([^;]*);",
+                        re.MULTILINE)
+_MIO_OPS = {"LDS", "STS", "LDSM", "STSM", "SHFL", "LDG", "STG", "LDGSTS", "LDL", "STL", "LD", "ST",
+            "ATOM", "ATOMS", "ATOMG", "RED"}
+_GLOBAL_OPS = {"LDG", "STG", "LDGSTS", "LD", "ST", "ATOM", "ATOMG", "RED", "UTMALDG", "UTMASTG",
+               "UTMAREDG", "UBLKCP"}
 _DEF = re.compile(r"^\s*(%[\w#]+)(?::(\d+))?\s*=\s*([\w.]+)\s+(.*)$")
 _ACCESS = re.compile(r"^(?:%[\w#]+ = )?tt\.(?:load|store) (%[\w#]+)")
 _PTR_ARG = re.compile(r"%(\w+): !tt\.ptr")
 _PASS_THROUGH = ("tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape", "tt.trans",
-                 "ttg.convert_layout", "iter_arg")
+                 "ttg.convert_layout", "iter_arg", "tt.bitcast")
 
 
 def _nvidia_tool(name: str) -> str:
@@ -62,11 +99,13 @@ def _run(tool: str, *args: str) -> str:
     return done.stdout
 
 
-def narrow_pointer_args(ttir: str) -> set:
-    """Pointer arguments that some tt.load / tt.store addresses with 32-bit offsets only.
+def pointer_accesses(ttir: str) -> list[tuple[str, str, bool]]:
+    """(op, argument, wide) for every tt.load / tt.store of a kernel's TTIR: the pointer
+    argument it reads or writes, and whether some offset on the way is 64-bit.
 
     Follows each access's pointer back through tt.addptr (noting whether an offset is i64),
-    splats, broadcasts, reshapes and loop-carried values to the kernel argument it came from."""
+    splats, broadcasts, reshapes, bitcasts and loop-carried values to the kernel argument it
+    came from."""
     defs = {}
     for line in ttir.splitlines():
         found = _DEF.match(line)
@@ -80,7 +119,7 @@ def narrow_pointer_args(ttir: str) -> set:
                                             line.split("iter_args(", 1)[1]):
                 defs[carried] = ("iter_arg", init)
     args = set(_PTR_ARG.findall(ttir))
-    narrow = set()
+    accesses = []
     for line in ttir.splitlines():
         access = _ACCESS.match(line.strip())
         if not access:
@@ -95,15 +134,102 @@ def narrow_pointer_args(ttir: str) -> set:
             elif op not in _PASS_THROUGH:
                 raise ValueError(f"cannot trace pointer {ptr} through {op}: {line.strip()}")
             ptr = re.findall(r"%[\w#]+", rest)[0]
-        if not wide:
-            narrow.add(ptr[1:])
-    return narrow
+        accesses.append(("tt.store" if "tt.store" in line else "tt.load", ptr[1:], wide))
+    return accesses
+
+
+def narrow_pointer_args(ttir: str) -> set:
+    """Pointer arguments that some tt.load / tt.store addresses with 32-bit offsets only."""
+    return {arg for _, arg, wide in pointer_accesses(ttir) if not wide}
+
+
+def code_table_loads(ttir: str) -> int:
+    """How many tt.load ops read the 4-bit code table (`code_ptr`) through memory: 0 when the
+    kernel holds the table in registers (csrc_triton/common.py lane_table: one inline-asm load
+    per lane, invisible here) and looks values up by warp shuffle."""
+    return sum(op == "tt.load" and arg == "code_ptr" for op, arg, _ in pointer_accesses(ttir))
 
 
 def hgmma_register_a(sass: str) -> int:
     """How many sm_90 wgmma instructions take their A operand from registers (SASS
     `HGMMA.64x128x16.F32.BF16 R88, R32, gdesc[UR20], R88`), not from shared memory (`gdesc`)."""
     return len(_HGMMA_REGISTER_A.findall(sass))
+
+
+def _mio_clocks(opcode: str) -> int:
+    """Clocks one warp instruction holds the 128 B/clock MIO pipe (0: not an MIO instruction)."""
+    base, *mods = opcode.split(".")
+    if base not in _MIO_OPS:
+        return 0
+    if base in ("LDSM", "STSM"):  # LDSM.16.M88.4: four 8x8 b16 matrices, 128 B each
+        return int(mods[-1]) if mods and mods[-1] in ("1", "2", "4") else 1
+    lane_bytes = 16 if "128" in mods else 8 if "64" in mods else 4
+    return max(1, LANES * lane_bytes // MIO_BYTES_PER_CLOCK)
+
+
+def hot_loop(sass: str) -> dict:
+    """The main loop of a cuobjdump -sass listing: instructions and MIO clocks per warp per trip.
+
+    Each backward branch (BRA to a lower address, predicated or not) closes a loop [target,
+    branch]; branches to one target form one loop. The main loop holds the most HMMA/HGMMA
+    instructions, or, where none holds any, the most global-memory instructions; among equals
+    an enclosing loop gives way to the loop inside it (there the work is), then the larger
+    wins. Without a back branch the whole body counts, up to the first unpredicated EXIT.
+    Returns start, end (addresses), instructions, mio_clocks, mma, tf32 (the loop's MMAs are),
+    shuffles (SHFL instructions: the register-table code lookups)."""
+    code = [(int(a, 16), bool(pred), op, args) for a, pred, op, args in _SASS_LINE.findall(sass)]
+    ends = {}
+    for addr, _, op, args in code:
+        targets = re.findall(r"0x[0-9a-f]+", args)
+        if op.split(".")[0] == "BRA" and targets and int(targets[-1], 16) < addr:
+            head = int(targets[-1], 16)
+            ends[head] = max(addr, ends.get(head, 0))
+    if not ends:
+        last = next((a for a, pred, op, _ in code if op == "EXIT" and not pred),
+                    code[-1][0] if code else 0)
+        ends = {code[0][0] if code else 0: last}
+
+    def body(start, end):
+        return [op for a, _, op, _ in code if start <= a <= end]
+
+    def weight(region):
+        ops = body(*region)
+        return (sum(op.split(".")[0] in ("HMMA", "HGMMA") for op in ops),
+                sum(op.split(".")[0] in _GLOBAL_OPS for op in ops))
+
+    regions = list(ends.items())
+    use = 0 if any(weight(r)[0] for r in regions) else 1
+    best = max(weight(r)[use] for r in regions)
+    tied = [r for r in regions if weight(r)[use] == best]
+    innermost = [r for r in tied if not any(o != r and r[0] <= o[0] and o[1] <= r[1]
+                                           for o in tied)]
+    start, end = max(innermost, key=lambda r: r[1] - r[0])
+    ops = body(start, end)
+    mma = [op for op in ops if op.split(".")[0] in ("HMMA", "HGMMA")]
+    return {"start": start, "end": end, "instructions": len(ops),
+            "mio_clocks": sum(_mio_clocks(op) for op in ops), "mma": len(mma),
+            "tf32": any(".TF32" in op for op in mma),
+            "shuffles": sum(op.split(".")[0] == "SHFL" for op in ops)}
+
+
+def hot_loop_model(loop: dict, arch: str, num_warps: int, trip_flops: int = 0,
+                   trip_bytes: int = 0, fma_dot: bool = False) -> dict:
+    """The compile report's HOT_LOOP_FIELDS for one trip of `loop` (hot_loop's answer) run by
+    num_warps warps on one SM of `arch` (module docstring: a first-order static bound)."""
+    issue = loop["instructions"] * num_warps / SCHEDULERS
+    mio = loop["mio_clocks"] * num_warps
+    rate = DENSE_MMA_FLOPS[arch] / (2 if loop["tf32"] else 1)
+    mma = None if fma_dot else trip_flops / rate
+    busy = max(issue, mio)
+    bound = work = None
+    if not fma_dot and busy > 0:
+        if trip_flops:
+            bound, work = "mma", mma
+        elif trip_bytes:
+            bound, work = "hbm", trip_bytes / HBM_BYTES_PER_CLOCK[arch]
+    return {"loop_instructions": loop["instructions"], "issue_clocks": issue,
+            "mio_clocks": mio, "mma_clocks": mma, "bound": bound,
+            "ceiling": None if bound is None else min(1.0, work / busy)}
 
 
 def atomic_ops(ttir: str, ptx: str) -> int:
@@ -118,7 +244,7 @@ def compile_spec(spec, arch: str) -> dict:
 
     Beyond FIELDS: uses_dot and fma_dot (the spec's), i32_addressed (narrow_pointer_args),
     hgmma_register_a (sm_90 wgmma instructions taking A from registers), atomics
-    (atomic_ops)."""
+    (atomic_ops), and the hot-loop model's HOT_LOOP_FIELDS (hot_loop_model)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -140,6 +266,7 @@ def compile_spec(spec, arch: str) -> dict:
         usage = _RESOURCE.search(_run("cuobjdump", "--dump-resource-usage", cubin))
         sass = _run("cuobjdump", "-sass", cubin)
     unsafe = sorted(narrow_pointer_args(kernel.asm["ttir"]) - set(spec.bounded_args))
+    loop = hot_loop(sass)
     if usage is None:
         raise RuntimeError(f"cuobjdump printed no resource usage for {spec.kernel}")
     registers, stack, shared, local = (int(v) for v in usage.groups())
@@ -151,13 +278,19 @@ def compile_spec(spec, arch: str) -> dict:
             "mma_instructions": len(_MMA.findall(sass)), "uses_dot": spec.uses_dot,
             "fma_dot": spec.fma_dot, "i32_addressed": unsafe,
             "hgmma_register_a": hgmma_register_a(sass),
-            "atomics": atomic_ops(kernel.asm["ttir"], kernel.asm["ptx"])}
+            "atomics": atomic_ops(kernel.asm["ttir"], kernel.asm["ptx"]),
+            "code_table_loads": code_table_loads(kernel.asm["ttir"]),
+            "loop_shuffles": loop["shuffles"], "ceiling_target": spec.ceiling_target,
+            **hot_loop_model(loop, arch, spec.num_warps, spec.trip_flops, spec.trip_bytes,
+                             spec.fma_dot)}
 
 
 def compile_report(archs=("sm_80", "sm_90"), kernels=None, workers: int | None = None
                    ) -> list[dict]:
     """One dict per kernel x config x arch (fields: kernel, config, arch, registers,
-    stack_bytes, local_bytes, shared_bytes, mma_instructions; plus what compile_spec adds).
+    stack_bytes, local_bytes, shared_bytes, mma_instructions; the hot-loop model's
+    loop_instructions, issue_clocks, mio_clocks, mma_clocks, ceiling, bound; plus what
+    compile_spec adds).
 
     kernels: optional iterable of kernel names to restrict the report to."""
     archs = tuple(archs)
@@ -191,7 +324,10 @@ def _report_in_child(archs, kernels, workers) -> list[dict]:
 
 
 def problems(rows: list[dict]) -> list[str]:
-    """What is wrong with a report: spills, or a tl.dot kernel with no tensor-core instruction.
+    """What is wrong with a report: spills, a tl.dot kernel with no tensor-core instruction, a
+    large tensor addressed with 32-bit offsets, or a headline config (ceiling_target > 0) whose
+    hot-loop ceiling is below its target or whose decode is not the register-table one (no SHFL
+    in its main loop, or a load of the code table through memory).
 
     fp32 dots at full precision ('ieee', rows with fma_dot) are the one exception, and the
     reverse holds for them: tensor cores have no fp32 x fp32 form, so such a kernel runs on
@@ -211,14 +347,32 @@ def problems(rows: list[dict]) -> list[str]:
         if row.get("i32_addressed"):
             found.append(f"{where} addresses {', '.join(row['i32_addressed'])} with 32-bit "
                          "offsets only (overflows past 2^31 elements)")
+        if row.get("ceiling_target"):
+            if (row.get("ceiling") or 0.0) < row["ceiling_target"]:
+                found.append(f"{where} is a headline config: modelled ceiling "
+                             f"{row.get('ceiling') or 0:.2f} is below its target "
+                             f"{row['ceiling_target']:.2f}")
+            if not row.get("loop_shuffles") or row.get("code_table_loads"):
+                found.append(f"{where} is a headline config but its decode is not the "
+                             f"register-table one ({row.get('loop_shuffles')} SHFL in the "
+                             f"main loop, {row.get('code_table_loads')} loads of the code "
+                             "table)")
     return found
 
 
 def format_table(rows: list[dict]) -> str:
-    """The report as an aligned text table."""
-    header = ("kernel", "config", "arch", "regs", "stack B", "local B", "shared B", "mma")
+    """The report as an aligned text table (hot-loop columns: loop instructions per warp,
+    issue / MIO / MMA clocks per trip, and the ceiling with what it is a share of)."""
+    def num(value, fmt="{:.0f}"):
+        return "-" if value is None else fmt.format(value)
+
+    header = ("kernel", "config", "arch", "regs", "stack B", "local B", "shared B", "mma",
+              "loop", "issue", "mio", "mma clk", "ceiling")
     body = [(r["kernel"], r["config"], r["arch"], str(r["registers"]), str(r["stack_bytes"]),
-             str(r["local_bytes"]), str(r["shared_bytes"]), str(r["mma_instructions"]))
+             str(r["local_bytes"]), str(r["shared_bytes"]), str(r["mma_instructions"]),
+             num(r.get("loop_instructions")), num(r.get("issue_clocks")),
+             num(r.get("mio_clocks")), num(r.get("mma_clocks")),
+             num(r.get("ceiling"), "{:.2f} " + str(r.get("bound"))))
             for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
               for i, h in enumerate(header)]

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from . import backend
+from .launch.selfcheck import use_kernels
 from .quant import QuantState
 
 __all__ = ["lora_linear_4bit", "check_inputs", "check_fused_rank", "resolve_seed",
@@ -253,7 +253,7 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     state = _as_quant_state(state)
     p, seed = check_inputs(x, packed, state, lora_A, lora_B, scaling, bias, dropout_p, training,
                            seed)
-    if x.dtype == torch.float64 or x.numel() == 0 or not backend.use_triton(x):
+    if x.dtype == torch.float64 or x.numel() == 0 or not use_kernels(x, state.quant_type):
         from . import reference
 
         with torch.autocast(x.device.type, enabled=False):

@@ -441,7 +441,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState,
     Runs the Triton kernel (csrc_triton/dequant.py) when the backend is Triton and the PyTorch
     decoder otherwise; both equal bitsandbytes' dequantize_4bit bit for bit.
     """
-    from . import backend as _backend
+    from .launch.selfcheck import use_kernels  # backend choice + the GPU decode self-check
 
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a fastlora.QuantState (use QuantState.from_bnb), "
@@ -449,7 +449,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState,
     state.validate(packed)
     dtype = state.dtype if dtype is None else dtype
     _check_dequant_dtype(dtype)
-    if _backend.use_triton(packed):
+    if use_kernels(packed, state.quant_type):
         from .launch.dequant import dequantize_4bit_triton
 
         return dequantize_4bit_triton(packed, state, dtype)

@@ -46,20 +46,45 @@ def test_layer_bytes_hand_checked():
     assert model.layer_bytes("backward", D) == Y + X + W4 + A + B + X + A + B == 1932
 
 
+# The tiled-path layer: the same but M = 32 (> 16, so the forward takes the tiled GEMM)
+DT = model.Dims(m=32, n=8, k=64, r=2, e=2, bias=False, blocksize=64, double_quant=True)
+XT = 32 * 64 * 2        # 4096
+YT = 32 * 8 * 2         # 512
+UT = 32 * 2 * 2         # 128
+# one fp32 split-K partial [M, N] of D: 4 * 4 * 8
+PART = 4 * 4 * 8        # 128
+
+
 def test_provider_steps_hand_checked():
     fused = model.steps("fastlora", "forward", D)
-    # U = x A^T: reads x and A, writes U; then the fused pass reads x, W, U, B and writes y
-    assert [s.bytes for s in fused] == [X + A + U, X + W4 + U + B + Y] == [784, 892]
-    assert [s.flops for s in fused] == [1024, 4096 + 128]
+    # M = 4 <= 16: U = x A^T (reads x and A, writes U); the small-M kernel reads x and W and
+    # writes one fp32 partial; the split-K reduce reads it, U, B and writes y
+    assert [s.bytes for s in fused] == [X + A + U, X + W4 + PART, PART + U + B + Y] \
+        == [784, 908, 240]
+    assert [s.flops for s in fused] == [1024, 4096, 128]
+    assert [s.kernel for s in fused] == [model.U_KERNEL, model.SMALL_M_KERNEL,
+                                         model.SPLITK_REDUCE_KERNEL]
+    tiled = model.steps("fastlora", "forward", DT)
+    # M = 32: U, then the fused pass reads x, W, U, B and writes y
+    assert [s.bytes for s in tiled] == [XT + A + UT, XT + W4 + UT + B + YT] == [4480, 5036]
+    assert [s.flops for s in tiled] == [2 * 32 * 2 * 64, 2 * 32 * 8 * 64 + 2 * 32 * 8 * 2] \
+        == [8192, 33792]
+    assert [s.kernel for s in tiled] == [model.U_KERNEL, model.FWD_KERNEL]
     fused_bwd = model.steps("fastlora", "backward", D)
-    # dU/dB: reads dy, B, U, writes dU, dB; dA/dx_lora: reads dU, x, A, writes dA, dx;
+    # dU/dB: reads dy, B, U, writes dU, dB; the dB and dU reductions read one fp32 part and
+    # write the gradient; dA/dx_lora: reads dU, x, A, writes dA, dx; dA's reduction;
     # dx += dy W: reads dy, W, dx and writes dx
-    assert [s.bytes for s in fused_bwd] == [Y + B + U + U + B, U + X + A + A + X,
-                                            Y + W4 + X + X] == [160, 1552, 1356]
+    assert [s.bytes for s in fused_bwd] == [Y + B + U + U + B, 4 * 8 * 2 + B, 4 * 4 * 2 + U,
+                                            U + X + A + A + X, 4 * 2 * 64 + A,
+                                            Y + W4 + X + X] == [160, 96, 48, 1552, 768, 1356]
+    assert [s.kernel for s in fused_bwd] == [
+        model.DU_DB_KERNEL, model.BWD_REDUCE_KERNEL, model.BWD_REDUCE_KERNEL, model.DA_KERNEL,
+        model.BWD_REDUCE_KERNEL, model.DX_KERNEL]
     peft = model.steps("peft_bnb", "forward", D)
     # dequantize (W4 in, W16 out), matmul, PEFT's clone, lora_A, lora_B, * scaling, add
     assert [s.bytes for s in peft] == [W4 + W16, W16 + X + Y, 2 * Y, X + A + U, U + B + Y,
                                        2 * Y, 3 * Y] == [1292, 1600, 128, 784, 112, 128, 192]
+    assert all(s.kernel is None for s in peft)
     buffered = model.steps("dequant_mm", "forward", D)
     # dequantize into the buffer, x W^T, U = x A^T, y += s U B^T (reads and writes y)
     assert sum(s.bytes for s in buffered) == (W4 + W16) + (W16 + X + Y) + (X + A + U) \
@@ -70,32 +95,217 @@ def test_provider_steps_hand_checked():
 @pytest.mark.parametrize("provider", list(model.PROVIDER_STEPS))
 def test_every_provider_counts_the_layer_flops(provider, mode):
     """The providers differ in traffic, not in the matmuls they do."""
-    for d in (D, model.Dims(37, 96, 160, 16, 2, True, 64, False)):
+    for d in (D, DT, model.Dims(37, 96, 160, 16, 2, True, 64, False)):
         assert sum(s.flops for s in model.steps(provider, mode, d)) == model.layer_flops(mode, d)
 
 
+# a GPU doing 1e6 FLOP/s and 1e6 B/s: a kernel's FLOPs and bytes read as microseconds
+SLOW = Peak("unit", tflops=1e-6, gbs=1e-3)
+LAUNCH_US = 4  # model.LAUNCH_OVERHEAD_S, in microseconds
+
+
 def test_roofline_hand_checked():
-    # a GPU doing 1e6 FLOP/s and 1e6 B/s: each kernel takes max(flops, bytes) microseconds
-    slow = Peak("unit", tflops=1e-6, gbs=1e-3)
-    fused = model.roofline_seconds(model.steps("fastlora", "forward", D), slow)
-    assert fused == pytest.approx((max(1024, 784) + max(4224, 892)) * 1e-6)  # 5248 us
-    peft = model.roofline_seconds(model.steps("peft_bnb", "forward", D), slow)
+    """The ideal roofline (no ceilings, no launch cost), kept for comparison."""
+    fused = model.roofline_seconds(model.steps("fastlora", "forward", D), SLOW)
+    # U max(1024, 784) + small-M max(4096, 908) + reduce max(128, 240) = 5360 us
+    assert fused == pytest.approx((1024 + 4096 + 240) * 1e-6)
+    peft = model.roofline_seconds(model.steps("peft_bnb", "forward", D), SLOW)
     # dequant 1292 + matmul max(4096, 1600) + clone 128 + lora_A max(1024, 784)
     # + lora_B max(128, 112) + scale 128 + add 192 = 6988 us
     assert peft == pytest.approx(6988e-6)
 
 
+def test_model_constants_are_the_documented_assumptions():
+    assert model.LAUNCH_OVERHEAD_S == LAUNCH_US * 1e-6
+    assert model.PEER_GEMM_EFFICIENCY == 0.80
+    assert model.PEER_BANDWIDTH_EFFICIENCY == 0.90
+    assert set(model.KERNEL_BOUND.values()) == {"mma", "hbm"}
+    assert {k for k, v in model.KERNEL_BOUND.items() if v == "mma"} == {model.FWD_KERNEL,
+                                                                         model.DX_KERNEL}
+    assert model.GPU_ARCHS["H100 SXM"] == "sm_90" and model.GPU_ARCHS["A100 SXM 80GB"] == "sm_80"
+    assert all(gpu in model.GPU_ARCHS for gpu in peaks.MODELLED_GPUS)
+
+
+def test_fastlora_time_at_injected_ceilings_hand_checked():
+    """max(FLOPs / (P c), bytes / BW) + launch for the GEMM kernel, max(FLOPs / P,
+    bytes / (BW c)) + launch for the memory-bound one."""
+    ceilings = {model.U_KERNEL: 0.5, model.FWD_KERNEL: 0.25}
+    u, fwd = model.steps("fastlora", "forward", DT)
+    # U (memory-bound): max(8192, 4480 / 0.5 = 8960) + 4 = 8964 us (the ceiling is on bytes)
+    assert model.step_seconds(u, SLOW, ceilings) == pytest.approx(8964e-6)
+    # fused GEMM: max(33792 / 0.25 = 135168, 5036) + 4 = 135172 us (the ceiling is on FLOPs)
+    assert model.step_seconds(fwd, SLOW, ceilings) == pytest.approx(135172e-6)
+    assert model.modelled_seconds([u, fwd], SLOW, ceilings) == pytest.approx(144136e-6)
+    # small-M path of D at c = 0.5 for the small-M kernel, the others absent (unmodelled: 1.0):
+    # U max(1024, 784) + 4 = 1028; small-M max(4096, 908 / 0.5 = 1816) + 4 = 4100;
+    # reduce max(128, 240) + 4 = 244
+    small = model.steps("fastlora", "forward", D)
+    assert model.modelled_seconds(small, SLOW, {model.SMALL_M_KERNEL: 0.5}) == \
+        pytest.approx((1028 + 4100 + 244) * 1e-6)
+    # at c = 0.1 the small-M kernel's bytes bind: 908 / 0.1 = 9080 + 4
+    assert model.step_seconds(small[1], SLOW, {model.SMALL_M_KERNEL: 0.1}) == \
+        pytest.approx(9084e-6)
+    # no ceilings at all: the roofline plus one launch per kernel
+    assert model.modelled_seconds(small, SLOW) == pytest.approx(
+        model.roofline_seconds(small, SLOW) + 3 * LAUNCH_US * 1e-6)
+    with pytest.raises(ValueError, match="ceiling"):
+        model.step_seconds(u, SLOW, {model.U_KERNEL: 0.0})
+
+
+def test_peer_time_at_assumed_efficiencies_hand_checked():
+    """Peers: max(FLOPs / (0.80 P), bytes / (0.90 BW)) + launch, whatever ceilings say."""
+    peft = model.steps("peft_bnb", "forward", D)
+    # dequant 1292 / 0.9; matmul max(4096 / 0.8 = 5120, 1600 / 0.9); clone 128 / 0.9;
+    # lora_A max(1024 / 0.8 = 1280, 784 / 0.9); lora_B max(128 / 0.8 = 160, 112 / 0.9);
+    # scale 128 / 0.9; add 192 / 0.9; + 7 launches of 4 us
+    expected = (1292 + 128 + 128 + 192) / 0.9 + 5120 + 1280 + 160 + 7 * LAUNCH_US
+    assert expected == pytest.approx(8521.333, abs=1e-3)
+    assert model.modelled_seconds(peft, SLOW, {model.FWD_KERNEL: 0.01}) == \
+        pytest.approx(expected * 1e-6)
+
+
+@pytest.mark.parametrize("kernel", model.fastlora_kernels())
+def test_lower_ceiling_gives_longer_modelled_time(kernel):
+    """Halving one kernel's ceiling never shortens fastlora's modelled time, and lengthens it
+    wherever that kernel's capped term binds (every kernel on a real layer at the M that runs
+    it: 8192 for the tiled path and the backward, 1 for the small-M path)."""
+    h100 = peaks.peak_named("H100 SXM")
+    base = {k: 0.8 for k in model.fastlora_kernels()}
+    lower = {**base, kernel: 0.4}
+    small_m = kernel in (model.SMALL_M_KERNEL, model.SPLITK_REDUCE_KERNEL)
+    for m in (1, 8192):
+        d = model.Dims(m, 4096, 4096, 16)
+        st = model.steps("fastlora", "full", d)
+        before = model.modelled_seconds(st, h100, base)
+        after = model.modelled_seconds(st, h100, lower)
+        assert after >= before
+        if m == (1 if small_m else 8192):
+            assert after > before, (kernel, m)
+
+
+class _Spec:
+    """The CompileSpec fields the ceiling selection reads."""
+
+    def __init__(self, kernel, config, archs=("sm_80", "sm_90"), dtype="*bf16", target=0.0,
+                 fma_dot=False):
+        self.kernel, self.config, self.archs = kernel, config, archs
+        self.signature = {"x_ptr": dtype, "packed_ptr": "*u8"}
+        self.ceiling_target, self.fma_dot = target, fma_dot
+
+
+FAKE_SPECS = [
+    _Spec(model.FWD_KERNEL, "big", target=0.85),
+    _Spec(model.FWD_KERNEL, "headline2", target=0.85),
+    _Spec(model.FWD_KERNEL, "small"),
+    _Spec(model.FWD_KERNEL, "fp32", dtype="*fp32"),
+    _Spec(model.FWD_KERNEL, "ieee", dtype="*fp32", fma_dot=True),
+    _Spec(model.U_KERNEL, "u1"), _Spec(model.U_KERNEL, "u2"),
+    _Spec(model.DX_KERNEL, "dx80", archs=("sm_80",), target=0.85),
+]
+
+
+def _row(kernel, config, arch, ceiling):
+    return {"kernel": kernel, "config": config, "arch": arch, "ceiling": ceiling,
+            "bound": None if ceiling is None else "mma"}
+
+
+def test_needed_specs_prefer_headline_configs():
+    picked = model.needed_specs("sm_90", "16bit", FAKE_SPECS)
+    # the forward's two headline specs (not "small"), both U specs, no dx (sm_80 only)
+    assert [(s.kernel, s.config) for s in picked] == sorted(
+        [(model.FWD_KERNEL, "big"), (model.FWD_KERNEL, "headline2"),
+         (model.U_KERNEL, "u1"), (model.U_KERNEL, "u2")])
+    assert [s.config for s in model.needed_specs("sm_90", "fp32", FAKE_SPECS)] == ["fp32"]
+    assert [s.config for s in model.needed_specs("sm_80", "16bit", FAKE_SPECS,
+                                                 [model.DX_KERNEL])] == ["dx80"]
+
+
+def test_ceilings_from_rows_hand_checked():
+    rows = [_row(model.FWD_KERNEL, "big", "sm_90", 0.60),
+            _row(model.FWD_KERNEL, "headline2", "sm_90", 0.70),
+            _row(model.FWD_KERNEL, "small", "sm_90", 0.95),   # higher, but not a headline
+            _row(model.FWD_KERNEL, "big", "sm_80", 0.50),
+            _row(model.FWD_KERNEL, "fp32", "sm_90", 0.40),
+            _row(model.FWD_KERNEL, "ieee", "sm_90", None),
+            _row(model.U_KERNEL, "u1", "sm_90", 0.30),
+            _row(model.U_KERNEL, "u2", "sm_90", 0.45),
+            _row(model.U_KERNEL, "u2", "sm_90", None),
+            # a row no spec knows: its dtype comes from the config text
+            _row(model.DA_KERNEL, "BLOCK_M=64 w4 s3 bf16 R_PAD=64", "sm_90", 0.2)]
+    assert model.ceilings_from_rows(rows, "sm_90", "16bit", FAKE_SPECS) == {
+        model.FWD_KERNEL: 0.70, model.U_KERNEL: 0.45, model.DA_KERNEL: 0.2}
+    assert model.ceilings_from_rows(rows, "sm_80", "16bit", FAKE_SPECS) == {
+        model.FWD_KERNEL: 0.50}
+    assert model.ceilings_from_rows(rows, "sm_90", "fp32", FAKE_SPECS) == {
+        model.FWD_KERNEL: 0.40}
+    # kernel_ceilings reads given rows without compiling (against the shipped specs, which
+    # know none of these configs: the config text gives the dtype)
+    made_up = [_row(model.FWD_KERNEL, "BLOCK_M=64 w4 s3 bf16 made-up", "sm_80", 0.5),
+               _row(model.FWD_KERNEL, "BLOCK_M=64 w4 s3 fp32 made-up", "sm_80", 0.9)]
+    assert model.kernel_ceilings("sm_80", "16bit", made_up) == {model.FWD_KERNEL: 0.5}
+    text = model.describe_ceilings({model.FWD_KERNEL: 0.5, model.U_KERNEL: 0.25})
+    assert "_nf4_lora_fwd_kernel 0.50 of tensor peak" in text
+    assert "_lora_u_kernel 0.25 of HBM" in text
+    assert "unmodelled" in text and model.DX_KERNEL in text
+
+
 def test_modelled_rows_are_labelled_and_relative_to_peft(tmp_path):
     opts = suite.Options(shapes=[shapes.SHAPES["llama3-8b.q_proj"]], ms=(1, 4096), ranks=(16,),
                          modes=("full",), providers=["fastlora", "peft_bnb"], out=str(tmp_path))
-    rows = suite.modelled_rows(opts)
+    rows = suite.modelled_rows(opts, ceilings={})  # every fastlora kernel unmodelled (1.0)
     assert len(rows) == len(peaks.MODELLED_GPUS) * 2 * 2
     for row in rows:
         assert all(k.startswith("modelled_") for k in row if k.endswith(("us", "mb", "gflop")))
         if row["provider"] == "peft_bnb":
             assert row["modelled_speedup_vs_peft_bnb"] == 1.0
-        else:  # one decode token: the fused path reads the 4-bit weight once, not W16 twice
-            assert row["modelled_speedup_vs_peft_bnb"] > (3.0 if row["m"] == 1 else 1.0)
+            assert "assumed" in row["modelled_at"]
+        else:  # one decode token: the fused path reads the 4-bit weight once, not W16 twice;
+            # 4 us per launch (9 fastlora, 15 PEFT) caps that gain near 2.6x on H100
+            assert row["modelled_speedup_vs_peft_bnb"] > (2.0 if row["m"] == 1 else 1.0)
+            assert "unmodelled" in row["modelled_at"]
+    # per-GPU ceilings: a low forward GEMM ceiling on H100 only slows H100's fastlora rows
+    low = suite.modelled_rows(opts, ceilings={"H100 SXM": {model.FWD_KERNEL: 0.3}})
+    for ideal, capped in zip(rows, low):
+        if ideal["provider"] == "fastlora" and ideal["gpu"] == "H100 SXM" and ideal["m"] > 16:
+            assert capped["modelled_us"] > ideal["modelled_us"]
+            assert "nf4_lora_fwd_kernel=0.30" in capped["modelled_at"]
+        else:
+            assert capped["modelled_us"] == ideal["modelled_us"]
+
+
+def test_modelled_table_names_its_ceilings(tmp_path):
+    """run_modelled with the compile report's rows at hand: no compiling, and the table says
+    what is modelled and at which ceilings."""
+    opts = suite.Options(shapes=[shapes.SHAPES["llama3-8b.q_proj"]], ms=(8192,), ranks=(16,),
+                         modes=("forward",), providers=["fastlora", "peft_bnb"],
+                         out=str(tmp_path), say=lambda line: None)
+    rows = [_row(model.FWD_KERNEL, "BLOCK_M=128 w8 s3 bf16 made-up", "sm_90", 0.5),
+            _row(model.U_KERNEL, "BLOCK_M=64 w4 s3 bf16 made-up", "sm_90", 0.25)]
+    suite.run_modelled(opts, rows)
+    text = (tmp_path / "modelled.md").read_text()
+    assert "MODELLED, not measured" in text
+    assert "H100 SXM (sm_90, 16bit): _nf4_lora_fwd_kernel 0.50 of tensor peak" in text
+    assert "_lora_u_kernel 0.25 of HBM" in text
+    assert "0.80 of tensor-core peak" in text and "0.90 of bandwidth" in text
+    assert "A100 SXM 80GB (sm_80, 16bit): none compiled; unmodelled" in text
+    # the H100 time is the hand formula at these ceilings
+    d = opts.dims(8192, shapes.SHAPES["llama3-8b.q_proj"], 16)
+    h100 = peaks.peak_named("H100 SXM")
+    u, fwd = model.steps("fastlora", "forward", d)
+    want = max(u.flops / 989.4e12, u.bytes / (3350e9 * 0.25)) \
+        + max(fwd.flops / (989.4e12 * 0.5), fwd.bytes / 3350e9) + 2 * 4e-6
+    assert model.modelled_seconds([u, fwd], h100, {model.FWD_KERNEL: 0.5,
+                                                   model.U_KERNEL: 0.25}) == pytest.approx(want)
+    import csv
+
+    with open(tmp_path / "modelled.csv", newline="") as fh:
+        written = {(r["gpu"], r["provider"]): r for r in csv.DictReader(fh)}
+    fused = written[("H100 SXM", "fastlora")]
+    assert float(fused["modelled_us"]) == pytest.approx(want * 1e6)
+    assert fused["modelled_at"] == \
+        "hot-loop ceilings: lora_u_kernel=0.25 nf4_lora_fwd_kernel=0.50"
+    assert written[("A100 SXM 80GB", "fastlora")]["modelled_at"] == \
+        "hot-loop ceilings: lora_u_kernel=unmodelled nf4_lora_fwd_kernel=unmodelled"
 
 
 def test_peak_lookup_by_device_name():
@@ -159,8 +369,9 @@ def test_compile_report_problems_fail_the_run(tmp_path, monkeypatch, problems, c
     addressing) makes `fastlora bench` exit non-zero, though every provider passed."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(suite, "run_smoke", lambda opts: 0)
-    monkeypatch.setattr(suite, "run_modelled", lambda opts: None)
-    monkeypatch.setattr(suite, "write_compile_report", lambda out, say: problems)
+    monkeypatch.setattr(suite, "compile_rows", lambda: [])
+    monkeypatch.setattr(suite, "run_modelled", lambda opts, rows=None: None)
+    monkeypatch.setattr(suite, "write_compile_report", lambda out, say, rows=None: problems)
     opts = suite.Options(shapes=[], ms=(), ranks=(), modes=shapes.MODES, providers=[],
                          out=str(tmp_path), say=lambda line: None)
     assert suite.run(opts) == code

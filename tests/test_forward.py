@@ -150,7 +150,8 @@ def test_extreme_blocksizes(blocksize, m, k, config):
 
 
 def test_large_rank_chunks_and_public_op():
-    """r = 200: the U kernel pads the rank to 256, the epilogue runs 7 chunks of 32."""
+    """r = 200: the U kernel and the LoRA term pad the rank to 256 (lora_init: 8 unrolled
+    chunks of 32, the 56 columns past r zero-padded)."""
     case = make_case(20, N, 256, 200, torch.bfloat16, "fp4", 256, False, True, 0.0, seed=9)
     check_forward(case, torch.bfloat16)
     truth, baseline = reference_pair(case, torch.bfloat16)
@@ -231,15 +232,25 @@ def test_config_pruning_rules():
     big = kernels._cfg(128, 128, 64, 8, 3, True)
     assert kernels.keep_config(big, 8192, 4096, 64, 2, 232448)
     assert not kernels.keep_config(big, 64, 4096, 64, 2, 232448)  # BLOCK_M past the M bucket
-    assert not kernels.keep_config(big, 8192, 4096, 64, 2, 100_000)  # shared memory
+    assert not kernels.keep_config(big, 8192, 4096, 64, 2, 70_000)  # shared memory
     wide_k = kernels._cfg(32, 64, 256, 4, 2, True)
     assert kernels.keep_config(wide_k, 8192, 4096, 64, 2, 232448)
     assert not kernels.keep_config(wide_k, 8192, 4096, 32, 2, 232448)  # BLOCK_K > 4 x 32
     assert not kernels.keep_config(wide_k, 8192, 100, 64, 2, 232448)  # BLOCK_K past K
+    large = kernels.SM90_LARGE_M_CONFIGS + kernels.SM80_LARGE_M_CONFIGS
     for arch in ("sm_80", "sm_90"):
         for fp32 in (False, True):
             for cfg in kernels.tiled_configs(arch, fp32):
-                assert cfg["W_FIRST"] == (arch == "sm_90"), cfg
+                # y^T tiles on sm_90, and for sm_80's 256-row headline tiles
+                assert cfg["W_FIRST"] == (arch == "sm_90" or cfg in large), cfg
+    # from M = 4096 on only the headline (LARGE_M) tiles are timed, where the list has them
+    for arch in ("sm_80", "sm_90"):
+        full = kernels.tiled_configs(arch, False)
+        assert kernels.prefer_large_m(full, 2048) == full
+        picked = kernels.prefer_large_m(full, 4096)
+        assert picked and all(c["BLOCK_M"] == 256 and c in large for c in picked)
+        fp32 = kernels.tiled_configs(arch, True)
+        assert kernels.prefer_large_m(fp32, 8192) == fp32  # no headline tile there: all stay
 
 
 def _bad(case, **override):

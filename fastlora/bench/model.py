@@ -1,5 +1,5 @@
 """Modelled cost of one QLoRA linear layer per provider: counted FLOPs and minimum DRAM bytes
-of each kernel the provider launches, and a roofline time over a GPU's datasheet peaks.
+of each kernel the provider launches, and a modelled time over a GPU's datasheet peaks.
 
 Notation: x [M, K], W [N, K] in 4 bits, A [r, K], B [N, r], activations of e bytes (2 for
 bf16/fp16). Every matmul of [a, b] @ [b, c] counts 2abc FLOPs; elementwise work counts bytes
@@ -7,18 +7,78 @@ only. A kernel's minimum bytes = each tensor it reads or writes, moved once. The
 moves as N*K/2 packed bytes plus its absmax: one uint8 per block and one fp32 per 256 blocks
 with double quantisation (N*K/blocksize * 4 bytes without); the 16- and 256-entry code tables
 (~1 KB, cache-resident) are left out. The bias is frozen (QLoRA), so it is read, never written.
+fastlora's fp32 split partials (split-K of the small-M forward, the backward's dU / dB / dA
+parts) are counted at their floor, one part: each launch splits into S parts chosen from the
+device's SM count, which multiplies that (small) traffic by S.
 
-Modelled time = sum over a provider's kernels of max(FLOPs / peak FLOP/s, bytes / peak B/s):
-a roofline per launch, with no launch latency, no wave quantisation and perfect caching inside
-a kernel. It is a model, not a measurement; every number derived here is labelled "modelled".
+Modelled time of one kernel launch (`step_seconds`), with P the datasheet tensor-core FLOP/s
+and BW the datasheet DRAM B/s (fastlora.bench.peaks):
+
+    fastlora kernel, GEMM-bound (KERNEL_BOUND "mma"; the tiled forward and dx GEMMs):
+        max(FLOPs / (P * c), bytes / BW) + LAUNCH_OVERHEAD_S
+    fastlora kernel, memory-bound (KERNEL_BOUND "hbm"; U, small-M, the reductions, ...):
+        max(FLOPs / P, bytes / (BW * c)) + LAUNCH_OVERHEAD_S
+    peer kernel (PEFT + bitsandbytes, dequantize + cuBLAS, the torch reference):
+        max(FLOPs / (P * PEER_GEMM_EFFICIENCY), bytes / (BW * PEER_BANDWIDTH_EFFICIENCY))
+        + LAUNCH_OVERHEAD_S
+
+c is the kernel's compiled hot-loop ceiling (`kernel_ceilings`): the share of tensor-core peak
+(GEMM kernels) or of HBM bandwidth (memory-bound kernels) that its SASS main loop can reach at
+most, from `fastlora compile-report` (fastlora.compilecheck: issue slots and the shared-memory
+pipe counted per trip, a first-order static bound). A kernel with no compiled row for the arch
+and dtype class runs at c = 1.0, the ideal roofline, and the table says "unmodelled". So
+fastlora is modelled no faster than its machine code allows, while the peers get their
+libraries' typical efficiencies:
+
+ASSUMPTIONS (ours, not measurements and not vendor figures): PEER_GEMM_EFFICIENCY = 0.80 of
+dense tensor-core peak for cuBLAS GEMMs at training sizes; PEER_BANDWIDTH_EFFICIENCY = 0.90 of
+datasheet bandwidth for bandwidth-bound kernels (bitsandbytes' dequantize, torch elementwise
+ops, small-r LoRA GEMMs); LAUNCH_OVERHEAD_S = 4 us per kernel launch (launch latency plus the
+ramp-up / tail of a short kernel; no CUDA graphs). No wave quantisation, perfect caching inside
+a kernel, fp32 (e = 4) at the same peak as 16-bit for every provider. It is a model, not a
+measurement; every number derived here is labelled "modelled", and a hot-loop ceiling is an
+upper bound, so the fastlora times are lower bounds of what its code can do.
+`roofline_seconds` keeps the ideal roofline (c = 1, no launch cost) for comparison.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from typing import Mapping, Optional
 
 from .peaks import Peak
+
+# ---------------------------------------------------------------------- model constants
+LAUNCH_OVERHEAD_S = 4e-6         # assumed per kernel launch, every provider
+PEER_GEMM_EFFICIENCY = 0.80      # assumed cuBLAS share of dense tensor-core peak
+PEER_BANDWIDTH_EFFICIENCY = 0.90  # assumed share of DRAM bandwidth, peers' memory-bound kernels
+
+# fastlora's kernels (csrc_triton) and which roof their compile-report ceiling is a share of
+# (the compile report's `bound`: GEMM specs carry trip_flops, memory-bound ones trip_bytes)
+U_KERNEL = "_lora_u_kernel"
+FWD_KERNEL = "_nf4_lora_fwd_kernel"
+SMALL_M_KERNEL = "_nf4_lora_fwd_small_m_kernel"
+SPLITK_REDUCE_KERNEL = "_splitk_reduce_kernel"
+DU_DB_KERNEL = "_lora_bwd_du_db_kernel"
+DA_KERNEL = "_lora_bwd_da_kernel"
+DX_KERNEL = "_nf4_lora_bwd_dx_kernel"
+BWD_REDUCE_KERNEL = "_lora_bwd_reduce_kernel"
+DEQUANT_KERNEL = "_dequant_4bit_kernel"
+KERNEL_BOUND = {FWD_KERNEL: "mma", DX_KERNEL: "mma", U_KERNEL: "hbm", SMALL_M_KERNEL: "hbm",
+                SPLITK_REDUCE_KERNEL: "hbm", DU_DB_KERNEL: "hbm", DA_KERNEL: "hbm",
+                BWD_REDUCE_KERNEL: "hbm", DEQUANT_KERNEL: "hbm"}
+SMALL_M_MAX = 16  # fastlora/launch/forward.py: M <= 16 takes the split-K small-M kernel
+
+# the arch whose compiled code models each GPU (fastlora.compilecheck.ARCHS)
+GPU_ARCHS = {"H100 SXM": "sm_90", "H100 PCIe": "sm_90", "H100 NVL": "sm_90",
+             "H200 SXM": "sm_90", "A100 SXM 80GB": "sm_80", "A100 PCIe 80GB": "sm_80",
+             "A100 40GB": "sm_80"}
 
 
 @dataclass(frozen=True)
@@ -35,10 +95,12 @@ class Dims:
 
 @dataclass(frozen=True)
 class Step:
-    """One kernel launch: its FLOPs and minimum bytes."""
+    """One kernel launch: its FLOPs and minimum bytes; `kernel` names the fastlora kernel it
+    runs (csrc_triton), None for a peer's (library) kernel."""
     name: str
     flops: int
     bytes: int
+    kernel: Optional[str] = None
 
 
 def weight_bytes(d: Dims) -> int:
@@ -81,17 +143,30 @@ def layer_bytes(mode: str, d: Dims) -> int:
 
 def _fastlora(d: Dims, s: dict) -> tuple[list[Step], list[Step]]:
     m, n, k, r = d.m, d.n, d.k, d.r
-    # fastlora/launch/forward.py: U first (_lora_u_kernel), then the fused pass
-    fwd = [Step("U = x A^T", _mm(m, r, k), s["x"] + s["a"] + s["u"]),
-           Step("y = x deq(W)^T + s U B^T + bias (fused)", _mm(m, n, k) + _mm(m, n, r),
-                s["x"] + s["w4"] + s["u"] + s["b"] + s["bias"] + s["y"])]
-    # fastlora/launch/backward.py's three kernels, in order (their small fp32 split-reduction
-    # partials for dU, dA, dB are left out: O((M + N + K) r) bytes)
+    # fastlora/launch/forward.py: U first (_lora_u_kernel), then the fused pass: the tiled
+    # GEMM, or for M <= 16 the split-K small-M kernel (fp32 partials of x deq(W)^T) and the
+    # reduce that sums them and adds s U B^T + bias
+    fwd = [Step("U = x A^T", _mm(m, r, k), s["x"] + s["a"] + s["u"], U_KERNEL)]
+    if m <= SMALL_M_MAX:
+        part = 4 * m * n  # one fp32 [M, N] partial (the floor: one slice)
+        fwd += [Step("y parts = x deq(W)^T (small-M, split-K)", _mm(m, n, k),
+                     s["x"] + s["w4"] + part, SMALL_M_KERNEL),
+                Step("y = sum(parts) + s U B^T + bias (split-K reduce)", _mm(m, n, r),
+                     part + s["u"] + s["b"] + s["bias"] + s["y"], SPLITK_REDUCE_KERNEL)]
+    else:
+        fwd.append(Step("y = x deq(W)^T + s U B^T + bias (fused)", _mm(m, n, k) + _mm(m, n, r),
+                        s["x"] + s["w4"] + s["u"] + s["b"] + s["bias"] + s["y"], FWD_KERNEL))
+    # fastlora/launch/backward.py, in order: du_db, its two reductions (dB, dU), da, its
+    # reduction (dA), dx. Each reduction reads fp32 partials (one part: the floor) and writes
+    # the gradient in e bytes; du_db / da's own bytes count dU, dB, dA at e bytes.
     bwd = [Step("dU = s dy B, dB = s dy^T U", 2 * _mm(m, r, n),
-                s["y"] + s["b"] + s["u"] + s["u"] + s["b"]),
+                s["y"] + s["b"] + s["u"] + s["u"] + s["b"], DU_DB_KERNEL),
+           Step("dB = sum(parts)", 0, 4 * n * r + s["b"], BWD_REDUCE_KERNEL),
+           Step("dU = sum(parts)", 0, 4 * m * r + s["u"], BWD_REDUCE_KERNEL),
            Step("dA = dU^T x, dx = dU A", _mm(r, k, m) + _mm(m, k, r),
-                s["u"] + s["x"] + s["a"] + s["a"] + s["x"]),
-           Step("dx += dy deq(W)", _mm(m, k, n), s["y"] + s["w4"] + 2 * s["x"])]
+                s["u"] + s["x"] + s["a"] + s["a"] + s["x"], DA_KERNEL),
+           Step("dA = sum(parts)", 0, 4 * r * k + s["a"], BWD_REDUCE_KERNEL),
+           Step("dx += dy deq(W)", _mm(m, k, n), s["y"] + s["w4"] + 2 * s["x"], DX_KERNEL)]
     return fwd, bwd
 
 
@@ -167,6 +242,171 @@ def steps(provider: str, mode: str, d: Dims) -> list[Step]:
 
 
 def roofline_seconds(step_list: list[Step], peak: Peak) -> float:
-    """Modelled time: sum of max(compute time, memory time) over the kernels."""
+    """The ideal roofline: sum of max(compute time, memory time) over the kernels, at 100% of
+    the datasheet peaks and no launch cost (what no code reaches; `modelled_seconds` is the
+    suite's model)."""
     return sum(max(s.flops / (peak.tflops * 1e12), s.bytes / (peak.gbs * 1e9))
                for s in step_list)
+
+
+# ---------------------------------------------------------------------- modelled time
+
+def step_seconds(step: Step, peak: Peak, ceilings: Mapping[str, float]) -> float:
+    """Modelled time of one launch (module docstring): a fastlora kernel at its hot-loop
+    ceiling from `ceilings` (kernel -> share; 1.0 when absent: unmodelled), a peer kernel at
+    the assumed library efficiencies; plus LAUNCH_OVERHEAD_S either way."""
+    flops_per_s, bytes_per_s = peak.tflops * 1e12, peak.gbs * 1e9
+    if step.kernel is None:
+        flops_per_s *= PEER_GEMM_EFFICIENCY
+        bytes_per_s *= PEER_BANDWIDTH_EFFICIENCY
+    else:
+        ceiling = ceilings.get(step.kernel, 1.0)
+        if not ceiling or ceiling <= 0:
+            raise ValueError(f"ceiling of {step.kernel} must be > 0, got {ceiling!r}")
+        if KERNEL_BOUND[step.kernel] == "mma":
+            flops_per_s *= ceiling
+        else:
+            bytes_per_s *= ceiling
+    return max(step.flops / flops_per_s, step.bytes / bytes_per_s) + LAUNCH_OVERHEAD_S
+
+
+def modelled_seconds(step_list: list[Step], peak: Peak,
+                     ceilings: Optional[Mapping[str, float]] = None) -> float:
+    """The suite's modelled time of a provider: the sum of step_seconds over its launches.
+    `ceilings` (kernel -> hot-loop ceiling, e.g. kernel_ceilings(arch)) only affects
+    fastlora's kernels; None or a missing kernel: 1.0 (unmodelled)."""
+    return sum(step_seconds(s, peak, ceilings or {}) for s in step_list)
+
+
+def fastlora_kernels() -> tuple:
+    """Every kernel fastlora's steps can launch (both forward paths), in KERNEL_BOUND order
+    (the dequantize kernel is not on the layer's path)."""
+    return tuple(k for k in KERNEL_BOUND if k != DEQUANT_KERNEL)
+
+
+# ---------------------------------------------------------------------- hot-loop ceilings
+
+def dtype_class(e: int) -> str:
+    """'16bit' (bf16/fp16 activations, e = 2) or 'fp32' (e = 4: the tf32 configs)."""
+    return "16bit" if e == 2 else "fp32"
+
+
+def spec_dtype_class(spec) -> str:
+    """A CompileSpec's dtype class, from its pointer types: '16bit' when any is bf16 / fp16."""
+    types = set(spec.signature.values())
+    return "16bit" if types & {"*bf16", "*fp16"} else "fp32"
+
+
+def _config_dtype_class(config: str) -> str:
+    words = config.replace("=", " ").split()
+    return "16bit" if {"bf16", "fp16"} & set(words) else "fp32"
+
+
+def needed_specs(arch: str, klass: str = "16bit", specs=None, kernels=None) -> list:
+    """The CompileSpecs whose compiled ceilings `kernel_ceilings` reads for `arch` and dtype
+    class: per kernel, its headline specs (ceiling_target > 0) when it has any, else all of
+    its specs; full-precision fp32 ('ieee', fma_dot) specs never (they have no ceiling)."""
+    if specs is None:
+        from csrc_triton import all_compile_specs
+
+        specs = all_compile_specs()
+    kernels = set(kernels if kernels is not None else fastlora_kernels())
+    chosen = []
+    for kernel in sorted(kernels):
+        mine = [s for s in specs if s.kernel == kernel and arch in s.archs
+                and not getattr(s, "fma_dot", False) and spec_dtype_class(s) == klass]
+        headline = [s for s in mine if getattr(s, "ceiling_target", 0) > 0]
+        chosen += headline or mine
+    return chosen
+
+
+def ceilings_from_rows(rows, arch: str, klass: str = "16bit", specs=None) -> dict:
+    """{kernel: best ceiling} over compile-report rows of `arch` and dtype class (no compiling):
+    per kernel the headline specs' rows when the report has any, else all its rows; rows with
+    ceiling None (fp32 'ieee') are skipped. A kernel without a row is absent (unmodelled).
+    `specs` (default: csrc_triton.all_compile_specs()) tells which rows are headline and each
+    row's dtype; a row matching no spec gets its dtype from its config text."""
+    if specs is None:
+        from csrc_triton import all_compile_specs
+
+        specs = all_compile_specs()
+    by_key = {(s.kernel, s.config): s for s in specs}
+    found: dict = {}
+    for row in rows:
+        if row.get("arch") != arch or row.get("ceiling") is None:
+            continue
+        spec = by_key.get((row["kernel"], row["config"]))
+        row_class = spec_dtype_class(spec) if spec is not None \
+            else _config_dtype_class(row["config"])
+        if row_class != klass:
+            continue
+        headline = spec is not None and getattr(spec, "ceiling_target", 0) > 0
+        found.setdefault(row["kernel"], {True: [], False: []})[headline].append(
+            float(row["ceiling"]))
+    return {kernel: max(parts[True] or parts[False]) for kernel, parts in found.items()}
+
+
+def _compile_here(arch: str, keys: list) -> list[dict]:
+    """compilecheck.compile_spec for the specs named by (kernel, config) in `keys` (this
+    process: the Triton interpreter must be off)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from csrc_triton import all_compile_specs
+    from ..compilecheck import compile_spec
+
+    want = {tuple(key) for key in keys}
+    specs = [s for s in all_compile_specs() if (s.kernel, s.config) in want and arch in s.archs]
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda spec: compile_spec(spec, arch), specs))
+
+
+def _compile(arch: str, keys: list) -> list[dict]:
+    """_compile_here, in a child process without TRITON_INTERPRET when the interpreter is on
+    (interpreter kernels cannot be compiled; fastlora.compilecheck does the same)."""
+    from ..backend import interpreter_active
+
+    if not interpreter_active():
+        return _compile_here(arch, keys)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json, sys; from fastlora.bench.model import _compile_here; "
+            "a, k = json.loads(sys.argv[1]); print(json.dumps(_compile_here(a, k)))")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps([arch, keys])],
+                          capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"compiling for the hot-loop ceilings failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_ceilings(arch: str, klass: str) -> tuple:
+    specs = needed_specs(arch, klass)
+    rows = _compile(arch, [(s.kernel, s.config) for s in specs])
+    return tuple(sorted(ceilings_from_rows(rows, arch, klass, specs).items()))
+
+
+def kernel_ceilings(arch: str, klass: str = "16bit", rows=None) -> dict:
+    """{fastlora kernel: hot-loop ceiling} for `arch` ('sm_80' / 'sm_90') and dtype class:
+    the best ceiling among the kernel's compiled specs, headline specs (ceiling_target > 0)
+    preferred; kernels without a compiled row are absent (the model runs them at 1.0 and
+    says "unmodelled").
+
+    rows: compile-report rows already at hand (fastlora.compile_report(...) output): read
+    them, compile nothing. Otherwise compiles only `needed_specs(arch, klass)`, once per
+    process (cached)."""
+    if rows is not None:
+        return ceilings_from_rows(rows, arch, klass)
+    return dict(_compiled_ceilings(arch, klass))
+
+
+def describe_ceilings(ceilings: Mapping[str, float], kernels=None) -> str:
+    """'_lora_u_kernel 0.41 of HBM, _nf4_lora_fwd_kernel 0.57 of tensor peak, ...; unmodelled
+    (ideal roofline, 1.0): ...' for the table notes."""
+    kernels = kernels if kernels is not None else fastlora_kernels()
+    have = [f"{k} {ceilings[k]:.2f} of {'tensor peak' if KERNEL_BOUND[k] == 'mma' else 'HBM'}"
+            for k in kernels if k in ceilings]
+    missing = [k for k in kernels if k not in ceilings]
+    text = ", ".join(have) if have else "none compiled"
+    if missing:
+        text += "; unmodelled (no compiled row: run at 1.0, the ideal roofline): " \
+            + ", ".join(missing)
+    return text

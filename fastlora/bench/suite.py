@@ -4,8 +4,10 @@ On a CUDA GPU it times every provider (fastlora.bench.providers) on every select
 rank and mode, and writes results.csv (appended), results.md and speedup PNGs. Without a GPU
 it says so, runs a smoke pass of every provider on tiny shapes (the Triton kernels in the CPU
 interpreter; correctness only, no timings: CPU times say nothing about GPU speed) and writes a
-modelled table for H100 and A100 (fastlora.bench.model; every number labelled "modelled").
-Both end with the ahead-of-time compile report of the shipped kernel configs.
+modelled table for H100 and A100 (fastlora.bench.model: fastlora's kernels at their compiled
+hot-loop ceilings, the peers at assumed cuBLAS-like efficiencies; every number labelled
+"modelled"). Both end with the ahead-of-time compile report of the shipped kernel configs
+(without a GPU it is compiled before the modelled table, which reads its ceilings).
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def check_output_csv(opts: Options) -> tuple:
         derive([row], one, peak=None)
         path, columns = os.path.join(opts.out, "results.csv"), list(row)
     else:
-        rows = modelled_rows(one)
+        rows = modelled_rows(one, ceilings={})  # the columns only: no compiling
         path, columns = os.path.join(opts.out, "modelled.csv"), list(rows[0]) if rows else None
     if columns:
         report.check_csv_columns(path, columns)
@@ -91,6 +93,7 @@ def check_output_csv(opts: Options) -> tuple:
 def run(opts: Options) -> int:
     """Run the suite; returns the exit code (non-zero when a provider failed or the compile
     report found a problem)."""
+    rows = None  # the compile report's rows, when computed before the end
     if torch.cuda.is_available():
         code = run_gpu(opts)
     else:
@@ -99,10 +102,13 @@ def run(opts: Options) -> int:
                  "the CPU interpreter), checked against float64 - no timings, CPU times say "
                  "nothing about GPU speed; (2) a MODELLED table for "
                  f"{' and '.join(MODELLED_GPUS)} from counted FLOPs and minimum bytes over "
-                 "datasheet peaks - a model, not a measurement.")
+                 "datasheet peaks, fastlora's kernels at their compiled hot-loop ceilings - a "
+                 "model, not a measurement.")
         code = run_smoke(opts)
-        run_modelled(opts)
-    if opts.compile_report and write_compile_report(opts.out, opts.say):
+        # compiled once: the modelled table's hot-loop ceilings and the report at the end
+        rows = compile_rows() if opts.compile_report else None
+        run_modelled(opts, rows)
+    if opts.compile_report and write_compile_report(opts.out, opts.say, rows=rows):
         code = code or 1
     return code
 
@@ -309,18 +315,40 @@ def run_smoke(opts: Options) -> int:
     return 1 if failed else 0
 
 
-def modelled_rows(opts: Options) -> list[dict]:
-    """One row per GPU x shape x M x rank x mode x modelled provider."""
+def modelled_ceilings(opts: Options, rows=None) -> tuple[dict, dict]:
+    """({GPU name: {kernel: hot-loop ceiling}}, {GPU name: why its ceilings are missing}) for
+    MODELLED_GPUS at opts' dtype class: from compile-report `rows` when given, else compiled
+    (model.kernel_ceilings: only the specs it needs, once per process). A GPU whose compile
+    fails gets no ceilings (its fastlora kernels are unmodelled) and the reason."""
+    klass = model.dtype_class(torch.finfo(opts.torch_dtype).bits // 8)
+    ceilings, failed = {}, {}
+    for gpu in MODELLED_GPUS:
+        arch = model.GPU_ARCHS[gpu]
+        try:
+            ceilings[gpu] = model.kernel_ceilings(arch, klass, rows)
+        except Exception as exc:  # no ptxas / cuobjdump here, a kernel that fails to compile
+            ceilings[gpu], failed[gpu] = {}, f"{type(exc).__name__}: {str(exc)[-300:]}"
+    return ceilings, failed
+
+
+def modelled_rows(opts: Options, ceilings=None) -> list[dict]:
+    """One row per GPU x shape x M x rank x mode x modelled provider (model.modelled_seconds).
+
+    ceilings: {GPU name: {kernel: ceiling}} (modelled_ceilings' first answer), or one
+    {kernel: ceiling} dict for every GPU; None: modelled_ceilings(opts) compiles them."""
+    if ceilings is None:
+        ceilings = modelled_ceilings(opts)[0]
     rows = []
     providers = [p for p in opts.providers if p in model.PROVIDER_STEPS]
     for gpu in MODELLED_GPUS:
         peak = peak_named(gpu)
+        mine = ceilings.get(gpu, {}) if set(ceilings) & set(MODELLED_GPUS) else ceilings
         for shape in opts.shapes:
             for rank in opts.ranks:
                 for m in opts.ms:
                     d = opts.dims(m, shape, rank)
                     for mode in opts.modes:
-                        times = {p: model.roofline_seconds(model.steps(p, mode, d), peak)
+                        times = {p: model.modelled_seconds(model.steps(p, mode, d), peak, mine)
                                  for p in model.PROVIDER_STEPS}
                         for p in providers:
                             st = model.steps(p, mode, d)
@@ -331,8 +359,46 @@ def modelled_rows(opts: Options) -> list[dict]:
                                 "modelled_gflop": sum(s.flops for s in st) / 1e9,
                                 "modelled_mb": sum(s.bytes for s in st) / 1e6,
                                 "modelled_us": times[p] * 1e6,
-                                f"modelled_speedup_vs_{BASELINE}": times[BASELINE] / times[p]})
+                                f"modelled_speedup_vs_{BASELINE}": times[BASELINE] / times[p],
+                                "modelled_at": _basis(p, st, mine)})
     return rows
+
+
+def _basis(provider: str, st: list, ceilings: dict) -> str:
+    """What a modelled row's time assumes (its CSV column 'modelled_at')."""
+    if provider != "fastlora":
+        return (f"roofline at {model.PEER_GEMM_EFFICIENCY:.2f} tensor peak / "
+                f"{model.PEER_BANDWIDTH_EFFICIENCY:.2f} bandwidth (assumed)")
+    used = list(dict.fromkeys(s.kernel for s in st))
+    return "hot-loop ceilings: " + " ".join(
+        f"{k.strip('_')}={ceilings[k]:.2f}" if k in ceilings else f"{k.strip('_')}=unmodelled"
+        for k in used)
+
+
+def modelled_note(opts: Options, ceilings: dict, failed: dict) -> str:
+    """The modelled table's header: what the numbers are and the ceilings they use."""
+    klass = model.dtype_class(torch.finfo(opts.torch_dtype).bits // 8)
+    lines = [
+        "MODELLED, not measured. Time = sum over each provider's kernel launches of "
+        "max(FLOPs / FLOP/s, minimum bytes / B/s) + "
+        f"{model.LAUNCH_OVERHEAD_S * 1e6:g} us launch overhead each (assumed), over datasheet "
+        "peaks (fastlora.bench.model, fastlora.bench.peaks).",
+        "- fastlora: each kernel at its compiled hot-loop ceiling (fastlora compile-report: "
+        "the best share of tensor-core peak, for the GEMM kernels, or of HBM bandwidth, for "
+        "the memory-bound ones, that its SASS main loop allows; headline configs preferred). "
+        "A first-order static upper bound, so these fastlora times are optimistic.",
+        f"- peers ({', '.join(p for p in model.PROVIDER_STEPS if p != 'fastlora')}): ideal "
+        f"roofline at assumed cuBLAS-like efficiencies: GEMMs "
+        f"{model.PEER_GEMM_EFFICIENCY:.2f} of tensor-core peak, memory-bound kernels "
+        f"(dequantize, elementwise) {model.PEER_BANDWIDTH_EFFICIENCY:.2f} of bandwidth "
+        "(assumptions, not measurements)."]
+    for gpu in MODELLED_GPUS:
+        arch = model.GPU_ARCHS[gpu]
+        text = model.describe_ceilings(ceilings.get(gpu, {}))
+        if gpu in failed:
+            text += f" (compiling failed: {failed[gpu]})"
+        lines.append(f"- ceilings used for {gpu} ({arch}, {klass}): {text}")
+    return "\n".join(lines)
 
 
 def _pivot(rows: list[dict], providers: list[str]) -> list[dict]:
@@ -345,14 +411,15 @@ def _pivot(rows: list[dict], providers: list[str]) -> list[dict]:
     return list(table.values())
 
 
-def run_modelled(opts: Options) -> None:
-    rows = modelled_rows(opts)
+def run_modelled(opts: Options, report_rows=None) -> None:
+    """The modelled table (modelled.md, modelled.csv, plots). report_rows: the compile
+    report's rows when already computed (their ceilings are used; nothing is recompiled)."""
+    ceilings, failed = modelled_ceilings(opts, report_rows)
+    rows = modelled_rows(opts, ceilings)
     providers = [p for p in opts.providers if p in model.PROVIDER_STEPS]
     columns = [("shape", "shape"), ("m", "M")] + [
         (p, f"{p} modelled us (x vs {BASELINE})") for p in providers]
-    note = ("MODELLED, not measured: roofline time = sum over each provider's kernels of "
-            "max(FLOPs / peak FLOP/s, minimum bytes / peak GB/s) with datasheet peaks "
-            "(fastlora.bench.model); no launch latency.")
+    note = modelled_note(opts, ceilings, failed)
     sections = [f"# fastlora bench: modelled table (no GPU was available)\n\n{note}"]
     opts.say(f"\n== modelled table ==\n{note}")
     if BASELINE not in providers:
@@ -383,14 +450,22 @@ def run_modelled(opts: Options) -> None:
 
 # ----------------------------------------------------------------------------- compile report
 
+def compile_rows(archs=("sm_80", "sm_90"), kernels=None) -> list[dict]:
+    """fastlora.compile_report(archs, kernels): every shipped config compiled on this machine."""
+    from ..compilecheck import compile_report
+
+    return compile_report(archs, kernels)
+
+
 def write_compile_report(out: str | None, say: Callable[[str], None] = print,
-                         archs=("sm_80", "sm_90"), kernels=None) -> list[str]:
+                         archs=("sm_80", "sm_90"), kernels=None, rows=None) -> list[str]:
     """Print fastlora.compile_report(archs, kernels) (and write compile_report.md into `out`
     when given); returns its problems (spills, tl.dot without tensor-core instructions,
-    32-bit-only addressing of a large tensor)."""
-    from ..compilecheck import compile_report, format_table, problems
+    32-bit-only addressing of a large tensor). rows: that report, when already computed."""
+    from ..compilecheck import format_table, problems
 
-    rows = compile_report(archs, kernels)
+    if rows is None:
+        rows = compile_rows(archs, kernels)
     found = problems(rows)
     text = format_table(rows)
     summary = ("no spills; tensor-core instructions wherever tl.dot is used (none, as "

@@ -21,8 +21,8 @@ import triton
 from ..ops import ACTIVATION_DTYPES, check_fused_rank, check_inputs
 from ..quant import QuantState
 from ..reference import dropout_threshold
-from .common import (LAUNCH_OPTIONS, arch, cached_autotuner, dot_precision, kernel_entry, num_sms,
-                     weight_args)
+from .common import (LAUNCH_OPTIONS, arch, cached_autotuner, decode_flags, dot_precision,
+                     kernel_entry, num_sms, weight_args)
 
 __all__ = ["lora_backward", "KERNELS"]
 
@@ -192,9 +192,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, u: Optional[torch.Tensor],
                                         triton.cdiv(k, meta["BLOCK_K"]),),
                     (dy, *weight_args(packed, state), dx, m, n, k, m_bucket, dy.stride(0),
                      dy.stride(1), dx.stride(0), dx.stride(1)),
-                    dict(QBLOCK=state.blocksize, DOUBLE_QUANT=state.nested,
-                         K_ALIGNED=k % state.blocksize == 0,
-                         DOT_PRECISION=precision),
+                    dict(**decode_flags(packed, state, k), DOT_PRECISION=precision),
                     LAUNCH_OPTIONS)
     return dx, dA, dB
 

@@ -46,6 +46,19 @@ def weight_args(packed: torch.Tensor, state: QuantState) -> tuple:
     return (raw, absmax, absmax, absmax, absmax, code)
 
 
+def decode_flags(packed: torch.Tensor, state: QuantState, k: int) -> dict:
+    """The weight decoder's constexprs (csrc_triton/common.py decode_tile), the same for every
+    weight-reading kernel:
+    K_ALIGNED  rows start on a quantisation block (K % blocksize == 0) and on a 32-bit word of
+               packed bytes (the tile is read as int32 words); otherwise the per-element path;
+    LANE_TABLE the code table held in registers and read by warp shuffle (inline PTX), on
+               compiled GPU kernels; the interpreter, which runs no PTX, gathers the same values
+               from the table in memory."""
+    return {"QBLOCK": state.blocksize, "DOUBLE_QUANT": state.nested,
+            "K_ALIGNED": k % state.blocksize == 0 and packed.data_ptr() % 4 == 0,
+            "LANE_TABLE": not backend.interpreter_active()}
+
+
 # Kernel launch options shared by every weight-reading kernel: see csrc_triton/common.py on FMA.
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 

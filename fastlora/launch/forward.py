@@ -18,8 +18,8 @@ import triton
 from ..ops import ACTIVATION_DTYPES, check_fused_rank, check_inputs
 from ..reference import dropout_threshold
 from .. import backend
-from .common import (LAUNCH_OPTIONS, arch, cached_autotuner, dot_precision, kernel_entry, num_sms,
-                     weight_args)
+from .common import (LAUNCH_OPTIONS, arch, cached_autotuner, decode_flags, dot_precision,
+                     kernel_entry, num_sms, weight_args)
 
 SMALL_M_MAX = 16
 PATHS = ("auto", "tiled", "small_m")
@@ -81,9 +81,8 @@ def lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, seed, *, co
     # the kernels read bias[n] at bias_ptr + n: a strided view (bias[::2]) is copied, N values
     bias_arg = bias.contiguous() if bias is not None else y  # y: unread when HAS_BIAS is off
     args = (x, *weight_args(packed, state), u, lora_B, bias_arg, y)
-    flags = {"QBLOCK": state.blocksize, "DOUBLE_QUANT": state.nested,
-             "K_ALIGNED": k % state.blocksize == 0, "HAS_BIAS": bias is not None,
-             "PRECISION": precision, "BLOCK_R": _forward_kernels().rank_chunk(rank)}
+    flags = {**decode_flags(packed, state, k), "HAS_BIAS": bias is not None,
+             "PRECISION": precision, "BLOCK_R": _forward_kernels().rank_block(rank)}
     if which == "small_m":
         _launch_small_m(args, flags, m, n, k, rank, float(scaling), config)
     else:

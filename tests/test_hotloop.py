@@ -1,0 +1,221 @@
+"""The compile report's hot-loop model (fastlora.compilecheck.hot_loop / hot_loop_model): the
+main-loop finder and the per-trip arithmetic on small hand-written SASS listings whose answers
+are counted by hand, and one real compile whose fields must agree with each other."""
+
+import re
+
+import pytest
+
+from fastlora.compilecheck import (HOT_LOOP_FIELDS, _mio_clocks, compile_report, hot_loop,
+                                   hot_loop_model)
+
+# Two loops: [0x20, 0x50] holds the HGMMA (4 instructions: HGMMA, LDS.128, IADD3, BRA; MIO:
+# LDS.128 = 4 clocks); [0x60, 0xa0] has more global loads but no MMA. The second encoding
+# word of each instruction, as cuobjdump prints it, must not count.
+TWO_LOOPS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                  /* 0x00000a00ff017b82 */
+                                                                           /* 0x000ff00000000800 */
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;            /* 0x0000000404027981 */
+        /*0020*/                   HGMMA.64x128x16.F32.BF16 R88, R32, gdesc[UR20], R88 ;
+        /*0030*/                   LDS.128 R4, [R2] ;
+        /*0040*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*0050*/              @!P5 BRA 0x20 ;                              /* 0xfffffff000f4d947 */
+        /*0060*/                   LDG.E.128 R8, desc[UR4][R6.64] ;
+        /*0070*/                   LDG.E.128 R12, desc[UR4][R6.64+0x10] ;
+        /*0080*/                   STG.E.128 desc[UR4][R6.64], R8 ;
+        /*0090*/                   FADD R3, R3, R8 ;
+        /*00a0*/               @P0 BRA 0x60 ;
+        /*00b0*/                   EXIT ;
+        /*00c0*/                   BRA 0xc0;
+        /*00d0*/                   NOP;
+"""
+
+
+def test_main_loop_is_the_back_branch_region_holding_the_mma():
+    loop = hot_loop(TWO_LOOPS)
+    assert (loop["start"], loop["end"]) == (0x20, 0x50)
+    assert loop["instructions"] == 4 and loop["mma"] == 1 and loop["mio_clocks"] == 4
+    assert not loop["tf32"]
+
+
+# Nested: outer [0x10, 0xa0] (unconditional back branch) around inner [0x30, 0x60]. All MMAs
+# sit in the inner loop, so the inner one is the hot loop: 4 instructions (HMMA, HMMA, LDSM x4,
+# BRA), MIO 4 (LDSM .x4 = 512 B).
+NESTED = """
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   STS.128 [R0], R4 ;
+        /*0030*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+        /*0040*/                   HMMA.16816.F32.BF16 R20, R12, R18, R20 ;
+        /*0050*/                   LDSM.16.M88.4 R12, [R0] ;
+        /*0060*/               @P1 BRA 0x30 ;
+        /*0070*/                   STG.E desc[UR4][R2.64], R8 ;
+        /*0080*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*0090*/                   ISETP.GE.AND P0, PT, R1, R5, PT ;
+        /*00a0*/              @!P0 BRA 0x10 ;
+        /*00b0*/                   EXIT ;
+        /*00c0*/                   BRA 0xc0;
+"""
+
+# Nested the other way: the outer loop [0x0, 0x60] holds an MMA outside its inner wait loop
+# [0x10, 0x20] (no MMA), so the outer one is the main loop: 7 instructions; MIO: SHFL.IDX 1.
+NESTED_MMA_OUTSIDE = """
+        /*0000*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0010*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8], R3 ;
+        /*0020*/              @!P0 BRA 0x10 ;
+        /*0030*/                   SHFL.IDX PT, R5, R4, R6, 0x1f ;
+        /*0040*/                   WARPGROUP.ARRIVE ;
+        /*0050*/                   VIADD R1, R1, 0x1 ;
+        /*0060*/               @P2 BRA 0x0 ;
+        /*0070*/                   EXIT ;
+"""
+
+
+def test_nested_loops_take_the_loop_where_the_mma_is():
+    inner = hot_loop(NESTED)
+    assert (inner["start"], inner["end"]) == (0x30, 0x60)
+    assert inner["instructions"] == 4 and inner["mma"] == 2 and inner["mio_clocks"] == 4
+    outer = hot_loop(NESTED_MMA_OUTSIDE)
+    assert (outer["start"], outer["end"]) == (0x0, 0x60)
+    assert outer["instructions"] == 7 and outer["mma"] == 1 and outer["mio_clocks"] == 1
+
+
+# No MMA anywhere: the loop with the most global-memory instructions, [0x40, 0x80] (LDG, LDG,
+# STG: 3 against 1), not [0x0, 0x30]. The unrolled copy [0x90, 0xe0] ties it on global
+# instructions (3) and is the larger one: 6 instructions against 5; MIO LDG.E.64 2 + LDG.E.U8 1
+# + RED 1 = 4.
+MEMORY_LOOPS = """
+        /*0000*/                   IMAD R1, R2, R3, RZ ;
+        /*0010*/                   LDG.E R4, desc[UR4][R2.64] ;
+        /*0020*/                   FADD R5, R5, R4 ;
+        /*0030*/               @P0 BRA 0x0 ;
+        /*0040*/                   LDG.E.64 R6, desc[UR4][R2.64] ;
+        /*0050*/                   LDG.E.U8 R8, desc[UR4][R2.64] ;
+        /*0060*/                   STG.E desc[UR4][R2.64], R6 ;
+        /*0070*/                   LDGDEPBAR ;
+        /*0080*/               @P1 BRA 0x40 ;
+        /*0090*/                   LDG.E.64 R6, desc[UR4][R2.64] ;
+        /*00a0*/                   LDG.E.U8 R8, desc[UR4][R2.64] ;
+        /*00b0*/                   RED.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR4][R2.64], R6 ;
+        /*00c0*/                   IADD3 R9, R9, 0x1, RZ ;
+        /*00d0*/                   FADD R5, R5, R6 ;
+        /*00e0*/              @!P1 BRA.U 0x90 ;
+        /*00f0*/                   EXIT ;
+"""
+
+
+def test_without_mma_the_loop_with_most_global_memory_instructions_wins():
+    loop = hot_loop(MEMORY_LOOPS)
+    assert (loop["start"], loop["end"]) == (0x90, 0xe0)
+    assert loop["instructions"] == 6 and loop["mio_clocks"] == 4 and loop["mma"] == 0
+
+
+# No back branch (a forward predicated BRA only): the whole body up to the first unpredicated
+# EXIT, 0x0 .. 0x70 = 8 instructions; the self-branch and NOP padding after it do not count.
+# MIO: LDG.E.U8 1, LDGSTS.E.BYPASS.128 4, LDS 1, STG.E.128 4 = 10.
+NO_LOOP = """
+        /*0000*/                   S2R R0, SR_CTAID.X ;
+        /*0010*/               @P0 BRA 0x40 ;
+        /*0020*/                   LDG.E.U8 R2, desc[UR4][R4.64] ;
+        /*0030*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R6.64] ;
+        /*0040*/                   LDS R8, [R3] ;
+        /*0050*/               @P1 EXIT ;
+        /*0060*/                   STG.E.128 desc[UR4][R6.64], R8 ;
+        /*0070*/                   EXIT ;
+        /*0080*/                   BRA 0x80;
+        /*0090*/                   NOP;
+        /*00a0*/                   NOP;
+"""
+
+
+def test_a_kernel_without_a_loop_counts_its_whole_body():
+    loop = hot_loop(NO_LOOP)
+    assert (loop["start"], loop["end"]) == (0x0, 0x70)
+    assert loop["instructions"] == 8 and loop["mio_clocks"] == 10
+
+
+@pytest.mark.parametrize("opcode, clocks", [
+    ("LDS", 1), ("LDS.128", 4), ("LDS.64", 2), ("STS.U16", 1), ("STS.128", 4),
+    ("LDSM.16.M88.4", 4), ("LDSM.16.MT88.2", 2), ("LDSM.16.M88", 1), ("STSM.16.MT88.4", 4),
+    ("SHFL.IDX", 1), ("LDGSTS.E.BYPASS.128", 4), ("LDGSTS.E.BYPASS.LTC128B.128", 4),
+    ("LDGSTS.E", 1), ("LDG.E.U8", 1), ("LDG.E.128.CONSTANT", 4), ("STG.E.64", 2),
+    ("ATOMS.ADD", 1), ("RED.E.ADD.F32.FTZ.RN.STRONG.GPU", 1),
+    ("IMAD.WIDE", 0), ("LDGDEPBAR", 0), ("BAR.SYNC.DEFER_BLOCKING", 0), ("LDC.64", 0),
+    ("HGMMA.64x128x16.F32.BF16", 0)])
+def test_mio_clocks_at_128_bytes_per_clock(opcode, clocks):
+    assert _mio_clocks(opcode) == clocks
+
+
+def test_tf32_mma_is_recognised():
+    sass = TWO_LOOPS.replace("HGMMA.64x128x16.F32.BF16", "HGMMA.64x64x8.F32.TF32")
+    assert hot_loop(sass)["tf32"]
+
+
+def test_model_arithmetic_for_a_gemm_trip():
+    # the issue's example: 506 instructions, 167 MIO clocks per warp, 8 warps, 128x128x64
+    loop = {"instructions": 506, "mio_clocks": 167, "tf32": False}
+    row = hot_loop_model(loop, "sm_90", 8, trip_flops=2 * 128 * 128 * 64)
+    assert row["loop_instructions"] == 506
+    assert row["issue_clocks"] == 1012  # 506 * 8 / 4
+    assert row["mio_clocks"] == 1336  # 167 * 8
+    assert row["mma_clocks"] == 512  # 2097152 / 4096
+    assert row["bound"] == "mma"
+    assert row["ceiling"] == pytest.approx(512 / 1336)
+    # sm_80: half the dense rate, so the same trip owns 1024 MMA clocks; issue-bound there
+    loop80 = {"instructions": 400, "mio_clocks": 100, "tf32": False}
+    row = hot_loop_model(loop80, "sm_80", 8, trip_flops=2 * 128 * 128 * 64)
+    assert row["mma_clocks"] == 1024 and row["issue_clocks"] == 800
+    assert row["ceiling"] == 1.0  # 1024 / 800, capped: a share of peak
+    # tf32 MMAs run at half the bf16 rate: 2*64*64*32 / 1024
+    row = hot_loop_model({**loop80, "tf32": True}, "sm_80", 4, trip_flops=2 * 64 * 64 * 32)
+    assert row["mma_clocks"] == 256 and row["ceiling"] == pytest.approx(256 / 400)
+
+
+def test_model_arithmetic_for_a_memory_bound_trip():
+    # dequant-like: 308 instructions and 49 MIO clocks per warp at 4 warps, 2560 bytes a trip;
+    # H100: 3.35e12 B/s / 132 SMs / 1.83e9 Hz = 13.87 B per SM clock -> 184.6 clocks of HBM
+    loop = {"instructions": 308, "mio_clocks": 49, "tf32": False}
+    row = hot_loop_model(loop, "sm_90", 4, trip_bytes=2560)
+    assert (row["issue_clocks"], row["mio_clocks"], row["mma_clocks"]) == (308, 196, 0)
+    assert row["bound"] == "hbm"
+    assert row["ceiling"] == pytest.approx(184.6 / 308, rel=1e-3)
+    # A100: 2.04e12 / 108 / 1.41e9 = 13.40 B per SM clock; MIO-bound here (50 * 4 > 100)
+    row = hot_loop_model({**loop, "instructions": 100, "mio_clocks": 50}, "sm_80", 4,
+                         trip_bytes=1000)
+    assert row["ceiling"] == pytest.approx(1000 / 13.397 / 200, rel=1e-3)
+    # more HBM time than issue and MIO time: the loop can keep up with HBM, ceiling 1
+    assert hot_loop_model(loop, "sm_90", 4, trip_bytes=65536)["ceiling"] == 1.0
+
+
+def test_model_has_no_ceiling_for_fma_dots_or_without_trip_work():
+    loop = {"instructions": 100, "mio_clocks": 10, "tf32": False}
+    fma = hot_loop_model(loop, "sm_90", 4, trip_flops=2 * 64 * 64 * 64, fma_dot=True)
+    assert fma["ceiling"] is None and fma["bound"] is None and fma["mma_clocks"] is None
+    assert fma["issue_clocks"] == 100  # the loop is still costed
+    none = hot_loop_model(loop, "sm_90", 4)
+    assert none["ceiling"] is None and none["bound"] is None
+
+
+def test_compiled_rows_carry_a_consistent_hot_loop_model():
+    """One memory-bound kernel with a loop (the backward's fp32 partial sum, 4096 B a trip) and
+    one without (dequant), compiled for both archs: every row has the fields and they agree."""
+    rows = compile_report(archs=("sm_80", "sm_90"),
+                          kernels=["_lora_bwd_reduce_kernel", "_dequant_4bit_kernel"])
+    assert {(r["kernel"], r["arch"]) for r in rows} == {
+        (k, a) for k in ("_lora_bwd_reduce_kernel", "_dequant_4bit_kernel")
+        for a in ("sm_80", "sm_90")}
+    hbm = {"sm_90": 3.35e12 / 132 / 1.83e9, "sm_80": 2.04e12 / 108 / 1.41e9}
+    for row in rows:
+        assert set(HOT_LOOP_FIELDS) <= set(row)
+        warps = int(re.search(r"\bw(\d+)\b", row["config"]).group(1))
+        assert row["loop_instructions"] > 0
+        assert row["issue_clocks"] == row["loop_instructions"] * warps / 4
+        assert row["mio_clocks"] > 0 and row["mio_clocks"] % warps == 0  # loads in the loop
+        assert row["mma_clocks"] == 0 and row["bound"] == "hbm"
+        if row["kernel"] == "_lora_bwd_reduce_kernel":
+            trip = 1024 * 4  # REDUCE_BLOCK fp32 values
+        else:  # BLOCK = 1024 values: 512 packed bytes read, 1024 values written
+            out = re.search(r"out=(\w+)", row["config"]).group(1)
+            trip = 512 + 1024 * (4 if out == "fp32" else 2)
+        busy = max(row["issue_clocks"], row["mio_clocks"])
+        assert row["ceiling"] == pytest.approx(min(1.0, trip / hbm[row["arch"]] / busy))
