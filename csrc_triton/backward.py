@@ -186,7 +186,8 @@ def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, dx_ptr, M, K, R, seed, thr
                         keep_scale, rows_per_split, m_bucket, stride_xm, stride_xk, stride_dum,
                         stride_dur, stride_ar, stride_ak, stride_dxm, stride_dxk,
                         COMPUTE_DA: tl.constexpr, WRITE_DX: tl.constexpr,
-                        HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
+                        HAS_DROPOUT: tl.constexpr, DROPOUT_GROUPED: tl.constexpr,
+                        R_PAD: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_K: tl.constexpr):
     """The two products that need the dropout mask, which is drawn here once for both:
@@ -197,7 +198,8 @@ def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, dx_ptr, M, K, R, seed, thr
     x's dtype; ws_ptr fp32 [S, R, K]: ws[s] = dU[rows of s]^T @ dropout(x)[rows of s];
     dx_ptr [M, K] in x's dtype: receives dropout'(dU @ A), which _nf4_lora_bwd_dx_kernel then
     takes as its accumulator's initial value.
-    The mask is regenerated from (seed, m * K + k), as the forward drew it; the masked x tile is
+    The mask is regenerated from (seed, m * K + k), as the forward drew it (common.dropout_keep;
+    DROPOUT_GROUPED: K % 8 == 0, one Philox call per 8 elements); the masked x tile is
     rounded to x's dtype (what the forward fed its dot) and is the first dot operand
     (dA^T = dropout(x)^T @ dU). m_bucket: unused here, part of the autotune key.
     """
@@ -225,7 +227,8 @@ def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, dx_ptr, M, K, R, seed, thr
         du = tl.load(du_ptr + rows[:, None] * stride_dum + offs_r[None, :] * stride_dur,
                      mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, offs_m, offs_k, K, threshold)
+            keep = dropout_keep(seed, offs_m, pid_k * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K,
+                                DROPOUT_GROUPED)
         if COMPUTE_DA:
             x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                         mask=tile_mask, other=0.0)
@@ -257,6 +260,7 @@ def _cfg(num_warps, num_stages, max_r_pad=MAX_R_PAD, large_m=False, **blocks):
 
 LARGE_M = 4096
 HEADLINE_CEILING = 0.85  # the modelled tensor-core share a large_m dx config must reach
+LORA_SIDE_CEILING = 0.75  # the modelled HBM share a large_m du_db / da config must reach
 
 
 # What the GPU autotunes over, per kernel, arch and activation class (16-bit or fp32: fp32
@@ -275,7 +279,13 @@ HEADLINE_CEILING = 0.85  # the modelled tensor-core share a large_m dx config mu
 _DU_DB_16BIT = [_cfg(4, 3, 64, BLOCK_M=64, BLOCK_N=64), _cfg(8, 3, 64, BLOCK_M=64, BLOCK_N=128),
                 _cfg(4, 3, 64, BLOCK_M=32, BLOCK_N=64), _cfg(8, 2, BLOCK_M=32, BLOCK_N=32),
                 _cfg(4, 2, BLOCK_M=16, BLOCK_N=32)]
-_DA_16BIT = [_cfg(4, 3, 64, BLOCK_M=64, BLOCK_K=64), _cfg(8, 3, 64, BLOCK_M=64, BLOCK_K=128),
+# large_m (the configs timed from M = 4096 on, gated at LORA_SIDE_CEILING of HBM bandwidth
+# on their tiles; issue 11), modelled at R_PAD 64 / 16: da 64x64 w4 0.99 / sm_90, 0.76 sm_80;
+# du_db sm_90 128x64 w8 1.00 / 1.00, sm_80 128x128 w8 (r <= 16) 1.00. Nothing compiled for
+# du_db on sm_80 at R_PAD 64 reaches 0.75 (128x64 w8 0.35, 256x64 w8 0.46, 64x64 w4 0.34):
+# there dy's transposed use goes through shared memory twice per tile.
+_DA_16BIT = [_cfg(4, 3, 64, True, BLOCK_M=64, BLOCK_K=64),
+             _cfg(8, 3, 64, BLOCK_M=64, BLOCK_K=128),
              _cfg(4, 3, 64, BLOCK_M=32, BLOCK_K=64), _cfg(4, 2, BLOCK_M=16, BLOCK_K=64),
              _cfg(4, 2, BLOCK_M=16, BLOCK_K=32)]
 CONFIGS = {
@@ -307,8 +317,8 @@ CONFIGS = {
                           _cfg(4, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8)],
     },
     "du_db": {
-        ("sm_90", False): _DU_DB_16BIT,
-        ("sm_80", False): _DU_DB_16BIT,
+        ("sm_90", False): [_cfg(8, 3, 64, True, BLOCK_M=128, BLOCK_N=64)] + _DU_DB_16BIT,
+        ("sm_80", False): [_cfg(8, 3, 16, True, BLOCK_M=128, BLOCK_N=128)] + _DU_DB_16BIT,
         ("sm_90", True): [_cfg(4, 3, 64, BLOCK_M=64, BLOCK_N=64),
                           _cfg(4, 3, 64, BLOCK_M=32, BLOCK_N=64),
                           _cfg(8, 2, BLOCK_M=32, BLOCK_N=32),
@@ -486,28 +496,30 @@ def _dx_spec(cfg, arch, act, k_aligned, precision=None, qblock=64):
                  else 0.0)
 
 
-def _du_db_spec(cfg, arch, act, precision=None):
+def _du_db_spec(cfg, arch, act, precision=None, r_pad=None, target=0.0):
     sig = {"dy_ptr": f"*{act}", "u_ptr": f"*{act}", "b_ptr": f"*{act}", "ws_du_ptr": "*fp32",
            "ws_db_ptr": "*fp32",
            **_ints("M", "N", "R", "rows_per_split", "cols_per_group", "m_bucket", "stride_dym",
                    "stride_dyn", "stride_um", "stride_ur", "stride_bn", "stride_br")}
     flags = {"COMPUTE_DU": True, "COMPUTE_DB": True}
     elt = 4 if act == "fp32" else 2
-    return _spec("du_db", cfg, arch, act, cfg.max_r_pad, sig, flags,
-                 f"{act} R_PAD={cfg.max_r_pad}", precision=precision,
+    r_pad = r_pad or cfg.max_r_pad
+    return _spec("du_db", cfg, arch, act, r_pad, sig, flags, f"{act} R_PAD={r_pad}",
+                 precision=precision, ceiling_target=target,
                  trip_bytes=cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] * elt)  # dy tile
 
 
-def _da_spec(cfg, arch, act, precision=None):
+def _da_spec(cfg, arch, act, precision=None, r_pad=None, target=0.0):
     sig = {"x_ptr": f"*{act}", "du_ptr": f"*{act}", "a_ptr": f"*{act}", "ws_ptr": "*fp32",
            "dx_ptr": f"*{act}", **_ints("M", "K", "R"), "seed": "i64", "threshold": "i64",
            "keep_scale": "fp32",
            **_ints("rows_per_split", "m_bucket", "stride_xm", "stride_xk", "stride_dum",
                    "stride_dur", "stride_ar", "stride_ak", "stride_dxm", "stride_dxk")}
-    flags = {"COMPUTE_DA": True, "WRITE_DX": True, "HAS_DROPOUT": True}
+    flags = {"COMPUTE_DA": True, "WRITE_DX": True, "HAS_DROPOUT": True, "DROPOUT_GROUPED": True}
     elt = 4 if act == "fp32" else 2
-    return _spec("da", cfg, arch, act, cfg.max_r_pad, sig, flags,
-                 f"{act} R_PAD={cfg.max_r_pad}", precision=precision,  # x read, dx written
+    r_pad = r_pad or cfg.max_r_pad
+    return _spec("da", cfg, arch, act, r_pad, sig, flags, f"{act} R_PAD={r_pad}",
+                 precision=precision, ceiling_target=target,  # x read, dx written
                  trip_bytes=2 * cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"] * elt)
 
 
@@ -529,10 +541,18 @@ COMPILE_SPECS = (
      if ka or not c.large_m]
     + [_dx_spec(c, arch, "fp16", True) for (arch, fp32), configs in CONFIGS["dx"].items()
        for c in configs if c.large_m]
+    # issue 11: the large_m du_db / da configs at R_PAD 16 and their largest, bf16 and fp16
+    + [spec(c, arch, act, r_pad=r, target=LORA_SIDE_CEILING)
+       for name, spec in (("du_db", _du_db_spec), ("da", _da_spec))
+       for (arch, fp32), configs in CONFIGS[name].items() if not fp32
+       for c in configs if c.large_m for act in ("bf16", "fp16")
+       for r in sorted({16, c.max_r_pad})]
     + [_du_db_spec(c, arch, "fp32" if fp32 else "bf16")
-       for (arch, fp32), configs in CONFIGS["du_db"].items() for c in configs]
+       for (arch, fp32), configs in CONFIGS["du_db"].items() for c in configs
+       if fp32 or not c.large_m]  # the large_m ones: gated below
     + [_da_spec(c, arch, "fp32" if fp32 else "bf16")
-       for (arch, fp32), configs in CONFIGS["da"].items() for c in configs]
+       for (arch, fp32), configs in CONFIGS["da"].items() for c in configs
+       if fp32 or not c.large_m]
     + [_reduce_spec(out) for out in ("bf16", "fp16", "fp32")]
     # fp32 at full precision: FMA dots, no tensor-core instruction (IEEE_CONFIGS)
     + [_dx_spec(c, arch, "fp32", ka, "ieee")

@@ -168,12 +168,30 @@ def grouped_tile(pid, num_m, num_other, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def dropout_keep(seed, offs_m, offs_k, K, threshold):
-    """bool [BM, BK]: keep element (m, k) of a [*, K] activation. One Philox draw per element
-    at offset m * K + k (int64), kept when the uint32 draw >= threshold; fastlora.reference
-    reproduces the same stream bit for bit."""
-    idx = offs_m.to(tl.int64)[:, None] * K + offs_k.to(tl.int64)[None, :]
-    draw = tl.randint(seed, idx)
+def dropout_keep(seed, offs_m, k0, K, threshold, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUPED: tl.constexpr):
+    """bool [BLOCK_M, BLOCK_K]: keep element (m, k0 + j) of a [*, K] activation.
+
+    Element offset i = m * K + k (int64) draws 16 bits: half i % 2 (low first) of word
+    (i % 8) // 2 of tl.randint4x(seed, i // 8), kept when >= threshold (a 16-bit threshold:
+    reference.dropout_threshold); fastlora.reference.dropout_draws reproduces it bit for bit.
+    GROUPED (K % 8 == 0; k0 is a multiple of BLOCK_K >= 8): each group of 8 neighbours in a
+    row is one Philox call, BLOCK_M x BLOCK_K / 8 calls a tile, the words split in registers
+    (tl.join, in-thread); that is ~10 instructions an element where one tl.randint per element
+    cost ~60. Otherwise every element makes its own call and picks its half-word (same bits)."""
+    rows = offs_m.to(tl.int64)
+    if GROUPED:
+        calls = rows[:, None] * (K // 8) + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :]
+        w0, w1, w2, w3 = tl.randint4x(seed, calls)
+        words = tl.join(tl.join(w0, w2), tl.join(w1, w3))  # [.., 2, 2]: word 2 * c + d
+        halves = tl.join(words & 0xFFFF, words >> 16)      # [.., 2, 2, 2]: draw 2 * word + h
+        draw = tl.reshape(halves, (BLOCK_M, BLOCK_K))
+    else:
+        idx = rows[:, None] * K + (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)[None, :]
+        w0, w1, w2, w3 = tl.randint4x(seed, idx // 8)
+        j = idx % 8
+        word = tl.where(j < 4, tl.where(j < 2, w0, w1), tl.where(j < 6, w2, w3))
+        draw = (word >> ((j & 1) * 16).to(tl.uint32)) & 0xFFFF
     return draw.to(tl.int64) >= threshold
 
 

@@ -26,8 +26,12 @@ def _bf16_cast_probe_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def _philox_probe_kernel(out_ptr, seed, start, n, BLOCK: tl.constexpr):
-    """out[i] = tl.randint(seed, start + i) as int64 (uint32 values), out int64 [n]."""
+    """out[w, i] = word w of tl.randint4x(seed, start + i) as int64 (uint32 values), out int64
+    [4, n] (word 0 is tl.randint's)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    draw = tl.randint(seed, start + offs.to(tl.int64))
-    tl.store(out_ptr + offs, draw.to(tl.int64), mask=mask)
+    w0, w1, w2, w3 = tl.randint4x(seed, start + offs.to(tl.int64))
+    tl.store(out_ptr + offs, w0.to(tl.int64), mask=mask)
+    tl.store(out_ptr + n + offs, w1.to(tl.int64), mask=mask)
+    tl.store(out_ptr + 2 * n + offs, w2.to(tl.int64), mask=mask)
+    tl.store(out_ptr + 3 * n + offs, w3.to(tl.int64), mask=mask)

@@ -7,6 +7,8 @@ Public contract (../shared/DESIGN.md):
     LoRALinear4bit                                    drop-in module
     patch, unpatch, PatchReport                       PEFT + bitsandbytes models -> fused
     compile_report                                    sm_80 / sm_90 ahead-of-time compile check
+    release_dequant_buffer, set_dequant_buffer_cap_mb the dequantize + cuBLAS path's shared
+                                                      buffer (fastlora/launch/buffer.py)
 Importing fastlora never touches a GPU.
 """
 
@@ -27,6 +29,8 @@ _LAZY = {
     "unpatch": ".peft_patch",
     "PatchReport": ".peft_patch",
     "compile_report": ".compilecheck",
+    "release_dequant_buffer": ".launch.buffer",
+    "set_dequant_buffer_cap_mb": ".launch.buffer",
 }
 
 __all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "lora_linear_4bit", "reference",

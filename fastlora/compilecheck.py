@@ -279,6 +279,7 @@ def compile_spec(spec, arch: str) -> dict:
             "fma_dot": spec.fma_dot, "i32_addressed": unsafe,
             "hgmma_register_a": hgmma_register_a(sass),
             "atomics": atomic_ops(kernel.asm["ttir"], kernel.asm["ptx"]),
+            "decodes_weight": "code_ptr" in spec.signature,
             "code_table_loads": code_table_loads(kernel.asm["ttir"]),
             "loop_shuffles": loop["shuffles"], "ceiling_target": spec.ceiling_target,
             **hot_loop_model(loop, arch, spec.num_warps, spec.trip_flops, spec.trip_bytes,
@@ -326,8 +327,9 @@ def _report_in_child(archs, kernels, workers) -> list[dict]:
 def problems(rows: list[dict]) -> list[str]:
     """What is wrong with a report: spills, a tl.dot kernel with no tensor-core instruction, a
     large tensor addressed with 32-bit offsets, or a headline config (ceiling_target > 0) whose
-    hot-loop ceiling is below its target or whose decode is not the register-table one (no SHFL
-    in its main loop, or a load of the code table through memory).
+    hot-loop ceiling is below its target or, for a kernel that decodes the 4-bit weight, whose
+    decode is not the register-table one (no SHFL in its main loop, or a load of the code table
+    through memory).
 
     fp32 dots at full precision ('ieee', rows with fma_dot) are the one exception, and the
     reverse holds for them: tensor cores have no fp32 x fp32 form, so such a kernel runs on
@@ -352,7 +354,8 @@ def problems(rows: list[dict]) -> list[str]:
                 found.append(f"{where} is a headline config: modelled ceiling "
                              f"{row.get('ceiling') or 0:.2f} is below its target "
                              f"{row['ceiling_target']:.2f}")
-            if not row.get("loop_shuffles") or row.get("code_table_loads"):
+            if row.get("decodes_weight") and (not row.get("loop_shuffles")
+                                              or row.get("code_table_loads")):
                 found.append(f"{where} is a headline config but its decode is not the "
                              f"register-table one ({row.get('loop_shuffles')} SHFL in the "
                              f"main loop, {row.get('code_table_loads')} loads of the code "

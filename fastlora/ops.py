@@ -119,6 +119,20 @@ def seed_tensor(seed: Optional[int], p: float) -> torch.Tensor:
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device="cpu")
 
 
+def check_not_capturing(x: torch.Tensor, p: float) -> None:
+    """RuntimeError when a dropout forward runs inside CUDA graph capture. The dropout seed is
+    a host value read when the op launches (seed_tensor), so a captured graph would bake one
+    mask into every replay: silently the same dropout each step. Refused instead (issue 11:
+    graph-safe RNG, a device-side seed and offset advanced per replay, is not built yet); the
+    backward regenerates the mask from the forward's seed, so it needs no check of its own."""
+    if p > 0.0 and x.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "fastlora: LoRA dropout (p > 0) cannot run inside CUDA graph capture (CUDA graphs, "
+            "torch.compile mode='reduce-overhead'): its seed is read on the host at launch, so "
+            "every replay would reuse one dropout mask. Capture with lora_dropout=0, or run "
+            "this step without CUDA graphs.")
+
+
 def resolve_seed(seed: Optional[int], p: float) -> int:
     """seed_tensor's value as an int (the same draw, for code that runs eagerly)."""
     return int(seed_tensor(seed, p))
@@ -151,6 +165,7 @@ def _lora_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
               ) -> tuple[torch.Tensor, torch.Tensor]:
     from .launch.forward import lora_forward
 
+    check_not_capturing(x, p)
     state = _state_from_args(absmax, absmax2, code2, offset, code, blocksize, quant_type,
                              n_out, x.shape[1], x.dtype)
     return lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, int(seed))

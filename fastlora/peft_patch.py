@@ -219,7 +219,9 @@ def patch(model: nn.Module) -> PatchReport:
 
 def unpatch(model: nn.Module) -> int:
     """Give every patched layer in `model` its original forward back; returns how many.
-    A no-op (returning 0) on a model that is not patched."""
+    A no-op (returning 0) on a model that is not patched. When it restores a layer it also
+    frees the dequantize + cuBLAS path's shared weight buffer (fastlora.release_dequant_buffer;
+    any other patched model allocates it again on its next call)."""
     _check_model(model)
     restored = 0
     for module in model.modules():
@@ -228,4 +230,7 @@ def unpatch(model: nn.Module) -> int:
             restored += 1
     if restored:
         logger.info("fastlora.unpatch: %d layer(s) restored", restored)
+        from .launch.buffer import release_dequant_buffer
+
+        release_dequant_buffer()  # the dequantize + cuBLAS path's shared weight buffer
     return restored

@@ -9,9 +9,10 @@ backward (the formulas above, not autograd through the forward), so it documents
 kernels compute. It runs in any float dtype, float64 included: deq(W) is the float32 product
 `code * absmax` that bitsandbytes defines, cast to x's dtype (exact in float64).
 
-Dropout draws one Philox4x32-10 number per element of x, keyed by (seed, row * K + col): the
-same stream `tl.randint(seed, offset)` gives inside the kernels, reproduced here bit for bit, so
-the mask is regenerated from the seed in backward and never stored.
+Dropout draws 16 bits per element of x from Philox4x32-10 (`tl.randint4x`), eight elements to
+one call: element offset i = row * K + col takes half i % 2 of word (i % 8) // 2 of
+randint4x(seed, i // 8) (`dropout_draws`), reproduced here bit for bit, so the mask is
+regenerated from the seed in backward and never stored.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import torch
 
 from .quant import QuantState, dequantize_4bit_torch
 
-__all__ = ["lora_linear_4bit", "dropout_mask", "dropout_threshold", "philox_randint",
-           "apply_dropout"]
+__all__ = ["lora_linear_4bit", "dropout_mask", "dropout_threshold", "dropout_draws",
+           "philox_randint", "philox_randint4x", "apply_dropout"]
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -37,8 +38,9 @@ def _umulhi32(a: int, b: torch.Tensor) -> torch.Tensor:
     return (a_hi * b + ((a_lo * b) >> 16)) >> 16
 
 
-def philox_randint(seed: int, offsets: torch.Tensor, n_rounds: int = 10) -> torch.Tensor:
-    """`tl.randint(seed, offsets)` in PyTorch: uint32 values held in an int64 tensor.
+def philox_randint4x(seed: int, offsets: torch.Tensor, n_rounds: int = 10) -> tuple:
+    """`tl.randint4x(seed, offsets)` in PyTorch: four uint32 words per offset, each held in an
+    int64 tensor.
 
     offsets: int64 tensor; the counter is (offset_lo, offset_hi, 0, 0), the key (seed_lo,
     seed_hi), as in triton.language.random.randint4x."""
@@ -56,19 +58,41 @@ def philox_randint(seed: int, offsets: torch.Tensor, n_rounds: int = 10) -> torc
         c0, c2 = new_c0, new_c2
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
-    return c0
+    return c0, c1, c2, c3
+
+
+def philox_randint(seed: int, offsets: torch.Tensor, n_rounds: int = 10) -> torch.Tensor:
+    """`tl.randint(seed, offsets)`: the first word of philox_randint4x."""
+    return philox_randint4x(seed, offsets, n_rounds)[0]
+
+
+DRAW_BITS = 16      # bits of Philox output per dropout element
+DRAWS_PER_CALL = 8  # 4 words x 2 halves: one randint4x call serves 8 neighbouring elements
 
 
 def dropout_threshold(p: float) -> int:
-    """An element is kept when its uint32 draw is >= this (so P(keep) = 1 - p up to 2^-32)."""
-    return min(int(p * 2.0**32), _MASK32)
+    """An element is kept when its 16-bit draw is >= this: P(keep) = 1 - t / 2^16, within
+    2^-17 of 1 - p (p rounded to the nearest 1/65536)."""
+    return min(int(p * 2.0**DRAW_BITS + 0.5), 2**DRAW_BITS)
+
+
+def dropout_draws(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """The 16-bit dropout draw of each element offset (int64 tensor; values 0..65535): half
+    offset % 2 (low 16 bits first) of word (offset % 8) // 2 of randint4x(seed, offset // 8).
+    One Philox call per distinct offset // 8, as in the kernels (common.dropout_keep)."""
+    offsets = offsets.to(torch.int64)
+    calls, which = torch.unique(offsets // DRAWS_PER_CALL, return_inverse=True)
+    words = torch.stack(philox_randint4x(seed, calls))  # [4, calls]
+    j = offsets % DRAWS_PER_CALL
+    word = words[j // 2, which]
+    return (word >> (DRAW_BITS * (j % 2))) & (2**DRAW_BITS - 1)
 
 
 def dropout_mask(seed: int, rows: int, cols: int, p: float,
                  device: torch.device | str = "cpu") -> torch.Tensor:
     """bool [rows, cols] keep-mask of element (m, k), drawn at offset m * cols + k."""
     offsets = torch.arange(rows * cols, device=device, dtype=torch.int64)
-    return (philox_randint(seed, offsets) >= dropout_threshold(p)).view(rows, cols)
+    return (dropout_draws(seed, offsets) >= dropout_threshold(p)).view(rows, cols)
 
 
 def apply_dropout(t: torch.Tensor, seed: int, p: float) -> torch.Tensor:

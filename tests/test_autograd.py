@@ -101,6 +101,32 @@ def test_never_a_dense_weight(monkeypatch):
     assert not [s for s in saved if s[1].is_floating_point and torch.Size(s[0]).numel() >= N * K]
 
 
+def test_dequant_path_keeps_one_shared_dense_weight(monkeypatch):
+    """On the dequantize + cuBLAS path the one dense [N, K] tensor is the shared buffer
+    (fastlora/launch/buffer.py): allocated by the first call, reused by the backward and by the
+    next step (same storage), and never saved for backward."""
+    from fastlora.launch import buffer
+
+    monkeypatch.setenv("FASTLORA_BASE_PATH", "dequant")
+    buffer.release_dequant_buffer()
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    leaves, call, _ = layer()
+    storage = set()
+    for _ in range(2):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = call(leaves)
+        y.backward(torch.ones_like(y))
+        storage |= {(b.data_ptr(), b.numel()) for b in buffer._BUFFERS.values()}
+    assert storage and len(storage) == 1 and next(iter(storage))[1] == N * K, storage
+    assert not [s for s in saved if s[1].is_floating_point and torch.Size(s[0]).numel() >= N * K]
+    buffer.release_dequant_buffer()
+
+
 # ----------------------------------------------------------------------------- needs_input_grad
 
 @pytest.mark.parametrize("trainable,flags", [
@@ -108,7 +134,7 @@ def test_never_a_dense_weight(monkeypatch):
     (("x", "bias"), (True, False, False)),                 # frozen adapter
     (("lora_B",), (False, False, True)),
 ], ids=["no-dx", "frozen-adapter", "only-dB"])
-def test_needs_input_grad(monkeypatch, trainable, flags):
+def test_needs_input_grad(monkeypatch, trainable, flags, base_path):
     """The backward asks the kernels for exactly the gradients autograd needs, and those are
     bit-identical to the ones of a run where everything is trainable."""
     leaves, call, _ = layer()
@@ -129,7 +155,7 @@ def test_needs_input_grad(monkeypatch, trainable, flags):
 
 # ----------------------------------------------------------------------------- dtypes and views
 
-def test_autocast_gives_parameter_dtypes():
+def test_autocast_gives_parameter_dtypes(base_path):
     """fp32 parameters under bf16 autocast: the op runs in bf16, gradients come back in fp32,
     equal to casting by hand."""
     leaves, call, _ = layer(torch.float32, seed=77)
@@ -142,7 +168,7 @@ def test_autocast_gives_parameter_dtypes():
     assert_same(got, expected)
 
 
-def test_views():
+def test_views(base_path):
     """x as a non-contiguous 3-D view (strides (1, M) once flattened: the kernels read it in
     place) and lora_A as a transposed view: the gradients reach the underlying tensors, equal
     to those of contiguous inputs."""
@@ -162,7 +188,7 @@ def test_views():
 # ----------------------------------------------------------------------------- checkpointing
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
-def test_checkpoint_reproduces_dropout(reentrant):
+def test_checkpoint_reproduces_dropout(reentrant, base_path):
     """With the seed drawn from torch's generator (seed=None), recomputing the forward inside
     torch.utils.checkpoint draws the same seed, hence the same mask: gradients equal those of
     the plain run; a different generator state gives different ones (dropout is live)."""

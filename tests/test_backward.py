@@ -52,7 +52,8 @@ def check_grads(out: dict, truth: dict, baseline: dict, dtype, names=GRADS):
 # ----------------------------------------------------------------------------- the matrix
 
 @pytest.mark.parametrize("c", MATRIX, ids=case_id)
-def test_launcher_matches_reference(c):
+def test_launcher_matches_reference(c, base_path):
+    """The whole matrix on each path of dx's base product (fused GEMM; dequantize + cuBLAS)."""
     case, dtype = matrix_case(c)
     dy = grad_out(case)
     truth, baseline = reference_pair(case, dtype, dy)
@@ -60,7 +61,7 @@ def test_launcher_matches_reference(c):
 
 
 @pytest.mark.parametrize("c", MATRIX[::3], ids=case_id)
-def test_forward_backward_matches_reference(c):
+def test_forward_backward_matches_reference(c, base_path):
     """The whole layer through fastlora.lora_linear_4bit: the custom ops, U saved by the fused
     forward, dbias; a third of the matrix (the launcher test above runs all of it)."""
     case, dtype = matrix_case(c)
@@ -82,7 +83,7 @@ def test_large_rank(rank, k):
 @pytest.mark.parametrize("blocksize,storage,seed", [
     (4096, torch.uint8, None), (64, torch.bfloat16, None), (128, torch.float32, 2**40 + 5)],
     ids=["bs4096", "storage-bf16", "storage-fp32-seed2^40"])
-def test_blocksizes_storage_and_large_seeds(blocksize, storage, seed):
+def test_blocksizes_storage_and_large_seeds(blocksize, storage, seed, base_path):
     """The backward's weight and mask paths off the matrix: one quantisation block larger than
     the whole layer (blocks straddle every row), quant_storage views of the packed bytes, and
     a dropout seed past 2^31 (the Philox key's upper word)."""
@@ -221,3 +222,28 @@ def test_bad_saved_u():
     case = make_case(8, N, 200, 8, torch.bfloat16)
     with pytest.raises(ValueError, match=r"u must be \[8, 8\]"):
         call_with(case, u=torch.zeros(8, 7, dtype=torch.bfloat16))
+
+
+def test_large_m_pruning_times_the_headline_configs_only():
+    """From an M bucket of 4096 on the autotuner times only the large_m configs (the ones the
+    compile report gates: dx at 0.85 of tensor-core peak, du_db / da at 0.75 of HBM), where
+    they fit the rank and, for dx, K is aligned (their per-element decode spills)."""
+    from csrc_triton import backward as kernels
+
+    for (arch, fp32), configs in kernels.CONFIGS["dx"].items():
+        if fp32:
+            continue
+        big = kernels.prune_configs(configs, 8192, 16, k_aligned=True)
+        assert big and all(c.large_m for c in big), (arch, big)
+        unaligned = kernels.prune_configs(configs, 8192, 16, k_aligned=False)
+        assert unaligned and not any(c.large_m for c in unaligned), (arch, unaligned)
+        small = kernels.prune_configs(configs, 256, 16)
+        assert len(small) > 1 and any(not c.large_m for c in small)
+    sm80_du_db = kernels.CONFIGS["du_db"][("sm_80", False)]
+    assert all(c.large_m for c in kernels.prune_configs(sm80_du_db, 4096, 16))
+    # the sm_80 du_db headline is shipped for r <= 16: at R_PAD 64 every fitting config runs
+    wide = kernels.prune_configs(sm80_du_db, 4096, 64)
+    assert wide and not any(c.large_m for c in wide)
+    da = kernels.CONFIGS["da"][("sm_90", False)]
+    assert [c.kwargs for c in kernels.prune_configs(da, 4096, 64)] == [
+        {"BLOCK_M": 64, "BLOCK_K": 64}]

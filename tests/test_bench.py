@@ -91,6 +91,46 @@ def test_provider_steps_hand_checked():
         + (U + B + 2 * Y) == 3852
 
 
+def test_fastlora_dequant_steps_hand_checked():
+    """fastlora's dequantize + cuBLAS path: its own U / du_db / da kernels and reductions, its
+    dequantize kernel (W4 in, W16 out into the shared buffer), cuBLAS for the base product."""
+    fwd = model.steps("fastlora_dequant", "forward", D)
+    # U = x A^T; dequantize; y = x W^T (+ bias); y += s U B^T (reads and writes y)
+    assert [s.bytes for s in fwd] == [X + A + U, W4 + W16, W16 + X + Y, U + B + 2 * Y] \
+        == [784, 1292, 1600, 176]
+    assert [s.kernel for s in fwd] == [model.U_KERNEL, model.DEQUANT_KERNEL, None, None]
+    bwd = model.steps("fastlora_dequant", "backward", D)
+    fused_bwd = model.steps("fastlora", "backward", D)
+    # the LoRA-side kernels are the fused path's; then dequantize again and dx += dy W
+    # (reads dy, W16 and dx's LoRA term, writes dx)
+    assert bwd[:-2] == fused_bwd[:-1]
+    assert [s.bytes for s in bwd[-2:]] == [W4 + W16, Y + W16 + X + X] == [1292, 2112]
+    assert [s.kernel for s in bwd[-2:]] == [model.DEQUANT_KERNEL, None]
+
+
+def test_expected_pick_hand_checked():
+    """Where the model expects each path to win. At M = 1 the fused path reads 4-bit W once
+    where the other writes and reads W16; at M = 8192 on H100 with a forward GEMM ceiling of
+    0.5 cuBLAS at 0.80 wins despite the dequantize pass, and at ceiling 1.0 the fused one."""
+    h100 = peaks.peak_named("H100 SXM")
+    one, big = model.Dims(1, 4096, 4096, 16), model.Dims(8192, 4096, 4096, 16)
+    assert model.expected_pick("full", one, h100) == {"forward": "fused", "dx": "fused"}
+    low = {model.FWD_KERNEL: 0.5, model.DX_KERNEL: 0.95}
+    assert model.expected_pick("full", big, h100, low) == {"forward": "dequant", "dx": "fused"}
+    assert model.expected_pick("forward", big, h100, {model.FWD_KERNEL: 1.0}) == \
+        {"forward": "fused"}
+    assert model.expected_pick("backward", big, h100, {model.DX_KERNEL: 0.5}) == \
+        {"dx": "dequant"}
+    # break-even of the forward, by hand: the fused GEMM takes 2MNK / (P c) = 278 us / c; the
+    # other path cuBLAS 278 / 0.80 = 347 us, the dequantize pass 42 MB / (0.9 BW) = 14 us, the
+    # LoRA addmm's pass over y (2 x 67 MB read + written) 44 us, 3 launches 12 us: ~417 us,
+    # so the fused forward wins above c = 278 / 413 = 0.67
+    for c, want in ((0.6, "dequant"), (0.75, "fused")):
+        assert model.expected_pick("forward", big, h100, {model.FWD_KERNEL: c,
+                                                          model.DEQUANT_KERNEL: 0.9}) == \
+            {"forward": want}
+
+
 @pytest.mark.parametrize("mode", shapes.MODES)
 @pytest.mark.parametrize("provider", list(model.PROVIDER_STEPS))
 def test_every_provider_counts_the_layer_flops(provider, mode):
@@ -173,9 +213,11 @@ def test_lower_ceiling_gives_longer_modelled_time(kernel):
     base = {k: 0.8 for k in model.fastlora_kernels()}
     lower = {**base, kernel: 0.4}
     small_m = kernel in (model.SMALL_M_KERNEL, model.SPLITK_REDUCE_KERNEL)
+    # the dequantize kernel runs on the dequantize + cuBLAS path only
+    provider = "fastlora_dequant" if kernel == model.DEQUANT_KERNEL else "fastlora"
     for m in (1, 8192):
         d = model.Dims(m, 4096, 4096, 16)
-        st = model.steps("fastlora", "full", d)
+        st = model.steps(provider, "full", d)
         before = model.modelled_seconds(st, h100, base)
         after = model.modelled_seconds(st, h100, lower)
         assert after >= before
@@ -354,7 +396,8 @@ def test_smoke_pass_every_provider(tmp_path, capsys):
     assert suite.run_smoke(opts) == 0
     text = capsys.readouterr().out
     table = (tmp_path / "smoke.md").read_text()
-    for name in ("fastlora", "peft_bnb", "dequant_mm", "reference"):
+    for name in ("fastlora", "fastlora_fused", "fastlora_dequant", "peft_bnb", "dequant_mm",
+                 "reference"):
         rows = [line for line in table.splitlines() if line.startswith(f"| {name} |")]
         assert len(rows) == len(shapes.SMOKE_SHAPES), table
         assert all(line.rstrip(" |").endswith("ok") for line in rows), table
@@ -413,3 +456,58 @@ def test_gpu_report_path_with_faked_timings(tmp_path, monkeypatch):
     assert "| llama3-8b.o_proj | 2048 | 16 | forward | fastlora | 1 |" in \
         (tmp_path / "results.md").read_text()
     assert (tmp_path / "speedup_forward_r16.png").stat().st_size > 0
+
+
+def test_modelled_table_shows_the_expected_pick(tmp_path):
+    opts = suite.Options(shapes=[shapes.SHAPES["llama3-8b.q_proj"]], ms=(1, 8192), ranks=(16,),
+                         modes=("forward",), providers=["fastlora", "fastlora_dequant",
+                                                        "peft_bnb"], out=str(tmp_path))
+    ceilings = {model.FWD_KERNEL: 0.5}
+    rows = suite.modelled_rows(opts, ceilings=ceilings)
+    h100 = [r for r in rows if r["gpu"] == "H100 SXM"]
+    assert {r["provider"] for r in h100} == {"fastlora", "fastlora_dequant", "peft_bnb"}
+    picks = {r["m"]: r["modelled_pick"] for r in h100}
+    assert picks == {1: "forward=fused", 8192: "forward=dequant"}
+    dequant = next(r for r in h100 if r["provider"] == "fastlora_dequant" and r["m"] == 8192)
+    fused = next(r for r in h100 if r["provider"] == "fastlora" and r["m"] == 8192)
+    assert dequant["modelled_us"] < fused["modelled_us"]
+    assert "dequant_4bit_kernel=unmodelled" in dequant["modelled_at"]
+    assert "cuBLAS: roofline at 0.80" in dequant["modelled_at"]
+    opts.say = lambda line: None
+    suite.run_modelled(opts, [_row(model.FWD_KERNEL, "BLOCK_M=128 w8 s3 bf16 made-up",
+                                   "sm_90", 0.5)])
+    text = (tmp_path / "modelled.md").read_text()
+    assert "expected base path" in text and "forward=dequant" in text
+
+
+def test_gpu_rows_report_each_path_and_the_pick(tmp_path, monkeypatch):
+    """On a GPU (faked): fastlora_fused / fastlora_dequant run with their path forced, forward
+    and backward alike; the dispatched fastlora row names the dispatcher's kept pick."""
+    from fastlora.bench.providers import Built
+    from fastlora.launch import dispatch
+
+    seen = {}
+
+    def fake_measure(built, mode, xs, dys, warmup_ms, rep_ms):
+        seen[built.base_path] = dispatch.requested()
+        return timing.Timing(1.0, 0.9, 1.1, 0.0)
+
+    monkeypatch.setattr(suite, "measure", fake_measure)
+    monkeypatch.setitem(dispatch._NAMES, "cuda", "Fake GPU")
+    shape = shapes.SHAPES["llama3-8b.o_proj"]
+    monkeypatch.setitem(dispatch._PICKS, dispatch.key("forward", torch.device("cuda"),
+                                                      torch.bfloat16, 4096, 4096, 2048),
+                        "dequant")
+    opts = suite.Options(shapes=[shape], ms=(2048,), ranks=(16,), modes=("full",),
+                         providers=["fastlora", "fastlora_fused", "fastlora_dequant"],
+                         out=str(tmp_path))
+    built = {"fastlora": Built(None, []), "fastlora_fused": Built(None, [], "fused"),
+             "fastlora_dequant": Built(None, [], "dequant")}
+    rows = {name: suite.measure_row(opts, {}, shape, 16, 2048, "full", name, built, {}, [], [])
+            for name in opts.providers}
+    assert seen == {None: "auto", "fused": "fused", "dequant": "dequant"}
+    assert dispatch.requested() == "auto"  # restored after each
+    assert rows["fastlora"]["base_path"] == "auto: forward=dequant dx=?"
+    assert rows["fastlora_fused"]["base_path"] == "fused"
+    assert rows["fastlora_dequant"]["base_path"] == "dequant"
+    assert all(r["status"] == "ok" for r in rows.values())

@@ -36,7 +36,9 @@ def test_bench_without_gpu(tmp_path):
         assert (out / name).stat().st_size > 0, name
     csv_lines = (out / "modelled.csv").read_text().splitlines()
     assert csv_lines[0].startswith("gpu,dtype,quant_type,blocksize,double_quant,shape,m,")
-    assert len(csv_lines) == 1 + 2 * 2 * 2 * 4  # GPUs x shapes x M x modelled providers
+    # GPUs x shapes x M x modelled providers (fastlora, fastlora_dequant, peft_bnb, dequant_mm,
+    # reference)
+    assert len(csv_lines) == 1 + 2 * 2 * 2 * 5
     assert "| qwen2.5-7b.k_proj | 4096 |" in (out / "modelled.md").read_text()
 
 

@@ -186,7 +186,8 @@ def test_code_table_loads_counts_loads_of_the_code_table_only():
 
 
 HEADLINE = {"_nf4_lora_fwd_kernel": 0.85, "_nf4_lora_bwd_dx_kernel": 0.85,
-            "_dequant_4bit_kernel": 0.80, "_nf4_lora_fwd_small_m_kernel": 0.35}
+            "_dequant_4bit_kernel": 0.80, "_nf4_lora_fwd_small_m_kernel": 0.35,
+            "_lora_u_kernel": 0.75, "_lora_bwd_du_db_kernel": 0.75, "_lora_bwd_da_kernel": 0.75}
 
 
 def test_headline_configs_reach_their_modelled_ceilings(report):
@@ -194,8 +195,11 @@ def test_headline_configs_reach_their_modelled_ceilings(report):
     LARGE_M lists), bf16 and fp16, r 16 and 64, on sm_90 and sm_80, reach 0.85 of tensor-core
     peak in the hot-loop model (forward and dx); the dequantize kernel 0.80 of HBM bandwidth.
     The small-M kernel is gated at the floor it reaches (0.35; issue 10 asks 0.75, not met:
-    csrc_triton/small_m.py HBM_FLOOR says why). Every one decodes through the register table:
-    SHFL in its main loop and no load of the code table through memory."""
+    csrc_triton/small_m.py HBM_FLOOR says why). Issue 11: U (r 16 to 64, with and without
+    dropout), dU/dB and dA at r 16 and 64 (dU/dB on sm_80 at r 16 only: nothing reaches it at
+    64 there), 0.75 of HBM bandwidth on the activation bytes they move. Every weight-decoding
+    one decodes through the register table: SHFL in its main loop and no load of the code
+    table through memory."""
     rows = [r for r in report if r["ceiling_target"]]
     covered = {(r["kernel"], r["arch"]) for r in rows}
     assert covered == {(k, a) for k in HEADLINE for a in ("sm_80", "sm_90")}, covered
@@ -208,20 +212,23 @@ def test_headline_configs_reach_their_modelled_ceilings(report):
              f"{r['ceiling_target']}" for r in rows if r["ceiling"] < r["ceiling_target"]]
     assert not below, "\n".join(below)
     gathered = [f"{r['kernel']} [{r['config']}] {r['arch']}: {r['loop_shuffles']} SHFL, "
-                f"{r['code_table_loads']} code loads" for r in rows
-                if r["loop_shuffles"] == 0 or r["code_table_loads"]]
+                f"{r['code_table_loads']} code loads" for r in rows if r["decodes_weight"]
+                and (r["loop_shuffles"] == 0 or r["code_table_loads"])]
     assert not gathered, "\n".join(gathered)
 
 
 def test_problems_flags_a_headline_below_its_ceiling_or_off_the_register_table():
     row = {"kernel": "k", "config": "c", "arch": "sm_90", "registers": 200, "stack_bytes": 0,
            "local_bytes": 0, "shared_bytes": 0, "mma_instructions": 4, "uses_dot": True,
-           "ceiling_target": 0.85, "ceiling": 0.9, "loop_shuffles": 32, "code_table_loads": 0}
+           "ceiling_target": 0.85, "ceiling": 0.9, "loop_shuffles": 32, "code_table_loads": 0,
+           "decodes_weight": True}
     assert problems([row]) == []
     assert "below its target" in problems([{**row, "ceiling": 0.84}])[0]
     assert "register-table" in problems([{**row, "loop_shuffles": 0}])[0]
     assert "register-table" in problems([{**row, "code_table_loads": 64}])[0]
     assert problems([{**row, "ceiling_target": 0.0, "ceiling": 0.1, "loop_shuffles": 0}]) == []
+    # a kernel that reads no 4-bit weight (U, du_db, da) is gated on its ceiling alone
+    assert problems([{**row, "decodes_weight": False, "loop_shuffles": 0}]) == []
 
 
 def test_the_gather_decode_is_caught_when_compiled():

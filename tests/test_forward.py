@@ -51,7 +51,8 @@ def test_matrix_covers_every_pair():
 
 
 @pytest.mark.parametrize("c", MATRIX, ids=case_id)
-def test_forward_matches_reference(c):
+def test_forward_matches_reference(c, base_path):
+    """The whole matrix on each base-product path (the fused GEMMs; dequantize + cuBLAS)."""
     dtype = DTYPES[c["dtype"]]
     case = make_case(c["m"], N, c["k"], c["rank"], dtype, c["quant"], c["bs"], c["dq"],
                      c["bias"], c["p"], seed=len(case_id(c)))
@@ -114,7 +115,7 @@ def test_3d_input_through_public_op():
 
 
 @pytest.mark.parametrize("view", ["column-slice", "transposed"])
-def test_non_contiguous_x(view):
+def test_non_contiguous_x(view, base_path):
     case = make_case(20, N, 200, 8, torch.float16, "nf4", 64, False, False, 0.1, seed=5)
     x = case.x.to(torch.float16)
     if view == "column-slice":  # row stride 2K, unit column stride
@@ -131,7 +132,7 @@ def test_non_contiguous_x(view):
 
 
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_quant_storage_views(storage):
+def test_quant_storage_views(storage, base_path):
     case = make_case(17, N, 200, 8, torch.bfloat16, "nf4", 64, True, True, 0.0, seed=2)
     case.packed, case.state = bnb_weight(N, 200, "nf4", 64, True, torch.bfloat16,
                                          quant_storage=storage, seed=2)
@@ -149,7 +150,7 @@ def test_extreme_blocksizes(blocksize, m, k, config):
     check_forward(case, torch.float16, config=config)
 
 
-def test_large_rank_chunks_and_public_op():
+def test_large_rank_chunks_and_public_op(base_path):
     """r = 200: the U kernel and the LoRA term pad the rank to 256 (lora_init: 8 unrolled
     chunks of 32, the 56 columns past r zero-padded)."""
     case = make_case(20, N, 256, 200, torch.bfloat16, "fp4", 256, False, True, 0.0, seed=9)
@@ -167,11 +168,13 @@ def test_empty_m():
 
 # ----------------------------------------------------------------------------- dropout
 
-@pytest.mark.parametrize("p,seed", [(0.1, 1234), (0.5, 2**40 + 5)], ids=["p0.1", "p0.5-seed2^40"])
-def test_dropout_mask_is_the_reference_mask(p, seed):
+@pytest.mark.parametrize("p,seed,k", [(0.1, 1234, 200), (0.5, 2**40 + 5, 200), (0.1, 77, 203)],
+                         ids=["p0.1", "p0.5-seed2^40", "p0.1-k203-ungrouped"])
+def test_dropout_mask_is_the_reference_mask(p, seed, k):
     """With A = I, u is dropout(x) itself: bit for bit reference.apply_dropout (Philox port),
-    and the kept fraction is within 5 binomial sigmas of 1 - p."""
-    m, k = 64, 200
+    and the kept fraction is within 5 binomial sigmas of 1 - p. K = 200: eight elements per
+    Philox call (DROPOUT_GROUPED); K = 203: one call per element, the same bits."""
+    m = 64
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(0)) + 5.0  # never 0
     eye = torch.eye(k)
     packed, state = bnb_weight(N, k, blocksize=64, dtype=torch.float32, seed=1)

@@ -358,3 +358,21 @@ def test_no_reference_to_user_tensors_is_kept(grad):
     gc.collect()
     alive = [i for i, r in enumerate(refs) if r() is not None]
     assert not alive, f"tensors {alive} (x, packed, A, B, bias) are still referenced"
+
+
+def test_dropout_refuses_cuda_graph_capture(monkeypatch):
+    """A captured graph would replay the host-read dropout seed, one mask for every step:
+    the op refuses capture with a clear error instead (dropout only; p = 0 and eager calls
+    run). Only the refusal is testable here: capture itself needs a GPU."""
+    from types import SimpleNamespace
+
+    from fastlora.ops import check_not_capturing
+
+    on_gpu = SimpleNamespace(is_cuda=True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="CUDA graph capture"):
+        check_not_capturing(on_gpu, 0.1)
+    check_not_capturing(on_gpu, 0.0)  # no dropout: nothing to replay wrongly
+    check_not_capturing(SimpleNamespace(is_cuda=False), 0.1)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    check_not_capturing(on_gpu, 0.1)

@@ -83,7 +83,26 @@ def test_philox_port_matches_triton(seed, start):
 
     n = 4096
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = torch.empty(n, dtype=torch.int64, device=device)
+    out = torch.empty(4, n, dtype=torch.int64, device=device)
     _philox_probe_kernel[(triton.cdiv(n, 1024),)](out, seed, start, n, BLOCK=1024)
-    want = reference.philox_randint(seed, torch.arange(start, start + n, device=device))
-    assert torch.equal(out, want), f"{int((out != want).sum())} of {n} draws differ"
+    want = torch.stack(reference.philox_randint4x(seed, torch.arange(start, start + n,
+                                                                     device=device)))
+    assert torch.equal(out, want), f"{int((out != want).sum())} of {4 * n} words differ"
+    assert torch.equal(want[0], reference.philox_randint(seed, torch.arange(start, start + n,
+                                                                            device=device)))
+
+
+def test_dropout_draws_are_16_bit_halves_of_the_four_words():
+    """Eight neighbouring elements share one randint4x call: element 8c + 2w + h takes the
+    low (h = 0) or high (h = 1) 16 bits of word w of call c. Thresholds are 16-bit."""
+    seed, calls = 99, torch.arange(5, 9)
+    words = reference.philox_randint4x(seed, calls)
+    offsets = torch.arange(40, 72)  # calls 5..8
+    draws = reference.dropout_draws(seed, offsets)
+    for i, offset in enumerate(offsets.tolist()):
+        c, j = offset // 8 - 5, offset % 8
+        expect = (int(words[j // 2][c]) >> (16 * (j % 2))) & 0xFFFF
+        assert int(draws[i]) == expect, (offset, int(draws[i]), expect)
+    assert reference.dropout_threshold(0.1) == 6554  # 0.1 * 65536 = 6553.6, rounded
+    assert reference.dropout_threshold(0.5) == 32768
+    assert reference.dropout_threshold(0.0) == 0

@@ -43,6 +43,7 @@ upper bound, so the fastlora times are lower bounds of what its code can do.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -170,6 +171,24 @@ def _fastlora(d: Dims, s: dict) -> tuple[list[Step], list[Step]]:
     return fwd, bwd
 
 
+def _fastlora_dequant(d: Dims, s: dict) -> tuple[list[Step], list[Step]]:
+    """fastlora's dequantize + cuBLAS base path (fastlora/launch/dispatch.py): fastlora's U,
+    du_db, da kernels and reductions at their ceilings, fastlora's dequantize kernel at its
+    (HBM) ceiling writing W16 into the shared buffer, cuBLAS at the peer efficiency."""
+    m, n, k, r = d.m, d.n, d.k, d.r
+    fused_fwd, fused_bwd = _fastlora(d, s)
+    dequant = Step("dequantize W into the shared buffer", 0, s["w4"] + s["w16"],
+                   DEQUANT_KERNEL)
+    fwd = [fused_fwd[0], dequant,
+           Step("y = x W^T + bias (cuBLAS addmm)", _mm(m, n, k),
+                s["w16"] + s["x"] + s["bias"] + s["y"]),
+           Step("y += s U B^T (cuBLAS addmm)", _mm(m, n, r), s["u"] + s["b"] + 2 * s["y"])]
+    bwd = fused_bwd[:-1] + [
+        dataclasses.replace(dequant, name="dequantize W into the shared buffer (again)"),
+        Step("dx += dy W (cuBLAS addmm_)", _mm(m, k, n), s["y"] + s["w16"] + 2 * s["x"])]
+    return fwd, bwd
+
+
 def _peft_bnb(d: Dims, s: dict) -> tuple[list[Step], list[Step]]:
     m, n, k, r = d.m, d.n, d.k, d.r
     fwd = [Step("bnb dequantize W", 0, s["w4"] + s["w16"]),
@@ -228,8 +247,11 @@ def _reference(d: Dims, s: dict) -> tuple[list[Step], list[Step]]:
     return fwd, bwd
 
 
-PROVIDER_STEPS = {"fastlora": _fastlora, "peft_bnb": _peft_bnb, "dequant_mm": _dequant_mm,
-                  "reference": _reference}
+# "fastlora" is modelled on its fused path; "fastlora_dequant" on its dequantize + cuBLAS path
+# (the dispatcher picks per shape and role on a GPU: `expected_pick` says which the model
+# expects to win)
+PROVIDER_STEPS = {"fastlora": _fastlora, "fastlora_dequant": _fastlora_dequant,
+                  "peft_bnb": _peft_bnb, "dequant_mm": _dequant_mm, "reference": _reference}
 
 
 def steps(provider: str, mode: str, d: Dims) -> list[Step]:
@@ -278,10 +300,29 @@ def modelled_seconds(step_list: list[Step], peak: Peak,
     return sum(step_seconds(s, peak, ceilings or {}) for s in step_list)
 
 
+def expected_pick(mode: str, d: Dims, peak: Peak,
+                  ceilings: Optional[Mapping[str, float]] = None) -> dict:
+    """{role: 'fused' | 'dequant'} the model expects fastlora's dispatcher to pick for the
+    roles `mode` runs ('forward' and/or 'dx'): the path whose base-product steps (the ones
+    that differ; the LoRA-side kernels are shared) have the shorter modelled time."""
+    ceilings = ceilings or {}
+    fused_fwd, fused_bwd = _fastlora(d, _sizes(d))
+    deq_fwd, deq_bwd = _fastlora_dequant(d, _sizes(d))
+    roles = {"forward": (fused_fwd[1:], deq_fwd[1:]),
+             "dx": (fused_bwd[-1:], deq_bwd[len(fused_bwd) - 1:])}
+    wanted = {"forward": ("forward",), "backward": ("dx",), "full": ("forward", "dx")}[mode]
+    picks = {}
+    for role in wanted:
+        fused, dequant = roles[role]
+        picks[role] = "fused" if modelled_seconds(fused, peak, ceilings) <= \
+            modelled_seconds(dequant, peak, ceilings) else "dequant"
+    return picks
+
+
 def fastlora_kernels() -> tuple:
-    """Every kernel fastlora's steps can launch (both forward paths), in KERNEL_BOUND order
-    (the dequantize kernel is not on the layer's path)."""
-    return tuple(k for k in KERNEL_BOUND if k != DEQUANT_KERNEL)
+    """Every kernel fastlora's steps can launch (both forward paths, and the dequantize
+    kernel of the dequantize + cuBLAS base path), in KERNEL_BOUND order."""
+    return tuple(KERNEL_BOUND)
 
 
 # ---------------------------------------------------------------------- hot-loop ceilings

@@ -1,7 +1,11 @@
 """The QLoRA layer implementations the suite compares, each built from one LoraCase (the same
 bitsandbytes-quantised weight, LoRA tensors, bias and scaling for every provider).
 
-    fastlora    fastlora.lora_linear_4bit: the fused Triton kernels (FASTLORA_BACKEND decides)
+    fastlora    fastlora.lora_linear_4bit: the fused Triton kernels (FASTLORA_BACKEND decides),
+                the base product's path picked per shape by the dispatcher (timed on the GPU)
+    fastlora_fused    the same with the base product forced onto the fused GEMMs
+    fastlora_dequant  the same forced onto fastlora's dequantize kernel + cuBLAS
+                (fastlora/launch/dispatch.py; `Built.base_path` is entered around each run)
     peft_bnb    PEFT's LoRA Linear4bit around a bitsandbytes Linear4bit: the unfused path
                 QLoRA users run today
     dequant_mm  the scheme of today's fastest QLoRA stacks, from public bitsandbytes and torch
@@ -17,9 +21,10 @@ and in the LoRA tensors `params`). Dropout is 0 (the benchmark times the matmuls
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -34,6 +39,8 @@ class Unavailable(Exception):
 class Built:
     fn: Callable[[torch.Tensor], torch.Tensor]
     params: list  # trainable leaf tensors (LoRA A and B)
+    # fastlora's base path to force while it runs, forward and backward (None: the dispatcher)
+    base_path: Optional[str] = None
 
 
 def _lora_leaves(case: LoraCase) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +54,14 @@ def build_fastlora(case: LoraCase) -> Built:
     a, b = _lora_leaves(case)
     return Built(lambda x: fastlora.lora_linear_4bit(x, case.packed, case.state, a, b,
                                                      case.scaling, case.bias), [a, b])
+
+
+def build_fastlora_fused(case: LoraCase) -> Built:
+    return dataclasses.replace(build_fastlora(case), base_path="fused")
+
+
+def build_fastlora_dequant(case: LoraCase) -> Built:
+    return dataclasses.replace(build_fastlora(case), base_path="dequant")
 
 
 def build_reference(case: LoraCase) -> Built:
@@ -161,7 +176,8 @@ def build_unsloth(case: LoraCase) -> Built:
                  [layer.lora_A["default"].weight, layer.lora_B["default"].weight])
 
 
-PROVIDERS = {"fastlora": build_fastlora, "peft_bnb": build_peft_bnb,
+PROVIDERS = {"fastlora": build_fastlora, "fastlora_fused": build_fastlora_fused,
+             "fastlora_dequant": build_fastlora_dequant, "peft_bnb": build_peft_bnb,
              "dequant_mm": build_dequant_mm, "reference": build_reference,
              "unsloth": build_unsloth}
 BASELINE = "peft_bnb"  # speedups are relative to this one

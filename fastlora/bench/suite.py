@@ -12,6 +12,7 @@ hot-loop ceilings, the peers at assumed cuBLAS-like efficiencies; every number l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -120,7 +121,32 @@ _RESULT_COLUMNS = [("shape", "shape"), ("m", "M"), ("rank", "r"), ("mode", "mode
                    ("p80_ms", "p80 ms"), (f"speedup_vs_{BASELINE}", f"x vs {BASELINE}"),
                    ("tflops", "TFLOP/s"), ("pct_peak_tflops", "% peak FLOP/s"),
                    ("gbs", "GB/s"), ("pct_peak_gbs", "% peak GB/s"), ("peak_mib", "peak MiB"),
-                   ("status", "status")]
+                   ("base_path", "base path"), ("status", "status")]
+
+# the base-product roles each mode times (fastlora.launch.dispatch.ROLES)
+MODE_ROLES = {"forward": ("forward",), "backward": ("dx",), "full": ("forward", "dx")}
+
+
+def base_path_of(built, name: str, shape, m: int, mode: str, dtype) -> str:
+    """What a row's base product ran on: the forced path of fastlora_fused / fastlora_dequant,
+    or for the dispatched fastlora the dispatcher's kept pick per role ('auto: forward=fused
+    dx=dequant'; '?' for a role not picked, e.g. a shape past the buffer cap runs fused
+    without timing); '' for the peers."""
+    forced = getattr(built, "base_path", None)
+    if forced is not None:
+        return forced
+    if name != "fastlora":
+        return ""
+    from ..launch import buffer, dispatch
+
+    if not buffer.fits(shape.n, shape.k, dtype):
+        return "fused (past the buffer cap)"
+    try:
+        picks = [f"{role}={dispatch.pick_for(role, 'cuda', dtype, shape.n, shape.k, m) or '?'}"
+                 for role in MODE_ROLES[mode]]
+    except Exception:  # no CUDA device to name (the faked-timing tests): the pick is unknown
+        return "auto"
+    return "auto: " + " ".join(picks)
 
 
 def gpu_info() -> tuple:
@@ -151,15 +177,19 @@ def gpu_inputs(opts: Options, shape, m: int, l2_bytes: int) -> tuple[list, list]
 def measure_row(opts: Options, env: dict, shape, rank: int, m: int, mode: str, name: str,
                 built: dict, skipped: dict, xs: list, dys: list) -> dict:
     """One provider in one mode, as a CSV row; failures land in its 'status', not raised."""
+    from ..launch.dispatch import forced
+
     row = {**env, **opts.config(), "shape": shape.name, "m": m, "n": shape.n, "k": shape.k,
-           "rank": rank, "mode": mode, "provider": name, "status": "ok"}
+           "rank": rank, "mode": mode, "provider": name, "base_path": "", "status": "ok"}
     if name in skipped:
         row["status"] = "skipped: " + skipped[name]
         return row
     try:
-        t = measure(built[name], mode, xs, dys, opts.warmup_ms, opts.rep_ms)
+        with forced(getattr(built[name], "base_path", None)):
+            t = measure(built[name], mode, xs, dys, opts.warmup_ms, opts.rep_ms)
         row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
-                   peak_mib=t.peak_mib)
+                   peak_mib=t.peak_mib,
+                   base_path=base_path_of(built[name], name, shape, m, mode, opts.torch_dtype))
     except torch.cuda.OutOfMemoryError:
         row["status"] = "out of memory"
         torch.cuda.empty_cache()
@@ -266,9 +296,12 @@ def run_smoke(opts: Options) -> int:
     """Every provider, forward + backward on tiny shapes, each output compared with the float64
     reference (fastlora.numerics bound); then each timing mode's callable once. Returns the
     exit code. No timings: this proves the suite runs, not how fast."""
+    from ..launch.dispatch import forced
+
     opts.say(f"\n== smoke pass ({backend.describe('cpu')}) ==")
     dtype = opts.torch_dtype
     rows, failed = [], False
+    stack = contextlib.ExitStack()
     for shape in shape_table.SMOKE_SHAPES:
         # K a multiple of the blocksize: the unfused providers call bitsandbytes' CPU
         # dequantize, which mis-scales blocks that straddle rows (bnb 0.50.2; test_format.py)
@@ -284,6 +317,8 @@ def run_smoke(opts: Options) -> int:
                    "bound": float("nan")}
             try:
                 built = PROVIDERS[name](case)
+                # fastlora_fused / _dequant: their base path, forward and backward alike
+                stack.enter_context(forced(built.base_path))
                 x = case.x.detach().clone().requires_grad_(True)
                 y = built.fn(x)
                 y.backward(dy)
@@ -302,6 +337,8 @@ def run_smoke(opts: Options) -> int:
                 row["status"] = f"skipped: {exc}"
             except Exception as exc:
                 row["status"] = f"error: {type(exc).__name__}: {exc}"
+            finally:
+                stack.close()
             failed |= not (row["status"] == "ok" or row["status"].startswith("skipped"))
             rows.append(row)
     opts.say(report.text_table(rows, _SMOKE_COLUMNS))
@@ -350,6 +387,8 @@ def modelled_rows(opts: Options, ceilings=None) -> list[dict]:
                     for mode in opts.modes:
                         times = {p: model.modelled_seconds(model.steps(p, mode, d), peak, mine)
                                  for p in model.PROVIDER_STEPS}
+                        pick = " ".join(f"{role}={path}" for role, path in
+                                        model.expected_pick(mode, d, peak, mine).items())
                         for p in providers:
                             st = model.steps(p, mode, d)
                             rows.append({
@@ -360,19 +399,24 @@ def modelled_rows(opts: Options, ceilings=None) -> list[dict]:
                                 "modelled_mb": sum(s.bytes for s in st) / 1e6,
                                 "modelled_us": times[p] * 1e6,
                                 f"modelled_speedup_vs_{BASELINE}": times[BASELINE] / times[p],
+                                "modelled_pick": pick,
                                 "modelled_at": _basis(p, st, mine)})
     return rows
 
 
 def _basis(provider: str, st: list, ceilings: dict) -> str:
     """What a modelled row's time assumes (its CSV column 'modelled_at')."""
-    if provider != "fastlora":
-        return (f"roofline at {model.PEER_GEMM_EFFICIENCY:.2f} tensor peak / "
-                f"{model.PEER_BANDWIDTH_EFFICIENCY:.2f} bandwidth (assumed)")
-    used = list(dict.fromkeys(s.kernel for s in st))
-    return "hot-loop ceilings: " + " ".join(
+    peer = (f"roofline at {model.PEER_GEMM_EFFICIENCY:.2f} tensor peak / "
+            f"{model.PEER_BANDWIDTH_EFFICIENCY:.2f} bandwidth (assumed)")
+    used = list(dict.fromkeys(s.kernel for s in st if s.kernel is not None))
+    if not used:
+        return peer
+    text = "hot-loop ceilings: " + " ".join(
         f"{k.strip('_')}={ceilings[k]:.2f}" if k in ceilings else f"{k.strip('_')}=unmodelled"
         for k in used)
+    if any(s.kernel is None for s in st):  # fastlora_dequant: cuBLAS runs the base product
+        text += f"; cuBLAS: {peer}"
+    return text
 
 
 def modelled_note(opts: Options, ceilings: dict, failed: dict) -> str:
@@ -405,7 +449,8 @@ def _pivot(rows: list[dict], providers: list[str]) -> list[dict]:
     """(shape, M) rows with one 'µs (x speedup)' column per provider."""
     table: dict = {}
     for r in rows:
-        entry = table.setdefault((r["shape"], r["m"]), {"shape": r["shape"], "m": r["m"]})
+        entry = table.setdefault((r["shape"], r["m"]), {"shape": r["shape"], "m": r["m"],
+                                                        "pick": r["modelled_pick"]})
         entry[r["provider"]] = (f"{r['modelled_us']:.1f} "
                                 f"({r[f'modelled_speedup_vs_{BASELINE}']:.2f}x)")
     return list(table.values())
@@ -418,7 +463,8 @@ def run_modelled(opts: Options, report_rows=None) -> None:
     rows = modelled_rows(opts, ceilings)
     providers = [p for p in opts.providers if p in model.PROVIDER_STEPS]
     columns = [("shape", "shape"), ("m", "M")] + [
-        (p, f"{p} modelled us (x vs {BASELINE})") for p in providers]
+        (p, f"{p} modelled us (x vs {BASELINE})") for p in providers] + [
+        ("pick", "expected base path (fastlora vs fastlora_dequant)")]
     note = modelled_note(opts, ceilings, failed)
     sections = [f"# fastlora bench: modelled table (no GPU was available)\n\n{note}"]
     opts.say(f"\n== modelled table ==\n{note}")

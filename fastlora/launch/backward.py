@@ -21,6 +21,7 @@ import triton
 from ..ops import ACTIVATION_DTYPES, check_fused_rank, check_inputs
 from ..quant import QuantState
 from ..reference import dropout_threshold
+from . import dispatch
 from .common import (LAUNCH_OPTIONS, arch, cached_autotuner, decode_flags, dot_precision,
                      kernel_entry, num_sms, weight_args)
 
@@ -119,7 +120,8 @@ def _check(dy, x, u, lora_A, lora_B, need_dB):
 def lora_backward(dy: torch.Tensor, x: torch.Tensor, u: Optional[torch.Tensor],
                   packed: torch.Tensor, state: QuantState, lora_A: torch.Tensor,
                   lora_B: torch.Tensor, scaling: float, p: float, seed: int, need_dx: bool,
-                  need_dA: bool, need_dB: bool, *, config: Optional[dict] = None):
+                  need_dA: bool, need_dB: bool, *, config: Optional[dict] = None,
+                  base: Optional[str] = None):
     """Gradients of y = x @ deq(W)^T + s * dropout(x) @ A^T @ B^T (+ bias) for one layer.
 
     dy [M, N] and x [M, K] (any strides) in fp16/bf16/fp32; u [M, r] = dropout(x) @ A^T as the
@@ -129,6 +131,8 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, u: Optional[torch.Tensor],
     dB [N, r] in lora_B's dtype or None), computing only what `need_*` asks for.
     config: optional {"du_db" | "da" | "dx": {BLOCK_*: .., "num_warps": .., "num_stages": ..}}
     pinning a kernel's config (debugging, benchmarks); the others are autotuned on a GPU.
+    base: the dx product's path, None/'auto' (launch/dispatch.py decides), 'fused' or
+    'dequant'; a "dx" entry in `config` pins the fused path.
     """
     p, seed = check_inputs(x, packed, state, lora_A, lora_B, scaling, None, p, True, seed,
                            allowed_dtypes=ACTIVATION_DTYPES)
@@ -182,18 +186,25 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, u: Optional[torch.Tensor],
                  du.stride(0), du.stride(1), lora_A.stride(0), lora_A.stride(1),
                  dx_arg.stride(0), dx_arg.stride(1)),
                 dict(COMPUTE_DA=bool(need_dA), WRITE_DX=bool(need_dx), HAS_DROPOUT=p > 0.0,
+                     DROPOUT_GROUPED=k % 8 == 0,
                      R_PAD=r_pad, DOT_PRECISION=precision))
     dA = _reduce(ws_da, lora_A.new_empty(rank, k), 1.0) if need_dA else None
     del ws_da
 
     # dx += dy @ deq(W), the GEMM; dx holds the LoRA term on entry.
+    # The fused GEMM or dequantize + cuBLAS (launch/dispatch.py; `base` as in lora_forward).
     if need_dx:
-        cfgs.launch("dx", lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) *
-                                        triton.cdiv(k, meta["BLOCK_K"]),),
-                    (dy, *weight_args(packed, state), dx, m, n, k, m_bucket, dy.stride(0),
-                     dy.stride(1), dx.stride(0), dx.stride(1)),
-                    dict(**decode_flags(packed, state, k), DOT_PRECISION=precision),
-                    LAUNCH_OPTIONS)
+        dispatch.run("dx", dx,
+                     lambda out: cfgs.launch(
+                         "dx", lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) *
+                                             triton.cdiv(k, meta["BLOCK_K"]),),
+                         (dy, *weight_args(packed, state), out, m, n, k, m_bucket,
+                          dy.stride(0), dy.stride(1), out.stride(0), out.stride(1)),
+                         dict(**decode_flags(packed, state, k), DOT_PRECISION=precision),
+                         LAUNCH_OPTIONS),
+                     lambda out: dispatch.dx_dequant(dy, packed, state, out),
+                     n=n, k=k, m=m, base=base, pinned="dx" in (config or {}),
+                     accumulates=True)
     return dx, dA, dB
 
 

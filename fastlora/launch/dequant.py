@@ -11,12 +11,20 @@ from .common import LAUNCH_OPTIONS, decode_flags, kernel_entry, weight_args
 
 @kernel_entry
 def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState,
-                           dtype: torch.dtype) -> torch.Tensor:
-    """Kernel path of fastlora.dequantize_4bit (inputs already validated there)."""
+                           dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Kernel path of fastlora.dequantize_4bit (inputs already validated there).
+
+    out: where to write W [N, K] (contiguous, `dtype`, packed's device; the dequantize +
+    cuBLAS path passes a view of its shared buffer, launch/buffer.py); None allocates."""
     from csrc_triton import dequant
 
     n = state.numel
-    out = torch.empty(state.shape, dtype=dtype, device=packed.device)
+    if out is None:
+        out = torch.empty(state.shape, dtype=dtype, device=packed.device)
+    elif (tuple(out.shape) != tuple(state.shape) or out.dtype != dtype
+          or out.device != packed.device or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {tuple(state.shape)} {dtype} tensor on "
+                         f"{packed.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
     flags = decode_flags(packed, state, dequant.BLOCK)
     # whole BLOCKs from word loads; the rest (and a packed tensor off 4-byte alignment) per
     # element, in a second launch

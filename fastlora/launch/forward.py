@@ -18,6 +18,7 @@ import triton
 from ..ops import ACTIVATION_DTYPES, check_fused_rank, check_inputs
 from ..reference import dropout_threshold
 from .. import backend
+from . import dispatch
 from .common import (LAUNCH_OPTIONS, arch, cached_autotuner, decode_flags, dot_precision,
                      kernel_entry, num_sms, weight_args)
 
@@ -60,13 +61,15 @@ def _check_config(config: dict, keys: tuple, path: str) -> dict:
 
 @kernel_entry
 def lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, seed, *, config=None,
-                 path="auto"):
+                 path="auto", base=None):
     """(y, u) of the fused forward for 2-D x [M, K] (any strides) in fp16/bf16/fp32.
 
     packed/state: the bnb 4-bit weight [N, K] (any quant_storage); lora_A [r, K]; lora_B [N, r];
     bias [N] or None, in x's dtype; p in [0, 1) (0: no dropout); seed: int. Returns y [M, N]
     and u = dropout(x) @ A^T [M, r], both in x's dtype. `config`: None (automatic) or a dict
-    of the chosen path's keys; `path`: 'auto', 'tiled' or 'small_m'."""
+    of the chosen path's keys; `path`: 'auto', 'tiled' or 'small_m'. `base`: the base
+    product's path, None/'auto' (launch/dispatch.py decides), 'fused' or 'dequant'; a fused
+    `config` or `path` pins the fused path."""
     check_forward_args(x, packed, state, lora_A, lora_B, scaling, bias, p, seed)
     m, k = x.shape
     n, rank = lora_B.shape
@@ -83,10 +86,13 @@ def lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, seed, *, co
     args = (x, *weight_args(packed, state), u, lora_B, bias_arg, y)
     flags = {**decode_flags(packed, state, k), "HAS_BIAS": bias is not None,
              "PRECISION": precision, "BLOCK_R": _forward_kernels().rank_block(rank)}
-    if which == "small_m":
-        _launch_small_m(args, flags, m, n, k, rank, float(scaling), config)
-    else:
-        _launch_tiled(args, flags, m, n, k, rank, float(scaling), config)
+    launch_fused = _launch_small_m if which == "small_m" else _launch_tiled
+    dispatch.run("forward", y,
+                 lambda out: launch_fused((*args[:-1], out), flags, m, n, k, rank,
+                                          float(scaling), config),
+                 lambda out: dispatch.forward_dequant(x, packed, state, u, lora_B,
+                                                      float(scaling), bias, out),
+                 n=n, k=k, m=m, base=base, pinned=config is not None or path != "auto")
     return y, u
 
 
@@ -99,12 +105,13 @@ def _forward_kernels():
 def _launch_u(x, lora_a, u, p, seed, precision):
     fwd = _forward_kernels()
     m, k = x.shape
-    cfg = fwd.u_config(fwd.rank_block(lora_a.shape[0]), precision)
+    cfg = fwd.u_config(fwd.rank_block(lora_a.shape[0]), precision, x.dtype == torch.float32)
     meta = {key: value for key, value in cfg.items() if key.startswith("BLOCK")}
     fwd._lora_u_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
         x, lora_a, u, m, k, lora_a.shape[0], x.stride(0), x.stride(1), lora_a.stride(0),
         lora_a.stride(1), u.stride(0), u.stride(1), seed, dropout_threshold(p),
-        1.0 / (1.0 - p), HAS_DROPOUT=p > 0.0, PRECISION=precision, **meta,
+        1.0 / (1.0 - p), HAS_DROPOUT=p > 0.0, DROPOUT_GROUPED=k % 8 == 0, PRECISION=precision,
+        **meta,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
