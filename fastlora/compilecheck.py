@@ -286,14 +286,15 @@ def compile_spec(spec, arch: str) -> dict:
                              spec.fma_dot)}
 
 
-def compile_report(archs=("sm_80", "sm_90"), kernels=None, workers: int | None = None
-                   ) -> list[dict]:
+def compile_report(archs=("sm_80", "sm_90"), kernels=None, workers: int | None = None,
+                   configs=None) -> list[dict]:
     """One dict per kernel x config x arch (fields: kernel, config, arch, registers,
     stack_bytes, local_bytes, shared_bytes, mma_instructions; the hot-loop model's
     loop_instructions, issue_clocks, mio_clocks, mma_clocks, ceiling, bound; plus what
     compile_spec adds).
 
-    kernels: optional iterable of kernel names to restrict the report to."""
+    kernels: optional iterable of kernel names to restrict the report to; configs: optional
+    iterable of (kernel, config) pairs (CompileSpec.kernel, .config) to restrict it further."""
     archs = tuple(archs)
     for arch in archs:
         if arch not in ARCHS:
@@ -301,22 +302,26 @@ def compile_report(archs=("sm_80", "sm_90"), kernels=None, workers: int | None =
     from .backend import interpreter_active
 
     if interpreter_active():
-        return _report_in_child(archs, kernels, workers)
+        return _report_in_child(archs, kernels, workers, configs)
     from csrc_triton import all_compile_specs
 
     wanted = set(kernels) if kernels is not None else None
+    pairs = {tuple(pair) for pair in configs} if configs is not None else None
     jobs = [(spec, arch) for spec in all_compile_specs() for arch in archs
-            if arch in spec.archs and (wanted is None or spec.kernel in wanted)]
+            if arch in spec.archs and (wanted is None or spec.kernel in wanted)
+            and (pairs is None or (spec.kernel, spec.config) in pairs)]
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # ptxas runs as a subprocess
         return list(pool.map(lambda job: compile_spec(*job), jobs))
 
 
-def _report_in_child(archs, kernels, workers) -> list[dict]:
+def _report_in_child(archs, kernels, workers, configs) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = json.dumps([list(archs), list(kernels) if kernels is not None else None, workers])
+    args = json.dumps([list(archs), list(kernels) if kernels is not None else None, workers,
+                       [list(pair) for pair in configs] if configs is not None else None])
     code = ("import json, sys; from fastlora.compilecheck import compile_report; "
-            "a, k, w = json.loads(sys.argv[1]); print(json.dumps(compile_report(a, k, w)))")
+            "a, k, w, c = json.loads(sys.argv[1]); "
+            "print(json.dumps(compile_report(a, k, w, c)))")
     done = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True,
                           env=env)
     if done.returncode != 0:

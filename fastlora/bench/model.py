@@ -45,11 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -387,41 +383,12 @@ def ceilings_from_rows(rows, arch: str, klass: str = "16bit", specs=None) -> dic
     return {kernel: max(parts[True] or parts[False]) for kernel, parts in found.items()}
 
 
-def _compile_here(arch: str, keys: list) -> list[dict]:
-    """compilecheck.compile_spec for the specs named by (kernel, config) in `keys` (this
-    process: the Triton interpreter must be off)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from csrc_triton import all_compile_specs
-    from ..compilecheck import compile_spec
-
-    want = {tuple(key) for key in keys}
-    specs = [s for s in all_compile_specs() if (s.kernel, s.config) in want and arch in s.archs]
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        return list(pool.map(lambda spec: compile_spec(spec, arch), specs))
-
-
-def _compile(arch: str, keys: list) -> list[dict]:
-    """_compile_here, in a child process without TRITON_INTERPRET when the interpreter is on
-    (interpreter kernels cannot be compiled; fastlora.compilecheck does the same)."""
-    from ..backend import interpreter_active
-
-    if not interpreter_active():
-        return _compile_here(arch, keys)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json, sys; from fastlora.bench.model import _compile_here; "
-            "a, k = json.loads(sys.argv[1]); print(json.dumps(_compile_here(a, k)))")
-    done = subprocess.run([sys.executable, "-c", code, json.dumps([arch, keys])],
-                          capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"compiling for the hot-loop ceilings failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 @functools.lru_cache(maxsize=None)
 def _compiled_ceilings(arch: str, klass: str) -> tuple:
+    from ..compilecheck import compile_report
+
     specs = needed_specs(arch, klass)
-    rows = _compile(arch, [(s.kernel, s.config) for s in specs])
+    rows = compile_report((arch,), configs=[(s.kernel, s.config) for s in specs])
     return tuple(sorted(ceilings_from_rows(rows, arch, klass, specs).items()))
 
 

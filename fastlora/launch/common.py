@@ -46,17 +46,27 @@ def weight_args(packed: torch.Tensor, state: QuantState) -> tuple:
     return (raw, absmax, absmax, absmax, absmax, code)
 
 
+def lane_table() -> bool:
+    """The decoders' LANE_TABLE constexpr: the code table in registers, read by warp shuffle
+    (inline PTX), on compiled GPU kernels; the interpreter, which runs no PTX, gathers the same
+    values from the table in memory."""
+    return not backend.interpreter_active()
+
+
+def words_aligned(packed: torch.Tensor) -> bool:
+    """Whether the packed bytes start on a 32-bit word: the decoders then read int32 words."""
+    return packed.data_ptr() % 4 == 0
+
+
 def decode_flags(packed: torch.Tensor, state: QuantState, k: int) -> dict:
     """The weight decoder's constexprs (csrc_triton/common.py decode_tile), the same for every
     weight-reading kernel:
     K_ALIGNED  rows start on a quantisation block (K % blocksize == 0) and on a 32-bit word of
                packed bytes (the tile is read as int32 words); otherwise the per-element path;
-    LANE_TABLE the code table held in registers and read by warp shuffle (inline PTX), on
-               compiled GPU kernels; the interpreter, which runs no PTX, gathers the same values
-               from the table in memory."""
+    LANE_TABLE lane_table()."""
     return {"QBLOCK": state.blocksize, "DOUBLE_QUANT": state.nested,
-            "K_ALIGNED": k % state.blocksize == 0 and packed.data_ptr() % 4 == 0,
-            "LANE_TABLE": not backend.interpreter_active()}
+            "K_ALIGNED": k % state.blocksize == 0 and words_aligned(packed),
+            "LANE_TABLE": lane_table()}
 
 
 # Kernel launch options shared by every weight-reading kernel: see csrc_triton/common.py on FMA.

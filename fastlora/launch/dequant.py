@@ -6,7 +6,7 @@ import torch
 import triton
 
 from ..quant import QuantState
-from .common import LAUNCH_OPTIONS, decode_flags, kernel_entry, weight_args
+from .common import LAUNCH_OPTIONS, kernel_entry, lane_table, weight_args, words_aligned
 
 
 @kernel_entry
@@ -25,13 +25,12 @@ def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState,
           or out.device != packed.device or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {tuple(state.shape)} {dtype} tensor on "
                          f"{packed.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
-    flags = decode_flags(packed, state, dequant.BLOCK)
     # whole BLOCKs from word loads; the rest (and a packed tensor off 4-byte alignment) per
     # element, in a second launch
-    whole = n // dequant.BLOCK if packed.data_ptr() % 4 == 0 else 0
+    whole = n // dequant.BLOCK if words_aligned(packed) else 0
     args = (*weight_args(packed, state), out)
     options = dict(QBLOCK=state.blocksize, DOUBLE_QUANT=state.nested, BLOCK=dequant.BLOCK,
-                   LANE_TABLE=flags["LANE_TABLE"], num_warps=dequant.NUM_WARPS, **LAUNCH_OPTIONS)
+                   LANE_TABLE=lane_table(), num_warps=dequant.NUM_WARPS, **LAUNCH_OPTIONS)
     if whole:
         dequant._dequant_4bit_kernel[(whole,)](*args, 0, n, WORDS=True, **options)
     start = whole * dequant.BLOCK
