@@ -1,4 +1,13 @@
+import importlib.util
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# the supported range lives in one place, fastlora/support.py (README.md "Support range")
+_spec = importlib.util.spec_from_file_location(
+    "_fastlora_support", Path(__file__).parent / "fastlora" / "support.py")
+_support = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_support)
 
 setup(
     name="fastlora",
@@ -10,13 +19,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fastlora", "fastlora.*", "csrc_triton", "csrc_triton.*"]),
     package_data={"fastlora": ["data/*.txt"]},
-    # open ranges for GPU users; the pinned dev/CI set is requirements-dev.txt
-    install_requires=[
-        "torch>=2.4",
-        "triton>=3.0",
-        "bitsandbytes>=0.49.2",
-        "transformers>=4.45",
-        "peft>=0.13",
+    # the supported range for GPU users; the pinned dev/CI set is requirements-dev.txt, the
+    # oldest supported set requirements-oldest.txt
+    install_requires=_support.requirements() + [
         "numpy",
         "tqdm",
         "matplotlib",

@@ -46,7 +46,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import CompileSpec, decode_tile, dropout_keep, grouped_tile, lane_table
+from .common import CompileSpec, by_triton, decode_tile, dropout_keep, grouped_tile, lane_table
 
 MAX_R_PAD = 256  # the rank is padded to a power of two R_PAD in [16, 256]
 
@@ -276,6 +276,9 @@ LORA_SIDE_CEILING = 0.75  # the modelled HBM share a large_m du_db / da config m
 #   [BLOCK_N, BLOCK_K] tile is kept small (32-64 x 64) next to the accumulator.
 # - du_db reads dy once (memory-bound, 2*M*N bytes); da reads x once and draws the mask.
 # 16-bit activations: the same lists compile spill-free on sm_80 and sm_90.
+# Older Triton releases allocate registers differently: where a config spills on one, it ships
+# there with fewer stages (or other warps) instead, by_triton(the config, v3_5=...), with the
+# bytes it spilled in a comment; .ci/support-range compiles every list under each release.
 _DU_DB_16BIT = [_cfg(4, 3, 64, BLOCK_M=64, BLOCK_N=64), _cfg(8, 3, 64, BLOCK_M=64, BLOCK_N=128),
                 _cfg(4, 3, 64, BLOCK_M=32, BLOCK_N=64), _cfg(8, 2, BLOCK_M=32, BLOCK_N=32),
                 _cfg(4, 2, BLOCK_M=16, BLOCK_N=32)]
@@ -296,9 +299,17 @@ CONFIGS = {
                                 GROUP_M=8),
                            _cfg(8, 3, BLOCK_M=256, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
                            _cfg(8, 4, BLOCK_M=256, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
-                           _cfg(8, 3, BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+                           # 3.5: 8 B K-unaligned
+                           by_triton(_cfg(8, 3, BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+                                     v3_5=_cfg(8, 2, BLOCK_M=256, BLOCK_N=64, BLOCK_K=64,
+                                               GROUP_M=8)),
                            _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-                           _cfg(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)],
+                           # K-unaligned: 3.5 88 B, 3.7 8 B
+                           by_triton(_cfg(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+                                     v3_5=_cfg(4, 1, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64,
+                                               GROUP_M=8),
+                                     v3_7=_cfg(4, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64,
+                                               GROUP_M=8))],
         # 256x16x128 0.86 (244 registers), 256x32x64 0.74, 32x64x64 w4 0.26. Dropped with the
         # register-table decode: 128x64x64 w8 and 128x32x64 w4 (16 and 8 B spilled),
         # 256x32x128 w8 (1.00 but 16 B spilled), 256x64x128 w8 (80 B)
@@ -311,19 +322,30 @@ CONFIGS = {
                            _cfg(4, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8)],
         ("sm_90", True): [_cfg(8, 3, BLOCK_M=256, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
                           _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-                          _cfg(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)],
-        ("sm_80", True): [_cfg(8, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-                          _cfg(8, 3, BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
+                          # 3.5: 216 B K-unaligned
+                          by_triton(_cfg(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+                                    v3_5=_cfg(4, 1, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64,
+                                              GROUP_M=8))],
+        ("sm_80", True): [# 3.5: 64 B K-unaligned
+                          by_triton(_cfg(8, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+                                    v3_5=_cfg(8, 1, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64,
+                                              GROUP_M=8)),
+                          # 3.5, 3.6, 3.7: 24 B at blocksize 32
+                          by_triton(_cfg(8, 3, BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
+                                    **dict.fromkeys(("v3_5", "v3_6", "v3_7"), _cfg(
+                                        8, 2, BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, GROUP_M=8))),
                           _cfg(4, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8)],
     },
     "du_db": {
         ("sm_90", False): [_cfg(8, 3, 64, True, BLOCK_M=128, BLOCK_N=64)] + _DU_DB_16BIT,
         ("sm_80", False): [_cfg(8, 3, 16, True, BLOCK_M=128, BLOCK_N=128)] + _DU_DB_16BIT,
         ("sm_90", True): [_cfg(4, 3, 64, BLOCK_M=64, BLOCK_N=64),
-                          _cfg(4, 3, 64, BLOCK_M=32, BLOCK_N=64),
+                          by_triton(_cfg(4, 3, 64, BLOCK_M=32, BLOCK_N=64),  # 3.5: 24 B
+                                    v3_5=_cfg(4, 2, 64, BLOCK_M=32, BLOCK_N=64)),
                           _cfg(8, 2, BLOCK_M=32, BLOCK_N=32),
                           _cfg(8, 2, BLOCK_M=16, BLOCK_N=16)],
-        ("sm_80", True): [_cfg(8, 3, 16, BLOCK_M=64, BLOCK_N=128),
+        ("sm_80", True): [by_triton(_cfg(8, 3, 16, BLOCK_M=64, BLOCK_N=128),  # 3.5: 80 B
+                                    v3_5=_cfg(8, 2, 16, BLOCK_M=64, BLOCK_N=128)),
                           _cfg(8, 2, 64, BLOCK_M=32, BLOCK_N=32),
                           _cfg(4, 2, 64, BLOCK_M=16, BLOCK_N=32),
                           _cfg(8, 2, BLOCK_M=16, BLOCK_N=16)],
@@ -331,7 +353,8 @@ CONFIGS = {
     "da": {
         ("sm_90", False): _DA_16BIT,
         ("sm_80", False): _DA_16BIT,
-        ("sm_90", True): [_cfg(4, 3, 64, BLOCK_M=64, BLOCK_K=64),
+        ("sm_90", True): [by_triton(_cfg(4, 3, 64, BLOCK_M=64, BLOCK_K=64),  # 3.6: 8 B
+                                    v3_6=_cfg(4, 2, 64, BLOCK_M=64, BLOCK_K=64)),
                           _cfg(4, 3, 64, BLOCK_M=32, BLOCK_K=64),
                           _cfg(4, 2, 64, BLOCK_M=16, BLOCK_K=64),
                           _cfg(4, 2, BLOCK_M=16, BLOCK_K=32)],
@@ -360,27 +383,45 @@ CONFIGS = {
 #   Dropped: du_db 16x16 w8 s2 at r 256 (144 B on sm_90), 32x64 w8 s2 at r 64 (2184 B),
 #   64x64 w4 s3 at r 16 (176 B); da 16x32 w4 s2 at r 256 (6264 B), 16x16 w8 s2 at r 256
 #   (208 B), 32x64 w8 s2 at r 64 (2664 B), 64x64 w4 s3 at r 16 (232 B).
+# Per Triton release: du_db 16x32 w8 s2 spills 32 B on sm_80 with 3.5 (s1 there). da on 3.7:
+# 64x64 w4 8 B on sm_80 (w8 there), 32x64 w8 s1 8 B on sm_90 at every stage and warp count
+# tried (dropped there: 16x64 covers r 64), 16x64 w8 16 B on sm_90 (also 3.5; w4 there);
+# 16x32 w8 16 B at r 256 on sm_80 with 3.6 (w4 there, _DA_IEEE_SM80).
 _DU_DB_IEEE = [_cfg(4, 1, 16, BLOCK_M=64, BLOCK_N=64), _cfg(8, 2, 64, BLOCK_M=32, BLOCK_N=32),
-               _cfg(8, 2, 64, BLOCK_M=16, BLOCK_N=32), _cfg(8, 1, BLOCK_M=16, BLOCK_N=16)]
-_DA_IEEE = [_cfg(4, 1, 16, BLOCK_M=64, BLOCK_K=64), _cfg(8, 1, 64, BLOCK_M=32, BLOCK_K=64),
-            _cfg(8, 1, 64, BLOCK_M=16, BLOCK_K=64), _cfg(8, 1, BLOCK_M=16, BLOCK_K=32)]
+               by_triton(_cfg(8, 2, 64, BLOCK_M=16, BLOCK_N=32),
+                         v3_5=_cfg(8, 1, 64, BLOCK_M=16, BLOCK_N=32)),
+               _cfg(8, 1, BLOCK_M=16, BLOCK_N=16)]
+_DA_IEEE = [by_triton(_cfg(4, 1, 16, BLOCK_M=64, BLOCK_K=64),
+                      v3_7=_cfg(8, 1, 16, BLOCK_M=64, BLOCK_K=64)),
+            *by_triton([_cfg(8, 1, 64, BLOCK_M=32, BLOCK_K=64)], v3_7=[]),
+            by_triton(_cfg(8, 1, 64, BLOCK_M=16, BLOCK_K=64),
+                      **dict.fromkeys(("v3_5", "v3_7"), _cfg(4, 1, 64, BLOCK_M=16, BLOCK_K=64))),
+            _cfg(8, 1, BLOCK_M=16, BLOCK_K=32)]
+# sm_80 on 3.6: the r 256 tile at 4 warps (w4 spills 7064 B on sm_90 there)
+_DA_IEEE_SM80 = _DA_IEEE[:-1] + [by_triton(_cfg(8, 1, BLOCK_M=16, BLOCK_K=32),
+                                           v3_6=_cfg(4, 1, BLOCK_M=16, BLOCK_K=32))]
 IEEE_CONFIGS = {
     "dx": {
         # With the register-table decode, 2 stages where 3 spilled (sm_90 256x16x64 32 B at
         # blocksize 32, 128x64x64 48 B and 64x32x64 32 B K-unaligned; sm_80 128x32x32 16 B),
         # and on sm_80 256x16x32 / 128x16x64 for 256x16x64 (8-24 B at any stage count) and
         # 64x32x64 w8 (16 B)
-        "sm_90": [_cfg(8, 2, BLOCK_M=256, BLOCK_N=16, BLOCK_K=64, GROUP_M=8),
+        # 256x16x64 s2 on 3.5 (16-56 B) and 3.6 (8 B at blocksize 32): 1 stage there
+        "sm_90": [by_triton(_cfg(8, 2, BLOCK_M=256, BLOCK_N=16, BLOCK_K=64, GROUP_M=8),
+                            **dict.fromkeys(("v3_5", "v3_6"), _cfg(
+                                8, 1, BLOCK_M=256, BLOCK_N=16, BLOCK_K=64, GROUP_M=8))),
                   _cfg(8, 3, BLOCK_M=256, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
                   _cfg(8, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
                   _cfg(4, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8)],
         "sm_80": [_cfg(8, 3, BLOCK_M=256, BLOCK_N=16, BLOCK_K=32, GROUP_M=8),
                   _cfg(8, 2, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
-                  _cfg(8, 3, BLOCK_M=128, BLOCK_N=16, BLOCK_K=64, GROUP_M=8),
+                  by_triton(_cfg(8, 3, BLOCK_M=128, BLOCK_N=16, BLOCK_K=64, GROUP_M=8),
+                            v3_7=_cfg(8, 2, BLOCK_M=128, BLOCK_N=16, BLOCK_K=64,  # 3.7: 16 B
+                                      GROUP_M=8)),
                   _cfg(4, 3, BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, GROUP_M=8)],
     },
     "du_db": {"sm_90": _DU_DB_IEEE, "sm_80": _DU_DB_IEEE},
-    "da": {"sm_90": _DA_IEEE, "sm_80": _DA_IEEE},
+    "da": {"sm_90": _DA_IEEE, "sm_80": _DA_IEEE_SM80},
 }
 
 

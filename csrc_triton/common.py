@@ -24,6 +24,21 @@ import triton.language as tl
 
 NESTED_BLOCK = tl.constexpr(256)  # bnb compresses absmax in blocks of 256
 
+# The running Triton's (major, minor): register allocation differs between releases, so a config
+# that fits on one may spill on another. by_triton picks a config per release.
+TRITON_VERSION = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
+
+
+def by_triton(default, **older):
+    """`default`, or the value given for the running Triton release as a keyword `v3_5=...`:
+    the per-release config choices where codegen differs (each kernel file says why; the
+    compile report run under each supported release, .ci/support-range, checks them)."""
+    key = f"v{TRITON_VERSION[0]}_{TRITON_VERSION[1]}"
+    for name in older:
+        if not (name.startswith("v") and name[1:].replace("_", "").isdigit()):
+            raise ValueError(f"by_triton: {name!r} is not a release like v3_5")
+    return older.get(key, default)
+
 # Pointer arguments whose tensors stay far below 2^31 elements for any real layer, so 32-bit
 # offsets address them safely: the 16/256-entry code tables, the offset scalar, absmax2
 # (N*K / (blocksize * 256) values), bias [N], lora_A [r <= 256, K] and lora_B [N, r] (K, N < 2^23).

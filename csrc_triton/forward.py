@@ -26,8 +26,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (CompileSpec, decode_tile, dropout_keep, grouped_tile, lane_table,
-                     load_x_tile, weight_signature)
+from .common import (CompileSpec, by_triton, decode_tile, dropout_keep, grouped_tile,
+                     lane_table, load_x_tile, weight_signature)
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -189,13 +189,16 @@ def u_config(block_r: int, precision: str = "tf32", fp32: bool = False) -> dict:
     tile is BLOCK_K 32, 8 warps and 4096 / r rows (fp32 registers sm_80 / sm_90: r 64 80 / 110,
     r 128 80 / 118, r 256 80 / 126). The rule above spills there on sm_80: 96 B at r 64 and
     104 B at r 256; BLOCK_K 32 with 32 rows still spills 32 B at r 256 on sm_90."""
+    # per Triton release (common.by_triton), ieee with dropout on sm_90: 3.7 spills 8 B at r 64
+    # with 3 stages (2: none), 3.5 8 B at r 16 (1: none)
     if precision == "ieee" and block_r >= 64:
         return {"BLOCK_M": 4096 // block_r, "BLOCK_R": block_r, "BLOCK_K": 32,
-                "num_warps": 8, "num_stages": 3}
+                "num_warps": 8, "num_stages": by_triton(3, v3_7=2)}
     wide = block_r > 64
     return {"BLOCK_M": 32 if wide else 64, "BLOCK_R": block_r,
             "BLOCK_K": 128 if block_r == 64 and not fp32 else 64,
-            "num_warps": 8 if wide else 4, "num_stages": 3}
+            "num_warps": 8 if wide else 4,
+            "num_stages": by_triton(3, v3_5=1) if precision == "ieee" else 3}
 
 
 # ----------------------------------------------------------------------------- tiled configs
@@ -250,7 +253,13 @@ SM80_FP32_CONFIGS = [_cfg(64, 64, 64, 4, 4, False), _cfg(32, 64, 64, 4, 3, False
 # K % QBLOCK != 0 (blocks straddle rows): every element gathers its own byte and absmax, and the
 # pipeliner stages all of it (~10 bytes of shared memory per weight value and stage: 128x128x64
 # at 3 stages needs 262144 B on sm_90, over its 232448): one modest config, not tuned.
-UNALIGNED_CONFIGS = {"sm_90": _cfg(64, 64, 64, 4, 2, True), "sm_80": _cfg(64, 64, 64, 4, 2, False)}
+# Per Triton release (common.by_triton): 1 stage on 3.5 and 3.6, where 2 spill (sm_90: 16 B in
+# bf16, 184 B in fp32 ieee on 3.5; sm_80 on 3.5: 128 B bf16, 176 B fp32).
+UNALIGNED_CONFIGS = {"sm_90": by_triton(_cfg(64, 64, 64, 4, 2, True),
+                                        v3_5=_cfg(64, 64, 64, 4, 1, True),
+                                        v3_6=_cfg(64, 64, 64, 4, 1, True)),
+                     "sm_80": by_triton(_cfg(64, 64, 64, 4, 2, False),
+                                        v3_5=_cfg(64, 64, 64, 4, 1, False))}
 
 # fp32 activations at full precision (PRECISION "ieee": torch's default allow_tf32=False).
 # tl.dot then runs on the FMA units (there is no fp32 x fp32 tensor-core instruction), and
@@ -264,8 +273,9 @@ UNALIGNED_CONFIGS = {"sm_90": _cfg(64, 64, 64, 4, 2, True), "sm_80": _cfg(64, 64
 SM90_IEEE_CONFIGS = [
     _cfg(128, 64, 64, 8, 2, True),  # 2 stages: 3 spilled 16 B with the register table
     _cfg(64, 128, 64, 8, 3, True),
-    _cfg(64, 64, 64, 4, 3, True),
-    _cfg(32, 64, 64, 4, 3, True),
+    # Triton 3.7: 3 stages spill 8 B at blocksize 32 (2: none)
+    by_triton(_cfg(64, 64, 64, 4, 3, True), v3_7=_cfg(64, 64, 64, 4, 2, True)),
+    by_triton(_cfg(32, 64, 64, 4, 3, True), v3_7=_cfg(32, 64, 64, 4, 2, True)),
 ]
 # sm_80: with no tensor core in play the reason for [BLOCK_M, BLOCK_N] tiles (mma.sync) is gone
 # and y^T tiles are the ones that fit: 64x64x64 w4 spills 5248 B as y, 128 B as y^T; 32x64x32
@@ -274,7 +284,8 @@ SM90_IEEE_CONFIGS = [
 # 32x64x32 w4 168 / 122. Dropped: 128x64x32 w8 (8 B), 128x128x32 w8 (8 B), 32x32x64 w4 (264 B
 # as y).
 SM80_IEEE_CONFIGS = [
-    _cfg(64, 128, 32, 8, 3, True),
+    # Triton 3.7: 3 stages spill 8 B at r 64 (1: none, 158 registers)
+    by_triton(_cfg(64, 128, 32, 8, 3, True), v3_7=_cfg(64, 128, 32, 8, 1, True)),
     _cfg(64, 64, 32, 4, 3, True),
     _cfg(64, 32, 32, 4, 3, True),
     _cfg(32, 64, 32, 4, 2, True),  # 2 stages: 3 spilled 8 B with the register table

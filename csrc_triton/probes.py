@@ -35,3 +35,14 @@ def _philox_probe_kernel(out_ptr, seed, start, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + n + offs, w1.to(tl.int64), mask=mask)
     tl.store(out_ptr + 2 * n + offs, w2.to(tl.int64), mask=mask)
     tl.store(out_ptr + 3 * n + offs, w3.to(tl.int64), mask=mask)
+
+
+@triton.jit
+def _scalar_loop_probe_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """out[0] = sum(x[:n]) in a `range(0, n, BLOCK)` loop: the scalar argument n bounds a
+    Python-level loop, which the interpreter converts with __index__ (fastlora/interpreter.py)."""
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, n, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr, tl.sum(acc, axis=0))

@@ -20,7 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import CompileSpec, decode_tile, lane_table, load_x_tile, weight_signature
+from .common import (CompileSpec, by_triton, decode_tile, lane_table, load_x_tile,
+                     weight_signature)
 from .forward import lora_init, store_y
 
 BLOCK_M = 16  # rows handled by one program: M <= 16, padded (tl.dot's minimum)
@@ -105,7 +106,10 @@ SPLIT_GRANULE = 256
 # bound by the shared-memory pipe, where each value costs one warp shuffle (1/32 clock) and
 # its trip through shared memory into the MMA operand layout (2 x 2 B at 128 B per clock),
 # 2/32 clock against the 0.036 clock its 0.5 byte takes at HBM speed.
-HBM_FLOOR = 0.35
+# Triton 3.8 compiles the sm_90 loop at padded rank 64 to more instructions (0.31-0.35 there,
+# 0.38-0.45 on 3.5-3.7 and 3.9; sm_80 unchanged): its floor is 0.30, so the gate still catches
+# a regression on that release instead of failing on its codegen.
+HBM_FLOOR = by_triton(0.35, v3_8=0.30)
 REDUCE_BLOCK_N = 64
 REDUCE_NUM_WARPS = 4
 

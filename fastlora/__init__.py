@@ -17,8 +17,8 @@ from __future__ import annotations
 import importlib
 
 from . import reference  # noqa: F401
-from .ops import lora_linear_4bit
-from .quant import QuantState, dequantize_4bit, quantize_4bit
+from .ops import dequantize_4bit, lora_linear_4bit
+from .quant import QuantState, quantize_4bit
 
 __version__ = "0.1.0"
 

@@ -70,13 +70,13 @@ def make_case(m: int, n: int, k: int, rank: int, dtype: torch.dtype, quant_type=
 
 
 def run(fn, case: LoraCase, dtype, grad_out: Optional[torch.Tensor] = None):
-    """Forward (and backward when grad_out is given) of `fn` on the case in `dtype`.
-    Returns dict y, dx, dA, dB, dbias (grads None without grad_out)."""
+    """Forward (and backward when grad_out is given; any device, moved to the case's) of `fn`
+    on the case in `dtype`. Returns dict y, dx, dA, dB, dbias (grads None without grad_out)."""
     x, packed, state, a, b, s, bias = case.args(dtype, requires_grad=grad_out is not None)
     y = fn(x, packed, state, a, b, s, bias, **case.kwargs())
     out = {"y": y.detach()}
     if grad_out is not None:
-        y.backward(grad_out.to(dtype))
+        y.backward(grad_out.to(device=y.device, dtype=dtype))
         out.update(dx=x.grad, dA=a.grad, dB=b.grad, dbias=bias.grad if bias is not None else None)
     return out
 

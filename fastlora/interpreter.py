@@ -1,4 +1,4 @@
-"""The one correction fastlora applies to Triton's CPU interpreter (DESIGN.md).
+"""The corrections fastlora applies to Triton's CPU interpreter (DESIGN.md).
 
 The interpreter holds bfloat16 as uint16 bit patterns (triton-lang/triton#11584, #10945), so
   1. `tl.dot` on bf16 operands multiplies the bit patterns as integers, and
@@ -7,8 +7,15 @@ The interpreter holds bfloat16 as uint16 bit patterns (triton-lang/triton#11584,
 `apply()` patches exactly these two builder methods, only when the interpreter is active and
 only on Triton versions known to have the defect. Elementwise math and `tl.sum` on bf16 are
 also wrong in the interpreter; fastlora's kernels never do either (they upcast to fp32 first),
-so that is not patched. tests/test_interpreter_fix.py shows the wrong result without the
-correction and the right one with it.
+so that is not patched.
+
+A second defect, on Triton 3.5 and 3.6 only: the interpreter turns a scalar kernel argument
+into `int` with `int(array)` on a one-element array, which numpy >= 2.4 refuses ("only
+0-dimensional arrays can be converted to Python scalars"), so every `range(0, K, BLOCK_K)`
+loop fails. Triton 3.7 squeezes the array first; the correction does the same on 3.5/3.6.
+
+tests/test_interpreter_fix.py shows the wrong result without each correction and the right
+one with it.
 """
 
 from __future__ import annotations
@@ -20,10 +27,13 @@ import numpy as np
 
 from .backend import interpreter_active
 
-# Triton releases checked to have the defect, and whose builder methods the correction fits
-# (checked: 3.9.0). Other releases are left alone, with a warning, until someone runs
-# tests/test_interpreter_fix.py there and extends the range.
-AFFECTED_VERSIONS = ((3, 9), (3, 9))
+# Triton releases checked to have the bf16 defect, and whose builder methods the correction
+# fits (checked: 3.5.1, 3.6.0, 3.7.1, 3.8.0, 3.9.0). Other releases are left alone, with a
+# warning, until someone runs tests/test_interpreter_fix.py there and extends the range.
+AFFECTED_VERSIONS = ((3, 5), (3, 9))
+# Releases whose interpreter converts a scalar with int() on a one-element array (checked:
+# 3.5.1, 3.6.0; 3.7.0 fixed it).
+INDEX_VERSIONS = ((3, 5), (3, 6))
 
 _lock = threading.Lock()
 _saved: dict = {}
@@ -39,6 +49,11 @@ def _version() -> tuple:
 
 def affected() -> bool:
     lo, hi = AFFECTED_VERSIONS
+    return lo <= _version() <= hi
+
+
+def index_affected() -> bool:
+    lo, hi = INDEX_VERSIONS
     return lo <= _version() <= hi
 
 
@@ -103,7 +118,30 @@ def apply() -> bool:
         _saved.update(create_dot=orig_dot, cast_impl=orig_cast)
         builder.create_dot = create_dot
         builder.cast_impl = cast_impl  # create_fp_trunc & co. look cast_impl up per call
+        if index_affected():
+            _patch_scalar_index(interp)
     return True
+
+
+def _scalar_index(self):
+    return int(self.handle.data.squeeze())
+
+
+def _patch_scalar_index(interp) -> None:
+    """Wrap the interpreter's per-launch patching of tl.tensor so that `__index__` squeezes
+    its one-element array before int() (Triton 3.5 sets the attribute directly, 3.6 through
+    a scope that restores it after the launch; both look the function up per launch)."""
+    orig_patch = interp._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, *scope):
+        orig_patch(tensor, *scope)
+        if scope:
+            scope[0].set_attr(tensor, "__index__", _scalar_index)
+        else:
+            tensor.__index__ = _scalar_index
+
+    _saved.update(patch_lang_tensor=orig_patch)
+    interp._patch_lang_tensor = patch_lang_tensor
 
 
 def remove() -> None:
@@ -115,6 +153,8 @@ def remove() -> None:
 
         interp.InterpreterBuilder.create_dot = _saved.pop("create_dot")
         interp.InterpreterBuilder.cast_impl = _saved.pop("cast_impl")
+        if "patch_lang_tensor" in _saved:
+            interp._patch_lang_tensor = _saved.pop("patch_lang_tensor")
 
 
 def active() -> bool:

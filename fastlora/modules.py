@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .ops import ACTIVATION_DTYPES, lora_linear_4bit
+from .checks import ACTIVATION_DTYPES
+from .ops import lora_linear_4bit
 from .quant import QuantState, quantize_4bit
 
 __all__ = ["LoRALinear4bit", "fused_lora_forward", "bnb_quant_state"]

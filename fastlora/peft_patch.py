@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .modules import bnb_quant_state, fused_lora_forward
-from .ops import ACTIVATION_DTYPES, MAX_FUSED_RANK
+from .checks import ACTIVATION_DTYPES, MAX_FUSED_RANK
 from .quant import QuantState
 
 __all__ = ["patch", "unpatch", "PatchReport", "REASONS"]

@@ -1,8 +1,8 @@
 """The bitsandbytes 4-bit format, read and written bit for bit (DESIGN.md, "The bitsandbytes
 4-bit format").
 
-Everything here is plain PyTorch except `dequantize_4bit`, which sends the work to the Triton
-kernel in csrc_triton/dequant.py when the backend is Triton (`fastlora.backend`).
+Everything here is plain PyTorch and knows no kernel (DESIGN.md "Layers"); the kernel-backed
+`fastlora.dequantize_4bit` is an op (fastlora/ops/dequant.py).
 
 Bit-exactness with bitsandbytes 0.50 on the CPU (the contract) rests on doing the same float32
 operations in the same order:
@@ -26,7 +26,6 @@ import torch
 __all__ = [
     "QuantState",
     "quantize_4bit",
-    "dequantize_4bit",
     "dequantize_4bit_torch",
     "decode_absmax",
     "code_table",
@@ -427,30 +426,3 @@ def dequantize_4bit_torch(packed: torch.Tensor, state: QuantState,
     blocks = torch.arange(n, device=raw.device) // state.blocksize
     values = code_table(state.quant_type, raw.device)[nibbles] * decode_absmax(state)[blocks]
     return values.to(dtype).view(state.shape)
-
-
-def _check_dequant_dtype(dtype: Any) -> None:
-    if dtype not in WEIGHT_DTYPES:
-        raise TypeError(f"dtype must be one of {WEIGHT_DTYPES}, got {dtype}")
-
-
-def dequantize_4bit(packed: torch.Tensor, state: QuantState,
-                    dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Decode `packed` to a `dtype` [N, K] tensor (default: the weight's original dtype).
-
-    Runs the Triton kernel (csrc_triton/dequant.py) when the backend is Triton and the PyTorch
-    decoder otherwise; both equal bitsandbytes' dequantize_4bit bit for bit.
-    """
-    from .launch.selfcheck import use_kernels  # backend choice + the GPU decode self-check
-
-    if not isinstance(state, QuantState):
-        raise TypeError(f"state must be a fastlora.QuantState (use QuantState.from_bnb), "
-                        f"got {type(state).__name__}")
-    state.validate(packed)
-    dtype = state.dtype if dtype is None else dtype
-    _check_dequant_dtype(dtype)
-    if use_kernels(packed, state.quant_type):
-        from .launch.dequant import dequantize_4bit_triton
-
-        return dequantize_4bit_triton(packed, state, dtype)
-    return dequantize_4bit_torch(packed, state, dtype)

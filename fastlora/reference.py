@@ -150,18 +150,18 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     bias [N] or None. Dropout applies only when `training` and dropout_p > 0; `seed` selects
     the mask (drawn from torch's generator when None). Differentiable w.r.t. x, A, B, bias.
     """
-    from .ops import _as_quant_state, check_inputs
+    from .checks import as_quant_state, check_inputs
 
-    state = _as_quant_state(state)
+    state = as_quant_state(state)
     p, seed = check_inputs(x, packed, state, lora_A, lora_B, scaling, bias, dropout_p,
                            training, seed)
     return run_checked(x, packed, state, lora_A, lora_B, scaling, bias, p, seed)
 
 
 def run_checked(x, packed, state, lora_A, lora_B, scaling, bias, p, seed):
-    """lora_linear_4bit on arguments fastlora.ops.check_inputs has already validated (p: the
+    """lora_linear_4bit on arguments fastlora.checks.check_inputs has already validated (p: the
     effective dropout; seed None: drawn from torch's generator)."""
-    from .ops import resolve_seed
+    from .checks import resolve_seed
 
     lead = x.shape[:-1]
     y = _ReferenceLoRA4bit.apply(x.reshape(-1, x.shape[-1]), packed, state, lora_A, lora_B,

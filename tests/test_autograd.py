@@ -12,9 +12,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastlora
 import fastlora.launch.backward as launch_backward
 import fastlora.launch.forward as launch_forward
+import fastlora.ops.dequant as ops_dequant
 from fastlora import quant, reference
 from fastlora.quant import dequantize_4bit_torch
-from helpers import bnb_weight, make_case
+from helpers import DEVICE, bnb_weight, make_case
 
 M, N, K, R = 17, 72, 200, 8  # M < N: any floating tensor with N * K elements is a weight
 
@@ -50,12 +51,14 @@ def assert_same(got: dict, expected: dict):
 def test_never_a_dense_weight(monkeypatch):
     """Forward + backward on the fused path: full dequantisation is never called, no floating
     tensor of N * K elements (or more) is created, and nothing saved for backward is a
-    dequantised weight or a dropout mask (a bool tensor)."""
+    dequantised weight or a dropout mask (a bool tensor). The fused path is forced: on a GPU
+    the auto dispatcher would also time the dequantize path, whose buffer is [N, K]."""
+    monkeypatch.setenv("FASTLORA_BASE_PATH", "fused")
     def forbidden(*args, **kwargs):
         raise AssertionError("the fused path dequantised the whole weight")
     monkeypatch.setattr(quant, "dequantize_4bit_torch", forbidden)
     monkeypatch.setattr(reference, "dequantize_4bit_torch", forbidden)
-    monkeypatch.setattr(quant, "dequantize_4bit", forbidden)
+    monkeypatch.setattr(ops_dequant, "dequantize_4bit", forbidden)
     monkeypatch.setattr(fastlora, "dequantize_4bit", forbidden)
 
     created = []
@@ -159,7 +162,7 @@ def test_autocast_gives_parameter_dtypes(base_path):
     """fp32 parameters under bf16 autocast: the op runs in bf16, gradients come back in fp32,
     equal to casting by hand."""
     leaves, call, _ = layer(torch.float32, seed=77)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         y = call(leaves)
     assert y.dtype == torch.bfloat16
     got = grads_of(leaves, y)
@@ -180,7 +183,7 @@ def test_views(base_path):
              "lora_B": leaves["lora_B"], "bias": leaves["bias"]}
     assert not views["x"].is_contiguous() and not views["lora_A"].is_contiguous()
     leaves["lora_B"].grad = leaves["bias"].grad = None
-    call(views).backward(torch.ones(1, M, N, dtype=torch.float16))
+    call(views).backward(torch.ones(1, M, N, dtype=torch.float16, device=DEVICE))
     assert_same({"x": x_km.grad.t(), "lora_A": a_kr.grad.t(), "lora_B": leaves["lora_B"].grad,
                  "bias": leaves["bias"].grad}, expected)
 
@@ -230,7 +233,7 @@ def test_saved_tensor_modified_in_place(target):
 def _reference_inputs(p):
     packed, state = bnb_weight(6, 40, blocksize=64, dtype=torch.float32, seed=4)
     g = torch.Generator().manual_seed(4)
-    t = [torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+    t = [torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
          for shape in ((2, 3, 40), (5, 40), (6, 5), (6,))]
     return packed, state, t
 

@@ -14,7 +14,8 @@ import fastlora
 from fastlora import reference
 from fastlora.launch.backward import lora_backward
 from fastlora.numerics import assert_close
-from helpers import DTYPES, MATRIX, N, bnb_weight, case_id, make_case, reference_pair, run
+from helpers import (DEVICE, DTYPES, MATRIX, N, bnb_weight, case_id, make_case, reference_pair,
+                     run)
 
 GRADS = ("dx", "dA", "dB")
 
@@ -109,11 +110,11 @@ def test_dropout_mask_same_in_forward_and_backward():
     m, n, k, p, seed = 37, 24, 16, 0.3, 987654321
     packed, state = bnb_weight(n, k, scale=0.0)  # all-zero weight
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(m, k, generator=g) + 0.5  # no zeros of its own
-    a = torch.eye(k)
-    b = torch.rand(n, k, generator=g) + 0.5
-    dy = torch.rand(m, n, generator=g) + 0.5  # dU @ A = s * dy @ B > 0 everywhere
-    expected = reference.dropout_mask(seed, m, k, p)
+    x = (torch.rand(m, k, generator=g) + 0.5).to(DEVICE)  # no zeros of its own
+    a = torch.eye(k, device=DEVICE)
+    b = (torch.rand(n, k, generator=g) + 0.5).to(DEVICE)
+    dy = (torch.rand(m, n, generator=g) + 0.5).to(DEVICE)  # dU @ A = s * dy @ B > 0 everywhere
+    expected = reference.dropout_mask(seed, m, k, p, DEVICE)
     assert 0.5 < expected.float().mean() < 0.9
     _, u = lora_forward(x, packed, state, a, b, 1.0, None, p, seed)
     dx, _, _ = lora_backward(dy, x, u, packed, state, a, b, 1.0, p, seed, True, False, False)
@@ -163,7 +164,7 @@ def test_strided_x_and_explicit_config():
     explicit config (other block sizes) stays within the bound."""
     case = make_case(33, N, 200, 12, torch.float16, dropout_p=0.1, seed=9)
     dy = grad_out(case)
-    wide = torch.zeros(2 * 200, 33, dtype=torch.float16)
+    wide = torch.zeros(2 * 200, 33, dtype=torch.float16, device=DEVICE)
     wide[::2] = case.x.to(torch.float16).t()
     strided = wide[::2].t()  # [33, 200], strides (1, 66)
     assert not strided.is_contiguous() and torch.equal(strided, case.x.to(torch.float16))
@@ -188,9 +189,9 @@ def test_empty_m():
     case = make_case(5, N, 200, 8, torch.bfloat16)
     x = case.x[:0].to(torch.bfloat16)
     a, b = case.lora_A.to(torch.bfloat16), case.lora_B.to(torch.bfloat16)
-    dx, da, db = lora_backward(torch.empty(0, N, dtype=torch.bfloat16), x,
-                               torch.empty(0, 8, dtype=torch.bfloat16), case.packed,
-                               case.state, a, b, 2.0, 0.0, 0, True, True, True)
+    empty = {"dtype": torch.bfloat16, "device": DEVICE}
+    dx, da, db = lora_backward(torch.empty(0, N, **empty), x, torch.empty(0, 8, **empty),
+                               case.packed, case.state, a, b, 2.0, 0.0, 0, True, True, True)
     assert dx.shape == (0, 200) and dx.dtype == torch.bfloat16
     assert torch.equal(da, torch.zeros_like(a)) and torch.equal(db, torch.zeros_like(b))
 
@@ -221,7 +222,7 @@ def test_bad_dy(bad, error, match):
 def test_bad_saved_u():
     case = make_case(8, N, 200, 8, torch.bfloat16)
     with pytest.raises(ValueError, match=r"u must be \[8, 8\]"):
-        call_with(case, u=torch.zeros(8, 7, dtype=torch.bfloat16))
+        call_with(case, u=torch.zeros(8, 7, dtype=torch.bfloat16, device=DEVICE))
 
 
 def test_large_m_pruning_times_the_headline_configs_only():

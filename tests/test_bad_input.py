@@ -3,6 +3,8 @@ answers with a clear error (type, and a message naming the argument) or a correc
 nothing crashes the process, hangs, or returns garbage silently. CLI cases: tests/test_cli.py
 (one-line error, non-zero exit, no traceback)."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -80,7 +82,8 @@ OP_CASES = {
     "packed-requires-grad": (lambda c: _op(c, packed=_packed_grad(c)), ValueError,
                              "packed must not require grad"),
     # ranks past the fused kernels' configs (the reference path would take them)
-    "rank-257": (lambda c: _op(c, lora_A=torch.zeros(257, K), lora_B=torch.zeros(N, 257)),
+    "rank-257": (lambda c: _op(c, lora_A=c.lora_A.new_zeros(257, K),
+                               lora_B=c.lora_B.new_zeros(N, 257)),
                  ValueError, "lora_A has rank 257"),
 }
 
@@ -131,7 +134,11 @@ def test_empty_batch_gives_empty_output_and_zero_gradients(case):
 
 
 def test_cpu_tensors_without_the_interpreter(case, monkeypatch):
-    """auto falls back to the reference (a correct result); triton says why it cannot run."""
+    """auto falls back to the reference (a correct result); triton says why it cannot run.
+    The case's tensors are moved to the CPU (on a GPU machine they live on the GPU)."""
+    case = dataclasses.replace(case, x=case.x.cpu(), packed=case.packed.cpu(),
+                               state=case.state.to("cpu"), lora_A=case.lora_A.cpu(),
+                               lora_B=case.lora_B.cpu(), bias=case.bias.cpu())
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     want = fastlora.reference.lora_linear_4bit(case.x, case.packed, case.state, case.lora_A,
                                                case.lora_B, case.scaling, case.bias)

@@ -387,7 +387,8 @@ def test_input_rotation_covers_twice_l2():
     assert n * 3 * 2**20 >= 2 * l2 or n == timing.MAX_COPIES
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke pass is the no-GPU path")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only: the smoke pass is what "
+                    "fastlora bench runs without a GPU (a GPU times the providers instead)")
 def test_smoke_pass_every_provider(tmp_path, capsys):
     """Every provider runs forward + backward (kernels in the interpreter) within the
     fastlora.numerics bound, and each timing mode's callable runs; unsloth reports a skip."""

@@ -20,7 +20,7 @@ from fastlora.launch import forward as launch_forward
 from fastlora.launch.dequant import dequantize_4bit_triton
 from fastlora.numerics import assert_close
 from fastlora.quant import dequantize_4bit_torch
-from helpers import N, make_case, reference_pair
+from helpers import DEVICE, N, make_case, reference_pair
 
 DTYPE = torch.bfloat16
 
@@ -77,7 +77,7 @@ def forward(case, **kwargs):
 def dx_of(case, **kwargs):
     x, a, b = (t.to(DTYPE) for t in (case.x, case.lora_A, case.lora_B))
     dy = torch.randn(x.shape[0], b.shape[0], generator=torch.Generator().manual_seed(3))
-    dx, _, _ = launch_backward.lora_backward(dy.to(DTYPE), x, x @ a.t(), case.packed,
+    dx, _, _ = launch_backward.lora_backward(dy.to(DEVICE, DTYPE), x, x @ a.t(), case.packed,
                                              case.state, a, b, case.scaling, 0.0, 0, True,
                                              False, False, **kwargs)
     return dx
@@ -85,6 +85,8 @@ def dx_of(case, **kwargs):
 
 # ----------------------------------------------------------------------------- the settings
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only: on a GPU auto times both "
+                    "paths (tests/test_gpu.py checks that)")
 def test_default_on_cpu_is_fused(ran):
     case = layer_case()
     forward(case)
@@ -229,7 +231,7 @@ def test_release_and_unpatch_free_the_buffer(monkeypatch):
 
 def test_dequantize_out_argument():
     case = layer_case()
-    out = torch.full((N, 128), float("nan"), dtype=DTYPE)
+    out = torch.full((N, 128), float("nan"), dtype=DTYPE, device=DEVICE)
     assert dequantize_4bit_triton(case.packed, case.state, DTYPE, out=out) is out
     assert torch.equal(out, dequantize_4bit_torch(case.packed, case.state, DTYPE))
     with pytest.raises(ValueError, match="out must be"):
@@ -291,9 +293,9 @@ def test_dispatcher_times_both_once_and_keeps_the_pick(timer, ran):
     assert ran == [("forward", "dequant"), ("forward", "dequant"), ("dx", "fused")]
     picks = dispatch.picks()
     assert len(picks) == 2
-    assert dispatch.pick_for("forward", "cpu", DTYPE, N, 128, 20) == "dequant"
-    assert dispatch.pick_for("dx", "cpu", DTYPE, N, 128, 31) == "fused"
-    assert dispatch.pick_for("forward", "cpu", DTYPE, N, 128, 100) is None
+    assert dispatch.pick_for("forward", DEVICE, DTYPE, N, 128, 20) == "dequant"
+    assert dispatch.pick_for("dx", DEVICE, DTYPE, N, 128, 31) == "fused"
+    assert dispatch.pick_for("forward", DEVICE, DTYPE, N, 128, 100) is None
     assert all(set(t) == {"fused", "dequant"} for t in dispatch.timings().values())
     # another M bucket, another dtype: timed anew
     forward(layer_case(m=40, seed=5))

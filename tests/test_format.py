@@ -12,16 +12,25 @@ that blocks straddle rows, and the weight spans more than one row and one block,
 applies the wrong block's absmax from the second row on. There fastlora follows the format (and
 bnb's CUDA and default paths); the test asserts the disagreement is exactly that known case, so
 any other difference still fails. The sign of FP4's zero is the other known split (_same_bits).
+bitsandbytes before 0.50 (the oldest supported, 0.49.2) has a third, _BNB_CPU_SETS_CODE0.
 """
 
 import itertools
 
+import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
 
 import fastlora
 from fastlora.quant import QuantState, dequantize_4bit_torch, dynamic_map
+from helpers import DEVICE
+
+# bitsandbytes < 0.50 on the CPU: its C++ blockwise quantizer writes code[0] = -1.0 into the code
+# tensor it is handed, which is bnb's cached dynamic map, so every nested state it makes on the
+# CPU carries -1.0 where the map itself (bnb.functional.create_dynamic_map, bnb 0.50, bnb on
+# CUDA) holds -0.99297 (measured with 0.49.2). Decoding reads the stored code, so both agree.
+_BNB_CPU_SETS_CODE0 = tuple(int(p) for p in bnb.__version__.split(".")[:2]) < (0, 50)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SHAPES = {
@@ -61,7 +70,12 @@ def _assert_same_state(ours: QuantState, theirs):
     assert ours.nested == (theirs.state2 is not None)
     if ours.nested:
         assert _same_bits(ours.state2.absmax, theirs.state2.absmax), "state2.absmax differs"
-        assert _same_bits(ours.state2.code, theirs.state2.code), "state2.code differs"
+        theirs_code2 = theirs.state2.code
+        if _BNB_CPU_SETS_CODE0 and theirs_code2.device.type == "cpu":
+            assert theirs_code2[0].item() == -1.0, "bnb < 0.50's CPU code[0] quirk is gone"
+            theirs_code2 = theirs_code2.clone()
+            theirs_code2[0] = dynamic_map()[0]
+        assert _same_bits(ours.state2.code, theirs_code2), "state2.code differs"
         assert _same_bits(ours.offset, theirs.offset), "offset differs"
 
 
@@ -73,11 +87,19 @@ def _bnb_default_decode(packed, bnb_state, dtype=None):
     absmax = bnb_state.absmax
     if bnb_state.state2 is not None:
         absmax = bnbF.dequantize_blockwise(bnb_state.absmax, bnb_state.state2) + bnb_state.offset
+    dtype = dtype or bnb_state.dtype
+    if not hasattr(default_ops, "_dequantize_4bit_compute"):
+        # bnb < 0.50: the default decoder casts the code table to the output dtype before the
+        # multiply (two roundings); the CUDA kernel's semantics are its fp32 product rounded
+        # once, which its fp32 output followed by one cast is.
+        return default_ops._dequantize_4bit_impl(
+            packed.reshape(-1).view(torch.uint8), absmax, bnb_state.blocksize,
+            bnb_state.quant_type, bnb_state.shape, torch.float32).to(dtype)
     decode = getattr(default_ops._dequantize_4bit_compute, "__wrapped__",
                      default_ops._dequantize_4bit_compute)
     return decode(packed.reshape(-1).view(torch.uint8), absmax,
                   bnbF.get_4bit_type(bnb_state.quant_type, device=packed.device), bnb_state.blocksize,
-                  bnb_state.shape, dtype or bnb_state.dtype)
+                  bnb_state.shape, dtype)
 
 
 def _known_bnb_cpu_defect(shape, blocksize) -> bool:
@@ -96,10 +118,15 @@ def _bnb_decoded(packed, bnb_state, dtype=None):
     return want
 
 
+def _kernel_decode(packed, state, dtype=None):
+    """The public op on DEVICE (the Triton kernel: in the interpreter on a CPU, compiled on a
+    GPU), back on the CPU where bitsandbytes' answers are."""
+    return fastlora.dequantize_4bit(packed.to(DEVICE), state.to(DEVICE), dtype).cpu()
+
+
 def _backend_decoders():
-    """(name, decode) pairs: the public op (Triton kernel under the interpreter) and the
-    PyTorch decoder."""
-    return [("kernel", fastlora.dequantize_4bit), ("torch", dequantize_4bit_torch)]
+    """(name, decode) pairs: the public op (the Triton kernel) and the PyTorch decoder."""
+    return [("kernel", _kernel_decode), ("torch", dequantize_4bit_torch)]
 
 
 @pytest.mark.parametrize("quant_type,double_quant,blocksize,dtype,shape", MATRIX,

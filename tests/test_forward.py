@@ -15,7 +15,8 @@ import fastlora
 from fastlora import reference
 from fastlora.launch import forward as launch
 from fastlora.numerics import assert_close
-from helpers import AXES, DTYPES, MATRIX, N, bnb_weight, case_id, make_case, reference_pair
+from helpers import (AXES, DEVICE, DTYPES, MATRIX, N, bnb_weight, case_id, make_case,
+                     reference_pair)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -119,7 +120,7 @@ def test_non_contiguous_x(view, base_path):
     case = make_case(20, N, 200, 8, torch.float16, "nf4", 64, False, False, 0.1, seed=5)
     x = case.x.to(torch.float16)
     if view == "column-slice":  # row stride 2K, unit column stride
-        big = torch.zeros(20, 400, dtype=torch.float16)
+        big = torch.zeros(20, 400, dtype=torch.float16, device=DEVICE)
         big[:, ::2] = x
         x_view = big[:, ::2]
     else:  # column-major storage: stride (1, M)
@@ -175,10 +176,11 @@ def test_dropout_mask_is_the_reference_mask(p, seed, k):
     and the kept fraction is within 5 binomial sigmas of 1 - p. K = 200: eight elements per
     Philox call (DROPOUT_GROUPED); K = 203: one call per element, the same bits."""
     m = 64
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(0)) + 5.0  # never 0
-    eye = torch.eye(k)
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(0)) + 5.0).to(DEVICE)  # no 0
+    eye = torch.eye(k, device=DEVICE)
     packed, state = bnb_weight(N, k, blocksize=64, dtype=torch.float32, seed=1)
-    _, u = launch.lora_forward(x, packed, state, eye, torch.zeros(N, k), 1.0, None, p, seed)
+    _, u = launch.lora_forward(x, packed, state, eye, torch.zeros(N, k, device=DEVICE), 1.0,
+                               None, p, seed)
     expected = reference.apply_dropout(x, seed, p)
     mismatch = (u != expected).sum().item()
     assert mismatch == 0, f"{mismatch} of {m * k} elements differ from the reference dropout"
@@ -265,12 +267,12 @@ def _bad(case, **override):
 
 
 @pytest.mark.parametrize("override,error,name", [
-    (lambda c: {"x": torch.zeros(4, 100, dtype=torch.float16)}, ValueError, "x"),
-    (lambda c: {"x": torch.zeros(2, 4, 200, dtype=torch.float16)}, ValueError, "x"),
-    (lambda c: {"lora_A": torch.zeros(8, 100, dtype=torch.float16)}, ValueError, "lora_A"),
-    (lambda c: {"lora_B": torch.zeros(N, 4, dtype=torch.float16)}, ValueError, "lora_B"),
+    (lambda c: {"x": c.x.new_zeros(4, 100, dtype=torch.float16)}, ValueError, "x"),
+    (lambda c: {"x": c.x.new_zeros(2, 4, 200, dtype=torch.float16)}, ValueError, "x"),
+    (lambda c: {"lora_A": c.x.new_zeros(8, 100, dtype=torch.float16)}, ValueError, "lora_A"),
+    (lambda c: {"lora_B": c.x.new_zeros(N, 4, dtype=torch.float16)}, ValueError, "lora_B"),
     (lambda c: {"lora_A": c.lora_A.float()}, TypeError, "lora_A"),
-    (lambda c: {"bias": torch.zeros(N, dtype=torch.float32)}, TypeError, "bias"),
+    (lambda c: {"bias": c.x.new_zeros(N, dtype=torch.float32)}, TypeError, "bias"),
     (lambda c: {"lora_B": torch.zeros(N, 8, dtype=torch.float16, device="meta")}, ValueError,
      "lora_B"),
     (lambda c: {"p": 1.0}, ValueError, "dropout_p"),

@@ -29,7 +29,7 @@ from fastlora import backend
 from fastlora.launch.backward import lora_backward
 from fastlora.launch.forward import lora_forward
 from fastlora.numerics import compare
-from helpers import DTYPES, make_case, reference_pair, run
+from helpers import DEVICE, DTYPES, make_case, reference_pair, run
 
 pytestmark = pytest.mark.skipif(not (backend.interpreter_active() or torch.cuda.is_available()),
                                 reason="needs the Triton kernels (GPU or interpreter)")
@@ -60,7 +60,7 @@ CASES = st.fixed_dictionaries({
 def _laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
     """The same values as x in a non-contiguous view (or x itself)."""
     if layout == "column-slice":
-        wide = torch.zeros(*x.shape[:-1], x.shape[-1] + 7, dtype=x.dtype)
+        wide = x.new_zeros(*x.shape[:-1], x.shape[-1] + 7)
         wide[..., : x.shape[-1]] = x
         return wide[..., : x.shape[-1]]
     if layout == "transposed":
@@ -104,7 +104,7 @@ def _poison(case, where: str, value: float):
     elif where == "B":
         case.lora_B[4, 0] = value
     elif where == "weight":
-        w = torch.randn(40, 64, generator=torch.Generator().manual_seed(3)) * 0.05
+        w = (torch.randn(40, 64, generator=torch.Generator().manual_seed(3)) * 0.05).to(DEVICE)
         w[7, 9] = value
         case.packed, state = bnbF.quantize_4bit(w.to(case.x.dtype), blocksize=64,
                                                 quant_type="nf4", compress_statistics=False)
@@ -141,7 +141,7 @@ def test_fp16_overflow_behaves_as_plain_pytorch(m):
     dtype = torch.float16
     case = make_case(m, 40, 64, 4, dtype, "nf4", 64, True, False)
     w = torch.rand(40, 64, generator=torch.Generator().manual_seed(4)) + 0.5
-    packed, state = bnbF.quantize_4bit(w.to(dtype), blocksize=64, quant_type="nf4",
+    packed, state = bnbF.quantize_4bit(w.to(DEVICE, dtype), blocksize=64, quant_type="nf4",
                                        compress_statistics=True)
     case.packed, case.state = packed, fastlora.QuantState.from_bnb(state)
     case.x[1] = 2000.0  # y[1, :] ~ 2000 * 64 * 0.9 > 65504
@@ -182,7 +182,7 @@ def test_results_do_not_depend_on_the_config(dtype):
     ys = [lora_forward(*args, path=path, config=cfg)[0] for path, cfg in FORWARD_CONFIGS]
     for other in ys[1:]:
         assert _ulps_apart(ys[0], other) <= 1.0
-    dy = torch.randn(16, 72, generator=torch.Generator().manual_seed(5)).to(dtype)
+    dy = torch.randn(16, 72, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
     u = lora_forward(*args)[1]
     grads = [lora_backward(dy, case.x.to(dtype), u, case.packed, case.state,
                            case.lora_A.to(dtype), case.lora_B.to(dtype), case.scaling,
@@ -300,6 +300,8 @@ def _cpu_bench(kernel_call, quantiles):
     return [times[1], times[0], times[2]]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only: runs the GPU's autotuned path "
+                    "in the interpreter (on a GPU: tests/test_gpu.py, the tuner's pick pinned)")
 def test_autotuned_dx_equals_the_fixed_config(monkeypatch):
     """The dx kernel adds dy @ deq(W) into dx (which holds the LoRA term on entry), so the
     autotuner must restore dx after each timed run. Runs the GPU's autotuned path in the
@@ -366,7 +368,7 @@ def test_dropout_refuses_cuda_graph_capture(monkeypatch):
     run). Only the refusal is testable here: capture itself needs a GPU."""
     from types import SimpleNamespace
 
-    from fastlora.ops import check_not_capturing
+    from fastlora.checks import check_not_capturing
 
     on_gpu = SimpleNamespace(is_cuda=True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)

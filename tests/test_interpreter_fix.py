@@ -6,8 +6,9 @@ import triton
 
 from fastlora import backend, interpreter
 
-pytestmark = pytest.mark.skipif(not backend.interpreter_active(),
-                                reason="the correction only exists for Triton's CPU interpreter")
+pytestmark = pytest.mark.skipif(
+    not backend.interpreter_active(),
+    reason="CPU-only: the corrections only exist for Triton's CPU interpreter")
 
 
 def _dot(a, b):
@@ -74,11 +75,44 @@ def test_bf16_cast_rounds_to_nearest_even_with_correction():
 
 
 def test_correction_is_version_guarded(monkeypatch):
-    for unchecked in ((3, 8), (3, 10)):
+    for unchecked in ((3, 4), (3, 10)):
         monkeypatch.setattr(interpreter, "_version", lambda: unchecked)
         assert not interpreter.affected()
-    monkeypatch.setattr(interpreter, "_version", lambda: (3, 9))
-    assert interpreter.affected()
+    for checked in ((3, 5), (3, 9)):
+        monkeypatch.setattr(interpreter, "_version", lambda: checked)
+        assert interpreter.affected()
+    for version, index in (((3, 5), True), ((3, 6), True), ((3, 7), False), ((3, 9), False)):
+        monkeypatch.setattr(interpreter, "_version", lambda: version)
+        assert interpreter.index_affected() is index
+
+
+def _scalar_loop(n):
+    from csrc_triton.probes import _scalar_loop_probe_kernel
+
+    x = torch.arange(n, dtype=torch.float32)
+    out = torch.zeros(1)
+    _scalar_loop_probe_kernel[(1,)](x, out, n, BLOCK=32)
+    return out.item(), x.sum().item()
+
+
+needs_index_fix = pytest.mark.skipif(not interpreter.index_affected(),
+                                     reason="the scalar-index defect is in Triton 3.5 and 3.6 only")
+
+
+@needs_index_fix
+def test_scalar_loop_bound_fails_without_correction(without_correction):
+    import numpy as np
+
+    if tuple(int(p) for p in np.__version__.split(".")[:2]) < (2, 4):
+        pytest.skip("numpy < 2.4 still converts one-element arrays with int()")
+    with pytest.raises(Exception, match="0-dimensional arrays"):
+        _scalar_loop(100)
+
+
+def test_scalar_loop_bound_works_with_correction():
+    assert interpreter.apply()
+    got, want = _scalar_loop(100)
+    assert got == want
 
 
 def test_unchecked_version_warns_and_leaves_triton_alone(monkeypatch):

@@ -21,8 +21,10 @@ import pytest
 
 from fastlora import backend
 
-pytestmark = pytest.mark.skipif(not backend.interpreter_active(),
-                                reason="runs the kernels in the interpreter on CPU")
+pytestmark = pytest.mark.skipif(
+    not backend.interpreter_active(),
+    reason="CPU-only: the 4 GB buffer is lazily backed by the OS only in host memory (kernels "
+    "in the interpreter); on a GPU it would be allocated in full")
 
 _PRELUDE = textwrap.dedent("""
     import torch

@@ -20,14 +20,18 @@ import fastlora
 from fastlora import reference
 from fastlora.numerics import compare
 from fastlora.quant import QuantState
+from helpers import DEVICE
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IN, OUT, R, ALPHA = 64, 128, 8, 16
 
 
-def _linear(bias: bool = True, dtype=torch.float32, seed: int = 0) -> nn.Linear:
+def _linear(bias: bool = True, dtype=torch.float32, seed: int = 0,
+            device: str = DEVICE) -> nn.Linear:
+    """A dense layer on `device` (its initial values drawn on the CPU: the same on every
+    machine)."""
     torch.manual_seed(seed)
-    return nn.Linear(IN, OUT, bias=bias).to(dtype)
+    return nn.Linear(IN, OUT, bias=bias).to(device, dtype)
 
 
 def _randomize_B(module, seed: int = 1) -> None:
@@ -49,7 +53,9 @@ def _assert_ok(comparisons) -> None:
                          [("nf4", True, torch.uint8), ("fp4", False, torch.uint8),
                           ("nf4", True, torch.bfloat16)], ids=["nf4-dq", "fp4", "nf4-storage-bf16"])
 def test_from_linear_quantises_like_bitsandbytes(quant_type, double_quant, storage):
-    linear = _linear(dtype=torch.bfloat16)
+    # on the CPU on every machine: the format is pinned to bitsandbytes' CPU quantiser
+    # (test_format.py); its CUDA quantiser is another implementation, not the definition
+    linear = _linear(dtype=torch.bfloat16, device="cpu")
     module = fastlora.LoRALinear4bit.from_linear(linear, R, ALPHA, quant_type=quant_type,
                                                  double_quant=double_quant,
                                                  quant_storage=storage)
@@ -80,7 +86,7 @@ def test_init_and_scaling_like_peft():
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == {"lora_A.weight", "lora_B.weight"}
     # B = 0: the layer starts equal to its 4-bit base
-    x = torch.randn(2, 5, IN)
+    x = torch.randn(2, 5, IN).to(DEVICE)
     torch.testing.assert_close(module(x), module.base_layer(x), rtol=1e-5, atol=1e-5)
 
 
@@ -93,8 +99,8 @@ def test_forward_backward_within_bound(dtype, bias, dropout_p):
                                                  lora_dropout=dropout_p, compute_dtype=dt)
     _randomize_B(module)
     g = torch.Generator().manual_seed(2)
-    x0 = torch.randn(2, 16, IN, generator=g)
-    dy = torch.randn(2, 16, OUT, generator=g)
+    x0 = torch.randn(2, 16, IN, generator=g).to(DEVICE)
+    dy = torch.randn(2, 16, OUT, generator=g).to(DEVICE)
     packed, state = module.base_layer.weight.data, _state(module)
 
     def run(fn, dtype):
@@ -123,7 +129,7 @@ def test_forward_backward_within_bound(dtype, bias, dropout_p):
 def test_eval_turns_dropout_off():
     module = fastlora.LoRALinear4bit.from_linear(_linear(), R, ALPHA, lora_dropout=0.5)
     _randomize_B(module)
-    x = torch.randn(32, IN)
+    x = torch.randn(32, IN).to(DEVICE)
     no_drop = reference.lora_linear_4bit(x, module.base_layer.weight.data, _state(module),
                                          module.lora_A.weight, module.lora_B.weight,
                                          module.scaling, module.base_layer.bias)
@@ -136,12 +142,12 @@ def test_eval_turns_dropout_off():
 
 
 def _bnb_layer(bias: bool = True) -> bnb.nn.Linear4bit:
-    """A Linear4bit quantised by bitsandbytes itself (moving it to its device quantises it),
+    """A Linear4bit quantised by bitsandbytes itself (moving it to DEVICE quantises it),
     with bnb's CPU inference repack off (as in tiny_models.load_4bit): in eval mode it would
     switch to another kernel and layout."""
     torch.manual_seed(0)
     layer = bnb.nn.Linear4bit(IN, OUT, bias=bias, compute_dtype=torch.float32,
-                              quant_type="nf4").to("cpu")
+                              quant_type="nf4").to(DEVICE)
     layer.support_avx512bf16_for_cpu = False
     return layer
 
@@ -153,7 +159,7 @@ def test_from_bnb_shares_the_layer():
     assert module.base_layer is layer and module.base_layer.weight.data_ptr() == pointer
     assert not any(p.requires_grad for p in layer.parameters())
     _randomize_B(module)
-    x = torch.randn(16, IN)
+    x = torch.randn(16, IN).to(DEVICE)
     want = layer(x) + module.scaling * (x @ module.lora_A.weight.t()) @ module.lora_B.weight.t()
     torch.testing.assert_close(module(x), want, rtol=1e-5, atol=1e-5)
 
@@ -189,7 +195,7 @@ def test_adapter_files_interchange_with_peft(tmp_path):
     result = ours.load_state_dict({k[len(prefix):]: v for k, v in saved.items()}, strict=False)
     assert result.unexpected_keys == []
     assert all(k.startswith("base_layer.") for k in result.missing_keys), result.missing_keys
-    x = torch.randn(16, IN)
+    x = torch.randn(16, IN).to(DEVICE)
     torch.testing.assert_close(ours(x), peft_model(x), rtol=1e-5, atol=1e-5)
 
     # fastlora -> PEFT

@@ -313,7 +313,7 @@ def test_compile_whole_patched_model(model_dir, fused_calls):
 
 def test_compile_with_dropout_captures_the_seed_draw(model_dir):
     """With dropout > 0 in training the op draws its dropout seed as a tensor
-    (fastlora.ops.seed_tensor) that the custom ops read inside: the draw joins the graph, so
+    (fastlora.checks.seed_tensor) that the custom ops read inside: the draw joins the graph, so
     fullgraph compiles with torch's default settings, and under the same torch.manual_seed the
     compiled layer gives eager's output and gradients; two calls draw two masks."""
     model = tm.add_lora(tm.load_4bit(model_dir, compute_dtype=torch.float32), lora_dropout=0.3)

@@ -7,13 +7,13 @@ import triton
 
 from fastlora import backend, reference
 from fastlora.quant import dequantize_4bit_torch
-from helpers import make_case
+from helpers import DEVICE, make_case
 
 
 def _autograd_math(x, packed, state, a, b, s, bias, p, seed):
     """The forward of DESIGN.md in plain differentiable torch ops (mask as a constant)."""
     w = dequantize_4bit_torch(packed, state, x.dtype)
-    keep = reference.dropout_mask(seed, x.shape[0], x.shape[1], p) if p else None
+    keep = reference.dropout_mask(seed, x.shape[0], x.shape[1], p, x.device) if p else None
     xd = x * keep / (1 - p) if p else x
     y = x @ w.t() + s * (xd @ a.t()) @ b.t()
     return y + bias if bias is not None else y
@@ -25,7 +25,8 @@ def _autograd_math(x, packed, state, a, b, s, bias, p, seed):
                          ids=["nf4-dq", "fp4"])
 def test_explicit_backward_matches_autograd(dropout_p, bias, quant_type, double_quant):
     case = make_case(13, 40, 72, 6, torch.float32, quant_type, 64, double_quant, bias, dropout_p)
-    dy = torch.randn(13, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    dy = torch.randn(13, 40, dtype=torch.float64,
+                     generator=torch.Generator().manual_seed(5)).to(DEVICE)
     grads = {}
     for name, fn in (("explicit", reference.lora_linear_4bit), ("autograd", _autograd_math)):
         x, packed, state, a, b, s, bvec = case.args(torch.float64, requires_grad=True)

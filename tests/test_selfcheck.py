@@ -1,9 +1,9 @@
-"""The GPU decode self-check (fastlora/launch/selfcheck.py), run on the CPU.
+"""The GPU decode self-check (fastlora/launch/selfcheck.py), run on the CPU (and on a GPU).
 
-The check is forced (it does no work off CUDA otherwise), so the real kernels run in Triton's
-interpreter against the PyTorch decoder; launchers are corrupted with monkeypatch to show that
-a mismatch is caught, warned about once, cached per (device, quant_type), and that the dispatch
-then runs the reference path.
+The check is forced (it does no work off CUDA otherwise), so on the CPU the real kernels run in
+Triton's interpreter against the PyTorch decoder (on a GPU: the compiled kernels, inline PTX
+included); launchers are corrupted with monkeypatch to show that a mismatch is caught, warned
+about once, cached per (device, quant_type), and that the dispatch then runs the reference path.
 """
 
 import warnings
@@ -16,8 +16,10 @@ from fastlora import reference
 from fastlora.launch import dequant as dequant_launch
 from fastlora.launch import forward as forward_launch
 from fastlora.launch import selfcheck
+from helpers import DEVICE
 
 QUANTS = ["nf4", "fp4"]
+HERE = selfcheck._device(DEVICE)  # the device the kernels run on: cpu, or cuda:<current>
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +62,7 @@ def test_check_passes_on_the_real_kernels(monkeypatch, quant_type):
     _counting(monkeypatch, forward_launch, "lora_forward", calls)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert selfcheck.decode_ok("cpu", quant_type, force=True) is True
+        assert selfcheck.decode_ok(DEVICE, quant_type, force=True) is True
     # every decoding path ran, through the K-aligned word path
     assert calls == ["dequantize_4bit_triton", "tiled", "small_m"]
     cols = selfcheck.SMALL_M_COLUMNS
@@ -68,7 +70,7 @@ def test_check_passes_on_the_real_kernels(monkeypatch, quant_type):
     assert len(set(cols)) == 16 and max(cols) < selfcheck.K
     assert {c // selfcheck.BLOCKSIZE for c in cols} == set(range(selfcheck.K // 64))
     assert {c % 2 for c in cols} == {0, 1}  # high and low nibbles
-    assert selfcheck._RESULTS == {("cpu", quant_type): True}
+    assert selfcheck._RESULTS == {(str(HERE), quant_type): True}
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
@@ -101,8 +103,8 @@ def test_mismatch_warns_once_and_dispatch_runs_the_reference(monkeypatch, broken
               corrupt=lambda kw: kw.get("path") == broken)
     rec, caught = _record_warnings()
     try:
-        assert selfcheck.decode_ok("cpu", "nf4", force=True) is False
-        assert selfcheck.decode_ok("cpu", "nf4", force=True) is False  # cached: no second run
+        assert selfcheck.decode_ok(DEVICE, "nf4", force=True) is False
+        assert selfcheck.decode_ok(DEVICE, "nf4", force=True) is False  # cached: no second run
     finally:
         rec.__exit__(None, None, None)
     ran = {"dequant": 1, "tiled": 2, "small_m": 3}[broken]
@@ -112,7 +114,7 @@ def test_mismatch_warns_once_and_dispatch_runs_the_reference(monkeypatch, broken
     assert caught[0].category is RuntimeWarning
     what = {"dequant": "dequant kernel", "tiled": "tiled forward",
             "small_m": "small-M forward"}[broken]
-    assert "CPU (cpu)" in msg and "'nf4'" in msg and what in msg, msg
+    assert f"({HERE})" in msg and "'nf4'" in msg and what in msg, msg
     assert "falls back to the PyTorch reference path" in msg, msg
 
     # the dispatch (auto backend, interpreter active) now sends nf4 calls to the reference
@@ -121,11 +123,10 @@ def test_mismatch_warns_once_and_dispatch_runs_the_reference(monkeypatch, broken
     monkeypatch.setattr(forward_launch, "lora_forward",
                         lambda *a, **k: pytest.fail("the fused forward ran"))
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(16, 64, generator=g)
+    w = torch.randn(16, 64, generator=g).to(DEVICE)
     packed, state = fastlora.quantize_4bit(w, "nf4")
-    x = torch.randn(3, 64, generator=g)
-    a = torch.randn(4, 64, generator=g)
-    b = torch.randn(16, 4, generator=g)
+    x, a, b = (torch.randn(*shape, generator=g).to(DEVICE)
+               for shape in ((3, 64), (4, 64), (16, 4)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no further warning
         deq = fastlora.dequantize_4bit(packed, state)
@@ -208,9 +209,9 @@ def test_torch_compile_sees_a_constant(monkeypatch):
     monkeypatch.setattr(forward_launch, "lora_forward",
                         lambda *a, **k: pytest.fail("the fused forward ran"))
     g = torch.Generator().manual_seed(2)
-    packed, state = fastlora.quantize_4bit(torch.randn(16, 64, generator=g), "nf4")
-    x, a, b = (torch.randn(3, 64, generator=g), torch.randn(4, 64, generator=g),
-               torch.randn(16, 4, generator=g))
+    packed, state = fastlora.quantize_4bit(torch.randn(16, 64, generator=g).to(DEVICE), "nf4")
+    x, a, b = (torch.randn(*shape, generator=g).to(DEVICE)
+               for shape in ((3, 64), (4, 64), (16, 4)))
     fn = torch.compile(lambda x_: fastlora.lora_linear_4bit(x_, packed, state, a, b, 0.5),
                        fullgraph=True, backend="eager")
     with pytest.warns(RuntimeWarning, match="self-check failed"):

@@ -7,4 +7,5 @@
     peaks      datasheet peaks per GPU
     report     CSV / markdown / PNG writers
     suite      the runs: GPU timing, or (no GPU) smoke pass + modelled table
+    gpu_check  benchmarks/gpu_check.sh's preflight and one-screen summary
 """

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import triton
 
-from ..ops import ACTIVATION_DTYPES, check_fused_rank, check_inputs
+from ..checks import ACTIVATION_DTYPES, check_fused_rank, check_inputs
 from ..quant import QuantState
 from ..reference import dropout_threshold
 from . import dispatch

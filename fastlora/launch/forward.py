@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..ops import ACTIVATION_DTYPES, check_fused_rank, check_inputs
+from ..checks import ACTIVATION_DTYPES, check_fused_rank, check_inputs
 from ..reference import dropout_threshold
 from .. import backend
 from . import dispatch
@@ -29,7 +29,7 @@ SMALL_M_KEYS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
 
 
 def check_forward_args(x, packed, state, lora_A, lora_B, scaling, bias, p, seed) -> None:
-    """fastlora.ops.check_inputs (shared with the public op), plus what the launcher adds:
+    """fastlora.checks.check_inputs (shared with the public op), plus what the launcher adds:
     2-D x, an integer seed, a rank the kernels serve."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D [M, K] tensor (fold leading dims into M), got "
@@ -37,7 +37,7 @@ def check_forward_args(x, packed, state, lora_A, lora_B, scaling, bias, p, seed)
     check_inputs(x, packed, state, lora_A, lora_B, scaling, bias, p, True, seed,
                  allowed_dtypes=ACTIVATION_DTYPES)
     if seed is None:
-        raise ValueError("seed must be an int (fastlora.ops.resolve_seed draws one)")
+        raise ValueError("seed must be an int (fastlora.checks.resolve_seed draws one)")
     check_fused_rank(lora_A)
 
 

@@ -1,4 +1,5 @@
-"""`fastlora.lora_linear_4bit`: argument checks, backend choice, and the fused op.
+"""`fastlora.lora_linear_4bit`, the single-layer op family: backend choice and the fused op
+(its argument checks live in fastlora.checks).
 
 The fused path is two torch.library custom ops, so torch.compile sees them as opaque nodes
 (fullgraph works, also while the kernels run in the interpreter):
@@ -13,129 +14,15 @@ live in fastlora/launch (forward.py, backward.py).
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional
 
 import torch
 
-from .launch.selfcheck import use_kernels
-from .quant import QuantState
+from ..checks import as_quant_state, check_inputs, check_not_capturing, seed_tensor
+from ..launch.selfcheck import use_kernels
+from ..quant import QuantState
 
-__all__ = ["lora_linear_4bit", "check_inputs", "check_fused_rank", "resolve_seed",
-           "seed_tensor"]
-
-ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The fused kernels' rank limit (their configs are compiled for padded ranks up to 256); the
-# reference path takes any rank.
-MAX_FUSED_RANK = 256
-_SEED_LIMIT = 2**63
-
-
-def _as_quant_state(state) -> QuantState:
-    if isinstance(state, QuantState):
-        return state
-    if type(state).__name__ == "QuantState" and hasattr(state, "absmax"):
-        return QuantState.from_bnb(state)  # a bitsandbytes QuantState: wrap, sharing storage
-    raise TypeError(f"state must be a fastlora.QuantState, got {type(state).__name__}")
-
-
-def check_inputs(x, packed, state, lora_A, lora_B, scaling, bias, dropout_p, training, seed,
-                 allowed_dtypes=ACTIVATION_DTYPES + (torch.float64,)):
-    """Validate the arguments of lora_linear_4bit; returns (effective dropout p, seed).
-
-    Raises TypeError/ValueError naming the offending argument."""
-    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if x.dtype not in allowed_dtypes:
-        raise TypeError(f"x must be a floating tensor of dtype {allowed_dtypes}, got {x.dtype}")
-    state = _as_quant_state(state)
-    state.validate(packed)
-    if isinstance(packed, torch.Tensor) and packed.requires_grad:
-        raise ValueError("packed must not require grad: the 4-bit base weight is frozen")
-    n_out, k_in = state.shape
-    if x.dim() < 1 or x.shape[-1] != k_in:
-        raise ValueError(f"x's last dimension is {x.shape[-1] if x.dim() else None} but the "
-                         f"weight's in_features (state.shape[1]) is {k_in}")
-    if lora_A.dim() != 2 or lora_A.shape[1] != k_in or lora_A.shape[0] < 1:
-        raise ValueError(f"lora_A must be [r, {k_in}] with r >= 1, got {tuple(lora_A.shape)}")
-    rank = lora_A.shape[0]
-    if lora_B.dim() != 2 or tuple(lora_B.shape) != (n_out, rank):
-        raise ValueError(f"lora_B must be [{n_out}, {rank}] (out_features, r of lora_A), "
-                         f"got {tuple(lora_B.shape)}")
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}: cast them to one dtype "
-                            "(or run under torch.autocast)")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (n_out,):
-            raise ValueError(f"bias must be [{n_out}], got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias is {bias.dtype} but x is {x.dtype}")
-    devices = {("x", x.device), ("lora_A", lora_A.device), ("lora_B", lora_B.device),
-               ("packed", packed.device)}
-    if bias is not None:
-        devices.add(("bias", bias.device))
-    if len({d for _, d in devices}) != 1:
-        where = ", ".join(f"{n} on {d}" for n, d in sorted(devices, key=lambda t: t[0]))
-        raise ValueError(f"all tensors must be on one device: {where}")
-    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) \
-            or not math.isfinite(float(scaling)):
-        raise TypeError(f"scaling must be a finite real number, got {scaling!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) \
-            or not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-                             or not 0 <= int(seed) < _SEED_LIMIT):
-        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
-    p = float(dropout_p) if training else 0.0
-    return p, (int(seed) if seed is not None else None)
-
-
-def check_fused_rank(lora_A: torch.Tensor) -> None:
-    """ValueError naming lora_A when its rank is past what the fused kernels serve."""
-    if lora_A.shape[0] > MAX_FUSED_RANK:
-        raise ValueError(f"lora_A has rank {lora_A.shape[0]}; the fused kernels support ranks "
-                         f"1..{MAX_FUSED_RANK} (FASTLORA_BACKEND=reference runs any rank)")
-
-
-def seed_tensor(seed: Optional[int], p: float) -> torch.Tensor:
-    """The dropout seed as an int64 [1] CPU tensor: the caller's, else one drawn from torch's
-    CPU generator (so torch.manual_seed reproduces it, and checkpoint recomputation, which
-    restores the RNG state, draws the same one); 0 when there is no dropout.
-
-    A tensor, not an int, so that torch.compile traces the draw into the graph (a fresh seed
-    per call) and the custom ops read its value inside their opaque bodies: an `.item()` here
-    would break the graph."""
-    if p == 0.0:
-        seed = 0
-    if seed is not None:
-        return torch.tensor([seed], dtype=torch.int64)
-    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device="cpu")
-
-
-def check_not_capturing(x: torch.Tensor, p: float) -> None:
-    """RuntimeError when a dropout forward runs inside CUDA graph capture. The dropout seed is
-    a host value read when the op launches (seed_tensor), so a captured graph would bake one
-    mask into every replay: silently the same dropout each step. Refused instead (issue 11:
-    graph-safe RNG, a device-side seed and offset advanced per replay, is not built yet); the
-    backward regenerates the mask from the forward's seed, so it needs no check of its own."""
-    if p > 0.0 and x.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "fastlora: LoRA dropout (p > 0) cannot run inside CUDA graph capture (CUDA graphs, "
-            "torch.compile mode='reduce-overhead'): its seed is read on the host at launch, so "
-            "every replay would reuse one dropout mask. Capture with lora_dropout=0, or run "
-            "this step without CUDA graphs.")
-
-
-def resolve_seed(seed: Optional[int], p: float) -> int:
-    """seed_tensor's value as an int (the same draw, for code that runs eagerly)."""
-    return int(seed_tensor(seed, p))
+__all__ = ["lora_linear_4bit"]
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -163,7 +50,7 @@ def _lora_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
               lora_B: torch.Tensor, bias: Optional[torch.Tensor], scaling: float, p: float,
               seed: torch.Tensor, blocksize: int, quant_type: str, n_out: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    from .launch.forward import lora_forward
+    from ..launch.forward import lora_forward
 
     check_not_capturing(x, p)
     state = _state_from_args(absmax, absmax2, code2, offset, code, blocksize, quant_type,
@@ -185,7 +72,7 @@ def _lora_bwd(dy: torch.Tensor, x: torch.Tensor, u: torch.Tensor, packed: torch.
               p: float, seed: torch.Tensor, blocksize: int, quant_type: str, need_dx: bool,
               need_dA: bool, need_dB: bool
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from .launch.backward import lora_backward
+    from ..launch.backward import lora_backward
 
     state = _state_from_args(absmax, absmax2, code2, offset, code, blocksize, quant_type,
                              lora_B.shape[0], x.shape[1], x.dtype)
@@ -265,11 +152,11 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     (fastlora.backend).
     """
     x, lora_A, lora_B, bias = _autocast_inputs(x, lora_A, lora_B, bias)
-    state = _as_quant_state(state)
+    state = as_quant_state(state)
     p, seed = check_inputs(x, packed, state, lora_A, lora_B, scaling, bias, dropout_p, training,
                            seed)
     if x.dtype == torch.float64 or x.numel() == 0 or not use_kernels(x, state.quant_type):
-        from . import reference
+        from .. import reference
 
         with torch.autocast(x.device.type, enabled=False):
             return reference.run_checked(x, packed, state, lora_A, lora_B, scaling, bias, p,

@@ -1,0 +1,11 @@
+"""The ops: one module per op family (DESIGN.md "Layers"), each a torch.library custom op with
+its autograd and the backend choice (kernels or fastlora.reference).
+
+    linear.py    lora_linear_4bit: one LoRA layer over a 4-bit base weight
+    dequant.py   dequantize_4bit: the packed weight decoded to a dense tensor
+"""
+
+from .dequant import dequantize_4bit
+from .linear import lora_linear_4bit
+
+__all__ = ["lora_linear_4bit", "dequantize_4bit"]
