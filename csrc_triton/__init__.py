@@ -7,6 +7,7 @@ One file per op family:
     forward.py   U = dropout(x) @ A^T, and y = x @ deq(W)^T + s * U @ B^T + bias.
     small_m.py   the forward for M <= 16 (decode/generation): split-K GEMV-shaped.
     backward.py  dx, dU/dB, dA.
+    group.py     U and dA for layers that share an input (q/k/v, gate/up), one pass over x.
 Each kernel file lists the configs it ships (per arch) as COMPILE_SPECS, which
 fastlora.compile_report() compiles ahead of time for sm_80 / sm_90.
 """
@@ -19,7 +20,7 @@ def all_compile_specs():
     import importlib
 
     specs = []
-    for name in ("dequant", "forward", "small_m", "backward"):
+    for name in ("dequant", "forward", "small_m", "backward", "group"):
         try:
             module = importlib.import_module(f"{__name__}.{name}")
         except ModuleNotFoundError as exc:  # a kernel file not written yet

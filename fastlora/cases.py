@@ -91,3 +91,68 @@ def reference_pair(case: LoraCase, dtype, grad_out=None):
 def fused(*args, **kwargs):
     """fastlora.lora_linear_4bit (kernels or reference, as the backend says)."""
     return lora_linear_4bit(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- groups
+
+def make_group_case(m: int, k: int, spec, dtype: torch.dtype, quant_type: str = "nf4",
+                    seed: int = 0):
+    """(x [m, k], [GroupMember]) for a group that reads one x: spec holds one
+    (out_features, rank, dropout p, bias) per member, each with its own bnb-quantised weight
+    in `dtype`; x and the LoRA tensors are fp32 masters (run_group casts them)."""
+    from .checks import GroupMember
+
+    g = torch.Generator().manual_seed(100 + seed)
+    x = torch.randn(m, k, generator=g)
+    members = []
+    for i, (n, rank, p, bias) in enumerate(spec):
+        packed, state = bnb_weight(n, k, quant_type, 64, True, dtype, seed=seed * 10 + i)
+        a = torch.randn(rank, k, generator=g) / k**0.5
+        b = torch.randn(n, rank, generator=g) / rank**0.5
+        bvec = torch.randn(n, generator=g) * 0.1 if bias else None
+        members.append(GroupMember(packed, state, a, b, 0.5 + i, bvec, p, 4321 + 7 * i))
+    return x, members
+
+
+def group_out_grads(members, m: int, seed: int = 5) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(m, mb.lora_B.shape[0], generator=g) for mb in members]
+
+
+def run_group(fn, x, members, dtype, dys) -> dict:
+    """Forward + backward of fn(x, members) -> [y per member] in `dtype` on DEVICE: y<g>, dx
+    and every member's dA<g>, dB<g> (and dbias<g>)."""
+    def leaf(t):
+        return None if t is None else t.detach().to(dtype).to(DEVICE).requires_grad_()
+    x = leaf(x)
+    cast = [mb._replace(lora_A=leaf(mb.lora_A), lora_B=leaf(mb.lora_B), bias=leaf(mb.bias))
+            for mb in members]
+    ys = fn(x, cast)
+    sum((y.double() * dy.to(y.device).double()).sum() for y, dy in zip(ys, dys)).backward()
+    out = {"dx": x.grad}
+    for g, (y, mb) in enumerate(zip(ys, cast)):
+        out.update({f"y{g}": y.detach(), f"dA{g}": mb.lora_A.grad, f"dB{g}": mb.lora_B.grad})
+        if mb.bias is not None:
+            out[f"dbias{g}"] = mb.bias.grad
+    return out
+
+
+def members_one_by_one(op):
+    """fn(x, members) running `op` (lora_linear_4bit or the reference's) per member."""
+    def fn(x, members):
+        return [op(x, mb.packed, mb.state, mb.lora_A, mb.lora_B, mb.scaling, mb.bias,
+                   mb.dropout_p, True, mb.seed) for mb in members]
+    return fn
+
+
+def group_reference_pair(x, members, dtype, dys):
+    """(truth in float64, plain PyTorch in dtype): each member through fastlora.reference."""
+    one = members_one_by_one(reference.lora_linear_4bit)
+    return run_group(one, x, members, torch.float64, dys), run_group(one, x, members, dtype, dys)
+
+
+def grouped(x, members):
+    """fastlora.lora_group_4bit in training mode (kernels or reference, as the backend says)."""
+    from .ops import lora_group_4bit
+
+    return lora_group_4bit(x, members, training=True)

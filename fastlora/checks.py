@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -131,3 +131,53 @@ def check_dequant_dtype(dtype: Any) -> None:
     """TypeError unless `dtype` is one a 4-bit weight decodes to."""
     if dtype not in WEIGHT_DTYPES:
         raise TypeError(f"dtype must be one of {WEIGHT_DTYPES}, got {dtype}")
+
+
+class GroupMember(NamedTuple):
+    """One layer of a group that reads one input (fastlora.lora_group_4bit): its 4-bit base
+    (packed, state), its adapter (lora_A [r, K], lora_B [N, r], scaling), its bias [N] or
+    None, and its dropout (p, applied when the call is training; seed: None draws one)."""
+    packed: torch.Tensor
+    state: Any
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+    bias: Optional[torch.Tensor] = None
+    dropout_p: float = 0.0
+    seed: Optional[int] = None
+
+
+def as_group_members(members) -> list[GroupMember]:
+    """A non-empty sequence of GroupMember (or tuples of its fields) as a list of GroupMember;
+    TypeError/ValueError otherwise."""
+    if isinstance(members, (str, bytes)) or not hasattr(members, "__len__") or len(members) < 1:
+        raise ValueError(f"members must be a non-empty sequence of fastlora.GroupMember, got "
+                         f"{members!r:.80}")
+    out = []
+    for i, member in enumerate(members):
+        if not isinstance(member, GroupMember):
+            if not isinstance(member, (tuple, list)) or not 5 <= len(member) <= 8:
+                raise TypeError(f"members[{i}] must be a fastlora.GroupMember (packed, state, "
+                                f"lora_A, lora_B, scaling[, bias, dropout_p, seed]), got "
+                                f"{type(member).__name__}")
+            member = GroupMember(*member)
+        out.append(member)
+    return out
+
+
+def check_group(x, members, training: bool, allowed_dtypes=ACTIVATION_DTYPES + (torch.float64,)
+                ) -> list[GroupMember]:
+    """Validate a group call: each member (as_group_members) checked as lora_linear_4bit's
+    arguments against the same x. Returns the members with their state as a fastlora
+    QuantState, their effective dropout p and their seed (an int, or None to be drawn)."""
+    checked = []
+    for i, member in enumerate(as_group_members(members)):
+        state = as_quant_state(member.state)
+        try:
+            p, seed = check_inputs(x, member.packed, state, member.lora_A, member.lora_B,
+                                   member.scaling, member.bias, member.dropout_p, training,
+                                   member.seed, allowed_dtypes=allowed_dtypes)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"members[{i}]: {exc}") from None
+        checked.append(member._replace(state=state, dropout_p=p, seed=seed))
+    return checked

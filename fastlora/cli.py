@@ -99,8 +99,8 @@ def _modes(spec: str) -> tuple:
 
     modes = tuple(dict.fromkeys(m.strip().lower() for m in spec.split(",") if m.strip()))
     for mode in modes:
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
+        if mode not in MODES + ("block",):
+            raise ValueError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}, block")
     if not modes:
         raise ValueError("no mode given (--modes)")
     return modes
@@ -200,7 +200,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--m", default=None, help="tokens per call, comma-separated "
                        "(default 1,16,128,512,2048,4096,8192,16384)")
     bench.add_argument("--ranks", default=None, help="LoRA ranks (default 16; --full: 8,16,64)")
-    bench.add_argument("--modes", default="forward,backward,full")
+    bench.add_argument("--modes", default="forward,backward,full",
+                       help="forward, backward, full (per layer) and block (the q/k/v and "
+                            "gate/up blocks of each selected model: per-layer vs grouped "
+                            "fastlora vs PEFT)")
     bench.add_argument("--providers", default="all",
                        help="fastlora,peft_bnb,dequant_mm,reference,unsloth or 'all'")
     bench.add_argument("--full", action="store_true", help="M = 1..16384 in powers of two, "

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from .checks import ACTIVATION_DTYPES
-from .ops import lora_linear_4bit
+from .ops import lora_group_4bit, lora_linear_4bit
 from .quant import QuantState, quantize_4bit
 
-__all__ = ["LoRALinear4bit", "fused_lora_forward", "bnb_quant_state"]
+__all__ = ["LoRALinear4bit", "fused_lora_forward", "fused_group_forward", "bnb_quant_state"]
 
 
 def bnb_quant_state(base_layer: nn.Module):
@@ -34,6 +34,23 @@ def bnb_quant_state(base_layer: nn.Module):
     on the weight, else on the module (FSDP's flat parameters lose the weight's attribute)."""
     state = getattr(base_layer.weight, "quant_state", None)
     return state if state is not None else getattr(base_layer, "quant_state", None)
+
+
+def _member(x: torch.Tensor, base_layer: nn.Module, lora_A: nn.Linear, lora_B: nn.Linear,
+            scaling: float, dropout: nn.Module) -> tuple:
+    """(compute dtype, GroupMember) of a bnb base layer and an adapter for input x: the op's
+    arguments, adapter weights and bias cast to the compute dtype (the base layer's, x's when
+    it has none) inside the autograd graph, the dropout's p when it is training (else 0)."""
+    from .checks import GroupMember
+
+    dtype = x.dtype if base_layer.compute_dtype is None else base_layer.compute_dtype
+    bias = base_layer.bias.to(dtype) if base_layer.bias is not None else None
+    if lora_B.bias is not None:
+        lora_bias = lora_B.bias.to(dtype) * scaling
+        bias = lora_bias if bias is None else bias + lora_bias
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    return dtype, GroupMember(base_layer.weight.data, bnb_quant_state(base_layer),
+                              lora_A.weight.to(dtype), lora_B.weight.to(dtype), scaling, bias, p)
 
 
 def fused_lora_forward(x: torch.Tensor, base_layer: nn.Module, lora_A: nn.Linear,
@@ -45,16 +62,23 @@ def fused_lora_forward(x: torch.Tensor, base_layer: nn.Module, lora_A: nn.Linear
     are cast to the compute dtype inside the autograd graph, so their gradients come back in
     their own dtype. A bias on lora_B (PEFT's lora_bias) joins the frozen bias, times scaling.
     `dropout` is nn.Dropout or nn.Identity; its p and .training are read at every call."""
-    dtype = x.dtype if base_layer.compute_dtype is None else base_layer.compute_dtype
-    bias = base_layer.bias.to(dtype) if base_layer.bias is not None else None
-    if lora_B.bias is not None:
-        lora_bias = lora_B.bias.to(dtype) * scaling
-        bias = lora_bias if bias is None else bias + lora_bias
-    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-    y = lora_linear_4bit(x.to(dtype), base_layer.weight.data, bnb_quant_state(base_layer),
-                         lora_A.weight.to(dtype), lora_B.weight.to(dtype), scaling, bias,
-                         dropout_p=p, training=dropout.training)
+    dtype, mb = _member(x, base_layer, lora_A, lora_B, scaling, dropout)
+    y = lora_linear_4bit(x.to(dtype), mb.packed, mb.state, mb.lora_A, mb.lora_B, scaling,
+                         mb.bias, dropout_p=mb.dropout_p, training=True)
     return y.to(x.dtype)
+
+
+def fused_group_forward(x: torch.Tensor, layers) -> Optional[list]:
+    """[fused_lora_forward(x, *layer) for layer in layers] as one fused group op
+    (fastlora.lora_group_4bit; layers: (base_layer, lora_A, lora_B, scaling, dropout) each),
+    or None when their compute dtypes differ (they then run one by one)."""
+    members = [_member(x, *layer) for layer in layers]
+    dtypes = {dtype for dtype, _ in members}
+    if len(dtypes) != 1:
+        return None
+    dtype = dtypes.pop()
+    ys = lora_group_4bit(x.to(dtype), [mb for _, mb in members], training=True)
+    return [y.to(x.dtype) for y in ys]
 
 
 def _bnb_linear4bit(packed: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor],

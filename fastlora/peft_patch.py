@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
 
-from .modules import bnb_quant_state, fused_lora_forward
+from .modules import bnb_quant_state, fused_group_forward, fused_lora_forward
 from .checks import ACTIVATION_DTYPES, MAX_FUSED_RANK
+from .grouping import GroupHook, GroupTracker
 from .quant import QuantState
 
 __all__ = ["patch", "unpatch", "PatchReport", "REASONS"]
@@ -58,12 +60,35 @@ REASONS = (DISABLED, MERGED, NO_ACTIVE, SEVERAL, VARIANT, DROPOUT, RANK, DTYPE, 
 @dataclass
 class PatchReport:
     """What `patch` did: `patched` layers run fused; `skipped` maps a reason (REASONS) to the
-    names (as in model.named_modules()) of the LoRA 4-bit layers that keep PEFT's forward."""
+    names (as in model.named_modules()) of the LoRA 4-bit layers that keep PEFT's forward.
+
+    `groups` ({group size: count}) is read live: groups of patched layers that read one input
+    (q/k/v, gate/up) are learned in a model forward and form as the next one starts
+    (fastlora/grouping.py), so it is {} right after `patch` and after the first forward, and
+    e.g. {2: L, 3: L} for an L-layer Llama from the second forward on; `candidates` is how
+    many parent modules hold two or more patched layers."""
     patched: int = 0
     skipped: dict[str, list[str]] = field(default_factory=dict)
+    trackers: list = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def candidates(self) -> int:
+        return len(self.trackers)
+
+    @property
+    def groups(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for tracker in self.trackers:
+            for size, count in tracker.sizes().items():
+                out[size] = out.get(size, 0) + count
+        return dict(sorted(out.items()))
 
     def __str__(self) -> str:
         lines = [f"fastlora.patch: {self.patched} layer(s) fused"]
+        if self.trackers:
+            formed = ", ".join(f"{count} of {size}" for size, count in self.groups.items())
+            lines.append(f"  groups sharing an input: {formed or 'none formed yet'} "
+                         f"({self.candidates} parent module(s) watched)")
         lines += [f"  skipped {len(names)} ({reason}): {', '.join(names)}"
                   for reason, names in self.skipped.items()]
         return "\n".join(lines)
@@ -123,7 +148,8 @@ def _patch_reason(layer):
 _fallbacks_logged: set = set()
 
 
-def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _fused_forward(self, x: torch.Tensor, *args, tracker: Optional[GroupTracker] = None,
+                   **kwargs) -> torch.Tensor:
     """The forward `patch` installs on a PEFT lora.Linear4bit (through _FusedForward)."""
     adapter, reason = _serving_plan(self)
     if reason is None and kwargs.get("adapter_names") is not None:
@@ -131,34 +157,69 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if reason is None and (args or any(v is not None for v in kwargs.values())):
         reason = EXTRA_ARGS
     if reason is not None:
+        if tracker is not None:
+            tracker.unserved(self)
         if reason not in _fallbacks_logged:  # WARNING: the slow path must not go unnoticed
             _fallbacks_logged.add(reason)
             logger.warning("fastlora: a patched layer runs PEFT's (unfused, slower) forward "
                            "for this call (%s); logged once per reason", reason)
         return type(self).forward(self, x, *args, **kwargs)
-    return fused_lora_forward(x, self.get_base_layer(), self.lora_A[adapter],
-                              self.lora_B[adapter], self.scaling[adapter],
-                              self.lora_dropout[adapter])
+
+    def one():
+        return fused_lora_forward(x, self.get_base_layer(), self.lora_A[adapter],
+                                  self.lora_B[adapter], self.scaling[adapter],
+                                  self.lora_dropout[adapter])
+    if tracker is None or torch.compiler.is_compiling():
+        return one()
+    return tracker.call(self, x, one, _run_group)
+
+
+def _run_group(members: tuple, x: torch.Tensor) -> Optional[list]:
+    """The outputs of a formed group's layers for x in one fused op, or None when one of them
+    cannot take the fused path now (its own call then says why)."""
+    layers = []
+    for layer in members:
+        adapter, reason = _serving_plan(layer)
+        if reason is not None:
+            return None
+        layers.append((layer.get_base_layer(), layer.lora_A[adapter], layer.lora_B[adapter],
+                       layer.scaling[adapter], layer.lora_dropout[adapter]))
+    return fused_group_forward(x, layers)
+
+
+def _group_fits(run: tuple) -> bool:
+    """Whether a learned run of layers can form a fused group (fastlora/launch/group.py)."""
+    from .launch.group import group_problem
+
+    ranks = []
+    for layer in run:
+        adapter, reason = _serving_plan(layer)
+        if reason is not None:
+            return False
+        ranks.append(layer.lora_A[adapter].weight.shape[0])
+    return group_problem(ranks) is None
 
 
 class _FusedForward:
-    """What `patch` installs as a layer's `forward`: `_fused_forward` bound to the layer.
+    """What `patch` installs as a layer's `forward`: `_fused_forward` bound to the layer (and
+    to its parent's GroupTracker, or None).
 
     Not a types.MethodType: pickle stores a bound method as getattr(layer, "_fused_forward"),
     which the layer does not have, so torch.load of a patched model failed. This pickles as
-    _FusedForward(layer) (the layer itself is pickled once, cycles included), and deepcopy
-    rebinds it to the copied layer the same way."""
+    _FusedForward(layer, tracker) (the layer itself is pickled once, cycles included), and
+    deepcopy rebinds it to the copied layer the same way."""
 
-    __slots__ = ("layer",)
+    __slots__ = ("layer", "tracker")
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, tracker: Optional[GroupTracker] = None):
         self.layer = layer
+        self.tracker = tracker
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return _fused_forward(self.layer, x, *args, **kwargs)
+        return _fused_forward(self.layer, x, *args, tracker=self.tracker, **kwargs)
 
     def __reduce__(self):
-        return _FusedForward, (self.layer,)
+        return _FusedForward, (self.layer, self.tracker)
 
     def __repr__(self) -> str:
         return f"<fastlora fused forward of {type(self.layer).__name__}>"
@@ -182,30 +243,56 @@ def _check_model(model) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
-def patch(model: nn.Module) -> PatchReport:
+def _remove_group_hooks(model: nn.Module) -> None:
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if isinstance(hook, GroupHook):
+            del model._forward_pre_hooks[key]
+
+
+def patch(model: nn.Module, group: bool = True) -> PatchReport:
     """Send every servable PEFT LoRA layer over a bitsandbytes 4-bit base in `model` through
     the fused op (fastlora.lora_linear_4bit); returns a PatchReport.
 
+    group: also run layers that read one input (q/k/v, gate/up) as one fused group op
+    (fastlora.lora_group_4bit), found at run time among the patched layers that share a parent
+    module (fastlora/grouping.py); False: every layer runs its own op.
+
     Idempotent: patching again re-examines every layer (a patched layer that can no longer be
-    served, e.g. merged since, gets PEFT's forward back and is reported). Nothing is copied or
-    re-registered; a model without such layers gives a report with zero patched."""
+    served, e.g. merged since, gets PEFT's forward back and is reported) and learns the groups
+    afresh. Nothing is copied or re-registered; a model without such layers gives a report with
+    zero patched."""
     _check_model(model)
+    if not isinstance(group, bool):
+        raise TypeError(f"group must be a bool, got {type(group).__name__}")
     report = PatchReport()
     lora_4bit = _lora_4bit_class()
     found = 0
+    served: dict = {}  # parent module -> its served layers
     for name, module in model.named_modules():
         if lora_4bit is None or not isinstance(module, lora_4bit):
             continue
         found += 1
         reason = _patch_reason(module)
         if reason is None:
-            if not _is_patched(module):
-                module.forward = _FusedForward(module)
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            served.setdefault(parent, []).append(module)
             report.patched += 1
         else:
             if _is_patched(module):
                 del module.forward
             report.skipped.setdefault(reason, []).append(name)
+    _remove_group_hooks(model)
+    for layers in served.values():
+        tracker = GroupTracker() if group and len(layers) >= 2 else None
+        if tracker is not None:
+            report.trackers.append(tracker)
+        for layer in layers:
+            if _is_patched(layer):
+                layer.forward.tracker = tracker  # the same forward object, a fresh tracker
+            else:
+                layer.forward = _FusedForward(layer, tracker)
+    if report.trackers:
+        model.register_forward_pre_hook(GroupHook(report.trackers, _group_fits))
     if not found:
         logger.warning("fastlora.patch: no PEFT LoRA layer over a bitsandbytes 4-bit base in "
                        "this %s; nothing patched", type(model).__name__)
@@ -223,6 +310,7 @@ def unpatch(model: nn.Module) -> int:
     frees the dequantize + cuBLAS path's shared weight buffer (fastlora.release_dequant_buffer;
     any other patched model allocates it again on its next call)."""
     _check_model(model)
+    _remove_group_hooks(model)
     restored = 0
     for module in model.modules():
         if _is_patched(module):

@@ -5,7 +5,10 @@ and without double quantisation, bias and dropout spread over the cases) it runs
 and backward of fastlora.lora_linear_4bit on the Triton kernels (compiled on a GPU, in Triton's
 interpreter on a CPU) and compares y, dx, dA, dB (and dbias) with the float64 reference, against
 the bound of fastlora.numerics: 2 x the plain-PyTorch error in the same dtype + 1 ulp.
-The cases come from fastlora.cases (weights quantised by bitsandbytes itself).
+The cases come from fastlora.cases (weights quantised by bitsandbytes itself). The matrix ends
+with fused groups (fastlora.lora_group_4bit: q/k/v-like and gate/up-like members that read one
+x, each its own weight, rank and dropout), every member's outputs and gradients checked the same
+way against its own float64 reference.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch
 
 from . import backend
 from .bench import report
-from .cases import DEVICE, DTYPES, fused, make_case, reference_pair, run
+from .cases import (DEVICE, DTYPES, fused, group_out_grads, group_reference_pair, grouped,
+                    make_case, make_group_case, reference_pair, run, run_group)
 from .numerics import compare
 
 
@@ -38,8 +42,13 @@ class VerifyCase:
     dropout_p: float = 0.0
     lead: tuple = ()
 
+    group: tuple = ()  # (out_features, rank, dropout p, bias) per member: a fused group
+
     @property
     def label(self) -> str:
+        if self.group:
+            members = "+".join(f"{n}r{r}" for n, r, _, _ in self.group)
+            return f"group {self.m}x({members})x{self.k} {self.quant_type}"
         rows = "x".join(str(d) for d in (*self.lead, self.m))
         parts = [f"{rows}x{self.n}x{self.k} r{self.rank}", self.quant_type,
                  f"bs{self.blocksize}", "dq" if self.double_quant else "no-dq"]
@@ -77,18 +86,31 @@ def matrix(full: bool = False) -> list[VerifyCase]:
             cases += [VerifyCase(40, 160, 96, rk, dt, "fp4", dropout_p=0.2) for rk in (1, 64)]
             cases += [VerifyCase(128, 320, 448, 32, dt, "fp4", False, bias=True),
                       VerifyCase(256, 512, 512, 64, dt, dropout_p=0.05)]
+    for dt in supported_dtypes():  # groups: q/k/v-like (dropout on two) and gate/up at M=1
+        cases += [VerifyCase(33, 0, 160, 0, dt, group=((96, 8, 0.1, True), (48, 16, 0.0, False),
+                                                      (48, 4, 0.2, False))),
+                  VerifyCase(1, 0, 128, 0, dt, "fp4", group=((160, 12, 0.0, False),
+                                                            (160, 12, 0.0, False)))]
     return cases
 
 
 def check_case(vc: VerifyCase) -> list[dict]:
     """Forward + backward of one case on the kernels; one row per compared output."""
     dtype = DTYPES[vc.dtype]
+    if vc.group:
+        x, members = make_group_case(vc.m, vc.k, vc.group, dtype, vc.quant_type)
+        dys = group_out_grads(members, vc.m, seed=99)
+        truth, baseline = group_reference_pair(x, members, dtype, dys)
+        return _rows(vc, run_group(grouped, x, members, dtype, dys), truth, baseline, dtype)
     case = make_case(vc.m, vc.n, vc.k, vc.rank, dtype, vc.quant_type, vc.blocksize,
                      vc.double_quant, vc.bias, vc.dropout_p, lead=vc.lead)
     g = torch.Generator().manual_seed(99)
     grad_out = torch.randn(*vc.lead, vc.m, vc.n, generator=g).to(DEVICE)
     truth, baseline = reference_pair(case, dtype, grad_out)
-    out = run(fused, case, dtype, grad_out)
+    return _rows(vc, run(fused, case, dtype, grad_out), truth, baseline, dtype)
+
+
+def _rows(vc: VerifyCase, out: dict, truth: dict, baseline: dict, dtype) -> list[dict]:
     rows = []
     for name, value in out.items():
         if value is None:

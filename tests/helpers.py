@@ -4,7 +4,8 @@
 import itertools
 
 from fastlora.cases import (  # noqa: F401
-    DEVICE, DTYPES, LoraCase, bnb_weight, fused, make_case, reference_pair, run)
+    DEVICE, DTYPES, LoraCase, bnb_weight, fused, group_out_grads, group_reference_pair,
+    grouped, make_case, make_group_case, members_one_by_one, reference_pair, run, run_group)
 
 
 # ----------------------------------------------------------------------------- kernel matrix

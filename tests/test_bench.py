@@ -512,3 +512,31 @@ def test_gpu_rows_report_each_path_and_the_pick(tmp_path, monkeypatch):
     assert rows["fastlora_fused"]["base_path"] == "fused"
     assert rows["fastlora_dequant"]["base_path"] == "dequant"
     assert all(r["status"] == "ok" for r in rows.values())
+
+
+def test_block_mode_smoke_pass_and_selection(tmp_path, capsys, monkeypatch):
+    """`--modes block` (issue 13): the q/k/v and gate/up blocks of each selected model; without
+    a GPU a smoke pass where per-layer fastlora, grouped fastlora and PEFT each match float64
+    on a tiny block, forward and backward, and no timing is claimed. Only the block runs when
+    it is the only mode (the per-layer suite is not entered)."""
+    from fastlora.bench import block
+
+    picked = block.blocks([shapes.SHAPES["llama3-8b.q_proj"], shapes.SHAPES["qwen2.5-7b.o_proj"]])
+    assert [(m, b, [s.name.rpartition(".")[2] for s in members])
+            for m, b, members in picked] == [
+        ("llama3-8b", "qkv", ["q_proj", "k_proj", "v_proj"]),
+        ("llama3-8b", "gate_up", ["gate_proj", "up_proj"]),
+        ("qwen2.5-7b", "qkv", ["q_proj", "k_proj", "v_proj"]),
+        ("qwen2.5-7b", "gate_up", ["gate_proj", "up_proj"])]
+    monkeypatch.setattr(suite, "_run_layers", lambda opts: pytest.fail("per-layer suite ran"))
+    opts = suite.Options(shapes=[shapes.SHAPES["llama3-8b.q_proj"]], ms=(1,), ranks=(16,),
+                         modes=("block",), providers=[], out=str(tmp_path),
+                         compile_report=False)
+    assert suite.check_output_csv(opts) == (str(tmp_path / "block.csv"), None)
+    assert suite.run(opts) == 0
+    table = (tmp_path / "block_smoke.md").read_text()
+    for name in block.PROVIDERS:
+        rows = [line for line in table.splitlines() if f"| {name} |" in line]
+        assert len(rows) == 2 and all(line.rstrip(" |").endswith("ok") for line in rows), table
+    assert "Block timings need a CUDA GPU" in table
+    assert "every provider matched the float64 reference" in capsys.readouterr().out

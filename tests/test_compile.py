@@ -56,7 +56,7 @@ def test_full_precision_fp32_configs_are_in_the_report(report):
     fma = {(r["kernel"], r["arch"]) for r in report if r["fma_dot"]}
     kernels = {"_nf4_lora_fwd_kernel", "_lora_u_kernel", "_nf4_lora_fwd_small_m_kernel",
                "_splitk_reduce_kernel", "_nf4_lora_bwd_dx_kernel", "_lora_bwd_du_db_kernel",
-               "_lora_bwd_da_kernel"}
+               "_lora_bwd_da_kernel", "_lora_u_group_kernel", "_lora_bwd_da_group_kernel"}
     assert fma == {(k, arch) for k in kernels for arch in ("sm_80", "sm_90")}
     assert all("ieee" in r["config"] and r["mma_instructions"] == 0
                for r in report if r["fma_dot"])
@@ -121,7 +121,8 @@ def test_atomic_ops_counts_ttir_and_ptx_atomics():
 
 
 BACKWARD_KERNELS = {"_lora_bwd_du_db_kernel", "_lora_bwd_reduce_kernel",
-                    "_nf4_lora_bwd_dx_kernel", "_lora_bwd_da_kernel"}
+                    "_nf4_lora_bwd_dx_kernel", "_lora_bwd_da_kernel",
+                    "_lora_bwd_da_group_kernel"}
 
 
 def test_backward_kernels_have_no_atomics(report):
@@ -256,3 +257,63 @@ def test_the_gather_decode_is_caught_when_compiled():
     assert on_shfl > 0 and on_loads == 0 and on_found == []
     assert off_shfl == 0 and off_loads > 0
     assert any("register-table" in f for f in off_found), off_found
+
+
+def _label(config: str) -> dict:
+    """dtype, dropout, padded rank(s) of a U / dA row's config string."""
+    import re
+
+    words = config.split()
+    out = {"dtype": words[3]}
+    ranks = re.search(r"ranks=([\d+]+)", config)
+    if ranks:
+        out["ranks"] = [int(r) for r in ranks.group(1).split("+")]
+    pad = re.search(r"(?:BLOCK_R|R_PAD)=(\d+)", config)
+    if pad:
+        out["r_pad"] = int(pad.group(1))
+    drop = re.search(r"dropout=(\d)", config)
+    out["dropout"] = drop.group(1) == "1" if drop else True  # the dA specs draw the mask
+    return out
+
+
+GROUP_OF = {"_lora_u_group_kernel": "_lora_u_kernel",
+            "_lora_bwd_da_group_kernel": "_lora_bwd_da_kernel"}
+
+
+def test_group_kernels_are_no_slower_than_their_members(report):
+    """Issue 13: a group's U / dA kernel reads x once where its G members' kernels read it G
+    times. In the hot-loop model its time (x's bytes over its ceiling) must not exceed the sum
+    of its members' kernels' (G x the bytes over the headline single-layer ceiling at the
+    member's padded rank, the next compiled one above when that rank has none) by more than
+    5%: G x group ceiling >= 0.95 x member ceiling. 16-bit activations, sm_80 and sm_90, with
+    dropout (each member draws its own mask: the group issues G masks' instructions per
+    element, about what its members issue together) and, for U, without. No spill anywhere."""
+    from csrc_triton.group import r_pad
+
+    singles = {}
+    for row in report:
+        if row["kernel"] in GROUP_OF.values() and row["ceiling_target"] > 0:
+            lab = _label(row["config"])
+            key = (row["kernel"], row["arch"], lab["dtype"], lab["dropout"], lab["r_pad"])
+            singles[key] = max(singles.get(key, 0.0), row["ceiling"])
+    checked, failures = 0, []
+    for row in report:
+        if row["kernel"] not in GROUP_OF:
+            continue
+        assert row["stack_bytes"] == 0 and row["local_bytes"] == 0, row
+        lab = _label(row["config"])
+        if lab["dtype"] not in ("bf16", "fp16"):
+            continue
+        single = GROUP_OF[row["kernel"]]
+        pads = sorted(p for (k, a, d, dr, p) in singles
+                      if (k, a, d, dr) == (single, row["arch"], lab["dtype"], lab["dropout"])
+                      and p >= r_pad(max(lab["ranks"])))
+        if not pads:
+            continue
+        member = singles[(single, row["arch"], lab["dtype"], lab["dropout"], pads[0])]
+        checked += 1
+        if len(lab["ranks"]) * row["ceiling"] < 0.95 * member:
+            failures.append(f"{row['kernel']} {row['arch']} {row['config']}: "
+                            f"{len(lab['ranks'])} x {row['ceiling']:.2f} < 0.95 x {member:.2f}")
+    assert checked >= 24, checked
+    assert not failures, "\n".join(failures)

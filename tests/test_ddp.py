@@ -89,8 +89,11 @@ def _rank(rank: int, wrapper: str, model_dir: str, port: int, out_path: str) -> 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)
     calls = []  # layer calls that took the fused path (this process only)
-    fused = peft_patch.fused_lora_forward
+    fused, fused_group = peft_patch.fused_lora_forward, peft_patch.fused_group_forward
     peft_patch.fused_lora_forward = lambda *args: calls.append(1) or fused(*args)
+    # q/k/v and gate/up run as fused groups from the second step on: one call per member
+    peft_patch.fused_group_forward = \
+        lambda x, layers: calls.extend([1] * len(layers)) or fused_group(x, layers)
     try:
         model = _patched_model(model_dir, wrapper)
         per_rank = GLOBAL_BATCH // WORLD

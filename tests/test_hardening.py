@@ -333,13 +333,13 @@ def test_autotuned_dx_equals_the_fixed_config(monkeypatch):
         tuner.do_bench = _cpu_bench
         return tuner
     monkeypatch.setattr(kernels, "build_autotuner", build_on_cpu)
-    init = launch._Configs.__init__
+    init = launch.Configs.__init__
 
     def tuned_dx(self, x, config):
         init(self, x, config)
         del self.fixed["dx"]
         self.tuned = tuned
-    monkeypatch.setattr(launch._Configs, "__init__", tuned_dx)
+    monkeypatch.setattr(launch.Configs, "__init__", tuned_dx)
 
     got = dx_of()
     assert len(built) == 1 and len(built[0].configs_timings) == 2, "both configs were timed"

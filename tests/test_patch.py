@@ -34,26 +34,25 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """Counts the layer calls that really took the fused path."""
+    """Counts the layer calls that really took the fused path (a fused group op counts once
+    per member: q/k/v and gate/up run as groups from a model's second forward on)."""
     calls = []
-    real = peft_patch.fused_lora_forward
+    real, real_group = peft_patch.fused_lora_forward, peft_patch.fused_group_forward
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
+    def counting_group(x, layers):
+        calls.extend([1] * len(layers))
+        return real_group(x, layers)
+
     monkeypatch.setattr(peft_patch, "fused_lora_forward", counting)
+    monkeypatch.setattr(peft_patch, "fused_group_forward", counting_group)
     return calls
 
 
-def _step(model, seed: int = 0) -> dict:
-    """Forward + backward on one batch: logits, loss and every LoRA gradient."""
-    ids, labels = tm.token_batch(seed=seed)
-    model.zero_grad(set_to_none=True)
-    out = model(ids, labels=labels)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
-    return {"logits": out.logits.detach(), "loss": out.loss.detach(), **grads}
+_step = tm.lora_step  # forward + backward: logits, loss, every LoRA gradient
 
 
 CONFIGS = {  # quant_type, double_quant, compute dtype, quant storage, extra LoraConfig
@@ -106,8 +105,9 @@ def _train(model_dir, patched: bool, checkpointing=None, steps: int = 10) -> lis
         model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
         model.enable_input_require_grads()  # what peft.prepare_model_for_kbit_training does
+    report = fastlora.patch(model) if patched else None
     if patched:
-        assert fastlora.patch(model).patched == N_LAYERS
+        assert report.patched == N_LAYERS
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids, labels = tm.token_batch()
     losses = []
@@ -117,6 +117,8 @@ def _train(model_dir, patched: bool, checkpointing=None, steps: int = 10) -> lis
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
+    if patched:  # q/k/v and gate/up ran as fused groups from step 2 on (test_grouping.py):
+        assert report.groups == {2: 2, 3: 2}  # with checkpointing, recomputed as they ran
     return losses
 
 
@@ -141,34 +143,31 @@ def test_training_losses_agree(model_dir, unpatched_losses, checkpointing, path,
                              f"patched   {losses}\nunpatched {unpatched_losses}")
 
 
-@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
-def test_checkpoint_recomputes_the_same_dropout(model_dir, reentrant):
+@pytest.mark.parametrize("reentrant,group", [(True, True), (False, True), (False, False)],
+                         ids=["reentrant-grouped", "non_reentrant-grouped",
+                              "non_reentrant-per_layer"])
+def test_checkpoint_recomputes_the_same_dropout(model_dir, reentrant, group):
     """With dropout on, a checkpointed layer is run twice; the dropout seed comes from torch's
     generator, which checkpointing rewinds, so the recomputed mask and hence every gradient
-    equal those of the run without checkpointing, bit for bit."""
+    equal those of the run without checkpointing, bit for bit: with q/k/v and gate/up as
+    fused groups (formed by a first forward) and per layer."""
     model = tm.add_lora(tm.load_4bit(model_dir), lora_dropout=0.25)
     model.train()
     model.enable_input_require_grads()
-    fastlora.patch(model)
+    report = fastlora.patch(model, group=group)
+    _step(model)  # the groups form as the next forward starts
     torch.manual_seed(0)
     plain = _step(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     torch.manual_seed(0)
     ckpt = _step(model)
+    assert report.groups == ({2: 2, 3: 2} if group else {})
     different = [k for k in plain if not torch.equal(plain[k], ckpt[k])]
     assert not different, f"differ with checkpointing: {different[:5]}"
 
 
-def _logits(model, seed: int = 0, **kwargs) -> torch.Tensor:
-    ids, _ = tm.token_batch(seed=seed)
-    with torch.no_grad():
-        return model(ids, **kwargs).logits
-
-
-def _close_fp32(got, want, what):
-    """fp32 compute: fused and PEFT differ only in summation order (~1e-6 relative)."""
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item(),
-                               msg=lambda m: f"{what}: {m}")
+_logits = tm.logits
+_close_fp32 = tm.assert_close_fp32
 
 
 def test_patch_keeps_parameters_and_unpatch_restores(model_dir):

@@ -6,6 +6,9 @@
                                             random non-zero lora_B so the LoRA path counts
     float64_twin(path, peft_model)          its float64 truth: same dequantised weights, adapters
     token_batch(batch, seq)                 (input_ids, labels) for a causal-LM step
+    lora_step(model) / logits(model)        one training step's logits, loss and LoRA grads /
+                                            one no-grad forward's logits
+    assert_close_fp32(got, want, what)      the fp32 closeness of fused vs PEFT runs
 
 Sizes are multiples of 64 so that quantisation blocks never straddle rows (bitsandbytes 0.50's
 CPU library mis-scales those, see tests/test_format.py) and the interpreter stays fast.
@@ -117,3 +120,26 @@ def token_batch(batch: int = 2, seq: int = 16, seed: int = 0, device: str = DEVI
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (batch, seq), generator=g).to(device)
     return ids, ids.clone()
+
+
+def lora_step(model, seed: int = 0, **kwargs) -> dict:
+    """Forward + backward on one batch: logits, loss and every LoRA gradient (cloned)."""
+    ids, labels = token_batch(seed=seed)
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=labels, **kwargs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+    return {"logits": out.logits.detach(), "loss": out.loss.detach(), **grads}
+
+
+def logits(model, seed: int = 0, **kwargs) -> torch.Tensor:
+    """The model's logits on one batch, without grad."""
+    ids, _ = token_batch(seed=seed)
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+def assert_close_fp32(got, want, what: str) -> None:
+    """fp32 compute: fused and PEFT differ only in summation order (~1e-6 relative)."""
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item(),
+                               msg=lambda m: f"{what}: {m}")

@@ -73,9 +73,13 @@ def check_output_csv(opts: Options) -> tuple:
     without one) holds other columns; returns (that CSV's path, the run's columns or None when
     it writes no row there). The columns come from one row built by this module's own
     code, so they cannot drift from what the run writes: a modelled row, or a GPU row that
-    skips its provider (measure_row then times nothing)."""
+    skips its provider (measure_row then times nothing). The 'block' mode writes block.csv,
+    whose columns are its own."""
+    layer_modes = tuple(m for m in opts.modes if m != "block")
+    if not layer_modes:
+        return os.path.join(opts.out, "block.csv"), None
     one = dataclasses.replace(opts, shapes=opts.shapes[:1], ms=opts.ms[:1],
-                              ranks=opts.ranks[:1], modes=opts.modes[:1])
+                              ranks=opts.ranks[:1], modes=layer_modes[:1])
     if torch.cuda.is_available():
         name = opts.providers[0]
         row = measure_row(one, report.environment(torch.cuda.get_device_name()),
@@ -93,7 +97,19 @@ def check_output_csv(opts: Options) -> tuple:
 
 def run(opts: Options) -> int:
     """Run the suite; returns the exit code (non-zero when a provider failed or the compile
-    report found a problem)."""
+    report found a problem). The 'block' mode (fastlora/bench/block.py) runs after the
+    per-layer modes."""
+    from . import block
+
+    with_block = "block" in opts.modes
+    opts = dataclasses.replace(opts, modes=tuple(m for m in opts.modes if m != "block"))
+    code = _run_layers(opts) if opts.modes else 0
+    if with_block:
+        code = block.run(opts) or code
+    return code
+
+
+def _run_layers(opts: Options) -> int:
     rows = None  # the compile report's rows, when computed before the end
     if torch.cuda.is_available():
         code = run_gpu(opts)

@@ -25,7 +25,7 @@ from . import dispatch
 from .common import (LAUNCH_OPTIONS, arch, cached_autotuner, decode_flags, dot_precision,
                      kernel_entry, num_sms, weight_args)
 
-__all__ = ["lora_backward", "KERNELS"]
+__all__ = ["lora_backward", "check_backward_args", "du_db", "dx_gemm", "Configs", "KERNELS"]
 
 KERNELS = ("du_db", "da", "dx")  # the keys of `config=`
 
@@ -44,7 +44,7 @@ def _parts(extent: int, unit: int, count: int) -> tuple[int, int]:
     return size, triton.cdiv(extent, size)
 
 
-class _Configs:
+class Configs:
     """Which config each kernel runs with: `config[kernel]` when given (a dict of its BLOCK_*
     constexprs plus num_warps / num_stages), else the fixed interpreter config, else the
     autotuner over the arch's list for the activation class and dot precision."""
@@ -91,7 +91,7 @@ class _Configs:
             tuner[grid](*args, **consts, **options)
 
 
-def _check(dy, x, u, lora_A, lora_B, need_dB):
+def check_backward_args(dy, x, u, lora_A, lora_B, need_dB):
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
     m, n = x.shape[0], lora_B.shape[0]
@@ -136,7 +136,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, u: Optional[torch.Tensor],
     """
     p, seed = check_inputs(x, packed, state, lora_A, lora_B, scaling, None, p, True, seed,
                            allowed_dtypes=ACTIVATION_DTYPES)
-    _check(dy, x, u, lora_A, lora_B, need_dB)
+    check_backward_args(dy, x, u, lora_A, lora_B, need_dB)
     m, k = x.shape
     n, rank = lora_B.shape
     need_du = bool(need_dx or need_dA)
@@ -144,68 +144,94 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, u: Optional[torch.Tensor],
         return (x.new_empty(m, k) if need_dx else None,
                 torch.zeros_like(lora_A) if need_dA else None,
                 torch.zeros_like(lora_B) if need_dB else None)
-    cfgs = _Configs(x, config)
-    width = _parallelism(x.device)
-    precision = dot_precision(x.dtype)
+    cfgs = Configs(x, config)
+    du, dB = du_db(cfgs, dy, u, lora_B, scaling, need_du, need_dB)
+    if not need_du:
+        return None, None, dB
+    dx = x.new_empty(m, k) if need_dx else None
+    dA = _da(cfgs, x, du, lora_A, p, seed, dx, need_dA)
+    if need_dx:
+        dx_gemm(cfgs, dy, packed, state, dx, base=base, pinned="dx" in (config or {}))
+    return dx, dA, dB
+
+
+def _f32(device) -> dict:
+    return dict(dtype=torch.float32, device=device)
+
+
+def du_db(cfgs: Configs, dy, u, lora_B, scaling: float, need_du: bool, need_dB: bool):
+    """(dU = s * dy @ B [M, r] in dy's dtype or None, dB = s * dy^T @ U [N, r] in lora_B's
+    dtype or None): one pass over dy, split over M (for dB) x N (for dU), partials reduced in
+    a fixed order."""
+    m, n = dy.shape
+    rank = lora_B.shape[1]
+    width = _parallelism(dy.device)
     r_pad = max(16, triton.next_power_of_2(rank))
-    from csrc_triton.common import m_bucket as bucket_of
-
-    m_bucket = bucket_of(m)  # autotune key: M to a power of two (the forward's rule)
-    f32 = dict(dtype=torch.float32, device=x.device)
-
-    # dU and dB: one pass over dy, split over M (for dB) x N (for dU).
     rows_per_split, splits = _parts(m, cfgs.largest("du_db", "BLOCK_M"),
                                     round(math.sqrt(width * m / n)))
     cols_per_group, groups = _parts(n, cfgs.largest("du_db", "BLOCK_N"),
                                     triton.cdiv(width, splits))
-    unused = torch.empty(0, **f32)  # stands for a workspace a flag switches off
-    ws_du = torch.empty((groups, m, rank), **f32) if need_du else unused
-    ws_db = torch.empty((splits, n, rank), **f32) if need_dB else unused
+    unused = torch.empty(0, **_f32(dy.device))  # stands for a workspace a flag switches off
+    ws_du = torch.empty((groups, m, rank), **_f32(dy.device)) if need_du else unused
+    ws_db = torch.empty((splits, n, rank), **_f32(dy.device)) if need_dB else unused
     u_arg = u if need_dB else lora_B  # unread when dB is not needed
     cfgs.launch("du_db", lambda meta: (splits, groups),
                 (dy, u_arg, lora_B, ws_du, ws_db, m, n, rank, rows_per_split, cols_per_group,
-                 m_bucket, dy.stride(0), dy.stride(1), u_arg.stride(0), u_arg.stride(1),
+                 m_bucket_of(m), dy.stride(0), dy.stride(1), u_arg.stride(0), u_arg.stride(1),
                  lora_B.stride(0), lora_B.stride(1)),
                 dict(COMPUTE_DU=need_du, COMPUTE_DB=bool(need_dB), R_PAD=r_pad,
-                     DOT_PRECISION=precision))
+                     DOT_PRECISION=dot_precision(dy.dtype)))
     dB = _reduce(ws_db, lora_B.new_empty(n, rank), scaling) if need_dB else None
-    if not need_du:
-        return None, None, dB
-    du = _reduce(ws_du, x.new_empty(m, rank), scaling)
-    del ws_du, ws_db
+    du = _reduce(ws_du, dy.new_empty(m, rank), scaling) if need_du else None
+    return du, dB
 
-    # dA and dx's LoRA term: one pass over x, split over M (for dA).
-    dx = x.new_empty(m, k) if need_dx else None
+
+def _da(cfgs: Configs, x, du, lora_A, p: float, seed: int, dx, need_dA: bool):
+    """dA = dU^T @ dropout(x) (returned, or None) and dx := dropout'(dU @ A) (when dx is a
+    tensor): one pass over x, split over M (for dA)."""
+    m, k = x.shape
+    rank = lora_A.shape[0]
+    width = _parallelism(x.device)
+    r_pad = max(16, triton.next_power_of_2(rank))
     k_tiles = triton.cdiv(k, cfgs.largest("da", "BLOCK_K"))
     rows_per_split, splits = _parts(m, cfgs.largest("da", "BLOCK_M"), triton.cdiv(width, k_tiles))
-    ws_da = torch.empty((splits, rank, k), **f32) if need_dA else unused
-    dx_arg = dx if need_dx else x  # unwritten when dx is not needed
+    ws_da = torch.empty((splits, rank, k), **_f32(x.device)) if need_dA \
+        else torch.empty(0, **_f32(x.device))
+    dx_arg = dx if dx is not None else x  # unwritten when dx is not needed
     cfgs.launch("da", lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), splits),
                 (x, du, lora_A, ws_da, dx_arg, m, k, rank, seed, dropout_threshold(p),
-                 1.0 / (1.0 - p), rows_per_split, m_bucket, x.stride(0), x.stride(1),
+                 1.0 / (1.0 - p), rows_per_split, m_bucket_of(m), x.stride(0), x.stride(1),
                  du.stride(0), du.stride(1), lora_A.stride(0), lora_A.stride(1),
                  dx_arg.stride(0), dx_arg.stride(1)),
-                dict(COMPUTE_DA=bool(need_dA), WRITE_DX=bool(need_dx), HAS_DROPOUT=p > 0.0,
+                dict(COMPUTE_DA=bool(need_dA), WRITE_DX=dx is not None, HAS_DROPOUT=p > 0.0,
                      DROPOUT_GROUPED=k % 8 == 0,
-                     R_PAD=r_pad, DOT_PRECISION=precision))
-    dA = _reduce(ws_da, lora_A.new_empty(rank, k), 1.0) if need_dA else None
-    del ws_da
+                     R_PAD=r_pad, DOT_PRECISION=dot_precision(x.dtype)))
+    return _reduce(ws_da, lora_A.new_empty(rank, k), 1.0) if need_dA else None
 
-    # dx += dy @ deq(W), the GEMM; dx holds the LoRA term on entry.
-    # The fused GEMM or dequantize + cuBLAS (launch/dispatch.py; `base` as in lora_forward).
-    if need_dx:
-        dispatch.run("dx", dx,
-                     lambda out: cfgs.launch(
-                         "dx", lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) *
-                                             triton.cdiv(k, meta["BLOCK_K"]),),
-                         (dy, *weight_args(packed, state), out, m, n, k, m_bucket,
-                          dy.stride(0), dy.stride(1), out.stride(0), out.stride(1)),
-                         dict(**decode_flags(packed, state, k), DOT_PRECISION=precision),
-                         LAUNCH_OPTIONS),
-                     lambda out: dispatch.dx_dequant(dy, packed, state, out),
-                     n=n, k=k, m=m, base=base, pinned="dx" in (config or {}),
-                     accumulates=True)
-    return dx, dA, dB
+
+def dx_gemm(cfgs: Configs, dy, packed, state, dx, *, base=None, pinned: bool = False) -> None:
+    """dx += dy @ deq(W), dx holding the LoRA term on entry: the fused GEMM or dequantize +
+    cuBLAS (launch/dispatch.py; `base` as in lora_forward, pinned: a "dx" config was given)."""
+    m, n = dy.shape
+    k = dx.shape[1]
+    dispatch.run("dx", dx,
+                 lambda out: cfgs.launch(
+                     "dx", lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) *
+                                         triton.cdiv(k, meta["BLOCK_K"]),),
+                     (dy, *weight_args(packed, state), out, m, n, k, m_bucket_of(m),
+                      dy.stride(0), dy.stride(1), out.stride(0), out.stride(1)),
+                     dict(**decode_flags(packed, state, k),
+                          DOT_PRECISION=dot_precision(dy.dtype)),
+                     LAUNCH_OPTIONS),
+                 lambda out: dispatch.dx_dequant(dy, packed, state, out),
+                 n=n, k=k, m=m, base=base, pinned=pinned, accumulates=True)
+
+
+def m_bucket_of(m: int) -> int:
+    """The autotune key's M bucket (csrc_triton.common.m_bucket, the forward's rule)."""
+    from csrc_triton.common import m_bucket
+
+    return m_bucket(m)
 
 
 def _reduce(ws: torch.Tensor, out: torch.Tensor, scale: float) -> torch.Tensor:

@@ -71,16 +71,28 @@ def lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, seed, *, co
     product's path, None/'auto' (launch/dispatch.py decides), 'fused' or 'dequant'; a fused
     `config` or `path` pins the fused path."""
     check_forward_args(x, packed, state, lora_A, lora_B, scaling, bias, p, seed)
+    m = x.shape[0]
+    n, rank = lora_B.shape
+    u = torch.empty((m, rank), dtype=x.dtype, device=x.device)
+    which = choose_path(m, path)
+    if m == 0:
+        return torch.empty((m, n), dtype=x.dtype, device=x.device), u
+    _launch_u(x, lora_A, u, float(p), int(seed), dot_precision(x.dtype))
+    return forward_with_u(x, packed, state, u, lora_B, scaling, bias, config=config,
+                          path=which, base=base, pinned=config is not None or path != "auto"), u
+
+
+def forward_with_u(x, packed, state, u, lora_B, scaling, bias, *, config=None, path="auto",
+                   base=None, pinned=False):
+    """y [M, N] = x @ deq(W)^T + s * u @ lora_B^T + bias, u = dropout(x) @ A^T given (the U
+    kernel's output: lora_forward's, or the grouped op's, fastlora/launch/group.py).
+    Arguments as lora_forward's, already checked; pinned: a fused config or path was asked
+    for (the base product then takes the fused path)."""
     m, k = x.shape
     n, rank = lora_B.shape
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    u = torch.empty((m, rank), dtype=x.dtype, device=x.device)
-    if m == 0:
-        choose_path(m, path)
-        return y, u
     which = choose_path(m, path)
     precision = dot_precision(x.dtype)
-    _launch_u(x, lora_A, u, float(p), int(seed), precision)
     # the kernels read bias[n] at bias_ptr + n: a strided view (bias[::2]) is copied, N values
     bias_arg = bias.contiguous() if bias is not None else y  # y: unread when HAS_BIAS is off
     args = (x, *weight_args(packed, state), u, lora_B, bias_arg, y)
@@ -92,8 +104,8 @@ def lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, seed, *, co
                                           float(scaling), config),
                  lambda out: dispatch.forward_dequant(x, packed, state, u, lora_B,
                                                       float(scaling), bias, out),
-                 n=n, k=k, m=m, base=base, pinned=config is not None or path != "auto")
-    return y, u
+                 n=n, k=k, m=m, base=base, pinned=pinned)
+    return y
 
 
 def _forward_kernels():

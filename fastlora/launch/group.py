@@ -1,0 +1,184 @@
+"""Launcher of csrc_triton/group.py: the grouped op (G <= 4 LoRA layers over one input x).
+
+    group_forward(x, members) -> (ys, us)
+        U_g = dropout_g(x) @ A_g^T for all members in one pass over x (_lora_u_group_kernel),
+        then each member's base product y_g = x @ deq(W_g)^T + s_g U_g B_g^T + bias_g
+        (launch/forward.py forward_with_u: the tiled or small-M kernel, or dequantize + cuBLAS)
+    group_backward(dys, x, us, members, need_dx, need_dA, need_dB) -> (dx, dAs, dBs)
+        per member dU_g, dB_g (one pass over dy_g, launch/backward.py du_db); then all dA_g and
+        dx's summed LoRA term in one pass over x (_lora_bwd_da_group_kernel, dx written once);
+        then dx += dy_g @ deq(W_g) per member (launch/backward.py dx_gemm)
+
+`members`: fastlora.checks.GroupMember records whose state is a fastlora QuantState, whose
+dropout_p is the effective p and whose seed is an int (fastlora.checks.check_group makes them).
+Member g's mask is the one its own single-layer op draws with its seed, so the group computes
+what the members' separate ops compute.
+
+Configs: csrc_triton/group.py u_config / da_config, one fixed config per summed padded rank and
+activation class (the group kernels are not autotuned), in the interpreter too.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..checks import MAX_FUSED_RANK, GroupMember
+from ..reference import dropout_threshold
+from .backward import Configs, _parallelism, _parts, _reduce, check_backward_args, du_db, dx_gemm
+from .common import dot_precision, kernel_entry
+from .forward import check_forward_args, forward_with_u
+
+__all__ = ["group_forward", "group_backward", "group_problem", "check_group_size",
+           "full_precision_fp32", "MAX_MEMBERS"]
+
+MAX_MEMBERS = 4  # csrc_triton/group.py MAX_MEMBERS (a test keeps them equal)
+MAX_TOTAL_R_PAD = 128  # csrc_triton/group.py MAX_TOTAL_R_PAD (a test keeps them equal)
+MAX_TOTAL_R_PAD_IEEE = 64  # csrc_triton/group.py MAX_TOTAL_R_PAD_IEEE
+
+
+def _kernels():
+    from csrc_triton import group
+
+    return group
+
+
+def group_problem(ranks, full_precision_fp32: bool = False) -> str | None:
+    """Why a group of these LoRA ranks cannot run as one fused op, or None: 1..MAX_MEMBERS
+    members, each of a fused rank, whose padded ranks sum (to a power of two) to at most
+    MAX_TOTAL_R_PAD, or MAX_TOTAL_R_PAD_IEEE for fp32 activations at full precision (FMA
+    dots, fastlora.launch.common.dot_precision 'ieee')."""
+    if not 1 <= len(ranks) <= MAX_MEMBERS:
+        return f"a fused group has 1..{MAX_MEMBERS} members, got {len(ranks)}"
+    if max(ranks) > MAX_FUSED_RANK:
+        return f"a rank above {MAX_FUSED_RANK}"
+    total = _kernels().total_r_pad(ranks)
+    limit = MAX_TOTAL_R_PAD_IEEE if full_precision_fp32 else MAX_TOTAL_R_PAD
+    if total > limit:
+        what = " for fp32 at full precision" if full_precision_fp32 else ""
+        return f"the ranks {list(ranks)} pad to {total} > {limit}{what}"
+    return None
+
+
+def full_precision_fp32(x: torch.Tensor) -> bool:
+    return x.dtype == torch.float32 and dot_precision(x.dtype) == "ieee"
+
+
+def check_group_size(members, x: torch.Tensor) -> None:
+    """ValueError unless the group fits the kernels (group_problem) for activations x."""
+    problem = group_problem([m.lora_A.shape[0] for m in members], full_precision_fp32(x))
+    if problem is not None:
+        raise ValueError(f"{problem}: run the members as separate ops")
+
+
+def _check(x, members) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError("x must be a 2-D [M, K] tensor (fold leading dims into M)")
+    for member in members:
+        if not isinstance(member, GroupMember):
+            raise TypeError("members must be fastlora.checks.GroupMember records "
+                            "(fastlora.checks.check_group makes them)")
+        check_forward_args(x, member.packed, member.state, member.lora_A, member.lora_B,
+                           member.scaling, member.bias, member.dropout_p, member.seed)
+    check_group_size(members, x)
+
+
+def _slot_args(values: list, g_max: int = MAX_MEMBERS) -> list:
+    """Per-slot argument tuples, slots past the group repeating slot 0 (compiled out)."""
+    return [values[g] if g < len(values) else values[0] for g in range(g_max)]
+
+
+@kernel_entry
+def group_forward(x: torch.Tensor, members: list, *, base=None):
+    """([y_g [M, N_g]], [u_g [M, r_g]]) of every member, in x's dtype (x 2-D, any strides)."""
+    _check(x, members)
+    m, k = x.shape
+    us = [torch.empty((m, mb.lora_A.shape[0]), dtype=x.dtype, device=x.device)
+          for mb in members]
+    if m == 0:
+        return [torch.empty((m, mb.lora_B.shape[0]), dtype=x.dtype, device=x.device)
+                for mb in members], us
+    gk = _kernels()
+    ranks = [mb.lora_A.shape[0] for mb in members]
+    precision = dot_precision(x.dtype)
+    cfg = gk.u_config(ranks, precision, x.dtype == torch.float32)
+    slots = _slot_args([(mb.lora_A.contiguous(), u, mb.lora_A.shape[0], int(mb.seed),
+                         dropout_threshold(mb.dropout_p), 1.0 / (1.0 - mb.dropout_p))
+                        for mb, u in zip(members, us)])
+    consts = {}
+    for g, member in enumerate(_slot_args(members)):
+        consts[f"HAS_DROPOUT{g}"] = member.dropout_p > 0.0
+        consts[f"R_PAD{g}"] = gk.r_pad(member.lora_A.shape[0])
+    gk._lora_u_group_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+        x, m, k, x.stride(0), x.stride(1), *[a for slot in slots for a in slot],
+        G=len(members), **consts, DROPOUT_GROUPED=k % 8 == 0, PRECISION=precision,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    ys = [forward_with_u(x, mb.packed, mb.state, u, mb.lora_B, mb.scaling, mb.bias, base=base)
+          for mb, u in zip(members, us)]
+    return ys, us
+
+
+@kernel_entry
+def group_backward(dys: list, x: torch.Tensor, us: list, members: list, need_dx: bool,
+                   need_dA: bool, need_dB: bool, *, base=None):
+    """(dx [M, K] or None, [dA_g] or None, [dB_g] or None): the gradients of every member's
+    y_g for the output gradients dys [M, N_g] (dx summed over the members)."""
+    _check(x, members)
+    if len(dys) != len(members) or len(us) != len(members):
+        raise ValueError(f"dys and us must have one entry per member ({len(members)}), got "
+                         f"{len(dys)} and {len(us)}")
+    for dy, u, member in zip(dys, us, members):
+        check_backward_args(dy, x, u, member.lora_A, member.lora_B, need_dB)
+    m, k = x.shape
+    need_du = bool(need_dx or need_dA)
+    if m == 0 or not (need_du or need_dB):
+        return (x.new_zeros(m, k) if need_dx else None,
+                [torch.zeros_like(mb.lora_A) for mb in members] if need_dA else None,
+                [torch.zeros_like(mb.lora_B) for mb in members] if need_dB else None)
+    cfgs = Configs(x, None)
+    dus, dBs = [], []
+    for dy, u, member in zip(dys, us, members):
+        du, dB = du_db(cfgs, dy, u, member.lora_B, member.scaling, need_du, need_dB)
+        dus.append(du)
+        dBs.append(dB)
+    if not need_du:
+        return None, None, dBs
+    dx = x.new_empty(m, k) if need_dx else None
+    dAs = _da_group(x, dus, members, dx, need_dA)
+    if need_dx:
+        for dy, member in zip(dys, members):
+            dx_gemm(cfgs, dy, member.packed, member.state, dx, base=base)
+    return dx, dAs, (dBs if need_dB else None)
+
+
+def _da_group(x, dus, members, dx, need_dA):
+    """[dA_g] (or None) and dx := sum_g dropout_g'(dU_g @ A_g) when dx is a tensor."""
+    gk = _kernels()
+    m, k = x.shape
+    ranks = [mb.lora_A.shape[0] for mb in members]
+    precision = dot_precision(x.dtype)
+    cfg = gk.da_config(ranks, x.dtype == torch.float32, precision)
+    block_m, block_k = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]
+    rows_per_split, splits = _parts(m, block_m,
+                                    triton.cdiv(_parallelism(x.device), triton.cdiv(k, block_k)))
+    f32 = dict(dtype=torch.float32, device=x.device)
+    wss = [torch.empty((splits, r, k), **f32) if need_dA else torch.empty(0, **f32)
+           for r in ranks]
+    slots = _slot_args([(du, mb.lora_A.contiguous(), ws, mb.lora_A.shape[0], int(mb.seed),
+                         dropout_threshold(mb.dropout_p), 1.0 / (1.0 - mb.dropout_p))
+                        for du, mb, ws in zip(dus, members, wss)])
+    consts = {}
+    for g, member in enumerate(_slot_args(members)):
+        consts[f"HAS_DROPOUT{g}"] = member.dropout_p > 0.0
+        consts[f"R_PAD{g}"] = gk.r_pad(member.lora_A.shape[0])
+    dx_arg = dx if dx is not None else x  # unwritten when dx is not needed
+    gk._lora_bwd_da_group_kernel[(triton.cdiv(k, block_k), splits)](
+        x, dx_arg, m, k, rows_per_split, x.stride(0), x.stride(1), dx_arg.stride(0),
+        dx_arg.stride(1), *[a for slot in slots for a in slot], G=len(members),
+        COMPUTE_DA=bool(need_dA), WRITE_DX=dx is not None, **consts,
+        DROPOUT_GROUPED=k % 8 == 0, DOT_PRECISION=precision, **cfg.kwargs,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if not need_dA:
+        return None
+    return [_reduce(ws, mb.lora_A.new_empty(r, k), 1.0) for ws, mb, r in zip(wss, members, ranks)]

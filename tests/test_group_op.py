@@ -1,0 +1,145 @@
+"""fastlora.lora_group_4bit: several LoRA layers over 4-bit bases that read one input, as one op
+(issue 13), against float64 truth and against the members' own lora_linear_4bit calls.
+
+Truth: each member through fastlora.reference in float64; plain PyTorch: the same in the test
+dtype; the grouped op (kernels in the interpreter, or on the GPU) must stay within
+fastlora.numerics' bound (2 x plain PyTorch's error + one ulp) for every output and gradient.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastlora
+from fastlora.launch.group import MAX_MEMBERS, group_problem
+from fastlora.numerics import assert_close
+from helpers import (DEVICE, DTYPES, group_out_grads as out_grads, group_reference_pair,
+                     grouped, make_group_case as group_case, members_one_by_one as one_by_one,
+                     run_group)
+
+# (out_features, rank, dropout p, bias) per member: different N, ranks and dropout
+QKV = ((72, 8, 0.1, True), (48, 16, 0.0, False), (40, 4, 0.2, True))
+GATE_UP = ((96, 12, 0.0, False), (96, 12, 0.0, False))
+FOUR = ((32, 1, 0.3, False), (40, 64, 0.0, True), (24, 8, 0.1, False), (56, 16, 0.0, False))
+
+CASES = [  # (members, m, k, dtype, quant_type)
+    (QKV, 17, 256, "bf16", "nf4"),
+    (QKV, 1, 200, "fp16", "fp4"),     # K % blocksize != 0: the per-element decode
+    (GATE_UP, 100, 256, "fp32", "nf4"),
+    (FOUR, 33, 192, "bf16", "fp4"),
+    (QKV[:1], 9, 256, "fp32", "nf4"),  # a group of one
+]
+
+
+@pytest.mark.parametrize("spec,m,k,dtype,quant", CASES,
+                         ids=[f"G{len(c[0])}-m{c[1]}-k{c[2]}-{c[3]}-{c[4]}" for c in CASES])
+def test_group_matches_float64_and_its_members(spec, m, k, dtype, quant):
+    """Every output and gradient of the grouped op within the bound of float64 truth, and
+    close to what the members' own fused ops give (the same masks: the seeds are the same)."""
+    dt = DTYPES[dtype]
+    x, members = group_case(m, k, spec, dt, quant)
+    dys = out_grads(members, m)
+    truth, plain = group_reference_pair(x, members, dt, dys)
+    got = run_group(grouped, x, members, dt, dys)
+    single = run_group(one_by_one(fastlora.lora_linear_4bit), x, members, dt, dys)
+    assert set(got) == set(truth)
+    for name in truth:
+        assert got[name].dtype == dt, name
+        assert_close(name, got[name], truth[name], plain[name])
+        assert_close(f"{name} (per-layer ops)", single[name], truth[name], plain[name])
+    # U and the LoRA terms come from the same masks: the outputs differ by rounding only
+    for g in range(len(members)):
+        scale = truth[f"y{g}"].abs().max().item()
+        assert (got[f"y{g}"].double() - single[f"y{g}"].double()).abs().max() \
+            <= 4 * torch.finfo(dt).eps * scale
+
+
+def test_dropout_masks_are_the_members_own():
+    """With dropout on every member, the grouped forward equals the reference run with each
+    member's own seed to rounding; swapping two members' seeds changes their outputs (each
+    member draws its own mask, not a shared one)."""
+    spec = ((64, 8, 0.5, False), (64, 8, 0.5, False))
+    x, members = group_case(16, 128, spec, torch.float32)
+    members = [mb._replace(lora_B=mb.lora_B * 10) for mb in members]  # LoRA term dominates
+    dys = out_grads(members, 16)
+    got = run_group(grouped, x, members, torch.float32, dys)
+    swapped = [members[0]._replace(seed=members[1].seed), members[1]._replace(seed=members[0].seed)]
+    other = run_group(grouped, x, swapped, torch.float32, dys)
+    truth, plain = group_reference_pair(x, members, torch.float32, dys)
+    for g in range(2):
+        assert_close(f"y{g}", got[f"y{g}"], truth[f"y{g}"], plain[f"y{g}"])
+        assert (got[f"y{g}"] - other[f"y{g}"]).abs().max() > 0.1
+
+
+def test_too_large_groups_run_member_by_member(monkeypatch):
+    """Ranks padding past 128 (or more than 4 members) still give the members' results: the op
+    runs them one by one (group_problem says why); the kernels' limits are what they say."""
+    assert group_problem([64, 64]) is None and group_problem([32, 32, 32]) is None
+    assert "pad to 256" in group_problem([64, 64, 16])
+    assert "1..4 members" in group_problem([8] * (MAX_MEMBERS + 1))
+    assert "rank above 256" in group_problem([300, 8])
+    assert group_problem([16, 16, 16], full_precision_fp32=True) is None
+    assert "fp32 at full precision" in group_problem([32, 32, 32], full_precision_fp32=True)
+    spec = ((32, 64, 0.0, False), (32, 64, 0.0, False), (32, 16, 0.0, False))
+    x, members = group_case(5, 64, spec, torch.float32)
+    calls = []
+    real = fastlora.ops.group.lora_linear_4bit
+    monkeypatch.setattr(fastlora.ops.group, "lora_linear_4bit",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    dys = out_grads(members, 5)
+    got = run_group(grouped, x, members, torch.float32, dys)
+    truth, plain = group_reference_pair(x, members, torch.float32, dys)
+    assert len(calls) == 3
+    for name in truth:
+        assert_close(name, got[name], truth[name], plain[name])
+
+
+def test_leading_dims_autocast_and_frozen_parts():
+    """x [2, 3, K] under torch.autocast(bfloat16) with fp32 members; only some parameters
+    require grad (a frozen member's A): the others' gradients flow, in their own dtype."""
+    x, members = group_case(6, 128, GATE_UP, torch.float32)
+    x = x.reshape(2, 3, 128).to(DEVICE).requires_grad_()
+    members = [mb._replace(lora_A=mb.lora_A.to(DEVICE).requires_grad_(g == 1),
+                           lora_B=mb.lora_B.to(DEVICE).requires_grad_())
+               for g, mb in enumerate(members)]
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        ys = fastlora.lora_group_4bit(x, members)
+        want = [fastlora.lora_linear_4bit(x, mb.packed, mb.state, mb.lora_A, mb.lora_B,
+                                          mb.scaling) for mb in members]
+    assert [tuple(y.shape) for y in ys] == [(2, 3, 96)] * 2 and ys[0].dtype == torch.bfloat16
+    for y, w in zip(ys, want):
+        torch.testing.assert_close(y.float(), w.float(), rtol=2e-2, atol=2e-2)
+    sum(y.float().sum() for y in ys).backward()
+    assert members[0].lora_A.grad is None and members[1].lora_A.grad.dtype == torch.float32
+    assert all(mb.lora_B.grad.dtype == torch.float32 for mb in members)
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("members,error,match", [
+    ([], ValueError, "non-empty"),
+    ([object()], TypeError, r"members\[0\] must be a fastlora.GroupMember"),
+    ("qkv", ValueError, "non-empty sequence"),
+], ids=["empty", "not-a-member", "string"])
+def test_bad_members(members, error, match):
+    with pytest.raises(error, match=match):
+        fastlora.lora_group_4bit(torch.randn(2, 64), members)
+
+
+def test_bad_member_names_its_index():
+    x, members = group_case(3, 128, GATE_UP, torch.float32)
+    bad = [members[0], members[1]._replace(lora_A=torch.randn(12, 64))]
+    with pytest.raises(ValueError, match=r"members\[1\]: lora_A must be \[r, 128\]"):
+        fastlora.lora_group_4bit(x, bad)
+    with pytest.raises(TypeError, match=r"members\[0\]: lora_A is torch.float64"):
+        fastlora.lora_group_4bit(x, [members[0]._replace(lora_A=members[0].lora_A.double())])
+
+
+def test_limits_match_the_kernels():
+    """fastlora.launch.group states the kernels' limits without importing them at import
+    time (csrc_triton loads lazily, after the interpreter is set up); they must agree."""
+    from csrc_triton import group as kernels
+    from fastlora.launch import group as launcher
+
+    assert (launcher.MAX_MEMBERS, launcher.MAX_TOTAL_R_PAD, launcher.MAX_TOTAL_R_PAD_IEEE) == \
+        (kernels.MAX_MEMBERS, kernels.MAX_TOTAL_R_PAD, kernels.MAX_TOTAL_R_PAD_IEEE)

@@ -1,0 +1,106 @@
+"""Kernel launches per decoder layer (issues 11 and 13), counted at the kernels' entry point:
+every Triton kernel launch goes through the runtime's `run` (the interpreter's
+InterpretedFunction.run here, JITFunction.run on a GPU), which the counter wraps.
+
+The tiny Llama's decoder layer has Llama's seven LoRA projections (q/k/v, o, gate/up, down), so
+its counts are Llama-3-8B's per decoder layer. Forward and backward, M = 1 (generation) and
+M = 4096 (training), per layer (patch(group=False)) and grouped (q/k/v and gate/up as groups),
+with and without dropout. At M = 4096 the kernels are not executed (the counts depend on the
+shapes only, and the interpreter would take minutes); at M = 1 they are. README.md
+("Kernel launches per decoder layer") states these numbers.
+
+What the counts are made of (fastlora/launch):
+  forward, one layer:  U, then the tiled GEMM (M > 16) or split-K GEMM + its reduction (M <= 16)
+  backward, one layer: dU/dB pass, its two reductions, dA pass, its reduction, dx GEMM
+  a group of G:        one U pass for all; per member the GEMM(s) as above
+                       per member dU/dB + 2 reductions; one dA pass; per member dA reduction
+                       and dx GEMM
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+
+import pytest
+import torch
+
+import fastlora
+from fastlora import interpreter
+import tiny_models as tm
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
+                                reason="CPU-only: counts interpreter launches")
+
+
+@contextlib.contextmanager
+def counting(execute: bool):
+    """Counts kernel launches by kernel name; execute=False skips running them."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    interpreter.apply()
+    counts = collections.Counter()
+    real = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if not warmup:
+            counts[self.fn.__name__] += 1
+        if execute:
+            return real(self, *args, grid=grid, warmup=warmup, **kwargs)
+        return None
+    InterpretedFunction.run = run
+    try:
+        yield counts
+    finally:
+        InterpretedFunction.run = real
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tm.save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+SINGLE_FWD = {1: 3, 4096: 2}  # per LoRA layer (small-M: U, split-K GEMM, reduction)
+SINGLE_BWD = 6
+LAYERS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": None,
+          "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": None}
+
+
+def expected(m: int, grouped: bool) -> tuple[int, int]:
+    """(forward, backward) launches of one decoder layer, from the recipe above."""
+    sizes = collections.Counter(g for g in LAYERS.values() if g) if grouped else {}
+    alone = sum(1 for name, g in LAYERS.items() if not grouped or g is None)
+    fwd = alone * SINGLE_FWD[m]
+    bwd = alone * SINGLE_BWD
+    for size in sizes.values():
+        fwd += 1 + size * (SINGLE_FWD[m] - 1)
+        bwd += size * 3 + 1 + size * 2
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("m,dropout", [(1, 0.0), (4096, 0.0), (4096, 0.1)],
+                         ids=["m1-p0", "m4096-p0", "m4096-p0.1"])
+def test_launches_per_decoder_layer(model_dir, m, dropout):
+    counted = {}
+    for grouped in (False, True):
+        model = tm.add_lora(tm.load_4bit(model_dir), lora_dropout=dropout)
+        model.train()
+        model.enable_input_require_grads()  # every layer's dx is needed, as in QLoRA training
+        report = fastlora.patch(model, group=grouped)
+        batch, seq = (1, 1) if m == 1 else (32, m // 32)
+        ids, labels = tm.token_batch(batch, seq)
+        model(ids[:, :1], labels=labels[:, :1]).loss.backward()  # learns the groups
+        with counting(execute=m == 1) as fwd:
+            loss = model(ids, labels=labels).loss
+        with counting(execute=m == 1) as bwd:
+            loss.backward()
+        layers = len(model.base_model.model.model.layers)
+        assert report.groups == ({2: layers, 3: layers} if grouped else {})
+        assert sum(fwd.values()) % layers == 0 and sum(bwd.values()) % layers == 0
+        counted[grouped] = (sum(fwd.values()) // layers, sum(bwd.values()) // layers)
+        if grouped:
+            assert fwd["_lora_u_group_kernel"] == 2 * layers
+            assert bwd["_lora_bwd_da_group_kernel"] == 2 * layers
+    assert counted == {False: expected(m, False), True: expected(m, True)}
+    # per layer today: M=1 21 + 42, M=4096 14 + 42; grouped: M=1 18 + 39, M=4096 11 + 39
+    assert counted[True][0] < counted[False][0] and counted[True][1] < counted[False][1]
