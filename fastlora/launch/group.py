@@ -88,6 +88,15 @@ def _slot_args(values: list, g_max: int = MAX_MEMBERS) -> list:
     return [values[g] if g < len(values) else values[0] for g in range(g_max)]
 
 
+def _slot_consts(members) -> dict:
+    """Each slot's constexprs: HAS_DROPOUTg and R_PADg."""
+    consts = {}
+    for g, member in enumerate(_slot_args(members)):
+        consts[f"HAS_DROPOUT{g}"] = member.dropout_p > 0.0
+        consts[f"R_PAD{g}"] = _kernels().r_pad(member.lora_A.shape[0])
+    return consts
+
+
 @kernel_entry
 def group_forward(x: torch.Tensor, members: list, *, base=None):
     """([y_g [M, N_g]], [u_g [M, r_g]]) of every member, in x's dtype (x 2-D, any strides)."""
@@ -105,10 +114,7 @@ def group_forward(x: torch.Tensor, members: list, *, base=None):
     slots = _slot_args([(mb.lora_A.contiguous(), u, mb.lora_A.shape[0], int(mb.seed),
                          dropout_threshold(mb.dropout_p), 1.0 / (1.0 - mb.dropout_p))
                         for mb, u in zip(members, us)])
-    consts = {}
-    for g, member in enumerate(_slot_args(members)):
-        consts[f"HAS_DROPOUT{g}"] = member.dropout_p > 0.0
-        consts[f"R_PAD{g}"] = gk.r_pad(member.lora_A.shape[0])
+    consts = _slot_consts(members)
     gk._lora_u_group_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
         x, m, k, x.stride(0), x.stride(1), *[a for slot in slots for a in slot],
         G=len(members), **consts, DROPOUT_GROUPED=k % 8 == 0, PRECISION=precision,
@@ -168,10 +174,7 @@ def _da_group(x, dus, members, dx, need_dA):
     slots = _slot_args([(du, mb.lora_A.contiguous(), ws, mb.lora_A.shape[0], int(mb.seed),
                          dropout_threshold(mb.dropout_p), 1.0 / (1.0 - mb.dropout_p))
                         for du, mb, ws in zip(dus, members, wss)])
-    consts = {}
-    for g, member in enumerate(_slot_args(members)):
-        consts[f"HAS_DROPOUT{g}"] = member.dropout_p > 0.0
-        consts[f"R_PAD{g}"] = gk.r_pad(member.lora_A.shape[0])
+    consts = _slot_consts(members)
     dx_arg = dx if dx is not None else x  # unwritten when dx is not needed
     gk._lora_bwd_da_group_kernel[(triton.cdiv(k, block_k), splits)](
         x, dx_arg, m, k, rows_per_split, x.stride(0), x.stride(1), dx_arg.stride(0),

@@ -85,10 +85,9 @@ def lora_group_4bit(x: torch.Tensor, members: Sequence[GroupMember],
     from ..launch.group import full_precision_fp32, group_problem
 
     members = as_group_members(members)
-    if isinstance(x, torch.Tensor):
+    if isinstance(x, torch.Tensor):  # under torch.autocast: x and every adapter to its dtype
         cast = [_autocast_inputs(x, mb.lora_A, mb.lora_B, mb.bias) for mb in members]
-        if cast:
-            x = cast[0][0]
+        x = cast[0][0]
         members = [mb._replace(lora_A=a, lora_B=b, bias=bias)
                    for mb, (_, a, b, bias) in zip(members, cast)]
     members = check_group(x, members, training)
