@@ -11,6 +11,9 @@ the fused path cannot serve it (e.g. inside `with model.disable_adapter():`, or 
 `adapter_names=`); such a hand-over is logged at WARNING, once per reason per process, so
 nothing runs slow silently.
 
+Layers that read one input in a forward (q/k/v, gate/up) are also run as one fused group op
+from the next forward on (fastlora/grouping.py; `patch(model, group=False)` turns it off).
+
 `patch` serves a layer when exactly one active adapter lives in it, that adapter is plain LoRA
 (not DoRA, aLoRA or Arrow) of rank 1..256, it is neither merged nor disabled, its weights and
 the compute dtype are fp16/bf16/fp32, its dropout is nn.Dropout or nn.Identity, and the base

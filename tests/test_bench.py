@@ -540,3 +540,35 @@ def test_block_mode_smoke_pass_and_selection(tmp_path, capsys, monkeypatch):
         assert len(rows) == 2 and all(line.rstrip(" |").endswith("ok") for line in rows), table
     assert "Block timings need a CUDA GPU" in table
     assert "every provider matched the float64 reference" in capsys.readouterr().out
+
+
+def test_block_gpu_path_with_faked_timings(tmp_path, monkeypatch):
+    """The block mode's GPU path on a tiny model, with do_bench replaced by fixed times
+    (per-layer fastlora 3 ms, grouped 2 ms, PEFT 6 ms; each callable still runs once, in the
+    interpreter): the rows, the two ratios, block.csv (appended on a second run) and block.md."""
+    import triton.testing
+    from fastlora.bench import block
+
+    monkeypatch.setattr(shapes, "MODELS", {"tiny": shapes._model("tiny", 64, 128, 1, 32)})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda *a: type("Props", (), {"L2_cache_size": 2**16})())
+    times = iter([3.0, 2.0, 6.0] * 8)
+
+    def fake_do_bench(fn, warmup, rep, grad_to_none, return_mode):
+        fn()
+        for t in grad_to_none:
+            t.grad = None
+        return next(times)
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    opts = suite.Options(shapes=shapes.MODELS["tiny"][:1], ms=(8,), ranks=(8,),
+                         modes=("block",), providers=[], out=str(tmp_path),
+                         compile_report=False, say=lambda line: None)
+    assert block.run(opts) == 0
+    table = (tmp_path / "block.md").read_text()
+    assert "| tiny | qkv | 8 | 8 | block_full | fastlora_grouped | 2 | 1.5 | 3 | ok |" in table
+    assert "| tiny | gate_up | 8 | 8 | block_forward | peft_bnb | 6 | 0.5 | 1 | ok |" in table
+    times = iter([3.0, 2.0, 6.0] * 8)
+    assert block.run(opts) == 0
+    assert (tmp_path / "block.csv").read_text().count("\n") == 1 + 2 * 12

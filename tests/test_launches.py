@@ -1,4 +1,4 @@
-"""Kernel launches per decoder layer (issues 11 and 13), counted at the kernels' entry point:
+"""Triton kernel launches per decoder layer (issues 11 and 13), counted at the kernels' entry point:
 every Triton kernel launch goes through the runtime's `run` (the interpreter's
 InterpretedFunction.run here, JITFunction.run on a GPU), which the counter wraps.
 
@@ -60,27 +60,32 @@ def model_dir(tmp_path_factory):
     return tm.save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
-SINGLE_FWD = {1: 3, 4096: 2}  # per LoRA layer (small-M: U, split-K GEMM, reduction)
-SINGLE_BWD = 6
+# per LoRA layer: U, then the fused GEMM(s) (M <= 16: split-K GEMM + reduction) or fastlora's
+# dequantize kernel (its cuBLAS matmuls are not Triton launches and are not counted)
+SINGLE_FWD = {("fused", 1): 3, ("fused", 4096): 2, ("dequant", 1): 2, ("dequant", 4096): 2}
+SINGLE_BWD = 6  # the dx step is the fused GEMM or the dequantize kernel: one launch either way
 LAYERS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": None,
           "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": None}
 
 
-def expected(m: int, grouped: bool) -> tuple[int, int]:
+def expected(m: int, grouped: bool, base: str) -> tuple[int, int]:
     """(forward, backward) launches of one decoder layer, from the recipe above."""
     sizes = collections.Counter(g for g in LAYERS.values() if g) if grouped else {}
     alone = sum(1 for name, g in LAYERS.items() if not grouped or g is None)
-    fwd = alone * SINGLE_FWD[m]
+    fwd = alone * SINGLE_FWD[base, m]
     bwd = alone * SINGLE_BWD
     for size in sizes.values():
-        fwd += 1 + size * (SINGLE_FWD[m] - 1)
+        fwd += 1 + size * (SINGLE_FWD[base, m] - 1)
         bwd += size * 3 + 1 + size * 2
     return fwd, bwd
 
 
-@pytest.mark.parametrize("m,dropout", [(1, 0.0), (4096, 0.0), (4096, 0.1)],
-                         ids=["m1-p0", "m4096-p0", "m4096-p0.1"])
-def test_launches_per_decoder_layer(model_dir, m, dropout):
+@pytest.mark.parametrize("m,dropout,base", [(1, 0.0, "fused"), (4096, 0.0, "fused"),
+                                            (4096, 0.1, "fused"), (1, 0.1, "dequant")],
+                         ids=["m1-p0", "m4096-p0", "m4096-p0.1", "m1-p0.1-dequant"])
+def test_launches_per_decoder_layer(model_dir, m, dropout, base, monkeypatch):
+    """Both base-product paths (FASTLORA_BASE_PATH), with and without dropout."""
+    monkeypatch.setenv("FASTLORA_BASE_PATH", base)
     counted = {}
     for grouped in (False, True):
         model = tm.add_lora(tm.load_4bit(model_dir), lora_dropout=dropout)
@@ -101,6 +106,6 @@ def test_launches_per_decoder_layer(model_dir, m, dropout):
         if grouped:
             assert fwd["_lora_u_group_kernel"] == 2 * layers
             assert bwd["_lora_bwd_da_group_kernel"] == 2 * layers
-    assert counted == {False: expected(m, False), True: expected(m, True)}
-    # per layer today: M=1 21 + 42, M=4096 14 + 42; grouped: M=1 18 + 39, M=4096 11 + 39
+    assert counted == {False: expected(m, False, base), True: expected(m, True, base)}
+    # fused, per layer: M=1 21 + 42, M=4096 14 + 42; grouped: M=1 18 + 39, M=4096 11 + 39
     assert counted[True][0] < counted[False][0] and counted[True][1] < counted[False][1]
