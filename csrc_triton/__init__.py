@@ -8,6 +8,8 @@ One file per op family:
     small_m.py   the forward for M <= 16 (decode/generation): split-K GEMV-shaped.
     backward.py  dx, dU/dB, dA.
     group.py     U and dA for layers that share an input (q/k/v, gate/up), one pass over x.
+    dora.py      QDoRA's additions: row norms of W + sBA from the packed weight, dropout,
+                 the fp32 combine and the magnitude's column dot.
 Each kernel file lists the configs it ships (per arch) as COMPILE_SPECS, which
 fastlora.compile_report() compiles ahead of time for sm_80 / sm_90.
 """
@@ -20,7 +22,7 @@ def all_compile_specs():
     import importlib
 
     specs = []
-    for name in ("dequant", "forward", "small_m", "backward", "group"):
+    for name in ("dequant", "forward", "small_m", "backward", "group", "dora"):
         try:
             module = importlib.import_module(f"{__name__}.{name}")
         except ModuleNotFoundError as exc:  # a kernel file not written yet

@@ -96,7 +96,10 @@ class CompileSpec:
 @triton.jit
 def block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_idx, mask,
                  DOUBLE_QUANT: tl.constexpr):
-    """fp32 absmax of quantisation blocks `block_idx` (int64, any shape); 0 where ~mask."""
+    """fp32 absmax of quantisation blocks `block_idx` (int64, any shape) where mask holds;
+    elsewhere 0, or with DOUBLE_QUANT the offset (no select spent on it: every GEMM kernel
+    multiplies the padded weight by a zero-padded operand; a kernel that sums the weight
+    itself masks it, as dora._dora_norm_kernel does)."""
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + block_idx, mask=mask, other=0).to(tl.int32)
         c2 = tl.load(code2_ptr + q, mask=mask, other=0.0)
@@ -159,16 +162,17 @@ def decode_weight(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, ta
                   flat_idx, mask, QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                   LANE_TABLE: tl.constexpr):
     """fp32 values of weight elements at flattened indices `flat_idx` (int64, any shape):
-    code[nibble] * absmax[flat_idx // QBLOCK]; 0 where ~mask. The general per-element path
-    (blocks straddling rows, odd K): each byte is read once per element that uses it (both
-    nibbles of a byte sit next to each other, so the two reads hit the same cache line).
+    code[nibble] * absmax[flat_idx // QBLOCK]; where ~mask 0 (code * offset with
+    DOUBLE_QUANT). The general per-element path (blocks straddling rows, odd K): each byte is
+    read once per element that uses it (both nibbles of a byte sit next to each other, so the
+    two reads hit the same cache line).
     table: lane_table(code_ptr, LANE_TABLE)."""
     byte = tl.load(packed_ptr + (flat_idx >> 1), mask=mask, other=0).to(tl.int32)
     shift = ((flat_idx & 1) ^ 1).to(tl.int32) * 4  # even index -> high nibble
     code = code_lookup(table, byte >> shift, LANE_TABLE)
     scale = block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat_idx // QBLOCK,
                          mask, DOUBLE_QUANT)
-    return code * scale  # scale is 0 where ~mask (and every code value is finite)
+    return code * scale  # where ~mask: 0, or code * offset with DOUBLE_QUANT (block_scales)
 
 
 @triton.jit
@@ -216,7 +220,8 @@ def decode_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, tabl
                 QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, K_ALIGNED: tl.constexpr,
                 LANE_TABLE: tl.constexpr):
     """fp32 [BLOCK_N, BLOCK_K] tile of deq(W): rows offs_n, columns k0 .. k0 + BLOCK_K - 1;
-    0 outside N x K. k0 must be a multiple of BLOCK_K; table: lane_table(code_ptr, ...).
+    outside N x K 0, or a finite junk value with DOUBLE_QUANT (block_scales). k0 must be a
+    multiple of BLOCK_K; table: lane_table(code_ptr, ...).
 
     K_ALIGNED (K % QBLOCK == 0, true for every real layer; the launcher also requires the
     packed bytes 4-byte aligned): rows start on a 32-bit word and on a quantisation block, so
@@ -243,7 +248,7 @@ def decode_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, tabl
         block_idx = ((rows * K + k0) // QBLOCK)[:, None] + sub[None, :]
         block_ok = row_ok[:, None] & ((k0 + sub * QBLOCK) < K)[None, :]
         scale = block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_idx,
-                             block_ok, DOUBLE_QUANT)  # 0 outside N x K
+                             block_ok, DOUBLE_QUANT)  # 0 (or the offset) outside N x K
         w = tl.reshape(tl.reshape(code, (BLOCK_N, SUB, BLOCK_K // SUB)) * scale[:, :, None],
                        (BLOCK_N, BLOCK_K))
     else:

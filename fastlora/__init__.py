@@ -4,6 +4,7 @@ Public contract (../shared/DESIGN.md):
     quantize_4bit, dequantize_4bit, QuantState        the bitsandbytes 4-bit format
     lora_linear_4bit                                  the fused, differentiable layer op
     lora_group_4bit, GroupMember                      layers that share an input, one op
+    dora_linear_4bit                                  a DoRA layer over a 4-bit base (QDoRA)
     reference                                         the pure-PyTorch reference path
     LoRALinear4bit                                    drop-in module
     patch, unpatch, PatchReport                       PEFT + bitsandbytes models -> fused
@@ -18,7 +19,8 @@ from __future__ import annotations
 import importlib
 
 from . import reference  # noqa: F401
-from .ops import GroupMember, dequantize_4bit, lora_group_4bit, lora_linear_4bit
+from .ops import (GroupMember, dequantize_4bit, dora_linear_4bit, lora_group_4bit,
+                  lora_linear_4bit)
 from .quant import QuantState, quantize_4bit
 
 __version__ = "0.1.0"
@@ -35,7 +37,7 @@ _LAZY = {
 }
 
 __all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "lora_linear_4bit",
-           "lora_group_4bit", "GroupMember", "reference", *_LAZY]
+           "lora_group_4bit", "dora_linear_4bit", "GroupMember", "reference", *_LAZY]
 
 
 def __getattr__(name):

@@ -156,3 +156,47 @@ def grouped(x, members):
     from .ops import lora_group_4bit
 
     return lora_group_4bit(x, members, training=True)
+
+
+# ----------------------------------------------------------------------------- DoRA
+
+def dora_magnitude(case: LoraCase, seed: int = 0) -> torch.Tensor:
+    """A float32 DoRA magnitude [N] for a case: PEFT starts it at the row norms of
+    W + s * B @ A (float64 here), which makes mns = 1; a trained one drifts, so each row is
+    scaled by 1 + U(-0.2, 0.2) and the (mns - 1) terms count."""
+    from .quant import dequantize_4bit_torch
+
+    g = torch.Generator().manual_seed(2000 + seed)
+    w = dequantize_4bit_torch(case.packed, case.state, torch.float64)
+    norm = (w + case.scaling * (case.lora_B.double() @ case.lora_A.double())).norm(dim=1)
+    drift = 1.0 + 0.4 * (torch.rand(norm.shape, generator=g, dtype=torch.float64) - 0.5)
+    return (norm.cpu() * drift).float().to(norm.device)
+
+
+def run_dora(fn, case: LoraCase, magnitude: torch.Tensor, dtype,
+             grad_out: Optional[torch.Tensor] = None) -> dict:
+    """`run` for a DoRA op fn(x, packed, state, A, B, s, magnitude, bias, ...): adds dmag
+    (the magnitude stays float32, float64 when dtype is; its gradient in that dtype)."""
+    x, packed, state, a, b, s, bias = case.args(dtype, requires_grad=grad_out is not None)
+    mag = magnitude.detach().to(torch.float64 if dtype == torch.float64 else torch.float32)
+    mag = mag.clone().requires_grad_(grad_out is not None)
+    y = fn(x, packed, state, a, b, s, mag, bias, **case.kwargs())
+    out = {"y": y.detach()}
+    if grad_out is not None:
+        y.backward(grad_out.to(device=y.device, dtype=dtype))
+        out.update(dx=x.grad, dA=a.grad, dB=b.grad, dmag=mag.grad,
+                   dbias=bias.grad if bias is not None else None)
+    return out
+
+
+def dora_reference_pair(case: LoraCase, magnitude: torch.Tensor, dtype, grad_out=None):
+    """(truth in float64, plain PyTorch in dtype), both through reference.dora_linear_4bit."""
+    return (run_dora(reference.dora_linear_4bit, case, magnitude, torch.float64, grad_out),
+            run_dora(reference.dora_linear_4bit, case, magnitude, dtype, grad_out))
+
+
+def dora_fused(*args, **kwargs):
+    """fastlora.dora_linear_4bit (kernels or reference, as the backend says)."""
+    from .ops import dora_linear_4bit
+
+    return dora_linear_4bit(*args, **kwargs)

@@ -86,6 +86,29 @@ def check_inputs(x, packed, state, lora_A, lora_B, scaling, bias, dropout_p, tra
     return p, (int(seed) if seed is not None else None)
 
 
+def check_magnitude(magnitude, x: torch.Tensor, n_out: int) -> None:
+    """A DoRA magnitude vector: a floating [N] tensor on x's device (any float dtype: PEFT keeps
+    it in float32; its gradient comes back in its own dtype)."""
+    if not isinstance(magnitude, torch.Tensor):
+        raise TypeError(f"magnitude must be a tensor, got {type(magnitude).__name__}")
+    if tuple(magnitude.shape) != (n_out,):
+        raise ValueError(f"magnitude must be [{n_out}] (out_features), got "
+                         f"{tuple(magnitude.shape)}")
+    if magnitude.dtype not in ACTIVATION_DTYPES + (torch.float64,):
+        raise TypeError(f"magnitude must be fp16, bf16, fp32 or fp64, got {magnitude.dtype}")
+    if magnitude.device != x.device:
+        raise ValueError(f"magnitude is on {magnitude.device} but x is on {x.device}")
+
+
+def dora_fused_problem(state: QuantState) -> Optional[str]:
+    """Why the fused DoRA path cannot serve a weight, or None. It scales W's rows through the
+    absmax of their quantisation blocks, so every block must lie inside one row."""
+    if state.shape[1] % state.blocksize:
+        return (f"in_features {state.shape[1]} is not a multiple of the quantisation blocksize "
+                f"{state.blocksize} (blocks straddle rows)")
+    return None
+
+
 def check_fused_rank(lora_A: torch.Tensor) -> None:
     """ValueError naming lora_A when its rank is past what the fused kernels serve."""
     if lora_A.shape[0] > MAX_FUSED_RANK:

@@ -99,8 +99,9 @@ def _modes(spec: str) -> tuple:
 
     modes = tuple(dict.fromkeys(m.strip().lower() for m in spec.split(",") if m.strip()))
     for mode in modes:
-        if mode not in MODES + ("block",):
-            raise ValueError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}, block")
+        if mode not in MODES + ("block", "dora"):
+            raise ValueError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}, block, "
+                             "dora")
     if not modes:
         raise ValueError("no mode given (--modes)")
     return modes
@@ -201,9 +202,10 @@ def _parser() -> argparse.ArgumentParser:
                        "(default 1,16,128,512,2048,4096,8192,16384)")
     bench.add_argument("--ranks", default=None, help="LoRA ranks (default 16; --full: 8,16,64)")
     bench.add_argument("--modes", default="forward,backward,full",
-                       help="forward, backward, full (per layer) and block (the q/k/v and "
+                       help="forward, backward, full (per layer), block (the q/k/v and "
                             "gate/up blocks of each selected model: per-layer vs grouped "
-                            "fastlora vs PEFT)")
+                            "fastlora vs PEFT) and dora (DoRA layers: fastlora DoRA vs its "
+                            "plain LoRA layer vs PEFT DoRA)")
     bench.add_argument("--providers", default="all",
                        help="fastlora,peft_bnb,dequant_mm,reference,unsloth or 'all'")
     bench.add_argument("--full", action="store_true", help="M = 1..16384 in powers of two, "

@@ -105,8 +105,12 @@ def pointer_accesses(ttir: str) -> list[tuple[str, str, bool]]:
 
     Follows each access's pointer back through tt.addptr (noting whether an offset is i64),
     splats, broadcasts, reshapes, bitcasts and loop-carried values to the kernel argument it
-    came from."""
+    came from. One pass in text order, each access traced with the definitions seen so far:
+    sibling regions (two loops) may reuse an SSA name, and an access always refers to the
+    latest definition above it."""
     defs = {}
+    args = set(_PTR_ARG.findall(ttir))
+    accesses = []
     for line in ttir.splitlines():
         found = _DEF.match(line)
         if found:
@@ -118,9 +122,6 @@ def pointer_accesses(ttir: str) -> list[tuple[str, str, bool]]:
             for carried, init in re.findall(r"(%[\w#]+) = (%[\w#]+)",
                                             line.split("iter_args(", 1)[1]):
                 defs[carried] = ("iter_arg", init)
-    args = set(_PTR_ARG.findall(ttir))
-    accesses = []
-    for line in ttir.splitlines():
         access = _ACCESS.match(line.strip())
         if not access:
             continue

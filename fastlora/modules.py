@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from .checks import ACTIVATION_DTYPES
-from .ops import lora_group_4bit, lora_linear_4bit
+from .ops import dora_linear_4bit, lora_group_4bit, lora_linear_4bit
 from .quant import QuantState, quantize_4bit
 
-__all__ = ["LoRALinear4bit", "fused_lora_forward", "fused_group_forward", "bnb_quant_state"]
+__all__ = ["LoRALinear4bit", "fused_lora_forward", "fused_dora_forward", "fused_group_forward",
+           "bnb_quant_state"]
 
 
 def bnb_quant_state(base_layer: nn.Module):
@@ -65,6 +66,21 @@ def fused_lora_forward(x: torch.Tensor, base_layer: nn.Module, lora_A: nn.Linear
     dtype, mb = _member(x, base_layer, lora_A, lora_B, scaling, dropout)
     y = lora_linear_4bit(x.to(dtype), mb.packed, mb.state, mb.lora_A, mb.lora_B, scaling,
                          mb.bias, dropout_p=mb.dropout_p, training=True)
+    return y.to(x.dtype)
+
+
+def fused_dora_forward(x: torch.Tensor, base_layer: nn.Module, lora_A: nn.Linear,
+                       lora_B: nn.Linear, scaling: float, dropout: nn.Module,
+                       magnitude: torch.Tensor) -> torch.Tensor:
+    """PEFT's DoRA layer (base_layer, adapter, magnitude [N]: lora_magnitude_vector's weight)
+    in one fused op, fastlora.dora_linear_4bit; dtypes and dropout as fused_lora_forward (the
+    magnitude stays in its own dtype). PEFT forbids lora_bias with DoRA: lora_B has no bias."""
+    if lora_B.bias is not None:
+        raise ValueError("DoRA with a bias on lora_B (lora_bias=True) is not defined (PEFT "
+                         "refuses that config)")
+    dtype, mb = _member(x, base_layer, lora_A, lora_B, scaling, dropout)
+    y = dora_linear_4bit(x.to(dtype), mb.packed, mb.state, mb.lora_A, mb.lora_B, scaling,
+                         magnitude, mb.bias, dropout_p=mb.dropout_p, training=True)
     return y.to(x.dtype)
 
 

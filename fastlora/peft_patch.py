@@ -15,9 +15,11 @@ Layers that read one input in a forward (q/k/v, gate/up) are also run as one fus
 from the next forward on (fastlora/grouping.py; `patch(model, group=False)` turns it off).
 
 `patch` serves a layer when exactly one active adapter lives in it, that adapter is plain LoRA
-(not DoRA, aLoRA or Arrow) of rank 1..256, it is neither merged nor disabled, its weights and
-the compute dtype are fp16/bf16/fp32, its dropout is nn.Dropout or nn.Identity, and the base
-weight has a quant_state that describes it in bitsandbytes' standard layout. Other layers keep
+or DoRA (`use_dora=True`: fastlora.dora_linear_4bit; not aLoRA, Arrow or another variant) of
+rank 1..256, it is neither merged nor disabled, its weights and the compute dtype are
+fp16/bf16/fp32, its dropout is nn.Dropout or nn.Identity, and the base weight has a quant_state
+that describes it in bitsandbytes' standard layout (for DoRA: with in_features a multiple of
+the quantisation blocksize). Other layers keep
 PEFT's forward and are listed in the report under their reason (REASONS); the log gets one
 line per reason.
 """
@@ -31,7 +33,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .modules import bnb_quant_state, fused_group_forward, fused_lora_forward
+from .modules import bnb_quant_state, fused_dora_forward, fused_group_forward, fused_lora_forward
 from .checks import ACTIVATION_DTYPES, MAX_FUSED_RANK
 from .grouping import GroupHook, GroupTracker
 from .quant import QuantState
@@ -45,7 +47,8 @@ DISABLED = "adapters disabled"
 MERGED = "adapter merged into the base weight"
 NO_ACTIVE = "no active adapter in this layer"
 SEVERAL = "several active adapters"
-VARIANT = "LoRA variant (DoRA, aLoRA or Arrow)"
+VARIANT = "LoRA variant other than DoRA (aLoRA, Arrow, ...)"
+DORA_BLOCKS = "DoRA over a weight whose quantisation blocks straddle rows (in_features % blocksize)"
 DROPOUT = "dropout module is not nn.Dropout or nn.Identity"
 RANK = f"LoRA rank above {MAX_FUSED_RANK} (the fused kernels support ranks 1..{MAX_FUSED_RANK})"
 DTYPE = "unsupported dtype (adapter weights and compute dtype must be fp16, bf16 or fp32)"
@@ -56,8 +59,8 @@ WRAPPED = "forward already replaced on the instance (e.g. an accelerate hook)"
 # call-time only: the patched forward hands these calls to PEFT
 MIXED_BATCH = "mixed-batch adapter_names"
 EXTRA_ARGS = "extra forward arguments"
-REASONS = (DISABLED, MERGED, NO_ACTIVE, SEVERAL, VARIANT, DROPOUT, RANK, DTYPE, NO_STATE,
-           BAD_STATE, CPU_PACKED, WRAPPED, MIXED_BATCH, EXTRA_ARGS)
+REASONS = (DISABLED, MERGED, NO_ACTIVE, SEVERAL, VARIANT, DORA_BLOCKS, DROPOUT, RANK, DTYPE,
+           NO_STATE, BAD_STATE, CPU_PACKED, WRAPPED, MIXED_BATCH, EXTRA_ARGS)
 
 
 @dataclass
@@ -110,9 +113,10 @@ def _serving_plan(layer) -> tuple:
     if len(active) > 1:
         return None, SEVERAL
     adapter = active[0]
-    # recent PEFT lists variants in lora_variant; older releases flag DoRA in use_dora only
-    if adapter in getattr(layer, "lora_variant", ()) or getattr(layer, "use_dora", {}).get(adapter):
+    kind = variant_kind(layer, adapter)
+    if kind not in (None, "dora"):
         return None, VARIANT
+    dora = kind == "dora"
     if not isinstance(layer.lora_dropout[adapter], (nn.Dropout, nn.Identity)):
         return None, DROPOUT
     if layer.lora_A[adapter].weight.shape[0] > MAX_FUSED_RANK:  # the kernels' limit
@@ -127,7 +131,29 @@ def _serving_plan(layer) -> tuple:
         return None, NO_STATE
     if getattr(state, "packing_format_for_cpu", False):
         return None, CPU_PACKED
+    if dora and (state.blocksize <= 0 or base.in_features % state.blocksize):
+        return None, DORA_BLOCKS
     return adapter, None
+
+
+def variant_kind(layer, adapter: str) -> Optional[str]:
+    """None for plain LoRA, "dora" for DoRA (recent PEFT holds exactly a DoraLinearVariant in
+    lora_variant, a composed variant being something else; older releases flag use_dora; the
+    magnitude must live in lora_magnitude_vector), "other" for any other variant."""
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if variant is not None:
+        from peft.tuners.lora.variants import DoraLinearVariant
+
+        dora = type(variant) is DoraLinearVariant
+    elif getattr(layer, "use_dora", {}).get(adapter):
+        dora = True
+    else:
+        return None
+    return "dora" if dora and adapter in getattr(layer, "lora_magnitude_vector", {}) else "other"
+
+
+def is_dora(layer, adapter: str) -> bool:
+    return variant_kind(layer, adapter) == "dora"
 
 
 def _patch_reason(layer):
@@ -169,9 +195,11 @@ def _fused_forward(self, x: torch.Tensor, *args, tracker: Optional[GroupTracker]
         return type(self).forward(self, x, *args, **kwargs)
 
     def one():
-        return fused_lora_forward(x, self.get_base_layer(), self.lora_A[adapter],
-                                  self.lora_B[adapter], self.scaling[adapter],
-                                  self.lora_dropout[adapter])
+        args = (x, self.get_base_layer(), self.lora_A[adapter], self.lora_B[adapter],
+                self.scaling[adapter], self.lora_dropout[adapter])
+        if is_dora(self, adapter):
+            return fused_dora_forward(*args, self.lora_magnitude_vector[adapter].weight)
+        return fused_lora_forward(*args)
     if tracker is None or torch.compiler.is_compiling():
         return one()
     return tracker.call(self, x, one, _run_group)
@@ -183,7 +211,7 @@ def _run_group(members: tuple, x: torch.Tensor) -> Optional[list]:
     layers = []
     for layer in members:
         adapter, reason = _serving_plan(layer)
-        if reason is not None:
+        if reason is not None or is_dora(layer, adapter):
             return None
         layers.append((layer.get_base_layer(), layer.lora_A[adapter], layer.lora_B[adapter],
                        layer.scaling[adapter], layer.lora_dropout[adapter]))
@@ -197,7 +225,7 @@ def _group_fits(run: tuple) -> bool:
     ranks = []
     for layer in run:
         adapter, reason = _serving_plan(layer)
-        if reason is not None:
+        if reason is not None or is_dora(layer, adapter):  # DoRA layers run one by one
             return False
         ranks.append(layer.lora_A[adapter].weight.shape[0])
     return group_problem(ranks) is None

@@ -6,7 +6,8 @@
 
 `lora_linear_4bit` has the same signature as `fastlora.lora_linear_4bit` and an explicit
 backward (the formulas above, not autograd through the forward), so it documents exactly what the
-kernels compute. It runs in any float dtype, float64 included: deq(W) is the float32 product
+kernels compute. `dora_linear_4bit` is PEFT's DoRA layer over the same base, written as PEFT's
+forward and differentiated by autograd. It runs in any float dtype, float64 included: deq(W) is the float32 product
 `code * absmax` that bitsandbytes defines, cast to x's dtype (exact in float64).
 
 Dropout draws 16 bits per element of x from Philox4x32-10 (`tl.randint4x`), eight elements to
@@ -23,7 +24,8 @@ import torch
 
 from .quant import QuantState, dequantize_4bit_torch
 
-__all__ = ["lora_linear_4bit", "dropout_mask", "dropout_threshold", "dropout_draws",
+__all__ = ["lora_linear_4bit", "dora_linear_4bit", "dropout_mask", "dropout_threshold",
+           "dropout_draws",
            "philox_randint", "philox_randint4x", "apply_dropout"]
 
 _MASK32 = 0xFFFFFFFF
@@ -167,3 +169,54 @@ def run_checked(x, packed, state, lora_A, lora_B, scaling, bias, p, seed):
     y = _ReferenceLoRA4bit.apply(x.reshape(-1, x.shape[-1]), packed, state, lora_A, lora_B,
                                  float(scaling), bias, p, resolve_seed(seed, p))
     return y.reshape(*lead, y.shape[-1])
+
+
+# ----------------------------------------------------------------------------- DoRA
+
+def dora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
+                     lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                     magnitude: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     dropout_p: float = 0.0, training: bool = False,
+                     seed: Optional[int] = None) -> torch.Tensor:
+    """Reference DoRA layer over a 4-bit base, PEFT's semantics (peft/tuners/lora/dora.py and
+    variants.py, DoraLinearVariant, as bnb.Linear4bit runs it):
+
+        norm = || deq(W) + s * B @ A ||_row, detached (DoRA paper, section 4.3)
+        mns  = magnitude / norm
+        y    = x @ W^T + bias + (mns - 1) * base_d + mns * s * dropout(x) @ A^T @ B^T
+
+    where base_d = x @ W^T without dropout (p = 0 or not training: y = mns * (x @ W^T +
+    s * x @ A^T @ B^T) + bias) and dropout(x) @ W^T with it. Written as that forward and
+    differentiated by autograd (an independent check of fastlora/ops/dora.py's explicit
+    backward). Arguments as lora_linear_4bit, plus magnitude [N] (any float dtype; the norm
+    and mns are computed in float32, float64 for float64 x)."""
+    from .checks import as_quant_state, check_inputs, check_magnitude
+
+    state = as_quant_state(state)
+    p, seed = check_inputs(x, packed, state, lora_A, lora_B, scaling, bias, dropout_p,
+                           training, seed)
+    check_magnitude(magnitude, x, state.shape[0])
+    return run_dora_checked(x, packed, state, lora_A, lora_B, scaling, magnitude, bias, p, seed)
+
+
+def run_dora_checked(x, packed, state, lora_A, lora_B, scaling, magnitude, bias, p, seed):
+    """dora_linear_4bit on checked arguments (p: the effective dropout; seed None: drawn)."""
+    from .checks import resolve_seed
+
+    seed = resolve_seed(seed, p)
+    x2 = x.reshape(-1, x.shape[-1])
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    weight = dequantize_4bit_torch(packed, state, x.dtype)
+    with torch.no_grad():
+        norm = (dequantize_4bit_torch(packed, state, wide)
+                + scaling * (lora_B.to(wide) @ lora_A.to(wide))).norm(dim=1)
+    mns = magnitude.to(wide) / norm
+    base = x2 @ weight.t()
+    xd = apply_dropout(x2, seed, p)
+    base_d = base if p == 0.0 else xd @ weight.t()
+    lora = (xd @ lora_A.t()) @ lora_B.t()
+    y = base.to(wide) + (mns - 1) * base_d.to(wide) + mns * lora.to(wide) * scaling
+    if bias is not None:
+        y = y + bias.to(wide)
+    y = y.to(x.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1])

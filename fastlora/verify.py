@@ -8,7 +8,9 @@ the bound of fastlora.numerics: 2 x the plain-PyTorch error in the same dtype + 
 The cases come from fastlora.cases (weights quantised by bitsandbytes itself). The matrix ends
 with fused groups (fastlora.lora_group_4bit: q/k/v-like and gate/up-like members that read one
 x, each its own weight, rank and dropout), every member's outputs and gradients checked the same
-way against its own float64 reference.
+way against its own float64 reference, and with DoRA layers (fastlora.dora_linear_4bit, with
+and without dropout; the magnitude's gradient checked too) against
+fastlora.reference.dora_linear_4bit.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import torch
 
 from . import backend
 from .bench import report
-from .cases import (DEVICE, DTYPES, fused, group_out_grads, group_reference_pair, grouped,
-                    make_case, make_group_case, reference_pair, run, run_group)
+from .cases import (DEVICE, DTYPES, dora_fused, dora_magnitude, dora_reference_pair, fused,
+                    group_out_grads, group_reference_pair, grouped, make_case, make_group_case,
+                    reference_pair, run, run_dora, run_group)
 from .numerics import compare
 
 
@@ -43,6 +46,7 @@ class VerifyCase:
     lead: tuple = ()
 
     group: tuple = ()  # (out_features, rank, dropout p, bias) per member: a fused group
+    dora: bool = False  # a DoRA layer (fastlora.dora_linear_4bit)
 
     @property
     def label(self) -> str:
@@ -54,7 +58,7 @@ class VerifyCase:
                  f"bs{self.blocksize}", "dq" if self.double_quant else "no-dq"]
         parts += ["bias"] if self.bias else []
         parts += [f"p={self.dropout_p}"] if self.dropout_p else []
-        return " ".join(parts)
+        return ("DoRA " if self.dora else "") + " ".join(parts)
 
 
 def supported_dtypes() -> list[str]:
@@ -91,6 +95,9 @@ def matrix(full: bool = False) -> list[VerifyCase]:
                                                       (48, 4, 0.2, False))),
                   VerifyCase(1, 0, 128, 0, dt, "fp4", group=((160, 12, 0.0, False),
                                                             (160, 12, 0.0, False)))]
+    for dt in supported_dtypes():  # DoRA: tiled with bias and dropout, small-M without
+        cases += [VerifyCase(33, 96, 192, 8, dt, bias=True, dropout_p=0.1, dora=True),
+                  VerifyCase(3, 160, 128, 16, dt, "fp4", False, dora=True)]
     return cases
 
 
@@ -106,6 +113,11 @@ def check_case(vc: VerifyCase) -> list[dict]:
                      vc.double_quant, vc.bias, vc.dropout_p, lead=vc.lead)
     g = torch.Generator().manual_seed(99)
     grad_out = torch.randn(*vc.lead, vc.m, vc.n, generator=g).to(DEVICE)
+    if vc.dora:
+        magnitude = dora_magnitude(case)
+        truth, baseline = dora_reference_pair(case, magnitude, dtype, grad_out)
+        return _rows(vc, run_dora(dora_fused, case, magnitude, dtype, grad_out), truth,
+                     baseline, dtype)
     truth, baseline = reference_pair(case, dtype, grad_out)
     return _rows(vc, run(fused, case, dtype, grad_out), truth, baseline, dtype)
 

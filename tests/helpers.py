@@ -3,6 +3,8 @@
 
 import itertools
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from fastlora.cases import (  # noqa: F401
     DEVICE, DTYPES, LoraCase, bnb_weight, fused, group_out_grads, group_reference_pair,
     grouped, make_case, make_group_case, members_one_by_one, reference_pair, run, run_group)
@@ -45,3 +47,24 @@ def case_id(c: dict) -> str:
 
 
 N = 72  # out_features of the matrix cases: not a multiple of 16, masked N edges everywhere
+
+
+# ----------------------------------------------------------------------------- allocations
+
+class RecordCreated(TorchDispatchMode):
+    """Appends (op, shape, dtype) of every tensor an op creates to `created`. A dispatch mode
+    is off while it runs an op, so code running inside a custom op's body needs one of its own
+    (sharing the list)."""
+
+    def __init__(self, created: list):
+        super().__init__()
+        self.created = created
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import torch
+
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.created.append((str(func), tuple(t.shape), t.dtype))
+        return out

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlora
 import fastlora.launch.backward as launch_backward
@@ -15,7 +14,7 @@ import fastlora.launch.forward as launch_forward
 import fastlora.ops.dequant as ops_dequant
 from fastlora import quant, reference
 from fastlora.quant import dequantize_4bit_torch
-from helpers import DEVICE, bnb_weight, make_case
+from helpers import DEVICE, RecordCreated, bnb_weight, make_case
 
 M, N, K, R = 17, 72, 200, 8  # M < N: any floating tensor with N * K elements is a weight
 
@@ -63,20 +62,12 @@ def test_never_a_dense_weight(monkeypatch):
 
     created = []
 
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    created.append((str(func), tuple(t.shape), t.dtype))
-            return out
-
     # A dispatch mode is switched off while it runs an op, so the custom ops' bodies (the
     # launchers, where workspaces and outputs are allocated) would be invisible to the outer
-    # Record: record inside them too.
+    # record: record inside them too.
     def recorded(launcher):
         def run_recorded(*args, **kwargs):
-            with Record():
+            with RecordCreated(created):
                 return launcher(*args, **kwargs)
         return run_recorded
     monkeypatch.setattr(launch_forward, "lora_forward", recorded(launch_forward.lora_forward))
@@ -90,7 +81,7 @@ def test_never_a_dense_weight(monkeypatch):
         return t
 
     leaves, call, _ = layer()
-    with Record(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with RecordCreated(created), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = call(leaves)
         y.backward(torch.ones_like(y))
     assert all(v.grad is not None for v in leaves.values())

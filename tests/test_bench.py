@@ -542,26 +542,34 @@ def test_block_mode_smoke_pass_and_selection(tmp_path, capsys, monkeypatch):
     assert "every provider matched the float64 reference" in capsys.readouterr().out
 
 
-def test_block_gpu_path_with_faked_timings(tmp_path, monkeypatch):
-    """The block mode's GPU path on a tiny model, with do_bench replaced by fixed times
-    (per-layer fastlora 3 ms, grouped 2 ms, PEFT 6 ms; each callable still runs once, in the
-    interpreter): the rows, the two ratios, block.csv (appended on a second run) and block.md."""
+def _fake_gpu(monkeypatch, times: list) -> None:
+    """A GPU that is not there, for the bench's GPU paths: CUDA reported present (an H100,
+    64 KB of L2) and do_bench replaced by `times` in turn (each callable still runs once, in
+    the interpreter, and its gradients are cleared as do_bench would)."""
     import triton.testing
-    from fastlora.bench import block
 
-    monkeypatch.setattr(shapes, "MODELS", {"tiny": shapes._model("tiny", 64, 128, 1, 32)})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda *a: type("Props", (), {"L2_cache_size": 2**16})())
-    times = iter([3.0, 2.0, 6.0] * 8)
+    turn = iter(times)
 
     def fake_do_bench(fn, warmup, rep, grad_to_none, return_mode):
         fn()
         for t in grad_to_none:
             t.grad = None
-        return next(times)
+        return next(turn)
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+
+
+def test_block_gpu_path_with_faked_timings(tmp_path, monkeypatch):
+    """The block mode's GPU path on a tiny model, with do_bench replaced by fixed times
+    (per-layer fastlora 3 ms, grouped 2 ms, PEFT 6 ms; each callable still runs once, in the
+    interpreter): the rows, the two ratios, block.csv (appended on a second run) and block.md."""
+    from fastlora.bench import block
+
+    monkeypatch.setattr(shapes, "MODELS", {"tiny": shapes._model("tiny", 64, 128, 1, 32)})
+    _fake_gpu(monkeypatch, [3.0, 2.0, 6.0] * 8)
     opts = suite.Options(shapes=shapes.MODELS["tiny"][:1], ms=(8,), ranks=(8,),
                          modes=("block",), providers=[], out=str(tmp_path),
                          compile_report=False, say=lambda line: None)
@@ -569,6 +577,53 @@ def test_block_gpu_path_with_faked_timings(tmp_path, monkeypatch):
     table = (tmp_path / "block.md").read_text()
     assert "| tiny | qkv | 8 | 8 | block_full | fastlora_grouped | 2 | 1.5 | 3 | ok |" in table
     assert "| tiny | gate_up | 8 | 8 | block_forward | peft_bnb | 6 | 0.5 | 1 | ok |" in table
-    times = iter([3.0, 2.0, 6.0] * 8)
+    _fake_gpu(monkeypatch, [3.0, 2.0, 6.0] * 8)
     assert block.run(opts) == 0
     assert (tmp_path / "block.csv").read_text().count("\n") == 1 + 2 * 12
+
+
+def test_dora_mode_smoke_pass_and_modelled_table(tmp_path, capsys, monkeypatch):
+    """`--modes dora` (issue 12) without a GPU: the plain LoRA layer, fastlora's DoRA and
+    PEFT's DoRA each match their float64 reference on a tiny layer, and the modelled table
+    compares them per shape, labelled modelled; the per-layer suite is not entered."""
+    from fastlora.bench import dora
+
+    monkeypatch.setattr(suite, "_run_layers", lambda opts: pytest.fail("per-layer suite ran"))
+    opts = suite.Options(shapes=[shapes.SHAPES["llama3-8b.q_proj"]], ms=(16, 4096),
+                         ranks=(16,), modes=("dora",), providers=[], out=str(tmp_path),
+                         compile_report=False)
+    assert suite.check_output_csv(opts) == (str(tmp_path / "dora.csv"), None)
+    assert suite.run(opts) == 0
+    smoke = (tmp_path / "dora_smoke.md").read_text()
+    for name in dora.PROVIDERS:
+        rows = [line for line in smoke.splitlines() if f"| {name} |" in line]
+        assert len(rows) == 1 and rows[0].rstrip(" |").endswith("ok"), smoke
+    assert "DoRA timings need a CUDA GPU" in smoke
+    modelled = (tmp_path / "dora_modelled.md").read_text()
+    assert "MODELLED, not measured" in modelled
+    rows = dora.modelled_rows(opts, ceilings={})
+    assert len(rows) == 2 * 2 * 2  # GPUs x M x modes
+    for row in rows:
+        assert row["vs_plain"] == pytest.approx(row["fastlora_dora"] / row["fastlora"])
+        # DoRA adds the norm pass, the combine and the magnitude's reduction: never free
+        assert row["fastlora_dora"] > row["fastlora"]
+    assert "every provider matched its float64 reference" in capsys.readouterr().out
+
+
+def test_dora_gpu_path_with_faked_timings(tmp_path, monkeypatch):
+    """The DoRA mode's GPU path on a tiny layer, do_bench replaced by fixed times (plain 2 ms,
+    DoRA 2.2 ms, PEFT DoRA 5.5 ms; each callable still runs once, in the interpreter): the two
+    ratios, dora.csv (appended on a second run) and dora.md."""
+    from fastlora.bench import dora
+
+    _fake_gpu(monkeypatch, [2.0, 2.2, 5.5] * 2)
+    tiny = shapes.LayerShape("tiny.q_proj", 64, 128)
+    opts = suite.Options(shapes=[tiny], ms=(8,), ranks=(8,), modes=("dora",), providers=[],
+                         out=str(tmp_path), compile_report=False, say=lambda line: None)
+    assert dora.run(opts) == 0
+    table = (tmp_path / "dora.md").read_text()
+    assert "| tiny.q_proj | 8 | 8 | dora_full | fastlora_dora | 2.2 | 1.1 | 2.5 | ok |" in table
+    assert "| tiny.q_proj | 8 | 8 | dora_forward | peft_dora_bnb | 5.5 | 2.75 | 1 | ok |" in table
+    _fake_gpu(monkeypatch, [2.0, 2.2, 5.5] * 2)
+    assert dora.run(opts) == 0
+    assert (tmp_path / "dora.csv").read_text().count("\n") == 1 + 2 * 6

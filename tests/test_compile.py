@@ -164,8 +164,35 @@ def test_large_index_check_finds_32bit_only_addressing():
     from fastlora.compilecheck import narrow_pointer_args
 
     assert narrow_pointer_args(SYNTHETIC_TTIR) == {"x_ptr", "code_ptr"}
-    only_wide = SYNTHETIC_TTIR.replace("%v = tt.load %ptrs :", "%v = tt.load %ptrs2 :")
+    only_wide = SYNTHETIC_TTIR.replace(  # the first load's offset made 64-bit
+        "%ptrs = tt.addptr %rows, %offs : tensor<64x!tt.ptr<bf16>>, tensor<64xi32>",
+        "%ptrs = tt.addptr %rows, %offs64 : tensor<64x!tt.ptr<bf16>>, tensor<64xi64>")
     assert narrow_pointer_args(only_wide) == {"code_ptr"}
+
+
+SIBLING_LOOPS_TTIR = """
+  tt.func public @k(%a_ptr: !tt.ptr<f32> loc("a"(#loc)), %b_ptr: !tt.ptr<f32> loc("b"(#loc))) {
+    scf.for %i = %c0 to %n step %c1  : i32 {
+      %7 = tt.splat %a_ptr : !tt.ptr<f32> -> tensor<64x!tt.ptr<f32>>
+      %8 = tt.addptr %7, %wide : tensor<64x!tt.ptr<f32>>, tensor<64xi64>
+      tt.store %8, %v : tensor<64x!tt.ptr<f32>>
+    }
+    scf.for %j = %c0 to %n step %c1  : i32 {
+      %8 = arith.mulf %x, %y : tensor<64xf32>
+      %5 = tt.splat %b_ptr : !tt.ptr<f32> -> tensor<64x!tt.ptr<f32>>
+      %6 = tt.addptr %5, %narrow : tensor<64x!tt.ptr<f32>>, tensor<64xi32>
+      tt.store %6, %8 : tensor<64x!tt.ptr<f32>>
+    }
+"""
+
+
+def test_pointer_trace_follows_the_definition_in_scope():
+    """Sibling loops may reuse an SSA name (%8 here: a pointer in the first loop, a value in
+    the second); each access is traced through the definition above it."""
+    from fastlora.compilecheck import pointer_accesses
+
+    assert pointer_accesses(SIBLING_LOOPS_TTIR) == [("tt.store", "a_ptr", True),
+                                                    ("tt.store", "b_ptr", False)]
 
 
 def test_every_large_tensor_is_addressed_with_64bit_offsets(report):

@@ -8,6 +8,7 @@
     token_batch(batch, seq)                 (input_ids, labels) for a causal-LM step
     lora_step(model) / logits(model)        one training step's logits, loss and LoRA grads /
                                             one no-grad forward's logits
+    train_losses(model, steps)              per-step losses of AdamW on one repeated batch
     assert_close_fp32(got, want, what)      the fp32 closeness of fused vs PEFT runs
 
 Sizes are multiples of 64 so that quantisation blocks never straddle rows (bitsandbytes 0.50's
@@ -130,6 +131,20 @@ def lora_step(model, seed: int = 0, **kwargs) -> dict:
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
     return {"logits": out.logits.detach(), "loss": out.loss.detach(), **grads}
+
+
+def train_losses(model, steps: int = 10, lr: float = 1e-2) -> list:
+    """Per-step losses of AdamW (lr 1e-2) on one repeated batch, every trainable parameter."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    ids, labels = token_batch()
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
 
 
 def logits(model, seed: int = 0, **kwargs) -> torch.Tensor:

@@ -118,9 +118,49 @@ def _inputs(cases, m: int, dtype, copies: int):
     return xs, dyss
 
 
-def _run_gpu(opts) -> int:
+def time_providers(opts, providers, build_one, mode: str, xs: list, dyss: list,
+                   row: dict) -> tuple[list, dict, bool]:
+    """Each provider's median ms for `mode` (triton.testing.do_bench, L2 flushed, inputs
+    rotating): (rows, {provider: ms}, whether one failed). build_one(provider) -> (fn(x) ->
+    [y], trainable leaves); `row`: the columns every row starts with. A provider that fails
+    gets its error as status and does not stop the others."""
     from triton.testing import do_bench
 
+    rows, times, failed = [], {}, False
+    for provider in providers:
+        out = {**row, "mode": mode, "provider": provider, "median_ms": math.nan, "status": "ok"}
+        try:
+            fn, params = build_one(provider)
+            once = block_callable(fn, mode, xs, dyss)
+            once()
+            out["median_ms"] = times[provider] = float(do_bench(
+                once, warmup=opts.warmup_ms, rep=opts.rep_ms, grad_to_none=xs + params,
+                return_mode="median"))
+        except Exception as exc:  # one provider failing must not stop the others
+            out["status"] = f"error: {type(exc).__name__}: {exc}"
+            failed = True
+        rows.append(out)
+    return rows, times, failed
+
+
+def write_measured(opts, rows: list, columns: list, name: str, title: str) -> None:
+    """<name>.csv (appended, with the GPU and dtype) and <name>.md of measured rows."""
+    path = os.path.join(opts.out, f"{name}.csv")
+    new = not os.path.exists(path)
+    gpu = torch.cuda.get_device_name(0)
+    with open(path, "a", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[key for key, _ in columns] + ["gpu", "dtype"])
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "gpu": gpu, "dtype": opts.dtype})
+    with open(os.path.join(opts.out, f"{name}.md"), "w", encoding="utf-8") as fh:
+        fh.write(f"# fastlora bench: {title} ({gpu}, {opts.dtype}, measured)\n\n"
+                 + report.markdown_table(rows, columns) + "\n")
+    opts.say(report.text_table(rows, columns))
+
+
+def _run_gpu(opts) -> int:
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
     rows, failed = [], False
     dtype = opts.torch_dtype
@@ -130,38 +170,16 @@ def _run_gpu(opts) -> int:
         cases = member_cases(opts, m, members, rank)
         per_copy = m * (members[0].k + sum(s.n for s in members)) * elt
         xs, dyss = _inputs(cases, m, dtype, copies_needed(per_copy, l2))
-        times = {}
-        for provider in PROVIDERS:
-            row = {"model": model, "block": block, "m": m, "rank": rank, "mode": mode,
-                   "provider": provider, "median_ms": math.nan, "status": "ok"}
-            try:
-                fn, params = build(provider, cases)
-                run = block_callable(fn, mode, xs, dyss)
-                run()
-                row["median_ms"] = times[provider] = float(do_bench(
-                    run, warmup=opts.warmup_ms, rep=opts.rep_ms, grad_to_none=xs + params,
-                    return_mode="median"))
-            except Exception as exc:  # one provider failing must not stop the others
-                row["status"] = f"error: {type(exc).__name__}: {exc}"
-                failed = True
-            rows.append(row)
-        for row in rows[-len(PROVIDERS):]:
+        mine, times, bad = time_providers(
+            opts, PROVIDERS, lambda provider: build(provider, cases), mode, xs, dyss,
+            {"model": model, "block": block, "m": m, "rank": rank})
+        for row in mine:
             ms = row["median_ms"]
             row["vs_per_layer"] = times.get(PER_LAYER, math.nan) / ms
             row["vs_peft"] = times.get("peft_bnb", math.nan) / ms
-    path = os.path.join(opts.out, "block.csv")
-    new = not os.path.exists(path)
-    with open(path, "a", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[key for key, _ in _COLUMNS] + ["gpu", "dtype"])
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "gpu": torch.cuda.get_device_name(0), "dtype": opts.dtype})
-    table = report.markdown_table(rows, _COLUMNS)
-    with open(os.path.join(opts.out, "block.md"), "w", encoding="utf-8") as fh:
-        fh.write(f"# fastlora bench: blocks ({torch.cuda.get_device_name(0)}, {opts.dtype}, "
-                 "measured)\n\n" + table + "\n")
-    opts.say(report.text_table(rows, _COLUMNS))
+        rows += mine
+        failed |= bad
+    write_measured(opts, rows, _COLUMNS, "block", "blocks")
     return 1 if failed else 0
 
 

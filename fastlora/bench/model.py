@@ -67,9 +67,16 @@ DA_KERNEL = "_lora_bwd_da_kernel"
 DX_KERNEL = "_nf4_lora_bwd_dx_kernel"
 BWD_REDUCE_KERNEL = "_lora_bwd_reduce_kernel"
 DEQUANT_KERNEL = "_dequant_4bit_kernel"
+DORA_NORM_KERNEL = "_dora_norm_kernel"
+DORA_SCALES_KERNEL = "_dora_scales_kernel"
+DORA_COMBINE_KERNEL = "_dora_combine_kernel"
+COL_DOT_KERNEL = "_col_dot_kernel"
 KERNEL_BOUND = {FWD_KERNEL: "mma", DX_KERNEL: "mma", U_KERNEL: "hbm", SMALL_M_KERNEL: "hbm",
                 SPLITK_REDUCE_KERNEL: "hbm", DU_DB_KERNEL: "hbm", DA_KERNEL: "hbm",
                 BWD_REDUCE_KERNEL: "hbm", DEQUANT_KERNEL: "hbm"}
+# the DoRA layer's own kernels (csrc_triton/dora.py), modelled by `dora_steps` only
+DORA_KERNEL_BOUND = {DORA_NORM_KERNEL: "hbm", DORA_SCALES_KERNEL: "hbm", DORA_COMBINE_KERNEL: "hbm",
+                     COL_DOT_KERNEL: "hbm"}
 SMALL_M_MAX = 16  # fastlora/launch/forward.py: M <= 16 takes the split-K small-M kernel
 
 # the arch whose compiled code models each GPU (fastlora.compilecheck.ARCHS)
@@ -259,6 +266,101 @@ def steps(provider: str, mode: str, d: Dims) -> list[Step]:
     return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
 
 
+# ---------------------------------------------------------------------- DoRA (issue 12)
+# Dropout 0 (what the benchmark times); magnitudes and norms are fp32 [N] vectors.
+
+def _fastlora_dora(d: Dims, s: dict) -> tuple[list[Step], list[Step]]:
+    """fastlora/ops/dora.py at p = 0, launch by launch: the norm pass over the packed weight
+    (fp32 partials), the scales kernel (norm, mns, the fp32 absmax of diag(mns) W, diag(mns) B);
+    without bias the plain fused forward on them gives y, with a bias the plain forward writes
+    z and an fp32 combine forms y. Backward: the magnitude's column dot, the scales kernel
+    again (which also finishes dm), the plain backward on the scaled weight (fp32 absmax) and
+    dB = diag(mns) dB' (one torch op)."""
+    m, n, k, r = d.m, d.n, d.k, d.r
+    plain_fwd, plain_bwd = _fastlora(dataclasses.replace(d, bias=False), {**s, "bias": 0})
+    blocks = math.ceil(n * k / d.blocksize)
+    absmax_in = weight_bytes(d) - math.ceil(n * k / 2)
+    w_scaled = weight_bytes(dataclasses.replace(d, double_quant=False))
+    vec = 4 * n  # one fp32 [N] vector
+
+    def on_scaled(st):
+        if "deq(W)" not in st.name:
+            return st
+        return dataclasses.replace(st, bytes=st.bytes - s["w4"] + w_scaled)
+    norm = Step("norm^2 parts = sum (W + s B A)^2 (one pass over the packed W)", _mm(n, k, r),
+                s["w4"] + s["a"] + s["b"] + vec, DORA_NORM_KERNEL)
+    scales = Step("norm, mns, absmax of diag(mns) W, diag(mns) B (scales)", 0,
+                  3 * vec + absmax_in + 4 * blocks + 2 * s["b"], DORA_SCALES_KERNEL)
+    if d.bias:
+        fwd = [norm, dataclasses.replace(scales, name="norm, mns (scales)", bytes=4 * vec)]
+        fwd += [dataclasses.replace(st, name=st.name.replace("+ bias", "(z, no bias)"))
+                for st in plain_fwd]
+        fwd.append(Step("y = mns * z + bias (fp32 combine)", 0, 2 * s["y"] + s["bias"] + vec,
+                        DORA_COMBINE_KERNEL))
+    else:
+        fwd = [norm, scales] + [on_scaled(st) for st in plain_fwd]
+    bwd = [Step("dm parts = sum_m dy * z", 0, 2 * s["y"] + vec, COL_DOT_KERNEL),
+           dataclasses.replace(scales, name="dm, absmax of diag(mns) W, diag(mns) B (scales)",
+                               bytes=4 * vec + absmax_in + 4 * blocks + 2 * s["b"])]
+    bwd += [on_scaled(st) for st in plain_bwd]
+    bwd.append(Step("dB = diag(mns) dB' (torch, in place)", 0, 2 * s["b"] + vec))
+    return fwd, bwd
+
+
+def _peft_dora_bnb(d: Dims, s: dict) -> tuple[list[Step], list[Step]]:
+    """PEFT's DoRA Linear4bit over bitsandbytes at p = 0 (peft/tuners/lora/bnb.py and
+    dora.py: DoraLinearLayer.forward), the adapters in the activation dtype: the base layer,
+    then B A built through an identity matrix, W dequantised again, the norm of W + s B A over
+    [N, K] tensors, the LoRA GEMMs and the elementwise DoRA combination; autograd's backward
+    of all of it (the norm is detached: nothing flows through the [N, K] path)."""
+    m, n, k, r = d.m, d.n, d.k, d.r
+    nk = n * k * d.e
+    fwd = [Step("bnb dequantize W", 0, s["w4"] + s["w16"]),
+           Step("x W^T + bias", _mm(m, n, k), s["w16"] + s["x"] + s["bias"] + s["y"]),
+           Step("PEFT clone of the result", 0, 2 * s["y"]),
+           Step("eye(K)", 0, k * k * d.e),
+           Step("lora_A(eye)", _mm(k, r, k), k * k * d.e + s["a"] + k * r * d.e),
+           Step("lora_B(.) -> B A [K, N]", _mm(k, n, r), k * r * d.e + s["b"] + nk),
+           Step("bnb dequantize W (DoRA)", 0, s["w4"] + s["w16"]),
+           Step("s * B A", 0, 2 * nk),
+           Step("W + s B A", 0, 3 * nk),
+           Step("row norm", 0, nk + 4 * n),
+           Step("mns = m / norm", 0, 12 * n),
+           Step("lora_A(x)", _mm(m, r, k), s["x"] + s["a"] + s["u"]),
+           Step("lora_B(U)", _mm(m, n, r), s["u"] + s["b"] + s["y"])]
+    if d.bias:
+        fwd.append(Step("base_result - bias", 0, 2 * s["y"] + s["bias"]))
+    fwd += [Step("mns - 1", 0, 8 * n), Step("(mns - 1) * base", 0, 2 * s["y"]),
+            Step("mns * lora", 0, 2 * s["y"]), Step("* scaling", 0, 2 * s["y"]),
+            Step("sum of the two", 0, 3 * s["y"]), Step("result + DoRA term", 0, 3 * s["y"])]
+    bwd = [Step("grads of the sums and scalings", 0, 6 * s["y"]),
+           Step("d(mns - 1), d mns: dy * base, dy * lora, summed over M", 0, 6 * s["y"]),
+           Step("d lora = dy * mns * s", 0, 4 * s["y"]),
+           Step("d base = dy * (mns - 1) + dy", 0, 5 * s["y"]),
+           Step("dU = dt B", _mm(m, r, n), s["y"] + s["b"] + s["u"]),
+           Step("dB = dt^T U", _mm(n, r, m), s["y"] + s["u"] + s["b"]),
+           Step("dx_lora = dU A", _mm(m, k, r), s["u"] + s["a"] + s["x"]),
+           Step("dA = dU^T x", _mm(r, k, m), s["u"] + s["x"] + s["a"]),
+           Step("bnb dequantize W (again)", 0, s["w4"] + s["w16"]),
+           Step("dx_base = d base W", _mm(m, k, n), s["y"] + s["w16"] + s["x"]),
+           Step("dx = dx_base + dx_lora", 0, 3 * s["x"])]
+    return fwd, bwd
+
+
+DORA_PROVIDER_STEPS = {"fastlora": _fastlora, "fastlora_dora": _fastlora_dora,
+                       "peft_dora_bnb": _peft_dora_bnb}
+
+
+def dora_steps(provider: str, mode: str, d: Dims) -> list[Step]:
+    """`steps` for the DoRA benchmark's providers (fastlora: the plain LoRA layer it is
+    measured against)."""
+    if provider not in DORA_PROVIDER_STEPS:
+        raise ValueError(f"no DoRA cost model for provider {provider!r}; modelled: "
+                         f"{', '.join(DORA_PROVIDER_STEPS)}")
+    fwd, bwd = DORA_PROVIDER_STEPS[provider](d, _sizes(d))
+    return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
+
+
 def roofline_seconds(step_list: list[Step], peak: Peak) -> float:
     """The ideal roofline: sum of max(compute time, memory time) over the kernels, at 100% of
     the datasheet peaks and no launch cost (what no code reaches; `modelled_seconds` is the
@@ -281,7 +383,7 @@ def step_seconds(step: Step, peak: Peak, ceilings: Mapping[str, float]) -> float
         ceiling = ceilings.get(step.kernel, 1.0)
         if not ceiling or ceiling <= 0:
             raise ValueError(f"ceiling of {step.kernel} must be > 0, got {ceiling!r}")
-        if KERNEL_BOUND[step.kernel] == "mma":
+        if {**KERNEL_BOUND, **DORA_KERNEL_BOUND}[step.kernel] == "mma":
             flops_per_s *= ceiling
         else:
             bytes_per_s *= ceiling
@@ -384,12 +486,20 @@ def ceilings_from_rows(rows, arch: str, klass: str = "16bit", specs=None) -> dic
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_ceilings(arch: str, klass: str) -> tuple:
+def _compiled_ceilings(arch: str, klass: str, kernels: Optional[tuple] = None) -> tuple:
     from ..compilecheck import compile_report
 
-    specs = needed_specs(arch, klass)
+    specs = needed_specs(arch, klass, kernels=kernels)
     rows = compile_report((arch,), configs=[(s.kernel, s.config) for s in specs])
     return tuple(sorted(ceilings_from_rows(rows, arch, klass, specs).items()))
+
+
+def dora_kernel_ceilings(arch: str, klass: str = "16bit", rows=None) -> dict:
+    """kernel_ceilings for the plain layer's kernels and the DoRA kernels (csrc_triton/dora.py)
+    together: what `dora_steps` reads."""
+    if rows is not None:
+        return ceilings_from_rows(rows, arch, klass)
+    return dict(_compiled_ceilings(arch, klass, fastlora_kernels() + tuple(DORA_KERNEL_BOUND)))
 
 
 def kernel_ceilings(arch: str, klass: str = "16bit", rows=None) -> dict:

@@ -72,9 +72,10 @@ def build_reference(case: LoraCase) -> Built:
                                                       case.scaling, case.bias), [a, b])
 
 
-def peft_bnb_layer(case: LoraCase) -> torch.nn.Module:
+def peft_bnb_layer(case: LoraCase, magnitude: Optional[torch.Tensor] = None) -> torch.nn.Module:
     """peft.tuners.lora.bnb.Linear4bit around a bnb.nn.Linear4bit holding the case's packed
-    weight (not re-quantised), with the case's A, B (in the activation dtype) and bias."""
+    weight (not re-quantised), with the case's A, B (in the activation dtype) and bias; with
+    `magnitude` [N], a DoRA layer (use_dora=True) with that magnitude (float32, as PEFT's)."""
     import bitsandbytes as bnb
     from peft import LoraConfig
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
@@ -94,10 +95,14 @@ def peft_bnb_layer(case: LoraCase) -> torch.nn.Module:
     if case.bias is not None:
         base.bias = torch.nn.Parameter(case.bias.detach().clone(), requires_grad=False)
     alpha = case.scaling * rank
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                        use_dora=magnitude is not None)
     layer = PeftLinear4bit(base, "default", config=config, r=rank, lora_alpha=alpha)
     layer.lora_A["default"].weight = torch.nn.Parameter(case.lora_A.detach().clone())
     layer.lora_B["default"].weight = torch.nn.Parameter(case.lora_B.detach().clone())
+    if magnitude is not None:
+        layer.lora_magnitude_vector["default"].weight = torch.nn.Parameter(
+            magnitude.detach().float().clone())
     layer.train()  # training mode, as in fine-tuning (bnb repacks CPU weights in eval mode)
     if abs(layer.scaling["default"] - case.scaling) > 1e-12:
         raise RuntimeError(f"PEFT scaling {layer.scaling['default']} != {case.scaling}")

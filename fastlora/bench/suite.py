@@ -73,11 +73,11 @@ def check_output_csv(opts: Options) -> tuple:
     without one) holds other columns; returns (that CSV's path, the run's columns or None when
     it writes no row there). The columns come from one row built by this module's own
     code, so they cannot drift from what the run writes: a modelled row, or a GPU row that
-    skips its provider (measure_row then times nothing). The 'block' mode writes block.csv,
-    whose columns are its own."""
-    layer_modes = tuple(m for m in opts.modes if m != "block")
+    skips its provider (measure_row then times nothing). The 'block' and 'dora' modes write
+    block.csv / dora.csv, whose columns are their own."""
+    layer_modes = tuple(m for m in opts.modes if m not in OWN_MODES)
     if not layer_modes:
-        return os.path.join(opts.out, "block.csv"), None
+        return os.path.join(opts.out, f"{opts.modes[0]}.csv"), None
     one = dataclasses.replace(opts, shapes=opts.shapes[:1], ms=opts.ms[:1],
                               ranks=opts.ranks[:1], modes=layer_modes[:1])
     if torch.cuda.is_available():
@@ -95,17 +95,21 @@ def check_output_csv(opts: Options) -> tuple:
     return path, columns
 
 
+# modes with their own module, providers and tables, run after the per-layer modes
+OWN_MODES = ("block", "dora")
+
+
 def run(opts: Options) -> int:
     """Run the suite; returns the exit code (non-zero when a provider failed or the compile
-    report found a problem). The 'block' mode (fastlora/bench/block.py) runs after the
-    per-layer modes."""
-    from . import block
+    report found a problem). The 'block' (fastlora/bench/block.py) and 'dora'
+    (fastlora/bench/dora.py) modes run after the per-layer modes."""
+    from . import block, dora
 
-    with_block = "block" in opts.modes
-    opts = dataclasses.replace(opts, modes=tuple(m for m in opts.modes if m != "block"))
+    own = [m for m in opts.modes if m in OWN_MODES]
+    opts = dataclasses.replace(opts, modes=tuple(m for m in opts.modes if m not in OWN_MODES))
     code = _run_layers(opts) if opts.modes else 0
-    if with_block:
-        code = block.run(opts) or code
+    for mode in own:
+        code = {"block": block, "dora": dora}[mode].run(opts) or code
     return code
 
 
