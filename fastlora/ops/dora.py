@@ -23,6 +23,7 @@ The backward, with B' again and W' (or diag(mns - 1) W) read packed the same way
 
 It saves x, U, z (or y) and the norm (never W, never a mask: dropout(x) is redrawn from the
 seed).
+
 Two torch.library custom ops, fastlora::dora_fwd and fastlora::dora_bwd, joined by
 register_autograd (as the plain op's), so torch.compile sees opaque nodes. fp64 inputs, the
 reference backend and empty inputs run fastlora.reference.dora_linear_4bit.
