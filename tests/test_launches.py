@@ -109,3 +109,41 @@ def test_launches_per_decoder_layer(model_dir, m, dropout, base, monkeypatch):
     assert counted == {False: expected(m, False, base), True: expected(m, True, base)}
     # fused, per layer: M=1 21 + 42, M=4096 14 + 42; grouped: M=1 18 + 39, M=4096 11 + 39
     assert counted[True][0] < counted[False][0] and counted[True][1] < counted[False][1]
+
+
+@pytest.mark.parametrize("bias,p", [(False, 0.0), (True, 0.0), (False, 0.2)],
+                         ids=["scaled-path", "bias", "dropout"])
+def test_dora_launches_over_the_plain_layer(bias, p):
+    """A DoRA layer (fastlora.dora_linear_4bit, M = 17: the tiled GEMMs) launches what the
+    plain fused layer does plus: forward the norm pass and the scales kernel (and the fp32
+    combine with a bias or dropout; with dropout also dropout(x) and a second GEMM); backward
+    the column dot and the scales kernel (with dropout: dropout(x), dropout of dx's DoRA term
+    and the second dx GEMM, dy @ W)."""
+    from fastlora.cases import dora_magnitude, make_case
+
+    case = make_case(17, 72, 128, 8, torch.bfloat16, bias=bias, dropout_p=p)
+    mag = dora_magnitude(case)
+
+    def launches(dora: bool):
+        x, packed, state, a, b, s, bvec = case.args(requires_grad=True)
+        kwargs = case.kwargs()
+        with counting(execute=True) as fwd:
+            if dora:
+                y = fastlora.dora_linear_4bit(x, packed, state, a, b, s,
+                                              mag.clone().requires_grad_(), bvec, **kwargs)
+            else:
+                y = fastlora.lora_linear_4bit(x, packed, state, a, b, s, bvec, **kwargs)
+        with counting(execute=True) as bwd:
+            y.backward(torch.ones_like(y))
+        return fwd, bwd
+    plain_fwd, plain_bwd = launches(False)
+    dora_fwd, dora_bwd = launches(True)
+    extra_fwd = {"_dora_norm_kernel": 1, "_dora_scales_kernel": 1}
+    extra_bwd = {"_col_dot_kernel": 1, "_dora_scales_kernel": 1}
+    if bias or p:
+        extra_fwd["_dora_combine_kernel"] = 1
+    if p:
+        extra_fwd.update(_dropout_kernel=1, _nf4_lora_fwd_kernel=1)
+        extra_bwd.update(_dropout_kernel=2, _nf4_lora_bwd_dx_kernel=1)
+    assert dora_fwd == plain_fwd + collections.Counter(extra_fwd), dora_fwd
+    assert dora_bwd == plain_bwd + collections.Counter(extra_bwd), dora_bwd
