@@ -21,7 +21,7 @@ W) plus these five, none of which materialises W or B @ A:
                           column dot's parts), for a block of rows in one launch
     _dora_combine_kernel  out = base + bias + c[n] * z, in fp32, rounded once
     _col_dot_kernel       per-column sum over rows of g * z (the magnitude's gradient), split
-                          over M, fp32 partials added in a fixed order by the launcher
+                          over M, fp32 partials added in a fixed order by the scales kernel
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from .common import (CompileSpec, block_scales, decode_tile, dropout_keep, lane_
 # at two waves). Swept on sm_90 (bf16, r = 16 / 64; no config spills): [16, 128] 0.16 / 0.08
 # of HBM, [32, 128] 0.20 / 0.11, [64, 64] 0.28 / 0.21, [64, 128] w8 0.27 / 0.20. The elementwise
 # work a value needs (decode, + s * BA, mask, square-add, the MMA result's layout change) is
-# above the ~4.6 lane-instructions a value HBM allows; see fastlora/ops/dora.py on the route
-# past it. Shipped = the interpreter's config.
+# above the ~4.6 lane-instructions a value HBM allows; README.md ("DoRA over 4-bit bases")
+# says the route past it. Shipped = the interpreter's config.
 NORM_BLOCK_N = 64
 NORM_BLOCK_K = 64
 NORM_NUM_WARPS = 4
