@@ -67,7 +67,7 @@ def build(provider: str, case, magnitude: torch.Tensor) -> tuple:
     raise ValueError(f"unknown DoRA provider {provider!r}: choose from {', '.join(PROVIDERS)}")
 
 
-def _modes(mode: str) -> str:
+def _block_mode(mode: str) -> str:
     """The block helper's mode name for a DoRA mode."""
     return {"dora_forward": "block_forward", "dora_full": "block_full"}[mode]
 
@@ -103,7 +103,7 @@ def _run_gpu(opts) -> int:
         magnitude = dora_magnitude(case)
         xs, dyss = _inputs(case, m, dtype, copies_needed(m * (shape.k + shape.n) * elt, l2))
         mine, times, bad = time_providers(
-            opts, PROVIDERS, lambda provider: build(provider, case, magnitude), _modes(mode),
+            opts, PROVIDERS, lambda provider: build(provider, case, magnitude), _block_mode(mode),
             xs, dyss, {"shape": shape.name, "m": m, "rank": rank})
         for row in mine:
             ms, row["mode"] = row["median_ms"], mode
@@ -116,8 +116,7 @@ def _run_gpu(opts) -> int:
 
 
 def _run_smoke(opts) -> int:
-    from .. import reference
-    from ..cases import dora_magnitude
+    from ..cases import dora_magnitude, dora_reference_pair, reference_pair
     from ..numerics import compare
 
     opts.say("\n== DoRA smoke pass (no GPU: correctness only, no timings) ==")
@@ -137,34 +136,23 @@ def _run_smoke(opts) -> int:
             out["dmag"] = params[2].grad
         return out
 
-    def reference_fn(run_dtype, dora: bool):
-        a = case.lora_A.detach().to(run_dtype).clone().requires_grad_(True)
-        b = case.lora_B.detach().to(run_dtype).clone().requires_grad_(True)
-        bias = case.bias.to(run_dtype) if case.bias is not None else None
-        if not dora:
-            return (lambda x: [reference.lora_linear_4bit(x, case.packed, case.state, a, b,
-                                                          case.scaling, bias)]), [a, b]
-        mag = magnitude.detach().to(torch.float64 if run_dtype == torch.float64
-                                    else torch.float32).clone().requires_grad_(True)
-        return (lambda x: [reference.dora_linear_4bit(x, case.packed, case.state, a, b,
-                                                      case.scaling, mag, bias)]), [a, b, mag]
-    refs = {dora: (outputs(*reference_fn(torch.float64, dora), torch.float64),
-                   outputs(*reference_fn(dtype, dora), dtype)) for dora in (False, True)}
+    # the float64 truth and plain PyTorch in dtype: the plain layer's, the DoRA layer's
+    refs = {False: reference_pair(case, dtype, dy),
+            True: dora_reference_pair(case, magnitude, dtype, dy)}
     rows, failed = [], False
     for provider in PROVIDERS:
         row = {"provider": provider, "worst": "", "max_err": math.nan, "bound": math.nan}
         try:
             truth, baseline = refs[provider != PLAIN]
             got = outputs(*build(provider, case, magnitude), dtype)
-            checks = [compare(k, got[k].to(truth[k].dtype) if k == "dmag" else got[k],
-                              truth[k], baseline[k], dtype) for k in truth]
+            checks = [compare(k, got[k], truth[k], baseline[k], dtype) for k in got]
             worst = max(checks, key=lambda c: c.max_err / c.bound if c.bound else math.inf)
             row.update(worst=worst.name, max_err=worst.max_err, bound=worst.bound,
                        status="ok" if all(c.ok for c in checks) else "FAIL: " + "; ".join(
                            c.message() for c in checks if not c.ok))
             xs, dyss = _inputs(case, m, dtype, 1)
             for mode in MODES:
-                block_callable(build(provider, case, magnitude)[0], _modes(mode), xs, dyss)()
+                block_callable(build(provider, case, magnitude)[0], _block_mode(mode), xs, dyss)()
         except Exception as exc:
             row["status"] = f"error: {type(exc).__name__}: {exc}"
         failed |= row["status"] != "ok"
