@@ -227,10 +227,7 @@ def _run_smoke(opts) -> int:
             try:
                 got = outputs(*build(provider, cases), dtype)
                 checks = [compare(k, got[k], truth[k], baseline[k], dtype) for k in truth]
-                worst = max(checks, key=lambda c: c.max_err / c.bound if c.bound else math.inf)
-                row.update(worst=worst.name, max_err=worst.max_err, bound=worst.bound,
-                           status="ok" if all(c.ok for c in checks) else "FAIL: " + "; ".join(
-                               c.message() for c in checks if not c.ok))
+                row.update(report.smoke_result(checks))
                 xs, dyss = _inputs(cases, m, dtype, 1)
                 for mode in MODES:
                     block_callable(build(provider, cases)[0], mode, xs, dyss)()

@@ -146,10 +146,7 @@ def _run_smoke(opts) -> int:
             truth, baseline = refs[provider != PLAIN]
             got = outputs(*build(provider, case, magnitude), dtype)
             checks = [compare(k, got[k], truth[k], baseline[k], dtype) for k in got]
-            worst = max(checks, key=lambda c: c.max_err / c.bound if c.bound else math.inf)
-            row.update(worst=worst.name, max_err=worst.max_err, bound=worst.bound,
-                       status="ok" if all(c.ok for c in checks) else "FAIL: " + "; ".join(
-                           c.message() for c in checks if not c.ok))
+            row.update(report.smoke_result(checks))
             xs, dyss = _inputs(case, m, dtype, 1)
             for mode in MODES:
                 block_callable(build(provider, case, magnitude)[0], _block_mode(mode), xs, dyss)()

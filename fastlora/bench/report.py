@@ -121,3 +121,14 @@ def plot_speedup(rows: list[dict], path: str, title: str, value_key: str,
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def smoke_result(checks: list) -> dict:
+    """The smoke tables' columns for one provider's fastlora.numerics comparisons: the worst
+    output (largest error over its bound), its error and bound, and the status ("ok", or
+    "FAIL: " and every broken bound)."""
+    worst = max(checks, key=lambda c: c.max_err / c.bound if c.bound else float("inf"))
+    status = "ok" if all(c.ok for c in checks) else "FAIL: " + "; ".join(
+        c.message() for c in checks if not c.ok)
+    return {"worst": worst.name, "max_err": worst.max_err, "bound": worst.bound,
+            "status": status}

@@ -345,10 +345,7 @@ def run_smoke(opts: Options) -> int:
                 outputs = {"y": y.detach(), "dx": x.grad, "dA": built.params[0].grad,
                            "dB": built.params[1].grad}
                 checks = [compare(k, v, truth[k], baseline[k], dtype) for k, v in outputs.items()]
-                worst = max(checks, key=lambda c: c.max_err / c.bound if c.bound else math.inf)
-                row.update(worst=worst.name, max_err=worst.max_err, bound=worst.bound,
-                           status="ok" if all(c.ok for c in checks) else "FAIL: " + "; ".join(
-                               c.message() for c in checks if not c.ok))
+                row.update(report.smoke_result(checks))
                 xs, dys = make_inputs(shape_table.SMOKE_M, shape.k, shape.n, dtype, "cpu", 2)
                 for mode in opts.modes:
                     mode_callable(built, mode, xs, dys)()
