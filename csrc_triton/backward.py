@@ -46,7 +46,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import CompileSpec, by_triton, decode_tile, dropout_keep, grouped_tile, lane_table
+from .common import (CompileSpec, by_triton, decode_tile, dropout_keep, grouped_tile, lane_table,
+                     row_dropout, segment_factor, segment_of_rows)
 
 MAX_R_PAD = 256  # the rank is padded to a power of two R_PAD in [16, 256]
 
@@ -55,7 +56,9 @@ MAX_R_PAD = 256  # the rank is padded to a power of two R_PAD in [16, 256]
 def _lora_bwd_du_db_kernel(dy_ptr, u_ptr, b_ptr, ws_du_ptr, ws_db_ptr,
                            M, N, R, rows_per_split, cols_per_group, m_bucket,
                            stride_dym, stride_dyn, stride_um, stride_ur, stride_bn, stride_br,
+                           row_seg_ptr, col_seg_ptr, col_scale_ptr,
                            COMPUTE_DU: tl.constexpr, COMPUTE_DB: tl.constexpr,
+                           SEGMENTED: tl.constexpr,
                            R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Unscaled fp32 partials of dU = dy @ B and dB = dy^T @ U over one (row split, column group).
@@ -67,6 +70,10 @@ def _lora_bwd_du_db_kernel(dy_ptr, u_ptr, b_ptr, ws_du_ptr, ws_db_ptr,
     stays in registers across the inner loop; the dB tile of each column block is added into
     ws_db[s], which only this program touches, in row order (first row block: plain store).
     m_bucket: unused here, part of the autotune key.
+    SEGMENTED (a mixed batch, fastlora/launch/mixed.py): B holds several adapters side by side
+    and ws_du[g][m, r] is kept (times col_scale[r]) only where column r is row m's adapter's
+    (csrc_triton.common.segment_factor; row_seg_ptr int32 [M], col_seg_ptr int32 [R],
+    col_scale_ptr fp32 [R]); U arrives already masked and scaled, so dB needs nothing more.
     """
     tl.static_assert(R_PAD >= 16, "tl.dot needs every dimension >= 16: pad the rank")
     tl.static_assert(BLOCK_M >= 16, "BLOCK_M is dU's dot M and dB's dot K: >= 16")
@@ -106,6 +113,9 @@ def _lora_bwd_du_db_kernel(dy_ptr, u_ptr, b_ptr, ws_du_ptr, ws_db_ptr,
                 prev = tl.load(ws, mask=tile_mask & later, other=0.0)
                 tl.store(ws, prev + part, mask=tile_mask)
         if COMPUTE_DU:
+            if SEGMENTED:
+                du = du * segment_factor(segment_of_rows(row_seg_ptr, offs_m, M), col_seg_ptr,
+                                         col_scale_ptr, offs_r, R)
             ws = ws_du_ptr + (pid_g.to(tl.int64) * M + rows[:, None]) * R + offs_r[None, :]
             tl.store(ws, du, mask=m_mask[:, None] & r_mask[None, :])
 
@@ -185,8 +195,10 @@ def _nf4_lora_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_p
 def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, dx_ptr, M, K, R, seed, threshold,
                         keep_scale, rows_per_split, m_bucket, stride_xm, stride_xk, stride_dum,
                         stride_dur, stride_ar, stride_ak, stride_dxm, stride_dxk,
+                        row_seg_ptr, seg_thr_ptr, seg_keep_ptr,
                         COMPUTE_DA: tl.constexpr, WRITE_DX: tl.constexpr,
                         HAS_DROPOUT: tl.constexpr, DROPOUT_GROUPED: tl.constexpr,
+                        SEGMENTED: tl.constexpr,
                         R_PAD: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_K: tl.constexpr):
@@ -202,6 +214,9 @@ def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, dx_ptr, M, K, R, seed, thr
     DROPOUT_GROUPED: K % 8 == 0, one Philox call per 8 elements); the masked x tile is
     rounded to x's dtype (what the forward fed its dot) and is the first dot operand
     (dA^T = dropout(x)^T @ dU). m_bucket: unused here, part of the autotune key.
+    SEGMENTED (a mixed batch): each row draws with its adapter slot's threshold and keep scale
+    (row_seg_ptr int32 [M], seg_thr_ptr int32 [G], seg_keep_ptr fp32 [G]; dU arrives masked to
+    the row's own adapter columns); otherwise those three pointers are unread.
     """
     tl.static_assert(R_PAD >= 16 and BLOCK_M >= 16 and BLOCK_K >= 16,
                      "tl.dot needs every dimension >= 16")
@@ -227,18 +242,23 @@ def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, dx_ptr, M, K, R, seed, thr
         du = tl.load(du_ptr + rows[:, None] * stride_dum + offs_r[None, :] * stride_dur,
                      mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, offs_m, pid_k * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K,
+            thr = threshold
+            scale = keep_scale
+            if SEGMENTED:
+                thr, scale = row_dropout(segment_of_rows(row_seg_ptr, offs_m, M), seg_thr_ptr,
+                                         seg_keep_ptr)
+            keep = dropout_keep(seed, offs_m, pid_k * BLOCK_K, K, thr, BLOCK_M, BLOCK_K,
                                 DROPOUT_GROUPED)
         if COMPUTE_DA:
             x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                         mask=tile_mask, other=0.0)
             if HAS_DROPOUT:
-                x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(act)
+                x = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(act)
             acc = tl.dot(tl.trans(x), du, acc, input_precision=DOT_PRECISION)
         if WRITE_DX:
             lora = tl.dot(du, a, input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
-                lora = tl.where(keep, lora * keep_scale, 0.0)
+                lora = tl.where(keep, lora * scale, 0.0)
             tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
                      lora.to(act), mask=tile_mask)
     if COMPUTE_DA:
@@ -462,8 +482,9 @@ def _early_prune(configs, named_args, **kwargs):
 
 
 _KEYS = {"dx": ["m_bucket", "N", "K", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "DOT_PRECISION"],
-         "du_db": ["m_bucket", "N", "R_PAD", "COMPUTE_DU", "COMPUTE_DB", "DOT_PRECISION"],
-         "da": ["m_bucket", "K", "R_PAD", "COMPUTE_DA", "WRITE_DX", "HAS_DROPOUT",
+         "du_db": ["m_bucket", "N", "R_PAD", "COMPUTE_DU", "COMPUTE_DB", "SEGMENTED",
+                   "DOT_PRECISION"],
+         "da": ["m_bucket", "K", "R_PAD", "COMPUTE_DA", "WRITE_DX", "HAS_DROPOUT", "SEGMENTED",
                 "DOT_PRECISION"]}
 KERNELS = {"dx": _nf4_lora_bwd_dx_kernel, "du_db": _lora_bwd_du_db_kernel,
            "da": _lora_bwd_da_kernel}
@@ -537,29 +558,34 @@ def _dx_spec(cfg, arch, act, k_aligned, precision=None, qblock=64):
                  else 0.0)
 
 
-def _du_db_spec(cfg, arch, act, precision=None, r_pad=None, target=0.0):
+def _du_db_spec(cfg, arch, act, precision=None, r_pad=None, target=0.0, segmented=False):
     sig = {"dy_ptr": f"*{act}", "u_ptr": f"*{act}", "b_ptr": f"*{act}", "ws_du_ptr": "*fp32",
            "ws_db_ptr": "*fp32",
            **_ints("M", "N", "R", "rows_per_split", "cols_per_group", "m_bucket", "stride_dym",
-                   "stride_dyn", "stride_um", "stride_ur", "stride_bn", "stride_br")}
-    flags = {"COMPUTE_DU": True, "COMPUTE_DB": True}
+                   "stride_dyn", "stride_um", "stride_ur", "stride_bn", "stride_br"),
+           "row_seg_ptr": "*i32", "col_seg_ptr": "*i32", "col_scale_ptr": "*fp32"}
+    flags = {"COMPUTE_DU": True, "COMPUTE_DB": True, "SEGMENTED": segmented}
     elt = 4 if act == "fp32" else 2
     r_pad = r_pad or cfg.max_r_pad
-    return _spec("du_db", cfg, arch, act, r_pad, sig, flags, f"{act} R_PAD={r_pad}",
+    return _spec("du_db", cfg, arch, act, r_pad, sig, flags,
+                 f"{act} R_PAD={r_pad}{' mixed' * segmented}",
                  precision=precision, ceiling_target=target,
                  trip_bytes=cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] * elt)  # dy tile
 
 
-def _da_spec(cfg, arch, act, precision=None, r_pad=None, target=0.0):
+def _da_spec(cfg, arch, act, precision=None, r_pad=None, target=0.0, segmented=False):
     sig = {"x_ptr": f"*{act}", "du_ptr": f"*{act}", "a_ptr": f"*{act}", "ws_ptr": "*fp32",
            "dx_ptr": f"*{act}", **_ints("M", "K", "R"), "seed": "i64", "threshold": "i64",
            "keep_scale": "fp32",
            **_ints("rows_per_split", "m_bucket", "stride_xm", "stride_xk", "stride_dum",
-                   "stride_dur", "stride_ar", "stride_ak", "stride_dxm", "stride_dxk")}
-    flags = {"COMPUTE_DA": True, "WRITE_DX": True, "HAS_DROPOUT": True, "DROPOUT_GROUPED": True}
+                   "stride_dur", "stride_ar", "stride_ak", "stride_dxm", "stride_dxk"),
+           "row_seg_ptr": "*i32", "seg_thr_ptr": "*i32", "seg_keep_ptr": "*fp32"}
+    flags = {"COMPUTE_DA": True, "WRITE_DX": True, "HAS_DROPOUT": True, "DROPOUT_GROUPED": True,
+             "SEGMENTED": segmented}
     elt = 4 if act == "fp32" else 2
     r_pad = r_pad or cfg.max_r_pad
-    return _spec("da", cfg, arch, act, r_pad, sig, flags, f"{act} R_PAD={r_pad}",
+    return _spec("da", cfg, arch, act, r_pad, sig, flags,
+                 f"{act} R_PAD={r_pad}{' mixed' * segmented}",
                  precision=precision, ceiling_target=target,  # x read, dx written
                  trip_bytes=2 * cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"] * elt)
 
@@ -595,6 +621,11 @@ COMPILE_SPECS = (
        for (arch, fp32), configs in CONFIGS["da"].items() for c in configs
        if fp32 or not c.large_m]
     + [_reduce_spec(out) for out in ("bf16", "fp16", "fp32")]
+    # issue 14: a mixed batch's masked dU and per-row dropout (4 or 16 adapters of rank 16)
+    + [spec(c, arch, "bf16", r_pad=r, segmented=True)
+       for name, spec in (("du_db", _du_db_spec), ("da", _da_spec))
+       for (arch, fp32), configs in CONFIGS[name].items() if not fp32
+       for c in configs if c.large_m for r in sorted({64, c.max_r_pad})]
     # fp32 at full precision: FMA dots, no tensor-core instruction (IEEE_CONFIGS)
     + [_dx_spec(c, arch, "fp32", ka, "ieee")
        for arch, configs in IEEE_CONFIGS["dx"].items() for c in configs for ka in (True, False)]

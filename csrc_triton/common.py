@@ -41,11 +41,14 @@ def by_triton(default, **older):
 
 # Pointer arguments whose tensors stay far below 2^31 elements for any real layer, so 32-bit
 # offsets address them safely: the 16/256-entry code tables, the offset scalar, absmax2
-# (N*K / (blocksize * 256) values), bias [N], lora_A [r <= 256, K] and lora_B [N, r] (K, N < 2^23).
+# (N*K / (blocksize * 256) values), bias [N], lora_A [r <= 256, K] and lora_B [N, r] (K, N < 2^23),
+# and a mixed batch's routing tables: one entry per row ([M], M itself an int32 argument), per
+# rank column ([R <= 256]) or per adapter slot ([G <= 256]).
 # Every other pointer (x, dy, dx, y, U, dU, the packed weight, absmax, workspaces) must be
 # addressed with at least one 64-bit offset: fastlora.compilecheck verifies it on the TTIR.
 BOUNDED_ARGS = ("code_ptr", "code2_ptr", "offset_ptr", "absmax2_ptr", "bias_ptr", "a_ptr",
-                "b_ptr")
+                "b_ptr", "row_seg_ptr", "col_seg_ptr", "col_scale_ptr", "seg_thr_ptr",
+                "seg_keep_ptr")
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,32 @@ def dropout_keep(seed, offs_m, k0, K, threshold, BLOCK_M: tl.constexpr,
         word = tl.where(j < 4, tl.where(j < 2, w0, w1), tl.where(j < 6, w2, w3))
         draw = (word >> ((j & 1) * 16).to(tl.uint32)) & 0xFFFF
     return draw.to(tl.int64) >= threshold
+
+
+@triton.jit
+def segment_of_rows(row_seg_ptr, offs_m, M):
+    """int32 [BLOCK_M]: each row's adapter slot in a mixed batch (-1: the base alone; rows past
+    M read -1)."""
+    return tl.load(row_seg_ptr + offs_m, mask=offs_m < M, other=-1)
+
+
+@triton.jit
+def row_dropout(seg, seg_thr_ptr, seg_keep_ptr):
+    """([BLOCK_M, 1] int64 threshold, [BLOCK_M, 1] fp32 keep scale) of each row's adapter slot
+    (seg: segment_of_rows; a base row reads slot 0's, which nothing it feeds uses)."""
+    slot = tl.maximum(seg, 0)
+    return (tl.load(seg_thr_ptr + slot).to(tl.int64)[:, None],
+            tl.load(seg_keep_ptr + slot)[:, None])
+
+
+@triton.jit
+def segment_factor(seg, col_seg_ptr, col_scale_ptr, offs_r, R):
+    """fp32 [BLOCK_M, BLOCK_R]: col_scale[r] where column r belongs to the row's adapter slot,
+    else 0 (a mixed batch's rank columns are its adapters' ranks side by side)."""
+    r_ok = offs_r < R
+    col = tl.load(col_seg_ptr + offs_r, mask=r_ok, other=-2)
+    scale = tl.load(col_scale_ptr + offs_r, mask=r_ok, other=0.0)
+    return tl.where(seg[:, None] == col[None, :], scale[None, :], 0.0)
 
 
 @triton.jit

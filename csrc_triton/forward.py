@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .common import (CompileSpec, by_triton, decode_tile, dropout_keep, grouped_tile,
+                     row_dropout, segment_factor, segment_of_rows,
                      lane_table, load_x_tile, weight_signature)
 
 
@@ -94,8 +95,9 @@ def store_y(acc, offs_m, offs_n, M, N, bias_ptr, y_ptr, stride_ym, stride_yn,
 def _lora_u_kernel(x_ptr, a_ptr, u_ptr, M, K, R,
                    stride_xm, stride_xk, stride_ar, stride_ak, stride_um, stride_ur,
                    seed, threshold, keep_scale,
+                   row_seg_ptr, col_seg_ptr, col_scale_ptr, seg_thr_ptr, seg_keep_ptr,
                    HAS_DROPOUT: tl.constexpr, DROPOUT_GROUPED: tl.constexpr,
-                   PRECISION: tl.constexpr,
+                   SEGMENTED: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """u = dropout(x) @ A^T, one program per BLOCK_M rows and the whole (padded) rank.
 
@@ -103,25 +105,40 @@ def _lora_u_kernel(x_ptr, a_ptr, u_ptr, M, K, R,
     Dropout keeps element (m, k) when its 16-bit Philox draw at offset m * K + k is >=
     threshold (common.dropout_keep; DROPOUT_GROUPED: K % 8 == 0, one call per 8 elements;
     reproduced by fastlora.reference) and scales kept values by keep_scale = 1 / (1 - p) in
-    fp32, rounded once to x's dtype before the tl.dot: bit for bit reference.apply_dropout."""
+    fp32, rounded once to x's dtype before the tl.dot: bit for bit reference.apply_dropout.
+
+    SEGMENTED (a mixed batch, fastlora/launch/mixed.py): a_ptr holds G adapters' A side by
+    side (R = their summed rank); row_seg_ptr int32 [M] each row's adapter slot (-1: none),
+    col_seg_ptr int32 [R] each column's slot, col_scale_ptr fp32 [R] its adapter's scaling;
+    seg_thr_ptr int32 [G] / seg_keep_ptr fp32 [G] each slot's dropout threshold and keep scale
+    (replacing threshold / keep_scale). u[m, r] = scaling * (dropout(x) @ A^T)[m, r] where
+    column r is row m's adapter's, else 0, in fp32 before the one rounding. Otherwise those
+    five pointers are unread."""
     tl.static_assert(BLOCK_R >= 16, "tl.dot needs the padded rank >= 16")
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
+    thr = threshold
+    scale = keep_scale
+    if SEGMENTED:
+        seg = segment_of_rows(row_seg_ptr, offs_m, M)
+        if HAS_DROPOUT:
+            thr, scale = row_dropout(seg, seg_thr_ptr, seg_keep_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = load_x_tile(x_ptr, offs_m, k0, M, K, stride_xm, stride_xk, BLOCK_K)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, offs_m, k0, K, threshold, BLOCK_M, BLOCK_K,
-                                DROPOUT_GROUPED)
+            keep = dropout_keep(seed, offs_m, k0, K, thr, BLOCK_M, BLOCK_K, DROPOUT_GROUPED)
             # fp32 elementwise: the interpreter's bf16 arithmetic is wrong (DESIGN.md)
-            x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(x_ptr.dtype.element_ty)
+            x = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x_ptr.dtype.element_ty)
         a_t = tl.load(a_ptr + offs_k.to(tl.int64)[:, None] * stride_ak
                       + offs_r[None, :] * stride_ar,
                       mask=(offs_k < K)[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(x, a_t, acc, input_precision=PRECISION)
+    if SEGMENTED:
+        acc = acc * segment_factor(seg, col_seg_ptr, col_scale_ptr, offs_r, R)
     u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
     tl.store(u_ptrs, acc.to(u_ptr.dtype.element_ty),
              mask=(offs_m < M)[:, None] & r_ok[None, :])
@@ -409,19 +426,26 @@ def _fwd_spec(cfg, arch, dtype="bf16", k_aligned=True, rank=16, precision="tf32"
                        ceiling_target=target)
 
 
-def _u_spec(rank, dtype, dropout, precision="tf32", target=0.0):
+# the mixed-batch tables (SEGMENTED; unread otherwise)
+SEGMENT_SIGNATURE = {"row_seg_ptr": "*i32", "col_seg_ptr": "*i32", "col_scale_ptr": "*fp32",
+                     "seg_thr_ptr": "*i32", "seg_keep_ptr": "*fp32"}
+
+
+def _u_spec(rank, dtype, dropout, precision="tf32", target=0.0, segmented=False):
     cfg = u_config(rank_block(rank), precision, dtype == "fp32")
     fma = dtype == "fp32" and precision == "ieee"
     sig = {"x_ptr": f"*{dtype}", "a_ptr": f"*{dtype}", "u_ptr": f"*{dtype}",
            **{n: "i32" for n in ("M", "K", "R", "stride_xm", "stride_ar", "stride_um")},
-           "seed": "i64", "threshold": "i64", "keep_scale": "fp32"}
-    constexprs = {"HAS_DROPOUT": dropout, "DROPOUT_GROUPED": True, "PRECISION": precision,
+           "seed": "i64", "threshold": "i64", "keep_scale": "fp32", **SEGMENT_SIGNATURE}
+    constexprs = {"HAS_DROPOUT": dropout, "DROPOUT_GROUPED": True, "SEGMENTED": segmented,
+                  "PRECISION": precision,
                   **{k: v for k, v in cfg.items() if k.startswith("BLOCK")},
                   "stride_xk": 1, "stride_ak": 1, "stride_ur": 1}
     return CompileSpec(kernel="_lora_u_kernel", fn=_lora_u_kernel, signature=sig,
                        constexprs=constexprs, num_warps=cfg["num_warps"],
                        num_stages=cfg["num_stages"],
-                       label=f"{dtype} dropout={int(dropout)}{' ieee' * fma}",
+                       label=f"{dtype} dropout={int(dropout)}{' ieee' * fma}"
+                             f"{' mixed' * segmented}",
                        aligned=ALIGNED_ARGS, fma_dot=fma,
                        trip_bytes=cfg["BLOCK_M"] * cfg["BLOCK_K"] * (4 if dtype == "fp32" else 2),
                        ceiling_target=target)
@@ -456,6 +480,8 @@ COMPILE_SPECS = (
     + [_fwd_spec(c, arch, "fp32", False, precision="ieee")
        for arch, c in UNALIGNED_IEEE_CONFIGS.items()]
     + [_u_spec(r, "fp32", True, "ieee") for r in (16, 32, 64, 128, 256)]
+    # issue 14: a mixed batch's U (4 or 16 adapters of rank 16 side by side), masked per row
+    + [_u_spec(r, "bf16", drop, segmented=True) for r in (64, 256) for drop in (True, False)]
     # blocksize 32 (bnb >= 0.49.2): a BLOCK_K of 64 or 128 decodes 2 or 4 absmax sub-blocks per
     # tile row in the vectorised path, more scale registers than at blocksize 64
     + [_fwd_spec(c, arch, dtype, True, 16, precision, qblock=32)

@@ -5,6 +5,8 @@ Public contract (../shared/DESIGN.md):
     lora_linear_4bit                                  the fused, differentiable layer op
     lora_group_4bit, GroupMember                      layers that share an input, one op
     dora_linear_4bit                                  a DoRA layer over a 4-bit base (QDoRA)
+    mixed_linear_4bit, MixedAdapter                   several adapters in one batch, one per row
+    adapter_batch                                     train several PEFT adapters in one batch
     reference                                         the pure-PyTorch reference path
     LoRALinear4bit                                    drop-in module
     patch, unpatch, PatchReport                       PEFT + bitsandbytes models -> fused
@@ -19,8 +21,8 @@ from __future__ import annotations
 import importlib
 
 from . import reference  # noqa: F401
-from .ops import (GroupMember, dequantize_4bit, dora_linear_4bit, lora_group_4bit,
-                  lora_linear_4bit)
+from .ops import (GroupMember, MixedAdapter, dequantize_4bit, dora_linear_4bit, lora_group_4bit,
+                  lora_linear_4bit, mixed_linear_4bit)
 from .quant import QuantState, quantize_4bit
 
 __version__ = "0.1.0"
@@ -31,13 +33,15 @@ _LAZY = {
     "patch": ".peft_patch",
     "unpatch": ".peft_patch",
     "PatchReport": ".peft_patch",
+    "adapter_batch": ".peft_patch",
     "compile_report": ".compilecheck",
     "release_dequant_buffer": ".launch.buffer",
     "set_dequant_buffer_cap_mb": ".launch.buffer",
 }
 
 __all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "lora_linear_4bit",
-           "lora_group_4bit", "dora_linear_4bit", "GroupMember", "reference", *_LAZY]
+           "lora_group_4bit", "dora_linear_4bit", "mixed_linear_4bit", "GroupMember",
+           "MixedAdapter", "reference", *_LAZY]
 
 
 def __getattr__(name):

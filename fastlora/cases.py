@@ -200,3 +200,58 @@ def dora_fused(*args, **kwargs):
     from .ops import dora_linear_4bit
 
     return dora_linear_4bit(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- mixed batches
+
+def make_mixed_case(m: int, n: int, k: int, spec, dtype: torch.dtype, quant_type: str = "nf4",
+                    bias: bool = False, seed: int = 0):
+    """(LoraCase of the base, [MixedAdapter], row_adapter int64 [m]) for a mixed batch: spec
+    holds one (rank, scaling, dropout p) per adapter; rows are routed round-robin over the
+    adapters and one base-only slot (-1), so every slot has rows. The case's own lora_A /
+    lora_B are unused (rank 1)."""
+    from .checks import MixedAdapter
+
+    case = make_case(m, n, k, 1, dtype, quant_type, bias=bias, seed=seed)
+    g = torch.Generator().manual_seed(3000 + seed)
+    adapters = [MixedAdapter((torch.randn(r, k, generator=g) / k**0.5).to(dtype).to(DEVICE),
+                             (torch.randn(n, r, generator=g) / r**0.5).to(dtype).to(DEVICE),
+                             s, p) for r, s, p in spec]
+    rows = torch.arange(m) % (len(spec) + 1) - 1
+    rows = rows[torch.randperm(m, generator=g)].to(DEVICE)
+    return case, adapters, rows
+
+
+def run_mixed(fn, case: LoraCase, adapters, rows, dtype, grad_out=None) -> dict:
+    """Forward (+ backward with grad_out) of fn(x, packed, state, adapters, rows, bias,
+    training, seed) in `dtype`: y, dx, dA<g>, dB<g> (and dbias)."""
+    x, packed, state, _, _, _, bias = case.args(dtype, requires_grad=grad_out is not None)
+    cast = [a._replace(lora_A=a.lora_A.detach().to(dtype).clone().requires_grad_(
+                           grad_out is not None),
+                       lora_B=a.lora_B.detach().to(dtype).clone().requires_grad_(
+                           grad_out is not None)) for a in adapters]
+    training = any(a.dropout_p > 0 for a in adapters)
+    y = fn(x, packed, state, cast, rows, bias, training, case.seed)
+    out = {"y": y.detach()}
+    if grad_out is not None:
+        y.backward(grad_out.to(device=y.device, dtype=dtype))
+        out["dx"] = x.grad
+        for i, a in enumerate(cast):
+            out.update({f"dA{i}": a.lora_A.grad, f"dB{i}": a.lora_B.grad})
+        if bias is not None:
+            out["dbias"] = bias.grad
+    return out
+
+
+def mixed_reference_pair(case: LoraCase, adapters, rows, dtype, grad_out=None):
+    """(truth in float64, plain PyTorch in dtype), both through reference.mixed_linear_4bit."""
+    return (run_mixed(reference.mixed_linear_4bit, case, adapters, rows, torch.float64,
+                      grad_out),
+            run_mixed(reference.mixed_linear_4bit, case, adapters, rows, dtype, grad_out))
+
+
+def mixed_fused(*args, **kwargs):
+    """fastlora.mixed_linear_4bit (kernels or reference, as the backend says)."""
+    from .ops import mixed_linear_4bit
+
+    return mixed_linear_4bit(*args, **kwargs)

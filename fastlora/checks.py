@@ -204,3 +204,67 @@ def check_group(x, members, training: bool, allowed_dtypes=ACTIVATION_DTYPES + (
             raise type(exc)(f"members[{i}]: {exc}") from None
         checked.append(member._replace(state=state, dropout_p=p, seed=seed))
     return checked
+
+
+class MixedAdapter(NamedTuple):
+    """One adapter of a mixed batch (fastlora.mixed_linear_4bit): lora_A [r, K], lora_B [N, r],
+    its scaling and its dropout p (applied when the call is training)."""
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+    dropout_p: float = 0.0
+
+
+def check_mixed(x, packed, state, adapters, row_adapter, bias, training: bool, seed,
+                allowed_dtypes=ACTIVATION_DTYPES + (torch.float64,), check_values: bool = True):
+    """Validate a mixed-batch call: each adapter (a MixedAdapter or a tuple of its fields)
+    checked as lora_linear_4bit's arguments against x, and row_adapter an integer tensor or
+    sequence with one entry per row of x (x.shape[:-1]) or per sample (x.shape[0]), each in
+    [-1, len(adapters)) (-1: the base alone). Returns (adapters with their effective dropout
+    p, row_adapter as an int64 [rows] tensor on x's device, seed). A tensor's values are
+    checked on the host (one synchronisation on a GPU) unless check_values is False (a
+    caller that built the routing from names it checked)."""
+    if isinstance(adapters, (str, bytes)) or not hasattr(adapters, "__len__") \
+            or len(adapters) < 1:
+        raise ValueError(f"adapters must be a non-empty sequence of fastlora.MixedAdapter, got "
+                         f"{adapters!r:.80}")
+    checked = []
+    for i, adapter in enumerate(adapters):
+        if not isinstance(adapter, MixedAdapter):
+            if not isinstance(adapter, (tuple, list)) or not 3 <= len(adapter) <= 4:
+                raise TypeError(f"adapters[{i}] must be a fastlora.MixedAdapter (lora_A, "
+                                f"lora_B, scaling[, dropout_p]), got {type(adapter).__name__}")
+            adapter = MixedAdapter(*adapter)
+        try:
+            p, seed = check_inputs(x, packed, state, adapter.lora_A, adapter.lora_B,
+                                   adapter.scaling, bias, adapter.dropout_p, training, seed,
+                                   allowed_dtypes=allowed_dtypes)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"adapters[{i}]: {exc}") from None
+        checked.append(adapter._replace(scaling=float(adapter.scaling), dropout_p=p))
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else int(math.prod(x.shape[:-1]))
+    if isinstance(row_adapter, torch.Tensor):
+        if row_adapter.dtype.is_floating_point or row_adapter.dtype.is_complex \
+                or row_adapter.dtype == torch.bool:
+            raise TypeError(f"row_adapter must hold integers, got {row_adapter.dtype}")
+        index = row_adapter.reshape(-1).to(torch.int64)
+    else:
+        try:
+            values = [int(v) for v in row_adapter]
+        except TypeError:
+            raise TypeError(f"row_adapter must be an integer tensor or a sequence of ints, got "
+                            f"{type(row_adapter).__name__}") from None
+        index = torch.tensor(values, dtype=torch.int64)
+    if index.numel() not in (rows, x.shape[0] if x.dim() > 1 else rows):
+        raise ValueError(f"row_adapter has {index.numel()} entries; x has {rows} rows"
+                         f"{f' in {x.shape[0]} samples' if x.dim() > 2 else ''}: give one "
+                         "per row or one per sample")
+    if index.numel() and check_values:
+        low, high = int(index.min()), int(index.max())
+        if low < -1 or high >= len(checked):
+            raise ValueError(f"row_adapter's entries must lie in [-1, {len(checked)}) (-1: no "
+                             f"adapter), got values from {low} to {high}")
+    index = index.to(x.device)
+    if index.numel() != rows:  # one per sample: each sample's rows take its adapter
+        index = index.repeat_interleave(rows // max(1, x.shape[0]))
+    return checked, index, seed

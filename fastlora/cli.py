@@ -99,9 +99,9 @@ def _modes(spec: str) -> tuple:
 
     modes = tuple(dict.fromkeys(m.strip().lower() for m in spec.split(",") if m.strip()))
     for mode in modes:
-        if mode not in MODES + ("block", "dora"):
+        if mode not in MODES + ("block", "dora", "mixed"):
             raise ValueError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}, block, "
-                             "dora")
+                             "dora, mixed")
     if not modes:
         raise ValueError("no mode given (--modes)")
     return modes
@@ -204,8 +204,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--modes", default="forward,backward,full",
                        help="forward, backward, full (per layer), block (the q/k/v and "
                             "gate/up blocks of each selected model: per-layer vs grouped "
-                            "fastlora vs PEFT) and dora (DoRA layers: fastlora DoRA vs its "
-                            "plain LoRA layer vs PEFT DoRA)")
+                            "fastlora vs PEFT), dora (DoRA layers: fastlora DoRA vs its "
+                            "plain LoRA layer vs PEFT DoRA) and mixed (1, 4, 16 adapters in "
+                            "one batch: fastlora vs one adapter vs PEFT's mixed batch vs one "
+                            "adapter at a time)")
     bench.add_argument("--providers", default="all",
                        help="fastlora,peft_bnb,dequant_mm,reference,unsloth or 'all'")
     bench.add_argument("--full", action="store_true", help="M = 1..16384 in powers of two, "

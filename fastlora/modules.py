@@ -15,6 +15,7 @@ the fused op; `fastlora.patch` sends PEFT's layers through it too.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Optional
@@ -27,7 +28,7 @@ from .ops import dora_linear_4bit, lora_group_4bit, lora_linear_4bit
 from .quant import QuantState, quantize_4bit
 
 __all__ = ["LoRALinear4bit", "fused_lora_forward", "fused_dora_forward", "fused_group_forward",
-           "bnb_quant_state"]
+           "fused_mixed_forward", "bnb_quant_state"]
 
 
 def bnb_quant_state(base_layer: nn.Module):
@@ -95,6 +96,33 @@ def fused_group_forward(x: torch.Tensor, layers) -> Optional[list]:
     dtype = dtypes.pop()
     ys = lora_group_4bit(x.to(dtype), [mb for _, mb in members], training=True)
     return [y.to(x.dtype) for y in ys]
+
+
+def fused_mixed_forward(x: torch.Tensor, base_layer: nn.Module, adapters, slots: tuple
+                        ) -> torch.Tensor:
+    """A mixed batch over one bnb base layer in one fused op (fastlora.mixed_linear_4bit):
+    adapters holds (lora_A, lora_B, scaling, dropout) per slot, slots one slot index per
+    sample of x (x.shape[0]; -1: the base alone). Dtypes and dropout as fused_lora_forward;
+    the adapters' lora_B carry no bias (the caller checks). The routing tensor is built once
+    per slots and device (cached), so a call makes no host-to-device copy."""
+    from .checks import MixedAdapter
+    from .ops.mixed import mixed_linear_4bit
+
+    dtype = x.dtype if base_layer.compute_dtype is None else base_layer.compute_dtype
+    bias = base_layer.bias.to(dtype) if base_layer.bias is not None else None
+    mixed = [MixedAdapter(lora_A.weight.to(dtype), lora_B.weight.to(dtype), scaling,
+                          dropout.p if isinstance(dropout, nn.Dropout) and dropout.training
+                          else 0.0)
+             for lora_A, lora_B, scaling, dropout in adapters]
+    y = mixed_linear_4bit(x.to(dtype), base_layer.weight.data, bnb_quant_state(base_layer),
+                          mixed, _routing(slots, x.device), bias, training=True,
+                          _checked_rows=True)
+    return y.to(x.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _routing(slots: tuple, device: torch.device) -> torch.Tensor:
+    return torch.tensor(slots, dtype=torch.int64).to(device)
 
 
 def _bnb_linear4bit(packed: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor],

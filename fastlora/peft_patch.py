@@ -7,14 +7,20 @@ instance attribute that shadows the class's: a small picklable callable holding 
 `save_pretrained`, `load_adapter`, `set_adapter`, `merge_and_unload` and checkpoints see nothing
 different. The patched forward reads the layer's state at every call (active adapter, scaling,
 dropout p and train/eval, merged/disabled) and hands the call to PEFT's own forward whenever
-the fused path cannot serve it (e.g. inside `with model.disable_adapter():`, or with
-`adapter_names=`); such a hand-over is logged at WARNING, once per reason per process, so
-nothing runs slow silently.
+the fused path cannot serve it (e.g. inside `with model.disable_adapter():`); such a hand-over
+is logged at WARNING, once per reason per process, so nothing runs slow silently.
+
+Mixed batches (PEFT's `adapter_names=`, generate included, and `adapter_batch` for training)
+run as one fused op per layer, fastlora.mixed_linear_4bit: one base GEMM over the whole batch,
+each sample's LoRA term from its own adapter ("__base__": none). Names of DoRA or other
+variant adapters, adapters with lora_bias, or ranks summing past 256 go to PEFT (the reason
+logged once); so do calls PEFT refuses (it raises its own error).
 
 Layers that read one input in a forward (q/k/v, gate/up) are also run as one fused group op
 from the next forward on (fastlora/grouping.py; `patch(model, group=False)` turns it off).
 
-`patch` serves a layer when exactly one active adapter lives in it, that adapter is plain LoRA
+`patch` serves a layer when one active adapter lives in it (several: patched for mixed batches,
+plain calls then go to PEFT), that adapter is plain LoRA
 or DoRA (`use_dora=True`: fastlora.dora_linear_4bit; not aLoRA, Arrow or another variant) of
 rank 1..256, it is neither merged nor disabled, its weights and the compute dtype are
 fp16/bf16/fp32, its dropout is nn.Dropout or nn.Identity, and the base weight has a quant_state
@@ -26,6 +32,7 @@ line per reason.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Optional
@@ -33,12 +40,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .modules import bnb_quant_state, fused_dora_forward, fused_group_forward, fused_lora_forward
+from .modules import (bnb_quant_state, fused_dora_forward, fused_group_forward, fused_lora_forward,
+                      fused_mixed_forward)
 from .checks import ACTIVATION_DTYPES, MAX_FUSED_RANK
 from .grouping import GroupHook, GroupTracker
 from .quant import QuantState
 
-__all__ = ["patch", "unpatch", "PatchReport", "REASONS"]
+__all__ = ["patch", "unpatch", "adapter_batch", "PatchReport", "REASONS"]
 
 logger = logging.getLogger("fastlora")
 
@@ -57,10 +65,15 @@ BAD_STATE = "inconsistent quant_state"
 CPU_PACKED = "weight repacked by bitsandbytes for its CPU inference kernel"
 WRAPPED = "forward already replaced on the instance (e.g. an accelerate hook)"
 # call-time only: the patched forward hands these calls to PEFT
-MIXED_BATCH = "mixed-batch adapter_names"
 EXTRA_ARGS = "extra forward arguments"
+MIXED_INVALID = "adapter_names PEFT refuses (not one name per sample, or merged adapters)"
+MIXED_VARIANT = "a mixed batch naming a DoRA or other variant adapter"
+MIXED_LORA_BIAS = "a mixed batch naming an adapter with lora_bias"
+MIXED_RANK = (f"a mixed batch whose adapters' ranks sum past {MAX_FUSED_RANK} (the fused "
+              "kernels' rank)")
 REASONS = (DISABLED, MERGED, NO_ACTIVE, SEVERAL, VARIANT, DORA_BLOCKS, DROPOUT, RANK, DTYPE,
-           NO_STATE, BAD_STATE, CPU_PACKED, WRAPPED, MIXED_BATCH, EXTRA_ARGS)
+           NO_STATE, BAD_STATE, CPU_PACKED, WRAPPED, EXTRA_ARGS, MIXED_INVALID, MIXED_VARIANT,
+           MIXED_LORA_BIAS, MIXED_RANK)
 
 
 @dataclass
@@ -112,28 +125,67 @@ def _serving_plan(layer) -> tuple:
         return None, NO_ACTIVE
     if len(active) > 1:
         return None, SEVERAL
-    adapter = active[0]
+    reason = _adapter_reason(layer, active[0])
+    return (active[0], None) if reason is None else (None, reason)
+
+
+def _adapter_reason(layer, adapter: str):
+    """Why the fused op cannot run `adapter` of `layer` (as its one active adapter), or None."""
     kind = variant_kind(layer, adapter)
     if kind not in (None, "dora"):
-        return None, VARIANT
-    dora = kind == "dora"
+        return VARIANT
     if not isinstance(layer.lora_dropout[adapter], (nn.Dropout, nn.Identity)):
-        return None, DROPOUT
+        return DROPOUT
     if layer.lora_A[adapter].weight.shape[0] > MAX_FUSED_RANK:  # the kernels' limit
-        return None, RANK
+        return RANK
     base = layer.get_base_layer()
     if layer.lora_A[adapter].weight.dtype not in ACTIVATION_DTYPES \
             or layer.lora_B[adapter].weight.dtype not in ACTIVATION_DTYPES \
             or base.compute_dtype not in (None,) + ACTIVATION_DTYPES:
+        return DTYPE
+    state = bnb_quant_state(base)
+    if state is None:
+        return NO_STATE
+    if getattr(state, "packing_format_for_cpu", False):
+        return CPU_PACKED
+    if kind == "dora" and (state.blocksize <= 0 or base.in_features % state.blocksize):
+        return DORA_BLOCKS
+    return None
+
+
+def _mixed_plan(layer, x: torch.Tensor, names) -> tuple:
+    """((adapters, slots), None) when the fused mixed-batch op can serve `layer` for
+    adapter_names `names` now, else (None, reason). adapters: the distinct names (in order of
+    first appearance) that live in this layer, "__base__" and names it lacks giving their
+    samples no adapter (PEFT's rule); slots: one index into adapters (or -1) per sample."""
+    if layer.disable_adapters:
+        return None, DISABLED  # PEFT runs the base alone
+    if layer.merged or not isinstance(names, (list, tuple)) or len(names) != len(x) \
+            or not all(isinstance(name, str) for name in names):
+        return None, MIXED_INVALID  # PEFT raises its own error
+    adapters = [name for name in dict.fromkeys(names) if name in layer.lora_A]
+    for adapter in adapters:
+        if variant_kind(layer, adapter) is not None:
+            return None, MIXED_VARIANT
+        if not isinstance(layer.lora_dropout[adapter], (nn.Dropout, nn.Identity)):
+            return None, DROPOUT
+        if layer.lora_B[adapter].bias is not None:
+            return None, MIXED_LORA_BIAS
+        if layer.lora_A[adapter].weight.dtype not in ACTIVATION_DTYPES \
+                or layer.lora_B[adapter].weight.dtype not in ACTIVATION_DTYPES:
+            return None, DTYPE
+    if sum(layer.lora_A[a].weight.shape[0] for a in adapters) > MAX_FUSED_RANK:
+        return None, MIXED_RANK
+    base = layer.get_base_layer()
+    if base.compute_dtype not in (None,) + ACTIVATION_DTYPES:
         return None, DTYPE
     state = bnb_quant_state(base)
     if state is None:
         return None, NO_STATE
     if getattr(state, "packing_format_for_cpu", False):
         return None, CPU_PACKED
-    if dora and (state.blocksize <= 0 or base.in_features % state.blocksize):
-        return None, DORA_BLOCKS
-    return adapter, None
+    slot = {name: i for i, name in enumerate(adapters)}
+    return (adapters, tuple(slot.get(name, -1) for name in names)), None
 
 
 def variant_kind(layer, adapter: str) -> Optional[str]:
@@ -161,6 +213,10 @@ def _patch_reason(layer):
     if "forward" in layer.__dict__ and not _is_patched(layer):
         return WRAPPED
     _, reason = _serving_plan(layer)
+    if reason == SEVERAL:  # patched all the same: mixed batches (adapter_names,
+        # adapter_batch) serve such layers; a plain call goes to PEFT, logged at that call
+        reason = next(filter(None, (_adapter_reason(layer, name) for name in
+                                    layer.active_adapters if name in layer.lora_A)), None)
     if reason is not None:
         return reason
     base = layer.get_base_layer()
@@ -180,19 +236,31 @@ _fallbacks_logged: set = set()
 def _fused_forward(self, x: torch.Tensor, *args, tracker: Optional[GroupTracker] = None,
                    **kwargs) -> torch.Tensor:
     """The forward `patch` installs on a PEFT lora.Linear4bit (through _FusedForward)."""
-    adapter, reason = _serving_plan(self)
-    if reason is None and kwargs.get("adapter_names") is not None:
-        reason = MIXED_BATCH
-    if reason is None and (args or any(v is not None for v in kwargs.values())):
+    names = kwargs.get("adapter_names")
+    mixed = None
+    if names is not None:
+        mixed, reason = _mixed_plan(self, x, names)
+    else:
+        adapter, reason = _serving_plan(self)
+    if reason is None and (args or any(v is not None for k, v in kwargs.items()
+                                       if k != "adapter_names")):
         reason = EXTRA_ARGS
-    if reason is not None:
+    if reason is not None or mixed is not None:
         if tracker is not None:
             tracker.unserved(self)
+    if reason is not None:
         if reason not in _fallbacks_logged:  # WARNING: the slow path must not go unnoticed
             _fallbacks_logged.add(reason)
             logger.warning("fastlora: a patched layer runs PEFT's (unfused, slower) forward "
                            "for this call (%s); logged once per reason", reason)
         return type(self).forward(self, x, *args, **kwargs)
+    if mixed is not None:
+        adapters, slots = mixed
+        if not adapters:  # no sample names an adapter of this layer: PEFT runs the base alone
+            return self.get_base_layer()(x)
+        return fused_mixed_forward(x, self.get_base_layer(),
+                                   [(self.lora_A[a], self.lora_B[a], self.scaling[a],
+                                     self.lora_dropout[a]) for a in adapters], slots)
 
     def one():
         args = (x, self.get_base_layer(), self.lora_A[adapter], self.lora_B[adapter],
@@ -353,3 +421,67 @@ def unpatch(model: nn.Module) -> int:
 
         release_dequant_buffer()  # the dequantize + cuBLAS path's shared weight buffer
     return restored
+
+
+# ----------------------------------------------------------------------------- several adapters
+
+class _RouteHook:
+    """Forward pre-hook (with kwargs) that hands a LoRA layer the batch's adapter_names, as
+    PEFT's own `_enable_peft_forward_hooks` does at inference."""
+
+    def __init__(self, names: list):
+        self.names = names
+
+    def __call__(self, module, args, kwargs):
+        kwargs["adapter_names"] = self.names
+        return args, kwargs
+
+
+@contextlib.contextmanager
+def adapter_batch(model: nn.Module, adapter_names):
+    """Route each sample of the batches run inside the block to its own LoRA adapter, in
+    training too (beyond PEFT's API: PEFT takes `adapter_names=` at inference only):
+
+        model.base_model.set_adapter(["a", "b", "c"])   # all three trainable
+        with fastlora.adapter_batch(model, ["a", "b", "a", "__base__"]):
+            loss = model(**batch).loss                  # one name per sample
+            loss.backward()
+        optimizer.step()                                # one optimizer over every adapter
+
+    Every LoRA layer gets `adapter_names` as PEFT's mixed-batch forward takes it ("__base__":
+    no adapter; a name a layer lacks: no adapter there). Layers fastlora.patch serves run the
+    fused mixed-batch op (fastlora.mixed_linear_4bit: one base GEMM per layer, each row's LoRA
+    term from its own adapter, every adapter's gradients those of its own samples); any other
+    LoRA layer runs PEFT's own mixed-batch forward. Each adapter keeps its own rank, scaling
+    and dropout. Run the backward inside the block too: gradient checkpointing recomputes
+    the forward during backward and must see the same routing.
+
+    ValueError for a name that is no adapter of the model or not a string; PEFT's own checks
+    (one name per sample, no merged adapters, no DoRA) apply at each layer."""
+    _check_model(model)
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+        raise TypeError(f"adapter_names must be a list of adapter names (one per sample), got "
+                        f"{type(adapter_names).__name__}")
+    from peft.tuners.lora import LoraLayer
+    try:  # PEFT also routes modules_to_save copies by adapter_names
+        from peft.utils.other import AuxiliaryTrainingWrapper as _Wrapper
+    except ImportError:  # older PEFT
+        from peft.utils.other import ModulesToSaveWrapper as _Wrapper
+
+    layers = [m for m in model.modules() if isinstance(m, (LoraLayer, _Wrapper))]
+    known = {name for layer in layers if isinstance(layer, LoraLayer)
+             for name in (*layer.lora_A, *layer.lora_embedding_A)}
+    for name in adapter_names:
+        if not isinstance(name, str):
+            raise TypeError(f"adapter_names must hold strings, got {name!r}")
+    unknown = sorted({name for name in adapter_names if name != "__base__"} - known)
+    if unknown:
+        raise ValueError(f"adapter_names names {unknown}, which are no adapters of this model "
+                         f"(its adapters: {sorted(known)}; '__base__' for none)")
+    hook = _RouteHook(list(adapter_names))
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -6,9 +6,11 @@
 
 `lora_linear_4bit` has the same signature as `fastlora.lora_linear_4bit` and an explicit
 backward (the formulas above, not autograd through the forward), so it documents exactly what the
-kernels compute. `dora_linear_4bit` is PEFT's DoRA layer over the same base, written as PEFT's
-forward and differentiated by autograd. It runs in any float dtype, float64 included: deq(W) is the float32 product
-`code * absmax` that bitsandbytes defines, cast to x's dtype (exact in float64).
+kernels compute. `dora_linear_4bit` is PEFT's DoRA layer over the same base and
+`mixed_linear_4bit` a mixed batch (several adapters, one per row, PEFT's `adapter_names`),
+both written as PEFT's forward and differentiated by autograd. All run in any float dtype,
+float64 included: deq(W) is the float32 product `code * absmax` that bitsandbytes defines,
+cast to x's dtype (exact in float64).
 
 Dropout draws 16 bits per element of x from Philox4x32-10 (`tl.randint4x`), eight elements to
 one call: element offset i = row * K + col takes half i % 2 of word (i % 8) // 2 of
@@ -24,7 +26,7 @@ import torch
 
 from .quant import QuantState, dequantize_4bit_torch
 
-__all__ = ["lora_linear_4bit", "dora_linear_4bit", "dropout_mask", "dropout_threshold",
+__all__ = ["lora_linear_4bit", "dora_linear_4bit", "mixed_linear_4bit", "dropout_mask", "dropout_threshold",
            "dropout_draws",
            "philox_randint", "philox_randint4x", "apply_dropout"]
 
@@ -219,4 +221,55 @@ def run_dora_checked(x, packed, state, lora_A, lora_B, scaling, magnitude, bias,
     if bias is not None:
         y = y + bias.to(wide)
     y = y.to(x.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+# ----------------------------------------------------------------------------- mixed batches
+
+def mixed_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, adapters,
+                      row_adapter, bias: Optional[torch.Tensor] = None, training: bool = False,
+                      seed: Optional[int] = None) -> torch.Tensor:
+    """Reference mixed batch: several LoRA adapters over one 4-bit base, each row of x (or
+    each sample, x.shape[0]) routed to one adapter by row_adapter (-1: the base alone):
+
+        y[m] = x[m] @ deq(W)^T + s_g * dropout_g(x)[m] @ A_g^T @ B_g^T + bias,  g = row_adapter[m]
+
+    PEFT's mixed-batch forward (lora/layer.py _mixed_batch_forward), adapter by adapter on its
+    own rows, differentiated by autograd. adapters: fastlora.MixedAdapter (lora_A, lora_B,
+    scaling, dropout_p); dropout draws one mask over the whole batch (element (m, k) at offset
+    m * K + k, as a single layer's), each row kept with its own adapter's threshold."""
+    from .checks import as_quant_state, check_mixed
+
+    state = as_quant_state(state)
+    adapters, index, seed = check_mixed(x, packed, state, adapters, row_adapter, bias,
+                                        training, seed)
+    return run_mixed_checked(x, packed, state, adapters, index, bias, seed)
+
+
+def run_mixed_checked(x, packed, state, adapters, index, bias, seed):
+    """mixed_linear_4bit on checked arguments (index: int64 [rows]; seed None: drawn)."""
+    from .checks import resolve_seed
+
+    ps = [adapter.dropout_p for adapter in adapters]
+    seed = resolve_seed(seed, max(ps))
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    y = x2 @ dequantize_4bit_torch(packed, state, x.dtype).t()
+    draws = None
+    if max(ps) > 0.0:
+        offsets = torch.arange(x2.numel(), device=x.device, dtype=torch.int64)
+        draws = dropout_draws(seed, offsets).view(x2.shape)
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    for g, adapter in enumerate(adapters):
+        rows = (index == g).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        xs = x2[rows]
+        if adapter.dropout_p > 0.0:
+            keep = draws[rows] >= dropout_threshold(adapter.dropout_p)
+            xs = (xs.to(wide) * keep * (1.0 / (1.0 - adapter.dropout_p))).to(x.dtype)
+        lora = (xs @ adapter.lora_A.t()) @ adapter.lora_B.t() * adapter.scaling
+        y = y.index_add(0, rows, lora)
+    if bias is not None:
+        y = y + bias
     return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -10,7 +10,9 @@ with fused groups (fastlora.lora_group_4bit: q/k/v-like and gate/up-like members
 x, each its own weight, rank and dropout), every member's outputs and gradients checked the same
 way against its own float64 reference, and with DoRA layers (fastlora.dora_linear_4bit, with
 and without dropout; the magnitude's gradient checked too) against
-fastlora.reference.dora_linear_4bit.
+fastlora.reference.dora_linear_4bit, and with mixed batches (fastlora.mixed_linear_4bit: three
+adapters of different ranks, scalings and dropout plus base-only rows in one batch; every
+adapter's gradients checked) against fastlora.reference.mixed_linear_4bit.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from . import backend
 from .bench import report
 from .cases import (DEVICE, DTYPES, dora_fused, dora_magnitude, dora_reference_pair, fused,
                     group_out_grads, group_reference_pair, grouped, make_case, make_group_case,
-                    reference_pair, run, run_dora, run_group)
+                    make_mixed_case, mixed_fused, mixed_reference_pair, reference_pair, run,
+                    run_dora, run_group, run_mixed)
 from .numerics import compare
 
 
@@ -47,12 +50,17 @@ class VerifyCase:
 
     group: tuple = ()  # (out_features, rank, dropout p, bias) per member: a fused group
     dora: bool = False  # a DoRA layer (fastlora.dora_linear_4bit)
+    mixed: tuple = ()  # (rank, scaling, dropout p) per adapter: a mixed batch
 
     @property
     def label(self) -> str:
         if self.group:
             members = "+".join(f"{n}r{r}" for n, r, _, _ in self.group)
             return f"group {self.m}x({members})x{self.k} {self.quant_type}"
+        if self.mixed:
+            adapters = "+".join(f"r{r}" + (f"p{p}" if p else "") for r, _, p in self.mixed)
+            return (f"mixed {self.m}x{self.n}x{self.k} ({adapters} + base rows) "
+                    f"{self.quant_type}{' bias' if self.bias else ''}")
         rows = "x".join(str(d) for d in (*self.lead, self.m))
         parts = [f"{rows}x{self.n}x{self.k} r{self.rank}", self.quant_type,
                  f"bs{self.blocksize}", "dq" if self.double_quant else "no-dq"]
@@ -98,6 +106,10 @@ def matrix(full: bool = False) -> list[VerifyCase]:
     for dt in supported_dtypes():  # DoRA: tiled with bias and dropout, small-M without
         cases += [VerifyCase(33, 96, 192, 8, dt, bias=True, dropout_p=0.1, dora=True),
                   VerifyCase(3, 160, 128, 16, dt, "fp4", False, dora=True)]
+    for dt in supported_dtypes():  # mixed batches: three adapters and base rows, tiled + M=4
+        cases += [VerifyCase(40, 96, 160, 0, dt, bias=True,
+                             mixed=((8, 2.0, 0.1), (16, 0.5, 0.0), (4, 1.0, 0.2))),
+                  VerifyCase(4, 128, 128, 0, dt, "fp4", mixed=((16, 2.0, 0.0), (8, 1.0, 0.0)))]
     return cases
 
 
@@ -109,9 +121,16 @@ def check_case(vc: VerifyCase) -> list[dict]:
         dys = group_out_grads(members, vc.m, seed=99)
         truth, baseline = group_reference_pair(x, members, dtype, dys)
         return _rows(vc, run_group(grouped, x, members, dtype, dys), truth, baseline, dtype)
+    g = torch.Generator().manual_seed(99)
+    if vc.mixed:
+        case, adapters, rows = make_mixed_case(vc.m, vc.n, vc.k, vc.mixed, dtype,
+                                               vc.quant_type, vc.bias)
+        grad_out = torch.randn(vc.m, vc.n, generator=g).to(DEVICE)
+        truth, baseline = mixed_reference_pair(case, adapters, rows, dtype, grad_out)
+        return _rows(vc, run_mixed(mixed_fused, case, adapters, rows, dtype, grad_out), truth,
+                     baseline, dtype)
     case = make_case(vc.m, vc.n, vc.k, vc.rank, dtype, vc.quant_type, vc.blocksize,
                      vc.double_quant, vc.bias, vc.dropout_p, lead=vc.lead)
-    g = torch.Generator().manual_seed(99)
     grad_out = torch.randn(*vc.lead, vc.m, vc.n, generator=g).to(DEVICE)
     if vc.dora:
         magnitude = dora_magnitude(case)

@@ -627,3 +627,52 @@ def test_dora_gpu_path_with_faked_timings(tmp_path, monkeypatch):
     _fake_gpu(monkeypatch, [2.0, 2.2, 5.5] * 2)
     assert dora.run(opts) == 0
     assert (tmp_path / "dora.csv").read_text().count("\n") == 1 + 2 * 6
+
+
+def test_mixed_mode_smoke_pass_and_modelled_table(tmp_path, capsys, monkeypatch):
+    """`--modes mixed` (issue 14) without a GPU: the fused mixed batch (every adapter's
+    gradients) and PEFT's mixed batch match the float64 reference on a tiny layer, every
+    provider runs each mode, and the modelled table compares them per adapter count, labelled
+    modelled; the per-layer suite is not entered."""
+    from fastlora.bench import mixed
+
+    monkeypatch.setattr(suite, "_run_layers", lambda opts: pytest.fail("per-layer suite ran"))
+    opts = suite.Options(shapes=[shapes.SHAPES["llama3-8b.q_proj"]], ms=(16, 4096),
+                         ranks=(16,), modes=("mixed",), providers=[], out=str(tmp_path),
+                         compile_report=False)
+    assert suite.check_output_csv(opts) == (str(tmp_path / "mixed.csv"), None)
+    assert suite.run(opts) == 0
+    smoke = (tmp_path / "mixed_smoke.md").read_text()
+    for name in mixed.PROVIDERS:
+        rows = [line for line in smoke.splitlines() if f"| {name} |" in line]
+        assert len(rows) == 1 and rows[0].rstrip(" |").endswith("ok"), smoke
+    assert "Timings need a CUDA GPU" in smoke
+    assert "MODELLED, not measured" in (tmp_path / "mixed_modelled.md").read_text()
+    rows = mixed.modelled_rows(opts, {}, lambda gpu, rank: {})
+    assert len(rows) == 2 * 2 * 3 * 2  # GPUs x M x adapter counts x modes
+    for row in rows:
+        assert row["vs_single"] == pytest.approx(row["fastlora_mixed"] / row["fastlora"])
+        if row["adapters"] == 1:  # one adapter: the same launches as the single layer
+            assert row["fastlora_mixed"] == pytest.approx(row["fastlora"])
+        else:  # more columns in the small products, and PEFT loops over the adapters
+            assert row["fastlora"] < row["fastlora_mixed"] < row["peft_mixed_bnb"]
+    assert "matched the float64 reference" in capsys.readouterr().out
+
+
+def test_mixed_gpu_path_with_faked_timings(tmp_path, monkeypatch):
+    """The mixed mode's GPU path on a tiny layer, do_bench replaced by fixed times (one
+    adapter 2 ms, mixed 2.2 ms, PEFT 6 ms, one at a time 5 ms; each callable still runs once,
+    in the interpreter): the ratio, mixed.csv (appended on a second run) and mixed.md."""
+    from fastlora.bench import mixed
+
+    _fake_gpu(monkeypatch, [2.0, 2.2, 6.0, 5.0] * 6)
+    tiny = shapes.LayerShape("tiny.q_proj", 64, 128)
+    opts = suite.Options(shapes=[tiny], ms=(8,), ranks=(8,), modes=("mixed",), providers=[],
+                         out=str(tmp_path), compile_report=False, say=lambda line: None)
+    assert mixed.run(opts) == 0
+    table = (tmp_path / "mixed.md").read_text()
+    assert "| tiny.q_proj | 8 | 8 | 16 | mixed_full | fastlora_mixed | 2.2 | 1.1 | ok |" in table
+    assert "| tiny.q_proj | 8 | 8 | 4 | mixed_forward | peft_mixed_bnb | 6 | 3 | ok |" in table
+    _fake_gpu(monkeypatch, [2.0, 2.2, 6.0, 5.0] * 6)
+    assert mixed.run(opts) == 0
+    assert (tmp_path / "mixed.csv").read_text().count("\n") == 1 + 2 * 24

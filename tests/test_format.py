@@ -298,18 +298,20 @@ def test_dequantize_rejects_inconsistent_state(double_quant):
 
 def test_known_bnb_cpu_defect_and_fastlora_follows_the_format():
     """The one place bnb's CPU library departs from the format (module docstring): fastlora
-    matches bnb's default decoder and the per-element definition there."""
+    matches bnb's default decoder and the per-element definition there, whether or not bnb's
+    CPU library shows the defect on this CPU (it lives in bnb's vectorised path: a CPU without
+    AVX-512, as some of this project's machines, takes the scalar one, which agrees;
+    _bnb_decoded tolerates the disagreement only in the known case)."""
     w = _weight((16, 64), torch.float32)
     bnb_packed, bnb_state = bnbF.quantize_4bit(w, blocksize=128, quant_type="nf4",
                                                compress_statistics=False)
-    assert not _same_bits(bnbF.dequantize_4bit(bnb_packed, bnb_state),
-                          _bnb_default_decode(bnb_packed, bnb_state), signed_zero=False), \
-        "bnb's CPU decoder now agrees: drop _known_bnb_cpu_defect"
     ours = fastlora.dequantize_4bit(bnb_packed, QuantState.from_bnb(bnb_state))
     nibbles = torch.stack([bnb_packed.reshape(-1) >> 4, bnb_packed.reshape(-1) & 15], 1).reshape(-1)
-    by_definition = bnbF.get_4bit_type("nf4", device="cpu")[nibbles.long()] * \
-        bnb_state.absmax[torch.arange(w.numel()) // 128]
-    assert _same_bits(ours, by_definition.view(16, 64))
+    by_definition = (bnbF.get_4bit_type("nf4", device="cpu")[nibbles.long()] *
+                     bnb_state.absmax[torch.arange(w.numel()) // 128]).view(16, 64)
+    assert _same_bits(ours, by_definition)
+    assert _same_bits(_bnb_default_decode(bnb_packed, bnb_state), by_definition,
+                      signed_zero=False)
 
 
 def test_fp4_zero_is_negative_zero_in_decoders_and_positive_in_stored_code():

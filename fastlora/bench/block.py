@@ -107,7 +107,9 @@ def run(opts) -> int:
     return _run_smoke(opts)
 
 
-def _inputs(cases, m: int, dtype, copies: int):
+def inputs(cases, m: int, dtype, copies: int):
+    """`copies` input sets for the members' x [M, K] (shared) and their dy [M, N_g], on the
+    cases' device (also the DoRA and mixed-batch modes' inputs, one case each)."""
     g = torch.Generator(device=cases[0].x.device).manual_seed(0)
     k = cases[0].state.shape[1]
     dev = cases[0].x.device
@@ -169,7 +171,7 @@ def _run_gpu(opts) -> int:
             blocks(opts.shapes), opts.ms, opts.ranks, MODES):
         cases = member_cases(opts, m, members, rank)
         per_copy = m * (members[0].k + sum(s.n for s in members)) * elt
-        xs, dyss = _inputs(cases, m, dtype, copies_needed(per_copy, l2))
+        xs, dyss = inputs(cases, m, dtype, copies_needed(per_copy, l2))
         mine, times, bad = time_providers(
             opts, PROVIDERS, lambda provider: build(provider, cases), mode, xs, dyss,
             {"model": model, "block": block, "m": m, "rank": rank})
@@ -228,7 +230,7 @@ def _run_smoke(opts) -> int:
                 got = outputs(*build(provider, cases), dtype)
                 checks = [compare(k, got[k], truth[k], baseline[k], dtype) for k in truth]
                 row.update(report.smoke_result(checks))
-                xs, dyss = _inputs(cases, m, dtype, 1)
+                xs, dyss = inputs(cases, m, dtype, 1)
                 for mode in MODES:
                     block_callable(build(provider, cases)[0], mode, xs, dyss)()
             except Exception as exc:

@@ -25,7 +25,7 @@ import os
 import torch
 
 from . import model, report, shapes as shape_table
-from .block import block_callable, time_providers, write_measured
+from .block import block_callable, inputs, time_providers, write_measured
 from .peaks import MODELLED_GPUS, peak_named
 from .timing import copies_needed
 
@@ -81,16 +81,6 @@ def run(opts) -> int:
     return code
 
 
-def _inputs(case, m: int, dtype, copies: int):
-    g = torch.Generator(device=case.x.device).manual_seed(0)
-    n, k = case.state.shape
-    dev = case.x.device
-    xs = [torch.randn(m, k, generator=g, device=dev, dtype=dtype).requires_grad_(True)
-          for _ in range(copies)]
-    dyss = [[torch.randn(m, n, generator=g, device=dev, dtype=dtype)] for _ in range(copies)]
-    return xs, dyss
-
-
 def _run_gpu(opts) -> int:
     from ..cases import dora_magnitude
 
@@ -101,7 +91,7 @@ def _run_gpu(opts) -> int:
     for shape, m, rank, mode in itertools.product(opts.shapes, opts.ms, opts.ranks, MODES):
         case = opts.case(m, shape, rank)
         magnitude = dora_magnitude(case)
-        xs, dyss = _inputs(case, m, dtype, copies_needed(m * (shape.k + shape.n) * elt, l2))
+        xs, dyss = inputs([case], m, dtype, copies_needed(m * (shape.k + shape.n) * elt, l2))
         mine, times, bad = time_providers(
             opts, PROVIDERS, lambda provider: build(provider, case, magnitude), _block_mode(mode),
             xs, dyss, {"shape": shape.name, "m": m, "rank": rank})
@@ -147,7 +137,7 @@ def _run_smoke(opts) -> int:
             got = outputs(*build(provider, case, magnitude), dtype)
             checks = [compare(k, got[k], truth[k], baseline[k], dtype) for k in got]
             row.update(report.smoke_result(checks))
-            xs, dyss = _inputs(case, m, dtype, 1)
+            xs, dyss = inputs([case], m, dtype, 1)
             for mode in MODES:
                 block_callable(build(provider, case, magnitude)[0], _block_mode(mode), xs, dyss)()
         except Exception as exc:

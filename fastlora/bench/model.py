@@ -528,3 +528,133 @@ def describe_ceilings(ceilings: Mapping[str, float], kernels=None) -> str:
         text += "; unmodelled (no compiled row: run at 1.0, the ideal roofline): " \
             + ", ".join(missing)
     return text
+
+
+# ---------------------------------------------------------------------- mixed batches
+# G adapters of rank r, tokens spread evenly (M / G rows each); dropout 0.
+
+def _mixed_fastlora(d: Dims, count: int) -> tuple[list[Step], list[Step]]:
+    """fastlora/launch/mixed.py: the plain layer's launches at the summed rank G * r (U and
+    dU masked per row inside the kernels; no gather, no scatter); past WIDE_RANK the LoRA-side
+    products are matmuls (cuBLAS, at the peer efficiency) with one mask pass each for U and
+    dU, the base products fused."""
+    from csrc_triton.forward import rank_block
+    from ..launch.mixed import WIDE_RANK
+
+    wide = dataclasses.replace(d, r=d.r * count)
+    s = _sizes(wide)
+    fwd, bwd = _fastlora(wide, s)
+    if rank_block(wide.r) <= WIDE_RANK:
+        return fwd, bwd
+    m, n, k, r = wide.m, wide.n, wide.k, wide.r
+    mask = Step("U' = U * factor (mask, scalings)", 0, 2 * s["u"] + 4 * r)
+    fwd = [Step("U = x A_cat^T (matmul)", _mm(m, r, k), s["x"] + s["a"] + s["u"]), mask] \
+        + [st for st in fwd if st.kernel != U_KERNEL]
+    bwd = [Step("dB = dy^T U' (matmul)", _mm(n, r, m), s["y"] + s["u"] + s["b"]),
+           Step("dU' = dy B_cat (matmul)", _mm(m, r, n), s["y"] + s["b"] + s["u"]),
+           dataclasses.replace(mask, name="dU = dU' * factor (mask, scalings)"),
+           Step("dx = dU A_cat (matmul)", _mm(m, k, r), s["u"] + s["a"] + s["x"]),
+           Step("dA = dU^T x (matmul)", _mm(r, k, m), s["u"] + s["x"] + s["a"]),
+           bwd[-1]]
+    return fwd, bwd
+
+
+def _peft_mixed(d: Dims, count: int) -> tuple[list[Step], list[Step]]:
+    """PEFT's _mixed_batch_forward over bitsandbytes: the base once (dequantize + matmul), then
+    per adapter a gather of its rows, lora_A, lora_B, * scaling and an in-place scatter-add;
+    autograd mirrors it (the gathers' backward is a scatter of dx rows)."""
+    m, n, k, r = d.m, d.n, d.k, d.r
+    s = _sizes(d)
+    rows = math.ceil(m / count)
+    e = d.e
+    xs, ys, us = rows * k * e, rows * n * e, rows * r * e
+    fwd = [Step("bnb dequantize W", 0, s["w4"] + s["w16"]),
+           Step("x W^T + bias", _mm(m, n, k), s["w16"] + s["x"] + s["bias"] + s["y"])]
+    bwd = [Step("bnb dequantize W (again)", 0, s["w4"] + s["w16"]),
+           Step("dx_base = dy W", _mm(m, k, n), s["y"] + s["w16"] + s["x"])]
+    for g in range(count):
+        fwd += [Step(f"x[rows of {g}] (gather)", 0, 2 * xs),
+                Step("lora_A(x_g)", _mm(rows, r, k), xs + s["a"] + us),
+                Step("lora_B(U_g)", _mm(rows, n, r), us + s["b"] + ys),
+                Step("* scaling", 0, 2 * ys),
+                Step("result[rows] += (index_put)", 0, 3 * ys)]
+        bwd += [Step("dy[rows] (gather)", 0, 2 * ys),
+                Step("* scaling (grad)", 0, 2 * ys),
+                Step("dU_g = dt B_g", _mm(rows, r, n), ys + s["b"] + us),
+                Step("dB_g = dt^T U_g", _mm(n, r, rows), ys + us + s["b"]),
+                Step("dx_g = dU_g A_g", _mm(rows, k, r), us + s["a"] + xs),
+                Step("dA_g = dU_g^T x_g", _mm(r, k, rows), us + xs + s["a"]),
+                Step("dx[rows] += dx_g (scatter)", 0, 3 * xs)]
+    return fwd, bwd
+
+
+def _one_at_a_time(d: Dims, count: int) -> tuple[list[Step], list[Step]]:
+    """Each adapter's rows through their own fused layer: a gather of x's rows, the plain
+    layer at M / G rows (the 4-bit weight read G times), a scatter of y's rows; backward the
+    plain layer's per adapter and a scatter of dx's rows."""
+    part = dataclasses.replace(d, m=math.ceil(d.m / count))
+    s = _sizes(part)
+    one_fwd, one_bwd = _fastlora(part, s)
+    fwd = [Step("x[rows] (gather)", 0, 2 * s["x"])] + one_fwd \
+        + [Step("y[rows] = (index_copy)", 0, 2 * s["y"])]
+    bwd = [Step("dy[rows] (gather)", 0, 2 * s["y"])] + one_bwd \
+        + [Step("dx[rows] = (scatter)", 0, 2 * s["x"])]
+    return fwd * count, bwd * count
+
+
+def mixed_steps(provider: str, mode: str, d: Dims, count: int) -> list[Step]:
+    """`steps` for the mixed-batch benchmark's providers (fastlora/bench/mixed.py): `count`
+    adapters of rank d.r over d.m tokens spread evenly; "fastlora" is one adapter over the
+    whole batch (what the mixed batch is measured against)."""
+    builders = {"fastlora": lambda: _fastlora(d, _sizes(d)),
+                "fastlora_mixed": lambda: _mixed_fastlora(d, count),
+                "peft_mixed_bnb": lambda: _peft_mixed(d, count),
+                "one_at_a_time": lambda: _one_at_a_time(d, count)}
+    if provider not in builders:
+        raise ValueError(f"no mixed-batch cost model for provider {provider!r}; modelled: "
+                         f"{', '.join(builders)}")
+    fwd, bwd = builders[provider]()
+    return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
+
+
+def _rank_rows(rows, kernel: str, total_rank: int) -> list:
+    """The compile-report rows of `kernel` compiled for the padded rank of total_rank (U:
+    BLOCK_R, dU/dB and dA: R_PAD), its mixed-batch (SEGMENTED) rows preferred."""
+    from csrc_triton.forward import rank_block
+
+    width = rank_block(total_rank)
+    tag = f"BLOCK_R={width}," if kernel == U_KERNEL else f"R_PAD={width}"
+    mine = [r for r in rows if r["kernel"] == kernel and tag in r["config"]
+            and r.get("ceiling") is not None]
+    return [r for r in mine if " mixed" in r["config"]] or mine
+
+
+def mixed_kernel_ceilings(arch: str, total_rank: int, klass: str = "16bit", rows=None) -> dict:
+    """kernel_ceilings for a mixed batch whose adapters' ranks sum to total_rank: the U,
+    dU/dB and dA kernels at the best ceiling compiled for that padded rank (mixed-batch rows
+    preferred), every other kernel as kernel_ceilings says. rows: compile-report rows at hand
+    (else the needed specs are compiled, cached per process)."""
+    out = kernel_ceilings(arch, klass, rows)
+    if rows is None:
+        rows = [dict(r) for r in _rank_ceiling_rows(arch, klass, total_rank)]
+    for kernel in (U_KERNEL, DU_DB_KERNEL, DA_KERNEL):
+        found = [r for r in _rank_rows(rows, kernel, total_rank) if r["arch"] == arch
+                 and _config_dtype_class(r["config"]) == klass]
+        if found:
+            out[kernel] = max(float(r["ceiling"]) for r in found)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _rank_ceiling_rows(arch: str, klass: str, total_rank: int) -> tuple:
+    from csrc_triton import all_compile_specs
+    from ..compilecheck import compile_report
+
+    specs = [s for s in all_compile_specs() if arch in s.archs and spec_dtype_class(s) == klass
+             and s.kernel in (U_KERNEL, DU_DB_KERNEL, DA_KERNEL)
+             and not getattr(s, "fma_dot", False)]
+    fake = [{"kernel": s.kernel, "config": s.config, "ceiling": 1.0} for s in specs]
+    wanted = {(r["kernel"], r["config"]) for k in (U_KERNEL, DU_DB_KERNEL, DA_KERNEL)
+              for r in _rank_rows(fake, k, total_rank)}
+    rows = compile_report((arch,), configs=sorted(wanted)) if wanted else []
+    return tuple(tuple(sorted(r.items())) for r in rows)

@@ -72,10 +72,13 @@ def build_reference(case: LoraCase) -> Built:
                                                       case.scaling, case.bias), [a, b])
 
 
-def peft_bnb_layer(case: LoraCase, magnitude: Optional[torch.Tensor] = None) -> torch.nn.Module:
+def peft_bnb_layer(case: LoraCase, magnitude: Optional[torch.Tensor] = None,
+                   adapters: Optional[list] = None) -> torch.nn.Module:
     """peft.tuners.lora.bnb.Linear4bit around a bnb.nn.Linear4bit holding the case's packed
     weight (not re-quantised), with the case's A, B (in the activation dtype) and bias; with
-    `magnitude` [N], a DoRA layer (use_dora=True) with that magnitude (float32, as PEFT's)."""
+    `magnitude` [N], a DoRA layer (use_dora=True) with that magnitude (float32, as PEFT's);
+    with `adapters` (fastlora.MixedAdapter list), also adapters "a0", "a1", ... holding them
+    (for PEFT's mixed batch, adapter_names=)."""
     import bitsandbytes as bnb
     from peft import LoraConfig
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
@@ -103,6 +106,17 @@ def peft_bnb_layer(case: LoraCase, magnitude: Optional[torch.Tensor] = None) -> 
     if magnitude is not None:
         layer.lora_magnitude_vector["default"].weight = torch.nn.Parameter(
             magnitude.detach().float().clone())
+    for i, adapter in enumerate(adapters or ()):
+        r = adapter.lora_A.shape[0]
+        layer.update_layer(f"a{i}", r, lora_alpha=adapter.scaling * r, config=LoraConfig(
+            r=r, lora_alpha=adapter.scaling * r, lora_dropout=0.0))
+        layer.lora_A[f"a{i}"].weight = torch.nn.Parameter(adapter.lora_A.detach().clone())
+        layer.lora_B[f"a{i}"].weight = torch.nn.Parameter(adapter.lora_B.detach().clone())
+        if abs(layer.scaling[f"a{i}"] - adapter.scaling) > 1e-12:
+            raise RuntimeError(f"PEFT scaling {layer.scaling[f'a{i}']} != {adapter.scaling}")
+    for i in range(len(adapters or ())):  # update_layer leaves only the active one trainable
+        layer.lora_A[f"a{i}"].weight.requires_grad_(True)
+        layer.lora_B[f"a{i}"].weight.requires_grad_(True)
     layer.train()  # training mode, as in fine-tuning (bnb repacks CPU weights in eval mode)
     if abs(layer.scaling["default"] - case.scaling) > 1e-12:
         raise RuntimeError(f"PEFT scaling {layer.scaling['default']} != {case.scaling}")

@@ -25,7 +25,8 @@ from . import dispatch
 from .common import (LAUNCH_OPTIONS, arch, cached_autotuner, decode_flags, dot_precision,
                      kernel_entry, num_sms, weight_args)
 
-__all__ = ["lora_backward", "check_backward_args", "du_db", "dx_gemm", "Configs", "KERNELS"]
+__all__ = ["lora_backward", "check_backward_args", "du_db", "da", "dx_gemm", "Configs",
+           "KERNELS"]
 
 KERNELS = ("du_db", "da", "dx")  # the keys of `config=`
 
@@ -149,7 +150,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, u: Optional[torch.Tensor],
     if not need_du:
         return None, None, dB
     dx = x.new_empty(m, k) if need_dx else None
-    dA = _da(cfgs, x, du, lora_A, p, seed, dx, need_dA)
+    dA = da(cfgs, x, du, lora_A, p, seed, dx, need_dA)
     if need_dx:
         dx_gemm(cfgs, dy, packed, state, dx, base=base, pinned="dx" in (config or {}))
     return dx, dA, dB
@@ -159,10 +160,12 @@ def _f32(device) -> dict:
     return dict(dtype=torch.float32, device=device)
 
 
-def du_db(cfgs: Configs, dy, u, lora_B, scaling: float, need_du: bool, need_dB: bool):
+def du_db(cfgs: Configs, dy, u, lora_B, scaling: float, need_du: bool, need_dB: bool,
+          segments=None):
     """(dU = s * dy @ B [M, r] in dy's dtype or None, dB = s * dy^T @ U [N, r] in lora_B's
     dtype or None): one pass over dy, split over M (for dB) x N (for dU), partials reduced in
-    a fixed order."""
+    a fixed order. segments (fastlora.launch.mixed.Segments, a mixed batch; scaling 1): dU
+    keeps each row's own adapter's columns, times that adapter's scaling."""
     m, n = dy.shape
     rank = lora_B.shape[1]
     width = _parallelism(dy.device)
@@ -178,17 +181,20 @@ def du_db(cfgs: Configs, dy, u, lora_B, scaling: float, need_du: bool, need_dB: 
     cfgs.launch("du_db", lambda meta: (splits, groups),
                 (dy, u_arg, lora_B, ws_du, ws_db, m, n, rank, rows_per_split, cols_per_group,
                  m_bucket_of(m), dy.stride(0), dy.stride(1), u_arg.stride(0), u_arg.stride(1),
-                 lora_B.stride(0), lora_B.stride(1)),
-                dict(COMPUTE_DU=need_du, COMPUTE_DB=bool(need_dB), R_PAD=r_pad,
+                 lora_B.stride(0), lora_B.stride(1),
+                 *(segments.du_tables() if segments is not None else (unused,) * 3)),
+                dict(COMPUTE_DU=need_du, COMPUTE_DB=bool(need_dB),
+                     SEGMENTED=segments is not None, R_PAD=r_pad,
                      DOT_PRECISION=dot_precision(dy.dtype)))
     dB = _reduce(ws_db, lora_B.new_empty(n, rank), scaling) if need_dB else None
     du = _reduce(ws_du, dy.new_empty(m, rank), scaling) if need_du else None
     return du, dB
 
 
-def _da(cfgs: Configs, x, du, lora_A, p: float, seed: int, dx, need_dA: bool):
+def da(cfgs: Configs, x, du, lora_A, p: float, seed: int, dx, need_dA: bool, segments=None):
     """dA = dU^T @ dropout(x) (returned, or None) and dx := dropout'(dU @ A) (when dx is a
-    tensor): one pass over x, split over M (for dA)."""
+    tensor): one pass over x, split over M (for dA). segments (a mixed batch): each row's
+    dropout is its adapter's (p: whether any adapter has dropout)."""
     m, k = x.shape
     rank = lora_A.shape[0]
     width = _parallelism(x.device)
@@ -202,9 +208,10 @@ def _da(cfgs: Configs, x, du, lora_A, p: float, seed: int, dx, need_dA: bool):
                 (x, du, lora_A, ws_da, dx_arg, m, k, rank, seed, dropout_threshold(p),
                  1.0 / (1.0 - p), rows_per_split, m_bucket_of(m), x.stride(0), x.stride(1),
                  du.stride(0), du.stride(1), lora_A.stride(0), lora_A.stride(1),
-                 dx_arg.stride(0), dx_arg.stride(1)),
+                 dx_arg.stride(0), dx_arg.stride(1),
+                 *(segments.da_tables() if segments is not None else (ws_da,) * 3)),
                 dict(COMPUTE_DA=bool(need_dA), WRITE_DX=dx is not None, HAS_DROPOUT=p > 0.0,
-                     DROPOUT_GROUPED=k % 8 == 0,
+                     DROPOUT_GROUPED=k % 8 == 0, SEGMENTED=segments is not None,
                      R_PAD=r_pad, DOT_PRECISION=dot_precision(x.dtype)))
     return _reduce(ws_da, lora_A.new_empty(rank, k), 1.0) if need_dA else None
 

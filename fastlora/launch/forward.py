@@ -114,16 +114,21 @@ def _forward_kernels():
     return forward
 
 
-def _launch_u(x, lora_a, u, p, seed, precision):
+def _launch_u(x, lora_a, u, p, seed, precision, segments=None):
+    """u := dropout(x) @ A^T; with `segments` (fastlora.launch.mixed.Segments: a mixed batch,
+    lora_a its adapters' A side by side) each row keeps its own adapter's columns, times that
+    adapter's scaling, and draws dropout with that adapter's p (p: whether any adapter has
+    dropout)."""
     fwd = _forward_kernels()
     m, k = x.shape
     cfg = fwd.u_config(fwd.rank_block(lora_a.shape[0]), precision, x.dtype == torch.float32)
     meta = {key: value for key, value in cfg.items() if key.startswith("BLOCK")}
+    tables = segments.u_tables() if segments is not None else (u,) * 5  # unread: off
     fwd._lora_u_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
         x, lora_a, u, m, k, lora_a.shape[0], x.stride(0), x.stride(1), lora_a.stride(0),
         lora_a.stride(1), u.stride(0), u.stride(1), seed, dropout_threshold(p),
-        1.0 / (1.0 - p), HAS_DROPOUT=p > 0.0, DROPOUT_GROUPED=k % 8 == 0, PRECISION=precision,
-        **meta,
+        1.0 / (1.0 - p), *tables, HAS_DROPOUT=p > 0.0, DROPOUT_GROUPED=k % 8 == 0,
+        SEGMENTED=segments is not None, PRECISION=precision, **meta,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
