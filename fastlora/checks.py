@@ -242,7 +242,7 @@ def check_mixed(x, packed, state, adapters, row_adapter, bias, training: bool, s
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"adapters[{i}]: {exc}") from None
         checked.append(adapter._replace(scaling=float(adapter.scaling), dropout_p=p))
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else int(math.prod(x.shape[:-1]))
+    rows = math.prod(x.shape[:-1])
     if isinstance(row_adapter, torch.Tensor):
         if row_adapter.dtype.is_floating_point or row_adapter.dtype.is_complex \
                 or row_adapter.dtype == torch.bool:
