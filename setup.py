@@ -26,6 +26,6 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis"]},
     entry_points={"console_scripts": ["fastlora=fastlora.cli:main"]},
 )

@@ -57,13 +57,20 @@ def test_compile_report(tmp_path):
 def test_compile_report_json():
     import json
 
-    done = fastlora("compile-report", "--kernels", "_dequant_4bit_kernel", "--archs", "sm_90",
+    from csrc_triton import all_compile_specs
+
+    kernel = "_lora_bwd_da_kernel"
+    done = fastlora("compile-report", "--kernels", kernel, "--archs", "sm_90", "--headline",
                     "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout)
     assert rows and {row["arch"] for row in rows} == {"sm_90"}
-    assert all(row["kernel"] == "_dequant_4bit_kernel" and row["stack_bytes"] == 0
-               for row in rows)
+    assert all(row["kernel"] == kernel and row["stack_bytes"] == 0 for row in rows)
+    # --headline: exactly the configs with a ceiling target, which are not all of them
+    specs = [s for s in all_compile_specs() if s.kernel == kernel and "sm_90" in s.archs]
+    headline = sorted(s.config for s in specs if s.ceiling_target > 0)
+    assert sorted(row["config"] for row in rows) == headline
+    assert all(row["ceiling_target"] > 0 for row in rows) and len(headline) < len(specs)
 
 
 def test_verify(tmp_path):

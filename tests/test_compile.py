@@ -8,6 +8,8 @@ import fastlora
 from fastlora.compilecheck import FIELDS, format_table, problems
 
 
+# Computed once (minutes): README's test command runs pytest-xdist with --dist loadfile, so one
+# worker runs every test of this module; per-test distribution would compile it on each worker.
 @pytest.fixture(scope="module")
 def report():
     return fastlora.compile_report(archs=("sm_80", "sm_90"))

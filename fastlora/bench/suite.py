@@ -514,22 +514,24 @@ def run_modelled(opts: Options, report_rows=None) -> None:
 
 # ----------------------------------------------------------------------------- compile report
 
-def compile_rows(archs=("sm_80", "sm_90"), kernels=None) -> list[dict]:
-    """fastlora.compile_report(archs, kernels): every shipped config compiled on this machine."""
+def compile_rows(archs=("sm_80", "sm_90"), kernels=None, configs=None) -> list[dict]:
+    """fastlora.compile_report(archs, kernels, configs=configs): the shipped configs (every one
+    unless kernels / configs restrict them) compiled on this machine."""
     from ..compilecheck import compile_report
 
-    return compile_report(archs, kernels)
+    return compile_report(archs, kernels, configs=configs)
 
 
 def write_compile_report(out: str | None, say: Callable[[str], None] = print,
-                         archs=("sm_80", "sm_90"), kernels=None, rows=None) -> list[str]:
-    """Print fastlora.compile_report(archs, kernels) (and write compile_report.md into `out`
+                         archs=("sm_80", "sm_90"), kernels=None, rows=None,
+                         configs=None) -> list[str]:
+    """Print compile_rows(archs, kernels, configs) (and write compile_report.md into `out`
     when given); returns its problems (spills, tl.dot without tensor-core instructions,
     32-bit-only addressing of a large tensor). rows: that report, when already computed."""
     from ..compilecheck import format_table, problems
 
     if rows is None:
-        rows = compile_rows(archs, kernels)
+        rows = compile_rows(archs, kernels, configs)
     found = problems(rows)
     text = format_table(rows)
     summary = ("no spills; tensor-core instructions wherever tl.dot is used (none, as "
