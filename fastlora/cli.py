@@ -137,7 +137,7 @@ def _demo(args) -> int:
 
 
 def _compile_report(args) -> int:
-    from .bench.suite import write_compile_report
+    from .bench.suite import compile_rows, write_compile_report
 
     archs = tuple(dict.fromkeys(a.strip() for a in args.archs.split(",") if a.strip()))
     for arch in archs:
@@ -161,9 +161,9 @@ def _compile_report(args) -> int:
     if args.json:
         import json
 
-        from .compilecheck import compile_report, problems
+        from .compilecheck import problems
 
-        rows = compile_report(archs, kernels, configs=configs)
+        rows = compile_rows(archs, kernels, configs)
         print(json.dumps(rows, indent=1))
         return 1 if problems(rows) else 0
     out = _output_dir(args.out) if args.out else None
