@@ -1,8 +1,7 @@
-"""Backward of the QLoRA layer (DESIGN.md, "The math"): three kernels and a reduction, run in
+"""Backward of the QLoRA layer (DESIGN.md, "The math"): three kernels, three launches, run in
 this order (each needs the one before):
 
     _lora_bwd_du_db_kernel   dU = s * dy @ B  and  dB = s * dy^T @ U, one pass over dy
-    _lora_bwd_reduce_kernel  fixed-order sum of fp32 partials (dU, dB, dA), times a scale
     _lora_bwd_da_kernel      dA = dU^T @ dropout(x)  and  dx := dropout'(dU @ A), one pass over
                              x, the dropout mask regenerated from the seed once for both
     _nf4_lora_bwd_dx_kernel  dx += dy @ deq(W), W read packed and decoded tile by tile: no
@@ -18,9 +17,11 @@ before the sum (plain PyTorch rounds both terms), and dx is read back once (2 * 
 
 Determinism: dB and dA are sums over M. Rather than atomics (whose order varies run to run),
 M is cut into a fixed number of splits; each program writes its split's fp32 partial to a
-workspace it alone owns, and _lora_bwd_reduce_kernel adds the partials in split order. dU, a
-sum over N, is cut into column groups the same way, so that one pass over dy fills the GPU at
-every shape. Same inputs and same config: bit-identical gradients.
+workspace it alone owns, and the last program of a tile to finish (common.last_to_arrive, one
+int32 counter per tile) adds the partials in split order (common.sum_parts) inside the same
+launch. dU, a sum over N, is cut into column groups the same way, so that one pass over dy
+fills the GPU at every shape. Same inputs and same config: bit-identical gradients (the
+arrival order only decides WHICH program sums, never the order of the sum).
 
 Orientation: the dx kernel accumulates dx^T tiles [BLOCK_K, BLOCK_M] = deq(W)^T @ dy^T, so the
 decoded weight tile (made in registers) is tl.dot's FIRST operand; on sm_90 wgmma takes it from
@@ -47,29 +48,69 @@ import triton
 import triton.language as tl
 
 from .common import (CompileSpec, by_triton, decode_tile, dropout_keep, grouped_tile, lane_table,
-                     row_dropout, segment_factor, segment_of_rows)
+                     last_to_arrive, row_dropout, segment_factor, segment_of_rows, SUM_ROWS,
+                     sum_parts)
 
 MAX_R_PAD = 256  # the rank is padded to a power of two R_PAD in [16, 256]
 
 
+# The in-kernel sums run in functions of their own (noinline: a call in the PTX), so that
+# the register allocator sizes the main loop apart from them. Inlined, the tail's atomic and
+# loop alone (nothing of it live in the main loop) made ptxas spill 8-56 B in configs at
+# ~255 registers that fit without it (da 64x64 w4 s3 at R_PAD 64 on sm_80: 8 B).
+@triton.jit(noinline=True)
+def _finish_rows(ws_ptr, out_ptr, counter_ptr, parts, part_stride, row_start, row_end, R,
+                 scale, R_PAD: tl.constexpr):
+    """The last of `parts` programs to arrive at counter_ptr writes out [rows, R] (contiguous,
+    rows [row_start, row_end)) = scale * the sum of the fp32 partials ws + j * part_stride
+    (each [rows, R] contiguous too), j in order."""
+    offs_r = tl.arange(0, R_PAD)
+    if last_to_arrive(counter_ptr, parts):
+        for m0 in range(row_start, row_end, SUM_ROWS):
+            rows = (m0 + tl.arange(0, SUM_ROWS)).to(tl.int64)
+            at = rows[:, None] * R + offs_r[None, :]
+            sum_parts(ws_ptr + at, out_ptr + at, part_stride, parts, scale,
+                      (rows < row_end)[:, None] & (offs_r < R)[None, :])
+
+
+@triton.jit(noinline=True)
+def _finish_cols(ws_ptr, out_ptr, counter_ptr, parts, k0, K, R, R_PAD: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """The last of `parts` programs to arrive at counter_ptr writes out[:, k0:k0 + BLOCK_K] of
+    out [R, K] (contiguous) = the sum of the fp32 partials ws [parts, R, K], in order."""
+    offs_r = tl.arange(0, R_PAD)
+    if last_to_arrive(counter_ptr, parts):
+        for c0 in range(k0, k0 + BLOCK_K, SUM_ROWS):
+            cols = c0 + tl.arange(0, SUM_ROWS)
+            at = offs_r[None, :].to(tl.int64) * K + cols[:, None]
+            sum_parts(ws_ptr + at, out_ptr + at, R * K, parts, 1.0,
+                      (cols < K)[:, None] & (offs_r < R)[None, :])
+
+
 @triton.jit
-def _lora_bwd_du_db_kernel(dy_ptr, u_ptr, b_ptr, ws_du_ptr, ws_db_ptr,
-                           M, N, R, rows_per_split, cols_per_group, m_bucket,
+def _lora_bwd_du_db_kernel(dy_ptr, u_ptr, b_ptr, ws_du_ptr, ws_db_ptr, du_ptr, db_ptr,
+                           counter_ptr, M, N, R, rows_per_split, cols_per_group, m_bucket,
+                           scaling,
                            stride_dym, stride_dyn, stride_um, stride_ur, stride_bn, stride_br,
                            row_seg_ptr, col_seg_ptr, col_scale_ptr,
                            COMPUTE_DU: tl.constexpr, COMPUTE_DB: tl.constexpr,
                            SEGMENTED: tl.constexpr,
                            R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Unscaled fp32 partials of dU = dy @ B and dB = dy^T @ U over one (row split, column group).
+    """dU = s * dy @ B and dB = s * dy^T @ U, over a grid of (row split, column group) programs.
 
     dy_ptr  fp16/bf16/fp32 [M, N]      u_ptr [M, R], b_ptr [N, R], both in dy's dtype
     ws_du_ptr fp32 [G, M, R]  ws_du[g] = dy[:, cols of group g] @ B[cols of group g]
     ws_db_ptr fp32 [S, N, R]  ws_db[s] = dy[rows of split s]^T @ U[rows of split s]
+    du_ptr [M, R] in dy's dtype, db_ptr [N, R] in B's dtype (contiguous): the results
+    counter_ptr int32 [S + G], zero: arrivals per row split (dU), then per column group (dB)
     Program (s, g) walks its rows block by block (outer) and its columns (inner): the dU tile
     stays in registers across the inner loop; the dB tile of each column block is added into
     ws_db[s], which only this program touches, in row order (first row block: plain store).
-    m_bucket: unused here, part of the autotune key.
+    Then the last of split s's G programs to finish adds ws_du[0..G-1] over the split's rows
+    into dU, and the last of group g's S programs adds ws_db[0..S-1] over the group's columns
+    into dB (common.last_to_arrive, common.sum_parts: fixed order, so deterministic; no
+    reduction launch). m_bucket: unused here, part of the autotune key.
     SEGMENTED (a mixed batch, fastlora/launch/mixed.py): B holds several adapters side by side
     and ws_du[g][m, r] is kept (times col_scale[r]) only where column r is row m's adapter's
     (csrc_triton.common.segment_factor; row_seg_ptr int32 [M], col_seg_ptr int32 [R],
@@ -118,22 +159,14 @@ def _lora_bwd_du_db_kernel(dy_ptr, u_ptr, b_ptr, ws_du_ptr, ws_db_ptr,
                                          col_scale_ptr, offs_r, R)
             ws = ws_du_ptr + (pid_g.to(tl.int64) * M + rows[:, None]) * R + offs_r[None, :]
             tl.store(ws, du, mask=m_mask[:, None] & r_mask[None, :])
-
-
-@triton.jit
-def _lora_bwd_reduce_kernel(ws_ptr, out_ptr, parts, n, scale, BLOCK: tl.constexpr):
-    """out[i] = scale * sum_j ws[j, i], j = 0, 1, ..., parts - 1 in that order (deterministic),
-    summed in fp32 and rounded once.
-
-    ws_ptr fp32 [parts, n]; out_ptr fp16/bf16/fp32 [n] (a contiguous dU, dB or dA)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    part_ptrs = ws_ptr + offs
-    for _ in range(0, parts):
-        acc += tl.load(part_ptrs, mask=mask, other=0.0)
-        part_ptrs += n  # 64-bit pointer steps: parts * n may pass 2^31
-    tl.store(out_ptr + offs, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask)
+    num_splits = tl.cdiv(M, rows_per_split)
+    num_groups = tl.cdiv(N, cols_per_group)
+    if COMPUTE_DU:  # dU rows of split s: the G column groups' partials
+        _finish_rows(ws_du_ptr, du_ptr, counter_ptr + pid_s, num_groups, M * R, row_start,
+                     row_end, R, scaling, R_PAD)
+    if COMPUTE_DB:  # dB columns of group g: the S row splits' partials
+        _finish_rows(ws_db_ptr, db_ptr, counter_ptr + num_splits + pid_g, num_splits, N * R,
+                     col_start, col_end, R, scaling, R_PAD)
 
 
 @triton.jit
@@ -192,7 +225,8 @@ def _nf4_lora_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_p
 
 
 @triton.jit
-def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, dx_ptr, M, K, R, seed, threshold,
+def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, da_ptr, counter_ptr, dx_ptr, M, K, R,
+                        seed, threshold,
                         keep_scale, rows_per_split, m_bucket, stride_xm, stride_xk, stride_dum,
                         stride_dur, stride_ar, stride_ak, stride_dxm, stride_dxk,
                         row_seg_ptr, seg_thr_ptr, seg_keep_ptr,
@@ -208,6 +242,9 @@ def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, dx_ptr, M, K, R, seed, thr
 
     x_ptr fp16/bf16/fp32 [M, K] (any strides); du_ptr [M, R] (scaled by s), a_ptr [R, K], in
     x's dtype; ws_ptr fp32 [S, R, K]: ws[s] = dU[rows of s]^T @ dropout(x)[rows of s];
+    da_ptr [R, K] in A's dtype (contiguous): the last of a column tile's S programs to finish
+    adds ws[0..S-1] there in split order (counter_ptr int32 [column tiles], zero; see
+    common.last_to_arrive);
     dx_ptr [M, K] in x's dtype: receives dropout'(dU @ A), which _nf4_lora_bwd_dx_kernel then
     takes as its accumulator's initial value.
     The mask is regenerated from (seed, m * K + k), as the forward drew it (common.dropout_keep;
@@ -264,6 +301,8 @@ def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, dx_ptr, M, K, R, seed, thr
     if COMPUTE_DA:
         ws = ws_ptr + (pid_s.to(tl.int64) * R + offs_r[None, :]) * K + offs_k[:, None]
         tl.store(ws, acc, mask=k_mask[:, None] & r_mask[None, :])
+        _finish_cols(ws_ptr, da_ptr, counter_ptr + pid_k, tl.cdiv(M, rows_per_split),
+                     pid_k * BLOCK_K, K, R, R_PAD, BLOCK_K)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -403,17 +442,15 @@ CONFIGS = {
 #   Dropped: du_db 16x16 w8 s2 at r 256 (144 B on sm_90), 32x64 w8 s2 at r 64 (2184 B),
 #   64x64 w4 s3 at r 16 (176 B); da 16x32 w4 s2 at r 256 (6264 B), 16x16 w8 s2 at r 256
 #   (208 B), 32x64 w8 s2 at r 64 (2664 B), 64x64 w4 s3 at r 16 (232 B).
-# Per Triton release: du_db 16x32 w8 s2 spills 32 B on sm_80 with 3.5 (s1 there). da on 3.7:
-# 64x64 w4 8 B on sm_80 (w8 there), 32x64 w8 s1 8 B on sm_90 at every stage and warp count
-# tried (dropped there: 16x64 covers r 64), 16x64 w8 16 B on sm_90 (also 3.5; w4 there);
+# With the in-kernel sums (common.last_to_arrive; Triton 3.9) du_db 16x32 w8 s2 spilled 32 B
+# on sm_80 (s1 now, as on 3.5 before), da 64x64 w4 8 B on sm_80 (w8 now, as on 3.7 before:
+# 153 / 127 registers) and da 32x64 w8 s1 8 B on sm_90 (dropped, as on 3.7 before: 16x64
+# covers r 64). Per Triton release: da 16x64 w8 16 B on sm_90 on 3.5 and 3.7 (w4 there);
 # 16x32 w8 16 B at r 256 on sm_80 with 3.6 (w4 there, _DA_IEEE_SM80).
 _DU_DB_IEEE = [_cfg(4, 1, 16, BLOCK_M=64, BLOCK_N=64), _cfg(8, 2, 64, BLOCK_M=32, BLOCK_N=32),
-               by_triton(_cfg(8, 2, 64, BLOCK_M=16, BLOCK_N=32),
-                         v3_5=_cfg(8, 1, 64, BLOCK_M=16, BLOCK_N=32)),
+               _cfg(8, 1, 64, BLOCK_M=16, BLOCK_N=32),
                _cfg(8, 1, BLOCK_M=16, BLOCK_N=16)]
-_DA_IEEE = [by_triton(_cfg(4, 1, 16, BLOCK_M=64, BLOCK_K=64),
-                      v3_7=_cfg(8, 1, 16, BLOCK_M=64, BLOCK_K=64)),
-            *by_triton([_cfg(8, 1, 64, BLOCK_M=32, BLOCK_K=64)], v3_7=[]),
+_DA_IEEE = [_cfg(8, 1, 16, BLOCK_M=64, BLOCK_K=64),
             by_triton(_cfg(8, 1, 64, BLOCK_M=16, BLOCK_K=64),
                       **dict.fromkeys(("v3_5", "v3_7"), _cfg(4, 1, 64, BLOCK_M=16, BLOCK_K=64))),
             _cfg(8, 1, BLOCK_M=16, BLOCK_K=32)]
@@ -459,9 +496,6 @@ INTERPRETER_CONFIGS = {
     "du_db": _cfg(4, 1, BLOCK_M=32, BLOCK_N=32),
     "da": _cfg(4, 1, BLOCK_M=32, BLOCK_K=64),
 }
-
-REDUCE_BLOCK = 1024  # elementwise: 8 fp32 per thread at 4 warps
-REDUCE_WARPS = 4
 
 
 def prune_configs(configs, m_bucket_: int, r_pad: int, k_aligned: bool = True):
@@ -516,7 +550,7 @@ UNIT_STRIDES = {"dx": {"stride_dyn": 1, "stride_dxk": 1},
 # tensors, model extents (M = tokens, N and K = 4096, 14336, ...) and the strides built of them.
 ALIGNED_ARGS = ("dy_ptr", "packed_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr", "offset_ptr",
                 "code_ptr", "dx_ptr", "u_ptr", "b_ptr", "ws_du_ptr", "ws_db_ptr", "x_ptr",
-                "du_ptr", "a_ptr", "ws_ptr", "M", "N", "K", "stride_dym", "stride_dxm",
+                "du_ptr", "a_ptr", "ws_ptr", "db_ptr", "da_ptr", "M", "N", "K", "stride_dym", "stride_dxm",
                 "stride_um", "stride_bn", "stride_xm", "stride_dum", "stride_ar",
                 "rows_per_split", "cols_per_group", "m_bucket")
 
@@ -560,9 +594,12 @@ def _dx_spec(cfg, arch, act, k_aligned, precision=None, qblock=64):
 
 def _du_db_spec(cfg, arch, act, precision=None, r_pad=None, target=0.0, segmented=False):
     sig = {"dy_ptr": f"*{act}", "u_ptr": f"*{act}", "b_ptr": f"*{act}", "ws_du_ptr": "*fp32",
-           "ws_db_ptr": "*fp32",
-           **_ints("M", "N", "R", "rows_per_split", "cols_per_group", "m_bucket", "stride_dym",
-                   "stride_dyn", "stride_um", "stride_ur", "stride_bn", "stride_br"),
+           "ws_db_ptr": "*fp32", "du_ptr": f"*{act}", "db_ptr": f"*{act}",
+           "counter_ptr": "*i32",
+           **_ints("M", "N", "R", "rows_per_split", "cols_per_group", "m_bucket"),
+           "scaling": "fp32",
+           **_ints("stride_dym", "stride_dyn", "stride_um", "stride_ur", "stride_bn",
+                   "stride_br"),
            "row_seg_ptr": "*i32", "col_seg_ptr": "*i32", "col_scale_ptr": "*fp32"}
     flags = {"COMPUTE_DU": True, "COMPUTE_DB": True, "SEGMENTED": segmented}
     elt = 4 if act == "fp32" else 2
@@ -575,7 +612,8 @@ def _du_db_spec(cfg, arch, act, precision=None, r_pad=None, target=0.0, segmente
 
 def _da_spec(cfg, arch, act, precision=None, r_pad=None, target=0.0, segmented=False):
     sig = {"x_ptr": f"*{act}", "du_ptr": f"*{act}", "a_ptr": f"*{act}", "ws_ptr": "*fp32",
-           "dx_ptr": f"*{act}", **_ints("M", "K", "R"), "seed": "i64", "threshold": "i64",
+           "da_ptr": f"*{act}", "counter_ptr": "*i32", "dx_ptr": f"*{act}",
+           **_ints("M", "K", "R"), "seed": "i64", "threshold": "i64",
            "keep_scale": "fp32",
            **_ints("rows_per_split", "m_bucket", "stride_xm", "stride_xk", "stride_dum",
                    "stride_dur", "stride_ar", "stride_ak", "stride_dxm", "stride_dxk"),
@@ -588,15 +626,6 @@ def _da_spec(cfg, arch, act, precision=None, r_pad=None, target=0.0, segmented=F
                  f"{act} R_PAD={r_pad}{' mixed' * segmented}",
                  precision=precision, ceiling_target=target,  # x read, dx written
                  trip_bytes=2 * cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"] * elt)
-
-
-def _reduce_spec(out):
-    return CompileSpec(kernel="_lora_bwd_reduce_kernel", fn=_lora_bwd_reduce_kernel,
-                       signature={"ws_ptr": "*fp32", "out_ptr": f"*{out}", "parts": "i32",
-                                  "n": "i32", "scale": "fp32"},
-                       constexprs={"BLOCK": REDUCE_BLOCK}, num_warps=REDUCE_WARPS, num_stages=1,
-                       uses_dot=False, label=f"out={out}", aligned=("ws_ptr", "out_ptr", "n"),
-                       trip_bytes=REDUCE_BLOCK * 4)  # one fp32 partial per trip
 
 
 # Every shipped config x arch x activation class (fp16 compiles as bf16), each at its worst
@@ -620,7 +649,6 @@ COMPILE_SPECS = (
     + [_da_spec(c, arch, "fp32" if fp32 else "bf16")
        for (arch, fp32), configs in CONFIGS["da"].items() for c in configs
        if fp32 or not c.large_m]
-    + [_reduce_spec(out) for out in ("bf16", "fp16", "fp32")]
     # issue 14: a mixed batch's masked dU and per-row dropout (4 or 16 adapters of rank 16)
     + [spec(c, arch, "bf16", r_pad=r, segmented=True)
        for name, spec in (("du_db", _du_db_spec), ("da", _da_spec))

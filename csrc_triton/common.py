@@ -43,12 +43,13 @@ def by_triton(default, **older):
 # offsets address them safely: the 16/256-entry code tables, the offset scalar, absmax2
 # (N*K / (blocksize * 256) values), bias [N], lora_A [r <= 256, K] and lora_B [N, r] (K, N < 2^23),
 # and a mixed batch's routing tables: one entry per row ([M], M itself an int32 argument), per
-# rank column ([R <= 256]) or per adapter slot ([G <= 256]).
+# rank column ([R <= 256]) or per adapter slot ([G <= 256]); the results shaped like A and B
+# (dA, dB), and the int32 arrival counters (one per tile of a launch, common.last_to_arrive).
 # Every other pointer (x, dy, dx, y, U, dU, the packed weight, absmax, workspaces) must be
 # addressed with at least one 64-bit offset: fastlora.compilecheck verifies it on the TTIR.
 BOUNDED_ARGS = ("code_ptr", "code2_ptr", "offset_ptr", "absmax2_ptr", "bias_ptr", "a_ptr",
                 "b_ptr", "row_seg_ptr", "col_seg_ptr", "col_scale_ptr", "seg_thr_ptr",
-                "seg_keep_ptr")
+                "seg_keep_ptr", "da_ptr", "db_ptr", "counter_ptr")
 
 
 @dataclass(frozen=True)
@@ -297,6 +298,41 @@ def load_x_tile(x_ptr, offs_m, k0, M, K, stride_xm, stride_xk, BLOCK_K: tl.const
     ptrs = (x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
             + offs_k.to(tl.int64)[None, :] * stride_xk)
     return tl.load(ptrs, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
+
+
+@triton.jit
+def last_to_arrive(counter_ptr, parts):
+    """Whether this program is the last of the `parts` programs that call this on the same
+    int32 counter (zero before the first arrival): the one that then reduces their partials.
+    Every thread's earlier stores are ordered before the arrival (a CTA barrier, then one
+    acq_rel atomic at GPU scope), and the last program's later loads after all the others'
+    arrivals. The last program puts the counter back to zero, so a launcher can hand the same
+    counters to the next launch on its stream without clearing them (one launch fewer)."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    last = arrived == parts - 1
+    tl.store(counter_ptr, 0, mask=last)
+    return last
+
+
+# Rows (or columns) a program's in-kernel sum (sum_parts) takes at a time: a [16, R_PAD] tile
+# keeps the sum's pointers and accumulator small next to what the main loop left live (whole
+# [BLOCK, R_PAD] tiles spilled 8-168 B in du_db and da configs that fit without the sum).
+SUM_ROWS = tl.constexpr(16)
+
+
+@triton.jit
+def sum_parts(part_ptrs, out_ptrs, part_stride, parts, scale, mask):
+    """out = scale * (part 0 + part 1 + ... + part parts-1), in that order (deterministic: no
+    atomics on the values), in fp32, rounded once to out's dtype. part_ptrs: a tile of fp32
+    pointers into part 0; part j sits part_stride elements further on. The partials were
+    written by other programs of this launch: read past L1 (.cg), which is not coherent
+    across SMs."""
+    acc = tl.zeros(part_ptrs.shape, dtype=tl.float32)
+    for _ in range(0, parts):
+        acc += tl.load(part_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+        part_ptrs += part_stride  # 64-bit pointer steps
+    tl.store(out_ptrs, (acc * scale).to(out_ptrs.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- config helpers

@@ -2,7 +2,8 @@
 same input x (q/k/v, gate/up), each with its own A [r_g, K], rank, dropout p and seed.
 
     _lora_u_group_kernel      U_g = dropout_g(x) @ A_g^T for every member, one pass over x
-    _lora_bwd_da_group_kernel dA_g = dU_g^T @ dropout_g(x) (fp32 partials per row split) for
+    _lora_bwd_da_group_kernel dA_g = dU_g^T @ dropout_g(x) (fp32 partials per row split,
+                              summed in split order by a column tile's last program) for
                               every member, and dx := sum_g dropout_g'(dU_g @ A_g), one pass
                               over x, dx's LoRA term written once for the whole group
 
@@ -11,7 +12,7 @@ seed (common.dropout_keep at offset m * K + k), so a group computes what its mem
 ops compute, and fastlora.reference reproduces every mask bit for bit.
 
 Members sit in slots 0..G-1 (constexpr G); a slot's arguments are its A (contiguous [R, K]), its
-U or dU (contiguous [M, R]), its dA workspace, R, seed, 16-bit threshold and 1 / (1 - p), and
+U or dU (contiguous [M, R]), its dA workspace and dA, R, seed, 16-bit threshold and 1 / (1 - p), and
 constexprs HAS_DROPOUTg and R_PADg (the rank padded to a power of two >= 16). Slots past G are
 compiled out; the launcher fills them with slot 0's values.
 
@@ -31,7 +32,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import CompileSpec, dropout_keep, load_x_tile
+from .common import (CompileSpec, SUM_ROWS, dropout_keep, last_to_arrive, load_x_tile,
+                     sum_parts)
 
 MAX_MEMBERS = 4
 # The summed padded rank a group may have. At 256 (q/k/v at r = 64) with dropout, the modelled
@@ -112,6 +114,18 @@ def _store_da(acc, ws_ptr, pid_s, offs_k, K, R, R_PAD: tl.constexpr):
     tl.store(ws, acc, mask=(offs_k < K)[:, None] & (offs_r < R)[None, :])
 
 
+@triton.jit
+def _sum_da(ws_ptr, da_ptr, parts, k0, K, R, R_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dA [R, K] (contiguous) columns [k0, k0 + BLOCK_K) = the sum of ws [parts, R, K] in part
+    order, SUM_ROWS columns at a time."""
+    offs_r = tl.arange(0, R_PAD)
+    for c0 in range(k0, k0 + BLOCK_K, SUM_ROWS):
+        offs_k = c0 + tl.arange(0, SUM_ROWS)
+        at = offs_r.to(tl.int64)[None, :] * K + offs_k[:, None]
+        sum_parts(ws_ptr + at, da_ptr + at, R * K, parts, 1.0,
+                  (offs_k < K)[:, None] & (offs_r < R)[None, :])
+
+
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
@@ -162,12 +176,12 @@ def _lora_u_group_kernel(x_ptr, M, K, stride_xm, stride_xk,
 
 
 @triton.jit
-def _lora_bwd_da_group_kernel(x_ptr, dx_ptr, M, K, rows_per_split, stride_xm, stride_xk,
+def _lora_bwd_da_group_kernel(x_ptr, dx_ptr, counter_ptr, M, K, rows_per_split, stride_xm, stride_xk,
                               stride_dxm, stride_dxk,
-                              du0_ptr, a0_ptr, ws0_ptr, R0, seed0, threshold0, keep_scale0,
-                              du1_ptr, a1_ptr, ws1_ptr, R1, seed1, threshold1, keep_scale1,
-                              du2_ptr, a2_ptr, ws2_ptr, R2, seed2, threshold2, keep_scale2,
-                              du3_ptr, a3_ptr, ws3_ptr, R3, seed3, threshold3, keep_scale3,
+                              du0_ptr, a0_ptr, ws0_ptr, da0_ptr, R0, seed0, threshold0, keep_scale0,
+                              du1_ptr, a1_ptr, ws1_ptr, da1_ptr, R1, seed1, threshold1, keep_scale1,
+                              du2_ptr, a2_ptr, ws2_ptr, da2_ptr, R2, seed2, threshold2, keep_scale2,
+                              du3_ptr, a3_ptr, ws3_ptr, da3_ptr, R3, seed3, threshold3, keep_scale3,
                               G: tl.constexpr, COMPUTE_DA: tl.constexpr,
                               WRITE_DX: tl.constexpr, HAS_DROPOUT0: tl.constexpr,
                               HAS_DROPOUT1: tl.constexpr, HAS_DROPOUT2: tl.constexpr,
@@ -180,7 +194,9 @@ def _lora_bwd_da_group_kernel(x_ptr, dx_ptr, M, K, rows_per_split, stride_xm, st
     (ws_g[split] = dU_g[rows]^T @ dropout_g(x)[rows], COMPUTE_DA) and dx's LoRA term
     sum_g dropout_g'(dU_g @ A_g), summed in fp32 and written once in x's dtype (WRITE_DX; the
     dx GEMMs then take it as their accumulator's initial value). dU_g [M, R_g] (scaled by s_g),
-    A_g [R_g, K] contiguous, in x's dtype; x, dx any strides."""
+    A_g [R_g, K] contiguous, in x's dtype; x, dx any strides. The last of a column tile's
+    programs to arrive at counter_ptr[tile] (int32 [column tiles], zero; common.last_to_arrive)
+    adds every member's partials in split order into dA_g [R_g, K] (contiguous, A_g's dtype)."""
     tl.static_assert(G >= 1 and G <= 4, "a group has 1..4 members")
     tl.static_assert(BLOCK_M >= 16 and BLOCK_K >= 16, "tl.dot needs every dimension >= 16")
     act = x_ptr.dtype.element_ty
@@ -238,6 +254,15 @@ def _lora_bwd_da_group_kernel(x_ptr, dx_ptr, M, K, rows_per_split, stride_xm, st
             _store_da(acc2, ws2_ptr, pid_s, offs_k, K, R2, R_PAD2)
         if G > 3:
             _store_da(acc3, ws3_ptr, pid_s, offs_k, K, R3, R_PAD3)
+        num_splits = tl.num_programs(1)
+        if last_to_arrive(counter_ptr + pid_k, num_splits):
+            _sum_da(ws0_ptr, da0_ptr, num_splits, k0, K, R0, R_PAD0, BLOCK_K)
+            if G > 1:
+                _sum_da(ws1_ptr, da1_ptr, num_splits, k0, K, R1, R_PAD1, BLOCK_K)
+            if G > 2:
+                _sum_da(ws2_ptr, da2_ptr, num_splits, k0, K, R2, R_PAD2, BLOCK_K)
+            if G > 3:
+                _sum_da(ws3_ptr, da3_ptr, num_splits, k0, K, R3, R_PAD3, BLOCK_K)
 
 
 # ----------------------------------------------------------------------------- compile specs
@@ -295,10 +320,11 @@ def da_config(ranks, fp32: bool, precision: str) -> triton.Config:
 # parameters), model extents and the x / dx row strides.
 ALIGNED_ARGS = ("x_ptr", "dx_ptr", "M", "K", "stride_xm", "stride_dxm",
                 *(f"{name}{g}_ptr" for g in range(MAX_MEMBERS)
-                  for name in ("a", "u", "du", "ws")),
+                  for name in ("a", "u", "du", "ws", "da")),
                 *(f"R{g}" for g in range(MAX_MEMBERS)))
-# lora_A [r <= 256, K < 2^23] of every slot: 32-bit offsets address it (common.BOUNDED_ARGS)
-BOUNDED_ARGS = tuple(f"a{g}_ptr" for g in range(MAX_MEMBERS))
+# lora_A [r <= 256, K < 2^23] of every slot and the arrival counters: 32-bit offsets address
+# them (common.BOUNDED_ARGS)
+BOUNDED_ARGS = (*(f"a{g}_ptr" for g in range(MAX_MEMBERS)), "counter_ptr")
 
 
 def _slots(ranks, dropout, pointers):
@@ -336,8 +362,9 @@ def _da_group_spec(ranks, arch, act, precision="tf32", target=0.0, dropout=True,
     fp32 = act == "fp32"
     precision = precision if fp32 else "ieee"  # 16-bit operands ignore it
     cfg = cfg or da_config(ranks, fp32, precision)
-    sig, consts = _slots(ranks, dropout, (("du", f"*{act}"), ("a", f"*{act}"), ("ws", "*fp32")))
-    sig = {"x_ptr": f"*{act}", "dx_ptr": f"*{act}", "M": "i32", "K": "i32",
+    sig, consts = _slots(ranks, dropout, (("du", f"*{act}"), ("a", f"*{act}"), ("ws", "*fp32"),
+                                          ("da", f"*{act}")))
+    sig = {"x_ptr": f"*{act}", "dx_ptr": f"*{act}", "counter_ptr": "*i32", "M": "i32", "K": "i32",
            "rows_per_split": "i32", "stride_xm": "i32", "stride_dxm": "i32", **sig}
     fma = fp32 and precision == "ieee"
     elt = 4 if fp32 else 2

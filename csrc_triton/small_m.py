@@ -5,9 +5,10 @@ With at most 16 rows the layer is bound by reading the packed weight (0.5 byte a
 grid is shaped like a GEMV: one program per (BLOCK_N rows of W, K slice). Every packed byte is
 read by exactly one program, once. Split-K gives the grid enough programs to fill the GPU when
 N alone would not (N = 4096 with BLOCK_N = 64 is 64 programs for 132 SMs); the partial sums go
-to an fp32 workspace [SPLIT_K, M, N] and `_splitk_reduce_kernel` adds them in a fixed order
-(deterministic, no atomics), then the LoRA term and the bias. With one slice the main kernel
-finishes the tile itself.
+to an fp32 workspace [SPLIT_K, M, N], and the last of an N tile's programs to finish
+(common.last_to_arrive) adds them in slice order (deterministic: no atomics on the values), then
+the LoRA term and the bias, in the same launch. With one slice the program finishes the tile
+itself. A forward at M <= 16 is two launches: U (forward._lora_u_kernel) and this kernel.
 
 The product still runs on tensor cores (tl.dot with the 16 padded rows as the narrow operand):
 on sm_90 the decoded weight tile is wgmma's register operand (y^T = W_tile @ x^T, as in
@@ -20,8 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (CompileSpec, by_triton, decode_tile, lane_table, load_x_tile,
-                     weight_signature)
+from .common import (CompileSpec, by_triton, decode_tile, lane_table, last_to_arrive,
+                     load_x_tile, weight_signature)
 from .forward import lora_init, store_y
 
 BLOCK_M = 16  # rows handled by one program: M <= 16, padded (tl.dot's minimum)
@@ -30,7 +31,7 @@ BLOCK_M = 16  # rows handled by one program: M <= 16, padded (tl.dot's minimum)
 @triton.jit
 def _nf4_lora_fwd_small_m_kernel(x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
                                  offset_ptr, code_ptr, u_ptr, b_ptr, bias_ptr, y_ptr, ws_ptr,
-                                 M, N, K, R, k_per_split,
+                                 counter_ptr, M, N, K, R, k_per_split,
                                  stride_xm, stride_xk, stride_um, stride_ur, stride_bn,
                                  stride_br, stride_ym, stride_yn, scaling,
                                  QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
@@ -43,9 +44,11 @@ def _nf4_lora_fwd_small_m_kernel(x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, cod
 
     x_ptr [M, K] (any strides), u_ptr [M, R], b_ptr [N, R], bias_ptr [N], y_ptr [M, N]: x's
     dtype; weight pointers as in common.py. SPLIT (constexpr: more than one K slice):
-    ws_ptr fp32 [n_slices, M, N] receives the partial sums and _splitk_reduce_kernel finishes;
-    otherwise the program writes y itself (ws_ptr unused). k_per_split is a multiple of BLOCK_K,
-    so slices start on tile boundaries."""
+    ws_ptr fp32 [n_slices, M, N] receives the partial sums, and the last of an N tile's
+    n_slices programs to arrive at counter_ptr[n] (int32 [N tiles], zero) sums them in slice
+    order, adds s * U @ B^T and the bias and writes y; otherwise the program writes y itself
+    (ws_ptr, counter_ptr unused). k_per_split is a multiple of BLOCK_K, so slices start on
+    tile boundaries."""
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -53,7 +56,7 @@ def _nf4_lora_fwd_small_m_kernel(x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, cod
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_begin = pid_k * k_per_split
     table = lane_table(code_ptr, LANE_TABLE)
-    if SPLIT:  # the reduction adds the LoRA term and the bias
+    if SPLIT:  # the last program of the tile adds the LoRA term and the bias
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
     else:
         acc = lora_init(offs_m, offs_n, M, N, R, u_ptr, b_ptr, stride_um, stride_ur, stride_bn,
@@ -67,32 +70,21 @@ def _nf4_lora_fwd_small_m_kernel(x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, cod
     if SPLIT:
         ws_ptrs = (ws_ptr + (pid_k * M + offs_m).to(tl.int64)[None, :] * N
                    + offs_n[:, None])
-        tl.store(ws_ptrs, acc, mask=(offs_n < N)[:, None] & (offs_m < M)[None, :])
+        mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+        tl.store(ws_ptrs, acc, mask=mask)
+        n_slices = tl.num_programs(1)
+        if last_to_arrive(counter_ptr + pid_n, n_slices):
+            acc = lora_init(offs_m, offs_n, M, N, R, u_ptr, b_ptr, stride_um, stride_ur,
+                            stride_bn, stride_br, scaling, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
+                            True)
+            ws_ptrs = ws_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+            for _ in range(0, n_slices):  # slice order
+                acc += tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                ws_ptrs += M * N  # M <= 16: no overflow before N passes 2^27
+            store_y(acc, offs_m, offs_n, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS,
+                    True)
     else:
         store_y(acc, offs_m, offs_n, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS, True)
-
-
-@triton.jit
-def _splitk_reduce_kernel(ws_ptr, u_ptr, b_ptr, bias_ptr, y_ptr, M, N, R, n_slices,
-                          stride_um, stride_ur, stride_bn, stride_br, stride_ym, stride_yn,
-                          scaling, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
-    """y = sum_s ws[s] + scaling * u @ B^T + bias, slices added in order 0..n_slices-1.
-
-    ws_ptr fp32 [n_slices, M, N]; u_ptr [M, R], b_ptr [N, R], bias_ptr [N], y_ptr [M, N] in
-    the activation dtype."""
-    pid_n = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
-    ws_ptrs = ws_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
-    acc = lora_init(offs_m, offs_n, M, N, R, u_ptr, b_ptr, stride_um, stride_ur, stride_bn,
-                    stride_br, scaling, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R, True)
-    for _ in range(n_slices):
-        acc += tl.load(ws_ptrs, mask=mask, other=0.0)
-        ws_ptrs += M * N  # M <= 16: no overflow before N passes 2^27
-    store_y(acc, offs_m, offs_n, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS, True)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -110,8 +102,6 @@ SPLIT_GRANULE = 256
 # 0.38-0.45 on 3.5-3.7 and 3.9; sm_80 unchanged): its floor is 0.30, so the gate still catches
 # a regression on that release instead of failing on its codegen.
 HBM_FLOOR = by_triton(0.35, v3_8=0.30)
-REDUCE_BLOCK_N = 64
-REDUCE_NUM_WARPS = 4
 
 # Interpreter: 32-wide tiles and two K slices keep test shapes at a handful of programs and
 # still run the split-K reduction.
@@ -152,6 +142,11 @@ UNALIGNED_CONFIG = _cfg(32, 64, 4, 2)
 SMALL_M_IEEE_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(64, 64, 4, 4), _cfg(128, 32, 4, 3),
                         _cfg(32, 128, 4, 3)]
 
+# The narrowest N tile of any list: the launcher sizes the arrival counters (one per N tile)
+# for it before the autotuner picks a config.
+SMALLEST_BLOCK_N = min(c["BLOCK_N"] for c in (*SMALL_M_CONFIGS, *SMALL_M_FP32_CONFIGS,
+                                              *SMALL_M_IEEE_CONFIGS, UNALIGNED_CONFIG))
+
 
 def small_m_configs(fp32: bool, k_aligned: bool = True, precision: str = "tf32") -> list[dict]:
     """The autotune list (both archs); fp32 at precision 'ieee' gets SMALL_M_IEEE_CONFIGS."""
@@ -175,7 +170,7 @@ def _spec(cfg, dtype, k_aligned, split, precision="tf32", qblock=64, target=0.0)
     fma = dtype == "fp32" and precision == "ieee"
     sig = {"x_ptr": f"*{dtype}", **weight_signature(True), "u_ptr": f"*{dtype}",
            "b_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
-           "ws_ptr": "*fp32",
+           "ws_ptr": "*fp32", "counter_ptr": "*i32",
            **{n: "i32" for n in ("M", "N", "K", "R", "k_per_split", "stride_xm", "stride_um",
                                  "stride_bn", "stride_ym")}, "scaling": "fp32"}
     constexprs = {"QBLOCK": qblock, "DOUBLE_QUANT": True, "K_ALIGNED": k_aligned,
@@ -193,34 +188,16 @@ def _spec(cfg, dtype, k_aligned, split, precision="tf32", qblock=64, target=0.0)
                        ceiling_target=target)
 
 
-def _reduce_spec(dtype, precision="tf32"):
-    from .forward import ALIGNED_ARGS
-
-    fma = dtype == "fp32" and precision == "ieee"
-    sig = {"ws_ptr": "*fp32", "u_ptr": f"*{dtype}", "b_ptr": f"*{dtype}",
-           "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
-           **{n: "i32" for n in ("M", "N", "R", "n_slices", "stride_um", "stride_bn",
-                                 "stride_ym")}, "scaling": "fp32"}
-    constexprs = {"HAS_BIAS": True, "PRECISION": precision, "BLOCK_R": 64, "BLOCK_M": BLOCK_M,
-                  "BLOCK_N": REDUCE_BLOCK_N, "stride_ur": 1, "stride_br": 1, "stride_yn": 1}
-    return CompileSpec(kernel="_splitk_reduce_kernel", fn=_splitk_reduce_kernel, signature=sig,
-                       constexprs=constexprs, num_warps=REDUCE_NUM_WARPS, num_stages=1,
-                       label=f"{dtype}{' ieee' * fma}", aligned=ALIGNED_ARGS, fma_dot=fma,
-                       trip_bytes=REDUCE_BLOCK_N * BLOCK_M * 4)  # one fp32 workspace tile
-
-
 COMPILE_SPECS = (
     [_spec(c, dtype, True, split, target=HBM_FLOOR) for c in SMALL_M_CONFIGS
      for split in (True, False) for dtype in ("bf16", "fp16")]
     + [_spec(c, "fp32", True, split) for c in SMALL_M_FP32_CONFIGS for split in (True, False)]
     + [_spec(UNALIGNED_CONFIG, dt, False, split) for dt in ("bf16", "fp32")
        for split in (True, False)]
-    + [_reduce_spec(dt) for dt in ("bf16", "fp32")]
     # fp32 at full precision: FMA dots, no tensor-core instruction (SMALL_M_IEEE_CONFIGS)
     + [_spec(c, "fp32", True, split, "ieee") for c in SMALL_M_IEEE_CONFIGS
        for split in (True, False)]
     + [_spec(UNALIGNED_CONFIG, "fp32", False, split, "ieee") for split in (True, False)]
-    + [_reduce_spec("fp32", "ieee")]
     # blocksize 32: a BLOCK_K of 64 or 128 decodes 2 or 4 absmax sub-blocks per tile row
     + [_spec(c, dtype, True, split, precision, qblock=32)
        for dtype, precision, configs in (("bf16", "tf32", SMALL_M_CONFIGS),

@@ -58,6 +58,11 @@ _HGMMA_REGISTER_A = re.compile(r"\bHGMMA\.\S+\s+R\d+,\s*R\d+,")
 # Atomics in the TTIR (tt.atomic_rmw / tt.atomic_cas) and in the PTX (atom.* / red.*)
 _TTIR_ATOMIC = re.compile(r"\btt\.atomic_\w+")
 _PTX_ATOMIC = re.compile(r"^\s*(?:@!?%\w+\s+)?(?:atom|red)\.", re.MULTILINE)
+# ... of which on floating-point values: TTIR atomics on a pointer to a float type, PTX
+# atom/red whose type suffix is a float one (.f32, .bf16x2, ...)
+_TTIR_FLOAT_ATOMIC = re.compile(r"\btt\.atomic_\w+.*ptr<(?:f16|bf16|f32|f64)>")
+_PTX_FLOAT_ATOMIC = re.compile(r"^\s*(?:@!?%\w+\s+)?(?:atom|red)\.\S*\.(?:f16|bf16|f32|f64)"
+                               r"(?:x2)?\s", re.MULTILINE)
 FIELDS = ("kernel", "config", "arch", "registers", "stack_bytes", "local_bytes", "shared_bytes",
           "mma_instructions")
 HOT_LOOP_FIELDS = ("loop_instructions", "issue_clocks", "mio_clocks", "mma_clocks", "ceiling",
@@ -233,10 +238,14 @@ def hot_loop_model(loop: dict, arch: str, num_warps: int, trip_flops: int = 0,
             "ceiling": None if bound is None else min(1.0, work / busy)}
 
 
-def atomic_ops(ttir: str, ptx: str) -> int:
+def atomic_ops(ttir: str, ptx: str, floating: bool = False) -> int:
     """How many atomic operations a compiled kernel has: TTIR tt.atomic_* ops plus PTX atom. /
-    red. instructions (a kernel without atomics writes each output element from one program,
-    in a fixed order: what makes fastlora's dB and dA bit-identical run to run)."""
+    red. instructions; floating=True: only those on floating-point values. A kernel without
+    float atomics sums each output element in a fixed order: what makes fastlora's dB and dA
+    bit-identical run to run. Integer atomics on arrival counters (csrc_triton/common.py
+    last_to_arrive) only decide which program sums, not the order of the sum."""
+    if floating:
+        return len(_TTIR_FLOAT_ATOMIC.findall(ttir)) + len(_PTX_FLOAT_ATOMIC.findall(ptx))
     return len(_TTIR_ATOMIC.findall(ttir)) + len(_PTX_ATOMIC.findall(ptx))
 
 
@@ -244,8 +253,8 @@ def compile_spec(spec, arch: str) -> dict:
     """Compile one CompileSpec for `arch` ('sm_80' / 'sm_90') and measure it.
 
     Beyond FIELDS: uses_dot and fma_dot (the spec's), i32_addressed (narrow_pointer_args),
-    hgmma_register_a (sm_90 wgmma instructions taking A from registers), atomics
-    (atomic_ops), and the hot-loop model's HOT_LOOP_FIELDS (hot_loop_model)."""
+    hgmma_register_a (sm_90 wgmma instructions taking A from registers), atomics and
+    float_atomics (atomic_ops), and the hot-loop model's HOT_LOOP_FIELDS (hot_loop_model)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -280,6 +289,7 @@ def compile_spec(spec, arch: str) -> dict:
             "fma_dot": spec.fma_dot, "i32_addressed": unsafe,
             "hgmma_register_a": hgmma_register_a(sass),
             "atomics": atomic_ops(kernel.asm["ttir"], kernel.asm["ptx"]),
+            "float_atomics": atomic_ops(kernel.asm["ttir"], kernel.asm["ptx"], floating=True),
             "decodes_weight": "code_ptr" in spec.signature,
             "code_table_loads": code_table_loads(kernel.asm["ttir"]),
             "loop_shuffles": loop["shuffles"], "ceiling_target": spec.ceiling_target,

@@ -57,13 +57,13 @@ PART = 4 * 4 * 8        # 128
 
 def test_provider_steps_hand_checked():
     fused = model.steps("fastlora", "forward", D)
-    # M = 4 <= 16: U = x A^T (reads x and A, writes U); the small-M kernel reads x and W and
-    # writes one fp32 partial; the split-K reduce reads it, U, B and writes y
-    assert [s.bytes for s in fused] == [X + A + U, X + W4 + PART, PART + U + B + Y] \
-        == [784, 908, 240]
-    assert [s.flops for s in fused] == [1024, 4096, 128]
-    assert [s.kernel for s in fused] == [model.U_KERNEL, model.SMALL_M_KERNEL,
-                                         model.SPLITK_REDUCE_KERNEL]
+    # M = 4 <= 16: U = x A^T (reads x and A, writes U); the small-M kernel reads x and W,
+    # writes one fp32 partial and (its tile's last program) reads it back with U and B and
+    # writes y: x deq(W)^T 2*4*8*64 FLOPs plus U B^T 2*4*8*2
+    assert [s.bytes for s in fused] == [X + A + U, X + W4 + 2 * PART + U + B + Y] \
+        == [784, 1148]
+    assert [s.flops for s in fused] == [1024, 4096 + 128]
+    assert [s.kernel for s in fused] == [model.U_KERNEL, model.SMALL_M_KERNEL]
     tiled = model.steps("fastlora", "forward", DT)
     # M = 32: U, then the fused pass reads x, W, U, B and writes y
     assert [s.bytes for s in tiled] == [XT + A + UT, XT + W4 + UT + B + YT] == [4480, 5036]
@@ -71,15 +71,16 @@ def test_provider_steps_hand_checked():
         == [8192, 33792]
     assert [s.kernel for s in tiled] == [model.U_KERNEL, model.FWD_KERNEL]
     fused_bwd = model.steps("fastlora", "backward", D)
-    # dU/dB: reads dy, B, U, writes dU, dB; the dB and dU reductions read one fp32 part and
-    # write the gradient; dA/dx_lora: reads dU, x, A, writes dA, dx; dA's reduction;
-    # dx += dy W: reads dy, W, dx and writes dx
-    assert [s.bytes for s in fused_bwd] == [Y + B + U + U + B, 4 * 8 * 2 + B, 4 * 4 * 2 + U,
-                                            U + X + A + A + X, 4 * 2 * 64 + A,
-                                            Y + W4 + X + X] == [160, 96, 48, 1552, 768, 1356]
-    assert [s.kernel for s in fused_bwd] == [
-        model.DU_DB_KERNEL, model.BWD_REDUCE_KERNEL, model.BWD_REDUCE_KERNEL, model.DA_KERNEL,
-        model.BWD_REDUCE_KERNEL, model.DX_KERNEL]
+    # dU/dB: reads dy, B, U, writes dU, dB, plus one fp32 part of dU [4, 2] and of dB [8, 2]
+    # written and read back (8 B a value); dA/dx_lora: reads dU, x, A, writes dA, dx, plus
+    # one fp32 part of dA [2, 64] written and read; dx += dy W: reads dy, W, dx and writes dx
+    assert [s.bytes for s in fused_bwd] == [Y + B + U + U + B + 8 * (4 + 8) * 2,
+                                            U + X + A + A + X + 8 * 2 * 64,
+                                            Y + W4 + X + X] == [352, 2576, 1356]
+    assert [s.flops for s in fused_bwd] == [2 * (2 * 4 * 2 * 8), 2 * (2 * 2 * 64 * 4),
+                                            2 * 4 * 64 * 8] == [256, 2048, 4096]
+    assert [s.kernel for s in fused_bwd] == [model.DU_DB_KERNEL, model.DA_KERNEL,
+                                             model.DX_KERNEL]
     peft = model.steps("peft_bnb", "forward", D)
     # dequantize (W4 in, W16 out), matmul, PEFT's clone, lora_A, lora_B, * scaling, add
     assert [s.bytes for s in peft] == [W4 + W16, W16 + X + Y, 2 * Y, X + A + U, U + B + Y,
@@ -92,7 +93,7 @@ def test_provider_steps_hand_checked():
 
 
 def test_fastlora_dequant_steps_hand_checked():
-    """fastlora's dequantize + cuBLAS path: its own U / du_db / da kernels and reductions, its
+    """fastlora's dequantize + cuBLAS path: its own U / du_db / da kernels (their sums finished in-kernel), its
     dequantize kernel (W4 in, W16 out into the shared buffer), cuBLAS for the base product."""
     fwd = model.steps("fastlora_dequant", "forward", D)
     # U = x A^T; dequantize; y = x W^T (+ bias); y += s U B^T (reads and writes y)
@@ -147,8 +148,8 @@ LAUNCH_US = 4  # model.LAUNCH_OVERHEAD_S, in microseconds
 def test_roofline_hand_checked():
     """The ideal roofline (no ceilings, no launch cost), kept for comparison."""
     fused = model.roofline_seconds(model.steps("fastlora", "forward", D), SLOW)
-    # U max(1024, 784) + small-M max(4096, 908) + reduce max(128, 240) = 5360 us
-    assert fused == pytest.approx((1024 + 4096 + 240) * 1e-6)
+    # U max(1024, 784) + small-M max(4224, 1148) = 5248 us
+    assert fused == pytest.approx((1024 + 4224) * 1e-6)
     peft = model.roofline_seconds(model.steps("peft_bnb", "forward", D), SLOW)
     # dequant 1292 + matmul max(4096, 1600) + clone 128 + lora_A max(1024, 784)
     # + lora_B max(128, 112) + scale 128 + add 192 = 6988 us
@@ -177,17 +178,16 @@ def test_fastlora_time_at_injected_ceilings_hand_checked():
     assert model.step_seconds(fwd, SLOW, ceilings) == pytest.approx(135172e-6)
     assert model.modelled_seconds([u, fwd], SLOW, ceilings) == pytest.approx(144136e-6)
     # small-M path of D at c = 0.5 for the small-M kernel, the others absent (unmodelled: 1.0):
-    # U max(1024, 784) + 4 = 1028; small-M max(4096, 908 / 0.5 = 1816) + 4 = 4100;
-    # reduce max(128, 240) + 4 = 244
+    # U max(1024, 784) + 4 = 1028; small-M max(4224, 1148 / 0.5 = 2296) + 4 = 4228
     small = model.steps("fastlora", "forward", D)
     assert model.modelled_seconds(small, SLOW, {model.SMALL_M_KERNEL: 0.5}) == \
-        pytest.approx((1028 + 4100 + 244) * 1e-6)
-    # at c = 0.1 the small-M kernel's bytes bind: 908 / 0.1 = 9080 + 4
+        pytest.approx((1028 + 4228) * 1e-6)
+    # at c = 0.1 the small-M kernel's bytes bind: 1148 / 0.1 = 11480 + 4
     assert model.step_seconds(small[1], SLOW, {model.SMALL_M_KERNEL: 0.1}) == \
-        pytest.approx(9084e-6)
-    # no ceilings at all: the roofline plus one launch per kernel
+        pytest.approx(11484e-6)
+    # no ceilings at all: the roofline plus one launch per kernel (two)
     assert model.modelled_seconds(small, SLOW) == pytest.approx(
-        model.roofline_seconds(small, SLOW) + 3 * LAUNCH_US * 1e-6)
+        model.roofline_seconds(small, SLOW) + 2 * LAUNCH_US * 1e-6)
     with pytest.raises(ValueError, match="ceiling"):
         model.step_seconds(u, SLOW, {model.U_KERNEL: 0.0})
 
@@ -212,7 +212,7 @@ def test_lower_ceiling_gives_longer_modelled_time(kernel):
     h100 = peaks.peak_named("H100 SXM")
     base = {k: 0.8 for k in model.fastlora_kernels()}
     lower = {**base, kernel: 0.4}
-    small_m = kernel in (model.SMALL_M_KERNEL, model.SPLITK_REDUCE_KERNEL)
+    small_m = kernel == model.SMALL_M_KERNEL
     # the dequantize kernel runs on the dequantize + cuBLAS path only
     provider = "fastlora_dequant" if kernel == model.DEQUANT_KERNEL else "fastlora"
     for m in (1, 8192):

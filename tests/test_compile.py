@@ -57,7 +57,7 @@ def test_full_precision_fp32_configs_are_in_the_report(report):
     archs (torch's default fp32 matmul precision asks for it); the report covers them."""
     fma = {(r["kernel"], r["arch"]) for r in report if r["fma_dot"]}
     kernels = {"_nf4_lora_fwd_kernel", "_lora_u_kernel", "_nf4_lora_fwd_small_m_kernel",
-               "_splitk_reduce_kernel", "_nf4_lora_bwd_dx_kernel", "_lora_bwd_du_db_kernel",
+               "_nf4_lora_bwd_dx_kernel", "_lora_bwd_du_db_kernel",
                "_lora_bwd_da_kernel", "_lora_u_group_kernel", "_lora_bwd_da_group_kernel"}
     assert fma == {(k, arch) for k in kernels for arch in ("sm_80", "sm_90")}
     assert all("ieee" in r["config"] and r["mma_instructions"] == 0
@@ -120,23 +120,37 @@ def test_atomic_ops_counts_ttir_and_ptx_atomics():
 
     assert atomic_ops(SYNTHETIC_ATOMICS_TTIR, SYNTHETIC_ATOMICS_PTX) == 4
     assert atomic_ops("tt.store %p, %v", "\tst.global.b32 [ %rd4 + 0 ], %r5;") == 0
+    # on floats: the fadd and the f32 cas (TTIR), the f32 atom (PTX); not the s32 red
+    assert atomic_ops(SYNTHETIC_ATOMICS_TTIR, SYNTHETIC_ATOMICS_PTX, floating=True) == 3
+    counter = ("%5 = tt.atomic_rmw add, acq_rel, gpu, %4, %c1_i32, %true : (!tt.ptr<i32>, i32, "
+               "i1) -> i32", "\t@%p7 atom.global.gpu.acq_rel.add.u32 %r9, [ %rd5 + 0 ], %r10;")
+    assert atomic_ops(*counter) == 2 and atomic_ops(*counter, floating=True) == 0
+    assert atomic_ops("", "\tred.global.add.noftz.bf16x2 [ %rd1 + 0 ], %r2;", floating=True) == 1
 
 
-BACKWARD_KERNELS = {"_lora_bwd_du_db_kernel", "_lora_bwd_reduce_kernel",
-                    "_nf4_lora_bwd_dx_kernel", "_lora_bwd_da_kernel",
-                    "_lora_bwd_da_group_kernel"}
+# Kernels whose sums over splits must be deterministic. The first three finish them in-kernel:
+# the last program of a tile to arrive at an integer counter adds the partials in order.
+ARRIVING_KERNELS = {"_lora_bwd_du_db_kernel", "_lora_bwd_da_kernel",
+                    "_lora_bwd_da_group_kernel", "_nf4_lora_fwd_small_m_kernel"}
+BACKWARD_KERNELS = {"_lora_bwd_du_db_kernel", "_nf4_lora_bwd_dx_kernel", "_lora_bwd_da_kernel",
+                    "_lora_bwd_da_group_kernel", "_nf4_lora_fwd_small_m_kernel"}
 
 
-def test_backward_kernels_have_no_atomics(report):
-    """dB and dA are deterministic ("same inputs give bit-identical dB") because the backward
-    sums partials in a fixed order and never accumulates through atomics. The interpreter runs
-    programs one after another, so a run-twice test there cannot see an atomic's varying
-    order: check the compiled TTIR and PTX of every shipped backward config instead."""
+def test_backward_kernels_have_no_float_atomics(report):
+    """dB and dA (and the small-M forward's split-K sum) are deterministic ("same inputs give
+    bit-identical dB") because partials are summed in a fixed order and never accumulated
+    through atomics. The interpreter runs programs one after another, so a run-twice test
+    there cannot see an atomic's varying order: check the compiled TTIR and PTX of every
+    shipped config instead. The in-kernel sums do use atomics, on int32 arrival counters only
+    (csrc_triton/common.py last_to_arrive): every config that splits has some; the rest none."""
     rows = [r for r in report if r["kernel"] in BACKWARD_KERNELS]
     assert {r["kernel"] for r in rows} == BACKWARD_KERNELS
-    bad = [r for r in rows if r["atomics"]]
-    assert not bad, "\n".join(f"{r['kernel']} [{r['config']}] {r['arch']}: {r['atomics']} "
-                              "atomic operations" for r in bad)
+    bad = [r for r in rows if r["float_atomics"]]
+    assert not bad, "\n".join(f"{r['kernel']} [{r['config']}] {r['arch']}: "
+                              f"{r['float_atomics']} float atomic operations" for r in bad)
+    for r in rows:
+        splits = r["kernel"] in ARRIVING_KERNELS and "split=0" not in r["config"]
+        assert (r["atomics"] > 0) == splits, (r["kernel"], r["config"], r["arch"], r["atomics"])
 
 
 def test_unknown_arch_is_rejected():

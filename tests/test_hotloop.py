@@ -197,12 +197,13 @@ def test_model_has_no_ceiling_for_fma_dots_or_without_trip_work():
 
 
 def test_compiled_rows_carry_a_consistent_hot_loop_model():
-    """One memory-bound kernel with a loop (the backward's fp32 partial sum, 4096 B a trip) and
-    one without (dequant), compiled for both archs: every row has the fields and they agree."""
+    """One memory-bound kernel with a loop (DoRA's column dot: a [16, 128] tile of g and of z
+    a trip) and one without (dequant), compiled for both archs: every row has the fields and
+    they agree."""
     rows = compile_report(archs=("sm_80", "sm_90"),
-                          kernels=["_lora_bwd_reduce_kernel", "_dequant_4bit_kernel"])
+                          kernels=["_col_dot_kernel", "_dequant_4bit_kernel"])
     assert {(r["kernel"], r["arch"]) for r in rows} == {
-        (k, a) for k in ("_lora_bwd_reduce_kernel", "_dequant_4bit_kernel")
+        (k, a) for k in ("_col_dot_kernel", "_dequant_4bit_kernel")
         for a in ("sm_80", "sm_90")}
     hbm = {"sm_90": 3.35e12 / 132 / 1.83e9, "sm_80": 2.04e12 / 108 / 1.41e9}
     for row in rows:
@@ -212,8 +213,8 @@ def test_compiled_rows_carry_a_consistent_hot_loop_model():
         assert row["issue_clocks"] == row["loop_instructions"] * warps / 4
         assert row["mio_clocks"] > 0 and row["mio_clocks"] % warps == 0  # loads in the loop
         assert row["mma_clocks"] == 0 and row["bound"] == "hbm"
-        if row["kernel"] == "_lora_bwd_reduce_kernel":
-            trip = 1024 * 4  # REDUCE_BLOCK fp32 values
+        if row["kernel"] == "_col_dot_kernel":  # COL_BLOCK_M x EW_BLOCK_N of g and of z
+            trip = 2 * 16 * 128 * (4 if row["config"].startswith("fp32") else 2)
         else:  # BLOCK = 1024 values: 512 packed bytes read, 1024 values written
             out = re.search(r"out=(\w+)", row["config"]).group(1)
             trip = 512 + 1024 * (4 if out == "fp32" else 2)

@@ -16,7 +16,7 @@ and BW the datasheet DRAM B/s (fastlora.bench.peaks):
 
     fastlora kernel, GEMM-bound (KERNEL_BOUND "mma"; the tiled forward and dx GEMMs):
         max(FLOPs / (P * c), bytes / BW) + LAUNCH_OVERHEAD_S
-    fastlora kernel, memory-bound (KERNEL_BOUND "hbm"; U, small-M, the reductions, ...):
+    fastlora kernel, memory-bound (KERNEL_BOUND "hbm"; U, small-M, dU/dB, dA, ...):
         max(FLOPs / P, bytes / (BW * c)) + LAUNCH_OVERHEAD_S
     peer kernel (PEFT + bitsandbytes, dequantize + cuBLAS, the torch reference):
         max(FLOPs / (P * PEER_GEMM_EFFICIENCY), bytes / (BW * PEER_BANDWIDTH_EFFICIENCY))
@@ -61,19 +61,16 @@ PEER_BANDWIDTH_EFFICIENCY = 0.90  # assumed share of DRAM bandwidth, peers' memo
 U_KERNEL = "_lora_u_kernel"
 FWD_KERNEL = "_nf4_lora_fwd_kernel"
 SMALL_M_KERNEL = "_nf4_lora_fwd_small_m_kernel"
-SPLITK_REDUCE_KERNEL = "_splitk_reduce_kernel"
 DU_DB_KERNEL = "_lora_bwd_du_db_kernel"
 DA_KERNEL = "_lora_bwd_da_kernel"
 DX_KERNEL = "_nf4_lora_bwd_dx_kernel"
-BWD_REDUCE_KERNEL = "_lora_bwd_reduce_kernel"
 DEQUANT_KERNEL = "_dequant_4bit_kernel"
 DORA_NORM_KERNEL = "_dora_norm_kernel"
 DORA_SCALES_KERNEL = "_dora_scales_kernel"
 DORA_COMBINE_KERNEL = "_dora_combine_kernel"
 COL_DOT_KERNEL = "_col_dot_kernel"
 KERNEL_BOUND = {FWD_KERNEL: "mma", DX_KERNEL: "mma", U_KERNEL: "hbm", SMALL_M_KERNEL: "hbm",
-                SPLITK_REDUCE_KERNEL: "hbm", DU_DB_KERNEL: "hbm", DA_KERNEL: "hbm",
-                BWD_REDUCE_KERNEL: "hbm", DEQUANT_KERNEL: "hbm"}
+                DU_DB_KERNEL: "hbm", DA_KERNEL: "hbm", DEQUANT_KERNEL: "hbm"}
 # the DoRA layer's own kernels (csrc_triton/dora.py), modelled by `dora_steps` only
 DORA_KERNEL_BOUND = {DORA_NORM_KERNEL: "hbm", DORA_SCALES_KERNEL: "hbm", DORA_COMBINE_KERNEL: "hbm",
                      COL_DOT_KERNEL: "hbm"}
@@ -148,35 +145,32 @@ def layer_bytes(mode: str, d: Dims) -> int:
 def _fastlora(d: Dims, s: dict) -> tuple[list[Step], list[Step]]:
     m, n, k, r = d.m, d.n, d.k, d.r
     # fastlora/launch/forward.py: U first (_lora_u_kernel), then the fused pass: the tiled
-    # GEMM, or for M <= 16 the split-K small-M kernel (fp32 partials of x deq(W)^T) and the
-    # reduce that sums them and adds s U B^T + bias
+    # GEMM, or for M <= 16 the split-K small-M kernel, whose programs write fp32 partials of
+    # x deq(W)^T and whose last program per N tile reads them back and adds s U B^T + bias
     fwd = [Step("U = x A^T", _mm(m, r, k), s["x"] + s["a"] + s["u"], U_KERNEL)]
     if m <= SMALL_M_MAX:
-        part = 4 * m * n  # one fp32 [M, N] partial (the floor: one slice)
-        fwd += [Step("y parts = x deq(W)^T (small-M, split-K)", _mm(m, n, k),
-                     s["x"] + s["w4"] + part, SMALL_M_KERNEL),
-                Step("y = sum(parts) + s U B^T + bias (split-K reduce)", _mm(m, n, r),
-                     part + s["u"] + s["b"] + s["bias"] + s["y"], SPLITK_REDUCE_KERNEL)]
+        part = 4 * m * n  # one fp32 [M, N] partial (the floor: one slice), written and read
+        fwd.append(Step("y = x deq(W)^T + s U B^T + bias (small-M, split-K, summed in-kernel)",
+                        _mm(m, n, k) + _mm(m, n, r),
+                        s["x"] + s["w4"] + 2 * part + s["u"] + s["b"] + s["bias"] + s["y"],
+                        SMALL_M_KERNEL))
     else:
         fwd.append(Step("y = x deq(W)^T + s U B^T + bias (fused)", _mm(m, n, k) + _mm(m, n, r),
                         s["x"] + s["w4"] + s["u"] + s["b"] + s["bias"] + s["y"], FWD_KERNEL))
-    # fastlora/launch/backward.py, in order: du_db, its two reductions (dB, dU), da, its
-    # reduction (dA), dx. Each reduction reads fp32 partials (one part: the floor) and writes
-    # the gradient in e bytes; du_db / da's own bytes count dU, dB, dA at e bytes.
+    # fastlora/launch/backward.py, in order: du_db, da, dx. du_db and da write fp32 partials
+    # of dU, dB and dA (one part each: the floor) that each tile's last program reads back
+    # and sums into the gradient (e bytes), in the same launch.
     bwd = [Step("dU = s dy B, dB = s dy^T U", 2 * _mm(m, r, n),
-                s["y"] + s["b"] + s["u"] + s["u"] + s["b"], DU_DB_KERNEL),
-           Step("dB = sum(parts)", 0, 4 * n * r + s["b"], BWD_REDUCE_KERNEL),
-           Step("dU = sum(parts)", 0, 4 * m * r + s["u"], BWD_REDUCE_KERNEL),
+                s["y"] + s["b"] + s["u"] + s["u"] + s["b"] + 8 * (m + n) * r, DU_DB_KERNEL),
            Step("dA = dU^T x, dx = dU A", _mm(r, k, m) + _mm(m, k, r),
-                s["u"] + s["x"] + s["a"] + s["a"] + s["x"], DA_KERNEL),
-           Step("dA = sum(parts)", 0, 4 * r * k + s["a"], BWD_REDUCE_KERNEL),
+                s["u"] + s["x"] + s["a"] + s["a"] + s["x"] + 8 * r * k, DA_KERNEL),
            Step("dx += dy deq(W)", _mm(m, k, n), s["y"] + s["w4"] + 2 * s["x"], DX_KERNEL)]
     return fwd, bwd
 
 
 def _fastlora_dequant(d: Dims, s: dict) -> tuple[list[Step], list[Step]]:
     """fastlora's dequantize + cuBLAS base path (fastlora/launch/dispatch.py): fastlora's U,
-    du_db, da kernels and reductions at their ceilings, fastlora's dequantize kernel at its
+    du_db, da kernels at their ceilings, fastlora's dequantize kernel at its
     (HBM) ceiling writing W16 into the shared buffer, cuBLAS at the peer efficiency."""
     m, n, k, r = d.m, d.n, d.k, d.r
     fused_fwd, fused_bwd = _fastlora(d, s)

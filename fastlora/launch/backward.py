@@ -4,10 +4,12 @@
     dA = dU^T @ dropout(x),  dx = dropout'(dU @ A)   (mask drawn once, _lora_bwd_da_kernel)
     dx += dy @ deq(W)                               (W read packed, _nf4_lora_bwd_dx_kernel)
 
-in that order (each step needs the one before). Sums over M (dB, dA) and over N (dU) are cut
-into a fixed number of parts whose fp32 partials are added in a fixed order
-(_lora_bwd_reduce_kernel): same inputs, same config -> bit-identical gradients. On a GPU the
-autotuner's pick is cached per process; pass `config=` to pin it across processes.
+in that order (each step needs the one before): three launches. Sums over M (dB, dA) and over
+N (dU) are cut into a fixed number of parts whose fp32 partials are added in a fixed order by
+the last program of each tile to finish, inside the same launch (csrc_triton/common.py
+last_to_arrive, with counters from common.arrival_counters): same inputs, same config ->
+bit-identical gradients. On a GPU the autotuner's pick is cached per process; pass `config=`
+to pin it across processes.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from ..checks import ACTIVATION_DTYPES, check_fused_rank, check_inputs
 from ..quant import QuantState
 from ..reference import dropout_threshold
 from . import dispatch
-from .common import (LAUNCH_OPTIONS, arch, cached_autotuner, decode_flags, dot_precision,
-                     kernel_entry, num_sms, weight_args)
+from .common import (LAUNCH_OPTIONS, arch, arrival_counters, cached_autotuner, decode_flags,
+                     dot_precision, kernel_entry, num_sms, weight_args)
 
 __all__ = ["lora_backward", "check_backward_args", "du_db", "da", "dx_gemm", "Configs",
            "KERNELS"]
@@ -77,6 +79,12 @@ class Configs:
         configs = ([self.fixed[name]] if name in self.fixed
                    else self.kernels.config_list(name, *self.tuned))
         return max(c.kwargs[block] for c in configs)
+
+    def smallest(self, name: str, block: str) -> int:
+        """The smallest `block` the kernel may run with (counters are sized for its grid)."""
+        configs = ([self.fixed[name]] if name in self.fixed
+                   else self.kernels.config_list(name, *self.tuned))
+        return min(c.kwargs[block] for c in configs)
 
     def launch(self, name: str, grid, args: tuple, consts: dict, options: Optional[dict] = None):
         """Run kernel `name`; grid(meta) -> grid tuple, meta holding the BLOCK_* sizes."""
@@ -164,7 +172,7 @@ def du_db(cfgs: Configs, dy, u, lora_B, scaling: float, need_du: bool, need_dB: 
           segments=None):
     """(dU = s * dy @ B [M, r] in dy's dtype or None, dB = s * dy^T @ U [N, r] in lora_B's
     dtype or None): one pass over dy, split over M (for dB) x N (for dU), partials reduced in
-    a fixed order. segments (fastlora.launch.mixed.Segments, a mixed batch; scaling 1): dU
+    a fixed order inside the launch. segments (fastlora.launch.mixed.Segments, a mixed batch; scaling 1): dU
     keeps each row's own adapter's columns, times that adapter's scaling."""
     m, n = dy.shape
     rank = lora_B.shape[1]
@@ -178,22 +186,25 @@ def du_db(cfgs: Configs, dy, u, lora_B, scaling: float, need_du: bool, need_dB: 
     ws_du = torch.empty((groups, m, rank), **_f32(dy.device)) if need_du else unused
     ws_db = torch.empty((splits, n, rank), **_f32(dy.device)) if need_dB else unused
     u_arg = u if need_dB else lora_B  # unread when dB is not needed
+    du = dy.new_empty(m, rank) if need_du else dy  # dy, lora_B: unwritten when off
+    dB = lora_B.new_empty(n, rank) if need_dB else lora_B
     cfgs.launch("du_db", lambda meta: (splits, groups),
-                (dy, u_arg, lora_B, ws_du, ws_db, m, n, rank, rows_per_split, cols_per_group,
-                 m_bucket_of(m), dy.stride(0), dy.stride(1), u_arg.stride(0), u_arg.stride(1),
+                (dy, u_arg, lora_B, ws_du, ws_db, du, dB,
+                 arrival_counters(dy.device, splits + groups), m, n, rank, rows_per_split,
+                 cols_per_group, m_bucket_of(m), float(scaling), dy.stride(0), dy.stride(1),
+                 u_arg.stride(0), u_arg.stride(1),
                  lora_B.stride(0), lora_B.stride(1),
                  *(segments.du_tables() if segments is not None else (unused,) * 3)),
                 dict(COMPUTE_DU=need_du, COMPUTE_DB=bool(need_dB),
                      SEGMENTED=segments is not None, R_PAD=r_pad,
                      DOT_PRECISION=dot_precision(dy.dtype)))
-    dB = _reduce(ws_db, lora_B.new_empty(n, rank), scaling) if need_dB else None
-    du = _reduce(ws_du, dy.new_empty(m, rank), scaling) if need_du else None
-    return du, dB
+    return (du if need_du else None), (dB if need_dB else None)
 
 
 def da(cfgs: Configs, x, du, lora_A, p: float, seed: int, dx, need_dA: bool, segments=None):
     """dA = dU^T @ dropout(x) (returned, or None) and dx := dropout'(dU @ A) (when dx is a
-    tensor): one pass over x, split over M (for dA). segments (a mixed batch): each row's
+    tensor): one pass over x, split over M (for dA), the splits summed inside the launch.
+    segments (a mixed batch): each row's
     dropout is its adapter's (p: whether any adapter has dropout)."""
     m, k = x.shape
     rank = lora_A.shape[0]
@@ -203,9 +214,11 @@ def da(cfgs: Configs, x, du, lora_A, p: float, seed: int, dx, need_dA: bool, seg
     rows_per_split, splits = _parts(m, cfgs.largest("da", "BLOCK_M"), triton.cdiv(width, k_tiles))
     ws_da = torch.empty((splits, rank, k), **_f32(x.device)) if need_dA \
         else torch.empty(0, **_f32(x.device))
+    dA = lora_A.new_empty(rank, k) if need_dA else lora_A  # unwritten when dA is not needed
     dx_arg = dx if dx is not None else x  # unwritten when dx is not needed
+    counters = arrival_counters(x.device, triton.cdiv(k, cfgs.smallest("da", "BLOCK_K")))
     cfgs.launch("da", lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), splits),
-                (x, du, lora_A, ws_da, dx_arg, m, k, rank, seed, dropout_threshold(p),
+                (x, du, lora_A, ws_da, dA, counters, dx_arg, m, k, rank, seed, dropout_threshold(p),
                  1.0 / (1.0 - p), rows_per_split, m_bucket_of(m), x.stride(0), x.stride(1),
                  du.stride(0), du.stride(1), lora_A.stride(0), lora_A.stride(1),
                  dx_arg.stride(0), dx_arg.stride(1),
@@ -213,7 +226,7 @@ def da(cfgs: Configs, x, du, lora_A, p: float, seed: int, dx, need_dA: bool, seg
                 dict(COMPUTE_DA=bool(need_dA), WRITE_DX=dx is not None, HAS_DROPOUT=p > 0.0,
                      DROPOUT_GROUPED=k % 8 == 0, SEGMENTED=segments is not None,
                      R_PAD=r_pad, DOT_PRECISION=dot_precision(x.dtype)))
-    return _reduce(ws_da, lora_A.new_empty(rank, k), 1.0) if need_dA else None
+    return dA if need_dA else None
 
 
 def dx_gemm(cfgs: Configs, dy, packed, state, dx, *, base=None, pinned: bool = False) -> None:
@@ -239,15 +252,3 @@ def m_bucket_of(m: int) -> int:
     from csrc_triton.common import m_bucket
 
     return m_bucket(m)
-
-
-def _reduce(ws: torch.Tensor, out: torch.Tensor, scale: float) -> torch.Tensor:
-    """out = scale * ws.sum(0) in fp32, parts added in index order, rounded once to out's
-    dtype (out: a fresh contiguous tensor)."""
-    from csrc_triton import backward as kernels
-
-    n = out.numel()
-    kernels._lora_bwd_reduce_kernel[(triton.cdiv(n, kernels.REDUCE_BLOCK),)](
-        ws, out, ws.shape[0], n, float(scale), BLOCK=kernels.REDUCE_BLOCK,
-        num_warps=kernels.REDUCE_WARPS)
-    return out

@@ -69,6 +69,31 @@ def decode_flags(packed: torch.Tensor, state: QuantState, k: int) -> dict:
             "LANE_TABLE": lane_table()}
 
 
+_COUNTERS: dict = {}
+_COUNTERS_LOCK = threading.Lock()
+
+
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """n int32 zeros for a launch whose programs reduce their partials in-kernel
+    (csrc_triton/common.py last_to_arrive: the last program of each tile resets its counter).
+
+    On CUDA one buffer per (device, stream) is kept and handed to every such launch, with no
+    clearing launch in between: a launch leaves all its counters at zero, and launches on one
+    stream run one after another. Another stream gets its own buffer, so concurrent launches
+    never share a counter. The buffer grows (a fresh zeroed one) when a launch needs more.
+    In the interpreter (CPU tensors) a fresh zeroed tensor per launch."""
+    if device.type != "cuda":
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    key = (device.index if device.index is not None else torch.cuda.current_device(),
+           torch.cuda.current_stream(device).stream_id)
+    with _COUNTERS_LOCK:
+        buffer = _COUNTERS.get(key)
+        if buffer is None or buffer.numel() < n:
+            buffer = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32,
+                                                  device=device)
+    return buffer[:n]
+
+
 # Kernel launch options shared by every weight-reading kernel: see csrc_triton/common.py on FMA.
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 

@@ -4,7 +4,8 @@
         -> (y [M, N], u [M, r])
 
 runs `U = dropout(x) @ A^T` (forward._lora_u_kernel), then `y = x @ deq(W)^T + s * U @ B^T +
-bias` with the tiled kernel, or with the split-K small-M kernel when M <= SMALL_M_MAX.
+bias` with the tiled kernel, or with the split-K small-M kernel when M <= SMALL_M_MAX (whose
+last program per N tile sums the K slices in-kernel): two launches on either path.
 `config=None` picks the configuration automatically (autotuned over the pruned per-arch list on a
 GPU, one fixed small config in the interpreter); an explicit dict is the debug/benchmark entry
 point (keys: see TILED_KEYS / SMALL_M_KEYS).
@@ -19,8 +20,8 @@ from ..checks import ACTIVATION_DTYPES, check_fused_rank, check_inputs
 from ..reference import dropout_threshold
 from .. import backend
 from . import dispatch
-from .common import (LAUNCH_OPTIONS, arch, cached_autotuner, decode_flags, dot_precision,
-                     kernel_entry, num_sms, weight_args)
+from .common import (LAUNCH_OPTIONS, arch, arrival_counters, cached_autotuner, decode_flags,
+                     dot_precision, kernel_entry, num_sms, weight_args)
 
 SMALL_M_MAX = 16
 PATHS = ("auto", "tiled", "small_m")
@@ -179,18 +180,15 @@ def _launch_small_m(args, flags, m, n, k, rank, scaling, config):
     units = triton.cdiv(k, granule)
     k_per_split = triton.cdiv(units, max(1, min(slices, units))) * granule
     n_slices = triton.cdiv(k, k_per_split)
-    ws = torch.empty((n_slices, m, n), dtype=torch.float32, device=x.device) \
-        if n_slices > 1 else y
-    strides = _strides(x, u, lora_b, y)
+    split = n_slices > 1
+    ws = torch.empty((n_slices, m, n), dtype=torch.float32, device=x.device) if split else y
+    # one arrival counter per N tile, sized for the narrowest tile the autotuner may pick
+    counters = arrival_counters(x.device, triton.cdiv(n, meta.get("BLOCK_N",
+                                                                  sm.SMALLEST_BLOCK_N))) \
+        if split else ws
     kernel[lambda meta_: (triton.cdiv(n, meta_["BLOCK_N"]), n_slices)](
-        *args, ws, m, n, k, rank, k_per_split, *strides, scaling, **flags, SPLIT=n_slices > 1,
-        BLOCK_M=sm.BLOCK_M, **meta, **LAUNCH_OPTIONS)
-    if n_slices > 1:
-        sm._splitk_reduce_kernel[(triton.cdiv(n, sm.REDUCE_BLOCK_N),)](
-            ws, u, lora_b, args[9], y, m, n, rank, n_slices, *strides[2:], scaling,
-            HAS_BIAS=flags["HAS_BIAS"], PRECISION=flags["PRECISION"],
-            BLOCK_R=flags["BLOCK_R"], BLOCK_M=sm.BLOCK_M, BLOCK_N=sm.REDUCE_BLOCK_N,
-            num_warps=sm.REDUCE_NUM_WARPS)
+        *args, ws, counters, m, n, k, rank, k_per_split, *_strides(x, u, lora_b, y), scaling,
+        **flags, SPLIT=split, BLOCK_M=sm.BLOCK_M, **meta, **LAUNCH_OPTIONS)
 
 
 # ----------------------------------------------------------------------------- GPU autotuning

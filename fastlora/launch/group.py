@@ -25,8 +25,8 @@ import triton
 
 from ..checks import MAX_FUSED_RANK, GroupMember
 from ..reference import dropout_threshold
-from .backward import Configs, _parallelism, _parts, _reduce, check_backward_args, du_db, dx_gemm
-from .common import dot_precision, kernel_entry
+from .backward import Configs, _parallelism, _parts, check_backward_args, du_db, dx_gemm
+from .common import arrival_counters, dot_precision, kernel_entry
 from .forward import check_forward_args, forward_with_u
 
 __all__ = ["group_forward", "group_backward", "group_problem", "check_group_size",
@@ -171,17 +171,21 @@ def _da_group(x, dus, members, dx, need_dA):
     f32 = dict(dtype=torch.float32, device=x.device)
     wss = [torch.empty((splits, r, k), **f32) if need_dA else torch.empty(0, **f32)
            for r in ranks]
-    slots = _slot_args([(du, mb.lora_A.contiguous(), ws, mb.lora_A.shape[0], int(mb.seed),
-                         dropout_threshold(mb.dropout_p), 1.0 / (1.0 - mb.dropout_p))
-                        for du, mb, ws in zip(dus, members, wss)])
+    # dA_g: summed from its partials in the launch; lora_A stands in, unwritten, without dA
+    das = [mb.lora_A.new_empty(r, k) if need_dA else mb.lora_A
+           for mb, r in zip(members, ranks)]
+    slots = _slot_args([(du, mb.lora_A.contiguous(), ws, da_g, mb.lora_A.shape[0],
+                         int(mb.seed), dropout_threshold(mb.dropout_p),
+                         1.0 / (1.0 - mb.dropout_p))
+                        for du, mb, ws, da_g in zip(dus, members, wss, das)])
     consts = _slot_consts(members)
     dx_arg = dx if dx is not None else x  # unwritten when dx is not needed
-    gk._lora_bwd_da_group_kernel[(triton.cdiv(k, block_k), splits)](
-        x, dx_arg, m, k, rows_per_split, x.stride(0), x.stride(1), dx_arg.stride(0),
+    k_tiles = triton.cdiv(k, block_k)
+    counters = arrival_counters(x.device, k_tiles) if need_dA else x
+    gk._lora_bwd_da_group_kernel[(k_tiles, splits)](
+        x, dx_arg, counters, m, k, rows_per_split, x.stride(0), x.stride(1), dx_arg.stride(0),
         dx_arg.stride(1), *[a for slot in slots for a in slot], G=len(members),
         COMPUTE_DA=bool(need_dA), WRITE_DX=dx is not None, **consts,
         DROPOUT_GROUPED=k % 8 == 0, DOT_PRECISION=precision, **cfg.kwargs,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if not need_dA:
-        return None
-    return [_reduce(ws, mb.lora_A.new_empty(r, k), 1.0) for ws, mb, r in zip(wss, members, ranks)]
+    return das if need_dA else None
