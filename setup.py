@@ -18,7 +18,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["fastlora", "fastlora.*", "csrc_triton", "csrc_triton.*"]),
-    package_data={"fastlora": ["data/*.txt"]},
+    package_data={"fastlora": ["data/*.txt", "data/*.json"]},
     # the supported range for GPU users; the pinned dev/CI set is requirements-dev.txt, the
     # oldest supported set requirements-oldest.txt
     install_requires=_support.requirements() + [

@@ -136,6 +136,16 @@ def _demo(args) -> int:
         return 1
 
 
+def _parse_slice(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--slice takes I/N, two integers, got {text!r}") from None
+    if not 0 <= i < n:
+        raise UsageError(f"--slice {text}: need 0 <= I < N")
+    return i, n
+
+
 def _compile_report(args) -> int:
     from .bench.suite import compile_rows, write_compile_report
 
@@ -155,9 +165,24 @@ def _compile_report(args) -> int:
             if name not in known:
                 raise UsageError(f"unknown kernel {name!r}: shipped kernels are "
                                  f"{', '.join(known)}")
+    if args.write_record:
+        if args.kernels or args.headline or args.json or args.out or args.slice:
+            raise UsageError("--write-record compiles every config: it takes only --archs")
+        from .compilerecord import RECORD_PATH, write_record
+
+        written, kept = write_record(archs)
+        print(f"wrote {written} rows ({', '.join(archs)}) to {RECORD_PATH}; kept {kept} rows "
+              "of other Triton releases")
+        return 0
+    if args.compile:
+        os.environ["FASTLORA_COMPILE_RECORD"] = "0"
     # the headline configs: those with a modelled ceiling target (DESIGN.md, "per-clock budgets")
     configs = ([(s.kernel, s.config) for s in all_compile_specs() if s.ceiling_target > 0]
                if args.headline else None)
+    if args.slice:
+        from .compilerecord import config_slice
+
+        configs = config_slice(_parse_slice(args.slice), configs)
     if args.json:
         import json
 
@@ -239,6 +264,16 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None, help="also write compile_report.md here")
     report.add_argument("--json", action="store_true",
                         help="print the rows as JSON (one object per kernel x config x arch)")
+    report.add_argument("--slice", default=None, metavar="I/N",
+                        help="only slice I (0-based) of N of the configs, by a stable hash of "
+                        "kernel and config (CI checks one slice a run on other Tritons)")
+    report.add_argument("--compile", action="store_true",
+                        help="compile every row here, reading nothing from the committed "
+                        "compile record (default: rows whose key matches come from it; "
+                        "fastlora/compilerecord.py)")
+    report.add_argument("--write-record", action="store_true",
+                        help="compile every shipped config for --archs and rewrite the "
+                        "compile record for this Triton (after a kernel or model change)")
     report.set_defaults(run=_compile_report, kernels=False)
     return parser
 

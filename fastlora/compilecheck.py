@@ -314,16 +314,31 @@ def compile_report(archs=("sm_80", "sm_90"), kernels=None, workers: int | None =
 
     if interpreter_active():
         return _report_in_child(archs, kernels, workers, configs)
+    jobs = report_jobs(archs, kernels, configs)
+    workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # ptxas runs as a subprocess
+        return list(pool.map(lambda job: compile_spec(*job), jobs))
+
+
+def report_jobs(archs, kernels=None, configs=None) -> list[tuple]:
+    """(spec, arch) pairs compile_report(archs, kernels, configs=configs) compiles, in its
+    row order."""
     from csrc_triton import all_compile_specs
 
     wanted = set(kernels) if kernels is not None else None
     pairs = {tuple(pair) for pair in configs} if configs is not None else None
-    jobs = [(spec, arch) for spec in all_compile_specs() for arch in archs
+    return [(spec, arch) for spec in all_compile_specs() for arch in archs
             if arch in spec.archs and (wanted is None or spec.kernel in wanted)
             and (pairs is None or (spec.kernel, spec.config) in pairs)]
-    workers = workers or min(4, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # ptxas runs as a subprocess
-        return list(pool.map(lambda job: compile_spec(*job), jobs))
+
+
+def toolchain() -> str:
+    """The Triton release and the ptxas that compile for it (what a compile's result depends
+    on besides the kernel's source and the spec)."""
+    import triton
+
+    ptxas = _run("ptxas", "--version").strip().splitlines()[-1]
+    return f"triton {triton.__version__}; {ptxas}"
 
 
 def _report_in_child(archs, kernels, workers, configs) -> list[dict]:

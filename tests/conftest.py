@@ -10,7 +10,9 @@ tensors live on fastlora.cases.DEVICE. Tests that only make sense on one kind of
     skipif(torch.cuda.is_available(), reason="CPU-only: ...")   the interpreter / no-GPU paths
 """
 
+import hashlib
 import os
+import random
 
 import torch
 
@@ -31,13 +33,82 @@ from fastlora.backend import interpreter_active  # noqa: E402
 CUDA_KERNELS = torch.cuda.is_available() and not interpreter_active()
 
 
+# The test tiers (README "Developing"): --tier quick | default | full.
+#   quick    tests marked `quick`: the main path of every module, for the edit loop (< 2 min)
+#   default  everything but the tests marked `full` (README's test command, CI's first phase)
+#   full     everything; CI runs the `full`-only tests by rotation (--slice, .ci/run)
+TIERS = ("quick", "default", "full")
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("fastlora")
+    group.addoption("--tier", choices=TIERS,
+                    default=os.environ.get("FASTLORA_TEST_TIER", "default"),
+                    help="which tests run: quick (marked quick), default (all but those marked "
+                         "full), full (all). Default: $FASTLORA_TEST_TIER or 'default'")
+    group.addoption("--slice", default=None, metavar="I/N",
+                    help="keep only slice I (0-based) of N of the selected tests, by a stable "
+                         "hash of each test's id (CI's rotation)")
+    group.addoption("--shuffle", type=int, default=None, metavar="SEED",
+                    help="run the tests in an order shuffled by SEED (tests must not depend on "
+                         "each other's order)")
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "cuda(why): needs a CUDA GPU with compiled kernels (skipped otherwise); "
         "benchmarks/gpu_check.sh runs `pytest -m cuda`")
+    config.addinivalue_line(
+        "markers", "quick: in the quick tier (--tier quick), the edit loop's main-path checks")
+    config.addinivalue_line(
+        "markers", "full(why): only in the full tier (--tier full); CI runs these by rotation")
+
+
+def _slice_of(nodeid: str, n: int) -> int:
+    return int.from_bytes(hashlib.sha256(nodeid.encode()).digest()[:4], "big") % n
+
+
+def parse_slice(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N), 0 <= I < N."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"--slice takes I/N (two integers), got {text!r}") from None
+    if not 0 <= i < n:
+        raise pytest.UsageError(f"--slice {text}: need 0 <= I < N")
+    return i, n
+
+
+def _select(config, items):
+    tier = config.getoption("--tier")
+    keep = items
+    if tier == "quick":
+        keep = [it for it in keep if it.get_closest_marker("quick") is not None]
+    elif tier == "default":
+        keep = [it for it in keep if it.get_closest_marker("full") is None]
+    if config.getoption("--slice"):
+        i, n = parse_slice(config.getoption("--slice"))
+        keep = [it for it in keep if _slice_of(it.nodeid, n) == i]
+    if len(keep) != len(items):
+        kept = set(map(id, keep))
+        config.hook.pytest_deselected(items=[it for it in items if id(it) not in kept])
+        items[:] = keep
+    seed = config.getoption("--shuffle")
+    if seed is not None:
+        random.Random(seed).shuffle(items)
+
+
+def pytest_report_header(config):
+    parts = [f"fastlora test tier: {config.getoption('--tier')}"]
+    if config.getoption("--slice"):
+        parts.append(f"slice {config.getoption('--slice')}")
+    if config.getoption("--shuffle") is not None:
+        parts.append(f"shuffled with seed {config.getoption('--shuffle')}")
+    return ", ".join(parts)
 
 
 def pytest_collection_modifyitems(config, items):
+    _select(config, items)
     if CUDA_KERNELS:
         return
     for item in items:
@@ -65,6 +136,37 @@ def gpu_decode_self_check():
         if failed:
             pytest.exit("the GPU decode self-check failed, so the kernels would not run: "
                         + "; ".join(str(w.message) for w in caught), returncode=1)
+    yield
+
+
+def rotation_index() -> int:
+    """The number that picks what a run checks by rotation (the compile record's recheck slice,
+    .ci/run's slices): $FASTLORA_ROTATION, else the checked-out commit's hash, else 0."""
+    if os.environ.get("FASTLORA_ROTATION"):
+        return int(os.environ["FASTLORA_ROTATION"])
+    import subprocess
+
+    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=os.path.dirname(__file__))
+    return int(done.stdout[:8], 16) if done.returncode == 0 and done.stdout else 0
+
+
+@pytest.fixture(scope="session")
+def rotation() -> int:
+    return rotation_index()
+
+
+@pytest.fixture(autouse=True)
+def fresh_log_once_state(monkeypatch):
+    """fastlora logs some warnings once per process (a fallback's reason, a group broken up, a
+    mixed batch's slow path); a test that waits for one must not find it spent by an earlier
+    test on the same worker. Every test starts with the log-once sets empty."""
+    from fastlora import grouping, peft_patch
+    from fastlora.ops import mixed
+
+    monkeypatch.setattr(grouping, "_logged", set())
+    monkeypatch.setattr(peft_patch, "_fallbacks_logged", set())
+    monkeypatch.setattr(mixed, "_logged", set())
     yield
 
 

@@ -3,6 +3,7 @@
 
 import itertools
 
+import pytest
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastlora.cases import (  # noqa: F401
@@ -47,6 +48,15 @@ def case_id(c: dict) -> str:
 
 
 N = 72  # out_features of the matrix cases: not a multiple of 16, masked N edges everywhere
+
+
+def quick_first(values, n: int = 2, unpack: bool = False) -> list:
+    """values (parametrize cases) with the first n marked `quick`: the quick tier
+    (tests/conftest.py, --tier quick) runs those, the other tiers all. unpack: each value is a
+    tuple of several arguments."""
+    return [(pytest.param(*v, marks=pytest.mark.quick) if unpack
+             else pytest.param(v, marks=pytest.mark.quick)) if i < n else v
+            for i, v in enumerate(values)]
 
 
 # ----------------------------------------------------------------------------- allocations

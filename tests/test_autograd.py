@@ -47,6 +47,7 @@ def assert_same(got: dict, expected: dict):
 
 # ----------------------------------------------------------------------------- memory
 
+@pytest.mark.quick
 def test_never_a_dense_weight(monkeypatch):
     """Forward + backward on the fused path: full dequantisation is never called, no floating
     tensor of N * K elements (or more) is created, and nothing saved for backward is a
@@ -128,6 +129,7 @@ def test_dequant_path_keeps_one_shared_dense_weight(monkeypatch):
     (("x", "bias"), (True, False, False)),                 # frozen adapter
     (("lora_B",), (False, False, True)),
 ], ids=["no-dx", "frozen-adapter", "only-dB"])
+@pytest.mark.quick
 def test_needs_input_grad(monkeypatch, trainable, flags, base_path):
     """The backward asks the kernels for exactly the gradients autograd needs, and those are
     bit-identical to the ones of a run where everything is trainable."""

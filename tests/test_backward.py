@@ -14,7 +14,7 @@ import fastlora
 from fastlora import reference
 from fastlora.launch.backward import lora_backward
 from fastlora.numerics import assert_close
-from helpers import (DEVICE, DTYPES, MATRIX, N, bnb_weight, case_id, make_case, reference_pair,
+from helpers import (quick_first, DEVICE, DTYPES, MATRIX, N, bnb_weight, case_id, make_case, reference_pair,
                      run)
 
 GRADS = ("dx", "dA", "dB")
@@ -61,7 +61,7 @@ def test_launcher_matches_reference(c, base_path):
     check_grads(backward_of(case, dtype, dy), truth, baseline, dtype)
 
 
-@pytest.mark.parametrize("c", MATRIX[::3], ids=case_id)
+@pytest.mark.parametrize("c", quick_first(MATRIX[::3]), ids=case_id)
 def test_forward_backward_matches_reference(c, base_path):
     """The whole layer through fastlora.lora_linear_4bit: the custom ops, U saved by the fused
     forward, dbias; a third of the matrix (the launcher test above runs all of it)."""
@@ -101,6 +101,7 @@ def test_blocksizes_storage_and_large_seeds(blocksize, storage, seed, base_path)
 
 # ----------------------------------------------------------------------------- dropout mask
 
+@pytest.mark.quick
 def test_dropout_mask_same_in_forward_and_backward():
     """With W = 0 and A = I (r = K = 16) the forward's U is dropout(x) itself and the
     backward's dx is dropout'(dU @ A): their zero patterns are the two kernels' masks, and both
@@ -127,6 +128,7 @@ def test_dropout_mask_same_in_forward_and_backward():
 
 # ----------------------------------------------------------------------------- determinism
 
+@pytest.mark.quick
 def test_gradients_bit_identical_across_runs():
     """dB and dA are sums over M split into parts (several here: M = 100 -> 4 splits in the
     interpreter), added in a fixed order: repeated runs agree bit for bit."""
@@ -141,6 +143,7 @@ def test_gradients_bit_identical_across_runs():
 
 # ----------------------------------------------------------------------------- what is computed
 
+@pytest.mark.quick
 @pytest.mark.parametrize("need", [(True, False, False), (False, True, False),
                                   (False, False, True), (True, False, True),
                                   (False, True, True)],

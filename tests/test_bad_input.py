@@ -17,6 +17,9 @@ from helpers import make_case
 K, N, R = 64, 40, 4
 
 
+pytestmark = pytest.mark.quick  # the whole module is in the quick tier
+
+
 @pytest.fixture(scope="module")
 def case():
     return make_case(5, N, K, R, torch.float32, "nf4", 64, True, True)

@@ -23,6 +23,7 @@ W16 = 8 * 64 * 2        # dense W [N, K] in bf16 = 1024
 W4 = 256 + 8 + 4
 
 
+@pytest.mark.quick
 def test_weight_bytes_hand_checked():
     assert model.weight_bytes(D) == W4 == 268
     # without double quantisation: 256 packed + 8 fp32 absmax (32 bytes) = 288
@@ -30,6 +31,7 @@ def test_weight_bytes_hand_checked():
     assert model.weight_bytes(no_dq) == 256 + 8 * 4 == 288
 
 
+@pytest.mark.quick
 def test_layer_flops_hand_checked():
     # forward: x W^T 2*4*8*64 = 4096, x A^T 2*4*2*64 = 1024, U B^T 2*4*8*2 = 128
     assert model.layer_flops("forward", D) == 4096 + 1024 + 128 == 5248
@@ -39,6 +41,7 @@ def test_layer_flops_hand_checked():
     assert model.layer_flops("full", D) == 5248 + 6400
 
 
+@pytest.mark.quick
 def test_layer_bytes_hand_checked():
     # forward reads W, x, A, B and writes y: 268 + 512 + 256 + 32 + 64
     assert model.layer_bytes("forward", D) == W4 + X + A + B + Y == 1132
@@ -55,6 +58,7 @@ UT = 32 * 2 * 2         # 128
 PART = 4 * 4 * 8        # 128
 
 
+@pytest.mark.quick
 def test_provider_steps_hand_checked():
     fused = model.steps("fastlora", "forward", D)
     # M = 4 <= 16: U = x A^T (reads x and A, writes U); the small-M kernel reads x and W,
@@ -145,6 +149,7 @@ SLOW = Peak("unit", tflops=1e-6, gbs=1e-3)
 LAUNCH_US = 4  # model.LAUNCH_OVERHEAD_S, in microseconds
 
 
+@pytest.mark.quick
 def test_roofline_hand_checked():
     """The ideal roofline (no ceilings, no launch cost), kept for comparison."""
     fused = model.roofline_seconds(model.steps("fastlora", "forward", D), SLOW)
@@ -167,6 +172,7 @@ def test_model_constants_are_the_documented_assumptions():
     assert all(gpu in model.GPU_ARCHS for gpu in peaks.MODELLED_GPUS)
 
 
+@pytest.mark.quick
 def test_fastlora_time_at_injected_ceilings_hand_checked():
     """max(FLOPs / (P c), bytes / BW) + launch for the GEMM kernel, max(FLOPs / P,
     bytes / (BW c)) + launch for the memory-bound one."""
@@ -262,6 +268,7 @@ def test_needed_specs_prefer_headline_configs():
                                                  [model.DX_KERNEL])] == ["dx80"]
 
 
+@pytest.mark.quick
 def test_ceilings_from_rows_hand_checked():
     rows = [_row(model.FWD_KERNEL, "big", "sm_90", 0.60),
             _row(model.FWD_KERNEL, "headline2", "sm_90", 0.70),
@@ -659,6 +666,7 @@ def test_mixed_mode_smoke_pass_and_modelled_table(tmp_path, capsys, monkeypatch)
     assert "matched the float64 reference" in capsys.readouterr().out
 
 
+@pytest.mark.full("the mixed GPU path's timings are faked; the plain one is in the default tier")
 def test_mixed_gpu_path_with_faked_timings(tmp_path, monkeypatch):
     """The mixed mode's GPU path on a tiny layer, do_bench replaced by fixed times (one
     adapter 2 ms, mixed 2.2 ms, PEFT 6 ms, one at a time 5 ms; each callable still runs once,

@@ -154,6 +154,7 @@ def other_csv(tmp_path):
     return str(folder)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("argv, expected", list(BAD_INPUT.values()), ids=list(BAD_INPUT))
 def test_bad_input_is_one_line(argv, expected, a_file, other_csv, capsys):
     code, err = run_main([a.format(file=a_file, other_csv=other_csv) for a in argv], capsys)
@@ -194,6 +195,7 @@ def test_bench_csv_check_sees_the_columns_a_gpu_run_writes(tmp_path, monkeypatch
     assert row["status"] == "ok" and list(row) == columns
 
 
+@pytest.mark.quick
 def test_demo_fails_when_nothing_is_patched(tmp_path, capsys):
     """Rank 257 is past the fused kernels' limit, so fastlora.patch fuses no layer: the demo
     stops with one line and exit 1 instead of comparing PEFT with itself."""

@@ -2,17 +2,87 @@
 with zero spill bytes, and with tensor-core instructions wherever it calls tl.dot (except
 full-precision fp32 'ieee' configs, which must have none: they run on the FMA units)."""
 
+import json
+
 import pytest
 
 import fastlora
 from fastlora.compilecheck import FIELDS, format_table, problems
+from fastlora.compilerecord import RECORD_PATH, recorded_report, spec_key
+
+RECHECK_SLICES = 16  # each run recompiles 1/16 of the recorded rows (~30 of ~500)
 
 
-# Computed once (minutes): README's test command runs pytest-xdist with --dist loadfile, so one
-# worker runs every test of this module; per-test distribution would compile it on each worker.
+# One report per run, read from the committed compile record where its keys match (fastlora/
+# compilerecord.py) and compiled where they don't; slice rotation() % 16 of the recorded rows is
+# recompiled and compared with the record. README's test command runs pytest-xdist with
+# --dist loadfile, so one worker builds it for every test of this module.
 @pytest.fixture(scope="module")
-def report():
-    return fastlora.compile_report(archs=("sm_80", "sm_90"))
+def report(rotation):
+    rows = recorded_report(archs=("sm_80", "sm_90"),
+                           recheck=(rotation % RECHECK_SLICES, RECHECK_SLICES))
+    compiled = sum(r["source"] == "compiled" for r in rows)
+    print(f"compile report: {len(rows)} rows, {compiled} compiled (record recheck slice "
+          f"{rotation % RECHECK_SLICES}/{RECHECK_SLICES}), {len(rows) - compiled} from the record")
+    return rows
+
+
+@pytest.mark.quick
+def test_compiled_rows_agree_with_the_record(report):
+    """Every recompiled row that the record also holds says what the record says: a record
+    that no longer tells the truth (a compile that changed under the same key) fails here."""
+    bad = [f"{r['kernel']} [{r['config']}] {r['arch']}: {r['record_mismatch']}"
+           for r in report if r.get("record_mismatch")]
+    assert not bad, ("rows differ from fastlora/data/compile_record.json (rewrite it with "
+                     "`fastlora compile-report --write-record`):\n" + "\n".join(bad))
+    assert any(r["source"] == "compiled" for r in report), "nothing recompiled: no check ran"
+
+
+def test_the_record_is_current():
+    """The committed record holds every shipped config on the pinned toolchain, so CI compiles
+    only its recheck slice. A kernel change without `fastlora compile-report --write-record`
+    fails here (the gates above still ran: on a compiled report)."""
+    import triton
+
+    from fastlora.compilecheck import report_jobs
+    from fastlora.support import CHECKED_TRITONS
+
+    if triton.__version__ != CHECKED_TRITONS[-1]:
+        pytest.skip(f"the record is kept for the pinned Triton {CHECKED_TRITONS[-1]}, this is "
+                    f"{triton.__version__}")
+    with open(RECORD_PATH, encoding="utf-8") as fh:
+        recorded = json.load(fh)["rows"]
+    missing = [f"{spec.kernel} [{spec.config}] {arch}"
+               for spec, arch in report_jobs(("sm_80", "sm_90"))
+               if spec_key(spec, arch) not in recorded]
+    assert not missing, (f"{len(missing)} shipped configs are not in the compile record: run "
+                         "`fastlora compile-report --write-record`\n" + "\n".join(missing[:20]))
+
+
+def test_record_mismatch_names_the_fields(monkeypatch, tmp_path):
+    """A planted wrong record row is recompiled (slice 0 of 1: every row) and flagged by field;
+    an unchanged one is not."""
+    from fastlora import compilerecord
+
+    from fastlora.compilecheck import report_jobs
+
+    kernel = "_dequant_4bit_kernel"
+    truth = recorded_report(("sm_90",), kernels=[kernel], record=False)
+    jobs = report_jobs(("sm_90",), kernels=[kernel])
+    rows = {spec_key(spec, arch): {k: v for k, v in row.items() if k != "source"}
+            for (spec, arch), row in zip(jobs, truth)}
+    first = next(iter(rows))
+    rows[first] = {**rows[first], "registers": rows[first]["registers"] + 1}
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps({"rows": rows}))
+    monkeypatch.setattr(compilerecord, "RECORD_PATH", path)
+    got = recorded_report(("sm_90",), kernels=[kernel], recheck=(0, 1))
+    assert [r["record_mismatch"] for r in got] == [["registers"]] + [[]] * (len(got) - 1)
+    assert all(r["source"] == "compiled" for r in got)
+    # without a recheck slice every row comes from the (planted) record, unchecked
+    got = recorded_report(("sm_90",), kernels=[kernel])
+    assert all(r["source"] == "record" for r in got)
+    assert got[0]["registers"] == truth[0]["registers"] + 1
 
 
 def test_report_rows_have_the_documented_fields(report):
@@ -360,3 +430,18 @@ def test_group_kernels_are_no_slower_than_their_members(report):
                             f"{len(lab['ranks'])} x {row['ceiling']:.2f} < 0.95 x {member:.2f}")
     assert checked >= 24, checked
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.quick
+def test_one_headline_config_compiles_at_its_target():
+    """The quick tier's compile: one headline config (the sm_90 forward's first), compiled
+    here, not read from the record: no spill, tensor-core instructions, its ceiling target."""
+    from csrc_triton import all_compile_specs
+    from fastlora.compilecheck import compile_report
+
+    spec = next(s for s in all_compile_specs() if s.kernel == "_nf4_lora_fwd_kernel"
+                and s.ceiling_target > 0 and "sm_90" in s.archs)
+    rows = compile_report(("sm_90",), configs=[(spec.kernel, spec.config)])
+    assert len(rows) == 1
+    assert problems(rows) == [], problems(rows)
+    assert rows[0]["mma_instructions"] > 0 and rows[0]["ceiling"] >= spec.ceiling_target

@@ -85,6 +85,7 @@ def dx_of(case, **kwargs):
 
 # ----------------------------------------------------------------------------- the settings
 
+@pytest.mark.quick
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only: on a GPU auto times both "
                     "paths (tests/test_gpu.py checks that)")
 def test_default_on_cpu_is_fused(ran):
@@ -131,6 +132,7 @@ def test_explicit_fused_config_or_path_pins_the_fused_path(monkeypatch, ran):
         forward(case, path="tiled", base="dequant")
 
 
+@pytest.mark.quick
 def test_bad_settings_name_themselves(monkeypatch):
     case = layer_case()
     monkeypatch.setenv("FASTLORA_BASE_PATH", "fastest")
@@ -303,6 +305,7 @@ def test_dispatcher_times_both_once_and_keeps_the_pick(timer, ran):
     assert len(timed) == 8 and len(dispatch.picks()) == 4
 
 
+@pytest.mark.quick
 def test_dispatcher_key():
     device = torch.device("cpu")
     assert dispatch.key("forward", device, DTYPE, 4096, 14336, 3000) == \

@@ -78,6 +78,7 @@ def test_dora_without_dropout_is_deterministic_and_mns_one_is_lora():
     torch.testing.assert_close(y, y_lora, rtol=1e-6, atol=1e-6 * y_lora.abs().max().item())
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("bias", [False, True], ids=["scaled-path", "combine-path"])
 def test_zero_magnitude_rows(bias):
     """Rows whose magnitude is exactly 0: y is 0 + bias there (the scaled path's 2^-64
@@ -153,6 +154,7 @@ def test_dora_never_a_dense_weight(monkeypatch, bias, p):
     assert not [s for s in saved if s[1].is_floating_point and torch.Size(s[0]).numel() >= n * k]
 
 
+@pytest.mark.quick
 def test_dora_bad_input():
     case = make_case(5, 72, 128, 8, torch.float32)
     x, packed, state, lora_A, lora_B, s, _ = case.args()
@@ -195,6 +197,7 @@ class _FastloraMaskDropout(nn.Dropout):
         return reference.apply_dropout(flat, self.seed, self.p).reshape(x.shape)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("p,bias", [(0.0, True), (0.25, True), (0.25, False)])
 def test_reference_is_peft_dora(model_dir, p, bias):
     """fastlora.reference.dora_linear_4bit (float64) against PEFT's DoRA Linear4bit (float32
@@ -287,6 +290,7 @@ def _train(model_dir, patched: bool, steps: int = 10) -> list:
     return tm.train_losses(model, steps)
 
 
+@pytest.mark.full("a training run; test_patched_dora_matches_unpatched checks the layers")
 def test_dora_training_losses_agree(model_dir):
     """10 bf16 AdamW steps (dropout 0), patched vs unpatched PEFT DoRA: per-step losses within
     1%, and the loss falls."""

@@ -24,7 +24,7 @@ import torch
 
 import fastlora
 from fastlora.quant import QuantState, dequantize_4bit_torch, dynamic_map
-from helpers import DEVICE
+from helpers import DEVICE, quick_first
 
 # bitsandbytes < 0.50 on the CPU: its C++ blockwise quantizer writes code[0] = -1.0 into the code
 # tensor it is handed, which is bnb's cached dynamic map, so every nested state it makes on the
@@ -129,7 +129,8 @@ def _backend_decoders():
     return [("kernel", _kernel_decode), ("torch", dequantize_4bit_torch)]
 
 
-@pytest.mark.parametrize("quant_type,double_quant,blocksize,dtype,shape", MATRIX,
+@pytest.mark.parametrize("quant_type,double_quant,blocksize,dtype,shape",
+                         quick_first(MATRIX, 4, unpack=True),
                          ids=[f"{q}-{'dq' if d else 'nodq'}-bs{b}-{t}-{s}"
                               for q, d, b, t, s in MATRIX])
 def test_matches_bitsandbytes(quant_type, double_quant, blocksize, dtype, shape):
@@ -148,6 +149,7 @@ def test_matches_bitsandbytes(quant_type, double_quant, blocksize, dtype, shape)
             f"max {float((got.float() - want.float()).abs().max()):.3e}")
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16, torch.float32],
                          ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -174,6 +176,7 @@ def test_dequantize_to_other_dtype_rounds_once(out):
         assert _same_bits(decode(packed, state, DTYPES[out]), want, signed_zero=False), name
 
 
+@pytest.mark.quick
 def test_dynamic_map_equals_bitsandbytes():
     assert _same_bits(dynamic_map(), bnbF.create_dynamic_map())
 
@@ -203,6 +206,7 @@ def _bnb_pair(double_quant=True):
                               compress_statistics=double_quant)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "nodq"])
 def test_from_bnb_shares_storage_and_to_bnb_is_accepted(double_quant):
     bnb_packed, bnb_state = _bnb_pair(double_quant)
@@ -217,6 +221,7 @@ def test_from_bnb_shares_storage_and_to_bnb_is_accepted(double_quant):
                       bnbF.dequantize_4bit(bnb_packed, bnb_state))  # same bnb path: exact
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("packed_form", [True, False], ids=["packed", "unpacked"])
 @pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "nodq"])
 def test_as_dict_round_trips_bitsandbytes_serialisation(packed_form, double_quant):
@@ -247,6 +252,7 @@ def test_as_dict_round_trips_bitsandbytes_serialisation(packed_form, double_quan
     (dict(blocksize=64.0), TypeError, "blocksize"),
     (dict(quant_storage=torch.int32), TypeError, "quant_storage"),
 ], ids=["quant_type", "blocksize-not-pow2", "blocksize-too-big", "blocksize-float", "storage"])
+@pytest.mark.quick
 def test_quantize_rejects_bad_arguments(kwargs, error, needle):
     with pytest.raises(error, match=needle):
         fastlora.quantize_4bit(_weight((8, 64), torch.float32), **kwargs)

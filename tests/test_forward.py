@@ -15,7 +15,7 @@ import fastlora
 from fastlora import reference
 from fastlora.launch import forward as launch
 from fastlora.numerics import assert_close
-from helpers import (AXES, DEVICE, DTYPES, MATRIX, N, bnb_weight, case_id, make_case,
+from helpers import (quick_first, AXES, DEVICE, DTYPES, MATRIX, N, bnb_weight, case_id, make_case,
                      reference_pair)
 
 
@@ -44,6 +44,7 @@ def check_forward(case, dtype, x=None, **kwargs):
 
 # ----------------------------------------------------------------------------- the matrix
 
+@pytest.mark.quick
 def test_matrix_covers_every_pair():
     for a, b in itertools.combinations(AXES, 2):
         seen = {(c[a], c[b]) for c in MATRIX}
@@ -51,7 +52,7 @@ def test_matrix_covers_every_pair():
         assert not missing, f"axes {a} x {b}: pairs {sorted(missing)} not covered"
 
 
-@pytest.mark.parametrize("c", MATRIX, ids=case_id)
+@pytest.mark.parametrize("c", quick_first(MATRIX), ids=case_id)
 def test_forward_matches_reference(c, base_path):
     """The whole matrix on each base-product path (the fused GEMMs; dequantize + cuBLAS)."""
     dtype = DTYPES[c["dtype"]]
@@ -83,6 +84,7 @@ def test_paths_and_configs(path, config, k):
     check_forward(case, torch.bfloat16, path=path, config=config)
 
 
+@pytest.mark.quick
 def test_small_and_tiled_paths_agree():
     case = make_case(16, N, 256, 8, torch.float16, "fp4", 128, False, True, 0.0, seed=3)
     args = case.args(torch.float16)
@@ -169,6 +171,7 @@ def test_empty_m():
 
 # ----------------------------------------------------------------------------- dropout
 
+@pytest.mark.quick
 @pytest.mark.parametrize("p,seed,k", [(0.1, 1234, 200), (0.5, 2**40 + 5, 200), (0.1, 77, 203)],
                          ids=["p0.1", "p0.5-seed2^40", "p0.1-k203-ungrouped"])
 def test_dropout_mask_is_the_reference_mask(p, seed, k):
@@ -279,6 +282,7 @@ def _bad(case, **override):
     (lambda c: {"p": -0.1}, ValueError, "dropout_p"),
 ], ids=["x-last-dim", "x-3d", "A-shape", "B-rank", "A-dtype", "bias-dtype", "B-device",
         "p-one", "p-negative"])
+@pytest.mark.quick
 def test_bad_input_names_the_argument(override, error, name):
     case = make_case(4, N, 200, 8, torch.float16, seed=1)
     args = _bad(case, **override(case))

@@ -43,6 +43,7 @@ def machine(monkeypatch):
     return versions
 
 
+@pytest.mark.quick
 def test_preflight_passes_on_a_supported_machine(machine):
     assert gpu_check.preflight() == [
         "GPU: NVIDIA H100 80GB HBM3, sm_90, 80 GiB",
@@ -56,6 +57,7 @@ def _fails(match: str):
     assert "\n" not in str(info.value), "the reason must be one line"
 
 
+@pytest.mark.quick
 def test_preflight_without_a_gpu(machine, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", None)
@@ -131,6 +133,7 @@ def _write(path, points):
                              "median_ms": "nan" if ms is None else ms, "status": status})
 
 
+@pytest.mark.quick
 def test_summary_of_the_latest_run_hand_checked(tmp_path):
     q = "llama3-8b.q_proj"
     points = [

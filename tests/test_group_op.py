@@ -55,6 +55,7 @@ def test_group_matches_float64_and_its_members(spec, m, k, dtype, quant):
             <= 4 * torch.finfo(dt).eps * scale
 
 
+@pytest.mark.quick
 def test_dropout_masks_are_the_members_own():
     """With dropout on every member, the grouped forward equals the reference run with each
     member's own seed to rounding; swapping two members' seeds changes their outputs (each
@@ -126,6 +127,7 @@ def test_bad_members(members, error, match):
         fastlora.lora_group_4bit(torch.randn(2, 64), members)
 
 
+@pytest.mark.quick
 def test_bad_member_names_its_index():
     x, members = group_case(3, 128, GATE_UP, torch.float32)
     bad = [members[0], members[1]._replace(lora_A=torch.randn(12, 64))]
@@ -135,6 +137,7 @@ def test_bad_member_names_its_index():
         fastlora.lora_group_4bit(x, [members[0]._replace(lora_A=members[0].lora_A.double())])
 
 
+@pytest.mark.quick
 def test_limits_match_the_kernels():
     """fastlora.launch.group states the kernels' limits without importing them at import
     time (csrc_triton loads lazily, after the interpreter is set up); they must agree."""

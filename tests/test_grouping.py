@@ -45,6 +45,7 @@ def _calls(tracker, layers, x, log):
     return [tracker.call(layer, x, lambda layer=layer: one(layer), group) for layer in layers]
 
 
+@pytest.mark.quick
 def test_tracker_learns_forms_and_serves():
     q, k, v, o = (Layer(n) for n in "qkvo")
     tracker = grouping.GroupTracker()
@@ -104,6 +105,7 @@ def test_tracker_breaks_fall_back_and_relearn(brk, caplog, monkeypatch):
     assert tracker.groups == [(q, k, v)]
 
 
+@pytest.mark.quick
 def test_tracker_limits_and_copies():
     """Runs longer than max_members are cut; `fits` can refuse a run; inside a backward pass
     nothing changes; pickling keeps the groups and drops every tensor."""

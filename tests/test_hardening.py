@@ -172,6 +172,7 @@ FORWARD_CONFIGS = [
 ]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_results_do_not_depend_on_the_config(dtype):
     """Two configs (tile shapes, orientation, split-K) give outputs within one rounding of the
@@ -224,6 +225,7 @@ def test_two_threads_at_once_give_the_sequential_results():
             assert torch.equal(got[name], want[name]), name
 
 
+@pytest.mark.quick
 def test_autotuner_cache_builds_once_under_a_race():
     from fastlora.launch.common import cached_autotuner
 

@@ -31,6 +31,7 @@ TWO_LOOPS = """
 """
 
 
+@pytest.mark.quick
 def test_main_loop_is_the_back_branch_region_holding_the_mma():
     loop = hot_loop(TWO_LOOPS)
     assert (loop["start"], loop["end"]) == (0x20, 0x50)
@@ -134,6 +135,7 @@ def test_a_kernel_without_a_loop_counts_its_whole_body():
     assert loop["instructions"] == 8 and loop["mio_clocks"] == 10
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("opcode, clocks", [
     ("LDS", 1), ("LDS.128", 4), ("LDS.64", 2), ("STS.U16", 1), ("STS.128", 4),
     ("LDSM.16.M88.4", 4), ("LDSM.16.MT88.2", 2), ("LDSM.16.M88", 1), ("STSM.16.MT88.4", 4),
@@ -151,6 +153,7 @@ def test_tf32_mma_is_recognised():
     assert hot_loop(sass)["tf32"]
 
 
+@pytest.mark.quick
 def test_model_arithmetic_for_a_gemm_trip():
     # the issue's example: 506 instructions, 167 MIO clocks per warp, 8 warps, 128x128x64
     loop = {"instructions": 506, "mio_clocks": 167, "tf32": False}
@@ -171,6 +174,7 @@ def test_model_arithmetic_for_a_gemm_trip():
     assert row["mma_clocks"] == 256 and row["ceiling"] == pytest.approx(256 / 400)
 
 
+@pytest.mark.quick
 def test_model_arithmetic_for_a_memory_bound_trip():
     # dequant-like: 308 instructions and 49 MIO clocks per warp at 4 warps, 2560 bytes a trip;
     # H100: 3.35e12 B/s / 132 SMs / 1.83e9 Hz = 13.87 B per SM clock -> 184.6 clocks of HBM

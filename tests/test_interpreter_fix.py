@@ -6,9 +6,10 @@ import triton
 
 from fastlora import backend, interpreter
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     not backend.interpreter_active(),
-    reason="CPU-only: the corrections only exist for Triton's CPU interpreter")
+    reason="CPU-only: the corrections only exist for Triton's CPU interpreter"),
+    pytest.mark.quick]  # the whole module is in the quick tier
 
 
 def _dot(a, b):

@@ -155,6 +155,7 @@ def test_dora_launches_over_the_plain_layer(bias, p):
 LIMITS = {"forward": 2, "backward": 3}  # issue 11: launches per layer, either path
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("m,p", [(1, 0.0), (1, 0.3), (17, 0.0), (17, 0.3)],
                          ids=["m1", "m1-dropout", "m17", "m17-dropout"])
 def test_single_layer_within_issue_limits(m, p, monkeypatch):

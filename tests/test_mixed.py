@@ -60,6 +60,7 @@ def test_mixed_matches_float64(m, n, k, dtype, quant_type, bias, spec):
         assert_close(name, value, truth[name], baseline[name], dt)
 
 
+@pytest.mark.quick
 def test_per_sample_routing_and_base_rows():
     """row_adapter per sample of a [B, T, K] x routes every row of a sample; "__base__" rows
     (-1) get the base product alone, exactly what the op gives when B = 0; an adapter whose
@@ -116,6 +117,7 @@ def test_mixed_dropout_keeps_each_adapters_fraction():
         assert torch.equal(kept.round().bool(), keep)
 
 
+@pytest.mark.quick
 def test_mixed_bad_input():
     case, adapters, rows = make_mixed_case(8, 64, 128, ((8, 2.0, 0.0), (4, 1.0, 0.0)),
                                            torch.float32)
@@ -151,6 +153,7 @@ def test_mixed_ranks_past_the_fused_rank_run_the_reference(caplog):
         assert "sum to 260 > 256" in caplog.text
 
 
+@pytest.mark.quick
 def test_mixed_launches_are_the_plain_layers():
     """A mixed batch launches exactly what one plain fused layer does (U, the tiled GEMM;
     backward dU/dB, dA, the dx GEMM, their sums finished in-kernel): the routing lives in the
@@ -327,7 +330,9 @@ def _sum_loss(model, ids):
                                              ids[:, 1:].reshape(-1), reduction="sum")
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-checkpointing"])
+@pytest.mark.parametrize("checkpointing", [False, pytest.param(True, marks=pytest.mark.full(
+    "a second training run; checkpointing is checked per layer in the default tier"))],
+    ids=["plain", "grad-checkpointing"])
 def test_adapter_batch_gives_each_adapter_its_own_gradients(model_dir, mixed_calls,
                                                             checkpointing):
     """Training three adapters in one batch (fastlora.adapter_batch, fp32, summed token loss):

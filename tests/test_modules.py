@@ -72,6 +72,7 @@ def test_from_linear_quantises_like_bitsandbytes(quant_type, double_quant, stora
     torch.testing.assert_close(base(x), want.detach())
 
 
+@pytest.mark.quick
 def test_init_and_scaling_like_peft():
     module = fastlora.LoRALinear4bit.from_linear(_linear(), R, ALPHA)
     assert module.lora_A.weight.shape == (R, IN) and module.lora_B.weight.shape == (OUT, R)
@@ -152,6 +153,7 @@ def _bnb_layer(bias: bool = True) -> bnb.nn.Linear4bit:
     return layer
 
 
+@pytest.mark.quick
 def test_from_bnb_shares_the_layer():
     layer = _bnb_layer()
     pointer = layer.weight.data_ptr()
@@ -176,6 +178,7 @@ class _Net(nn.Module):
         return self.proj(x)
 
 
+@pytest.mark.quick
 def test_adapter_files_interchange_with_peft(tmp_path):
     """An adapter saved by PEFT loads into LoRALinear4bit, and one written from
     LoRALinear4bit's state dict loads into PEFT: same keys, same shapes, same outputs."""
@@ -211,6 +214,7 @@ def test_adapter_files_interchange_with_peft(tmp_path):
     torch.testing.assert_close(loaded(x), ours(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.quick
 def test_bad_input():
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
         fastlora.LoRALinear4bit.from_linear(nn.Conv1d(4, 4, 1), R, ALPHA)

@@ -119,8 +119,16 @@ def unpatched_losses(model_dir):
     return _train(model_dir, patched=False)
 
 
+# plain in the default tier; the other settings (30-45 s each in the interpreter) in the full
+# tier: checkpointing's recomputation is checked in the default tier by
+# test_checkpoint_recomputes_the_same_dropout, the dequantize path by the layer matrices
+_FULL_TRAIN = pytest.mark.full("a training run per setting; the default tier trains once")
+
+
 @pytest.mark.parametrize("checkpointing,path", [
-    (None, "fused"), ("reentrant", "fused"), ("non_reentrant", "fused"), (None, "dequant")],
+    (None, "fused"), pytest.param("reentrant", "fused", marks=_FULL_TRAIN),
+    pytest.param("non_reentrant", "fused", marks=_FULL_TRAIN),
+    pytest.param(None, "dequant", marks=_FULL_TRAIN)],
     ids=["plain", "ckpt-reentrant", "ckpt-non_reentrant", "plain-dequant"])
 def test_training_losses_agree(model_dir, unpatched_losses, checkpointing, path, monkeypatch):
     """10 bf16 steps, dropout 0: patched (with or without gradient checkpointing) vs unpatched
@@ -162,6 +170,7 @@ _logits = tm.logits
 _close_fp32 = tm.assert_close_fp32
 
 
+@pytest.mark.quick
 def test_patch_keeps_parameters_and_unpatch_restores(model_dir):
     model = tm.add_lora(tm.load_4bit(model_dir, compute_dtype=torch.float32))
     params = [(n, id(p)) for n, p in model.named_parameters()]
@@ -225,6 +234,7 @@ def test_forward_follows_the_layer_state(model_dir, tmp_path, fused_calls):
     assert torch.equal(merged, _logits(model))
 
 
+@pytest.mark.quick
 def test_save_load_patch_then_merge(model_dir, tmp_path):
     """save_pretrained of a patched model -> PeftModel.from_pretrained -> patch gives the same
     logits bit for bit; after unpatch, merge_and_unload works and keeps the adapter's effect."""
@@ -428,6 +438,7 @@ def test_two_active_adapters(model_dir, fused_calls, caplog):
     assert len(fused_calls) == N_LAYERS
 
 
+@pytest.mark.quick
 def test_report_bad_layers(model_dir, caplog):
     """Layers with a missing or inconsistent quant_state, a CPU-repacked weight, an fp64
     adapter or a merged adapter keep PEFT's forward; one log line per reason."""

@@ -19,6 +19,7 @@ def _autograd_math(x, packed, state, a, b, s, bias, p, seed):
     return y + bias if bias is not None else y
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["nodrop", "drop"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)],
@@ -54,6 +55,7 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, (x, a, b, bias), eps=1e-6, atol=1e-8)
 
 
+@pytest.mark.quick
 def test_leading_dims_and_eval_mode():
     case = make_case(6, 24, 64, 4, torch.float32, "nf4", 64, False, False, 0.5, lead=(2,))
     x, packed, state, a, b, s, _ = case.args(torch.float64)
@@ -74,6 +76,7 @@ def test_dropout_mask_statistics_and_seeding():
     assert bool(reference.dropout_mask(7, 4, 4, 0.0).all())
 
 
+@pytest.mark.quick
 @pytest.mark.skipif(not (backend.interpreter_active() or torch.cuda.is_available()),
                     reason="needs Triton (GPU or interpreter) to draw tl.randint")
 @pytest.mark.parametrize("seed,start", [(0, 0), (1234, 10), (2**31 - 5, 2**32 - 100),

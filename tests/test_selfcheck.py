@@ -55,6 +55,7 @@ def _record_warnings():
     return rec, caught
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("quant_type", QUANTS)
 def test_check_passes_on_the_real_kernels(monkeypatch, quant_type):
     calls = []
@@ -87,6 +88,7 @@ def test_gpu_configs_are_valid_explicit_configs(monkeypatch, arch):
     assert selfcheck.K % small["BLOCK_K"] == 0 and selfcheck.K // small["BLOCK_K"] >= 2
 
 
+@pytest.mark.quick
 def test_no_work_off_gpu_unless_forced(monkeypatch):
     monkeypatch.setattr(selfcheck, "_check", lambda *a: pytest.fail("the check ran"))
     assert selfcheck.decode_ok("cpu", "nf4") is True

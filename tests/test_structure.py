@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.quick  # the whole module is in the quick tier
+
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "fastlora"
 

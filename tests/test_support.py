@@ -10,6 +10,9 @@ import pytest
 
 from fastlora import support
 
+pytestmark = pytest.mark.quick  # the whole module is in the quick tier
+
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -481,10 +481,10 @@ def ceilings_from_rows(rows, arch: str, klass: str = "16bit", specs=None) -> dic
 
 @functools.lru_cache(maxsize=None)
 def _compiled_ceilings(arch: str, klass: str, kernels: Optional[tuple] = None) -> tuple:
-    from ..compilecheck import compile_report
+    from ..compilerecord import recorded_report
 
     specs = needed_specs(arch, klass, kernels=kernels)
-    rows = compile_report((arch,), configs=[(s.kernel, s.config) for s in specs])
+    rows = recorded_report((arch,), configs=[(s.kernel, s.config) for s in specs])
     return tuple(sorted(ceilings_from_rows(rows, arch, klass, specs).items()))
 
 
@@ -642,7 +642,7 @@ def mixed_kernel_ceilings(arch: str, total_rank: int, klass: str = "16bit", rows
 @functools.lru_cache(maxsize=None)
 def _rank_ceiling_rows(arch: str, klass: str, total_rank: int) -> tuple:
     from csrc_triton import all_compile_specs
-    from ..compilecheck import compile_report
+    from ..compilerecord import recorded_report
 
     specs = [s for s in all_compile_specs() if arch in s.archs and spec_dtype_class(s) == klass
              and s.kernel in (U_KERNEL, DU_DB_KERNEL, DA_KERNEL)
@@ -650,5 +650,5 @@ def _rank_ceiling_rows(arch: str, klass: str, total_rank: int) -> tuple:
     fake = [{"kernel": s.kernel, "config": s.config, "ceiling": 1.0} for s in specs]
     wanted = {(r["kernel"], r["config"]) for k in (U_KERNEL, DU_DB_KERNEL, DA_KERNEL)
               for r in _rank_rows(fake, k, total_rank)}
-    rows = compile_report((arch,), configs=sorted(wanted)) if wanted else []
+    rows = recorded_report((arch,), configs=sorted(wanted)) if wanted else []
     return tuple(tuple(sorted(r.items())) for r in rows)

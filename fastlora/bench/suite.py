@@ -515,11 +515,12 @@ def run_modelled(opts: Options, report_rows=None) -> None:
 # ----------------------------------------------------------------------------- compile report
 
 def compile_rows(archs=("sm_80", "sm_90"), kernels=None, configs=None) -> list[dict]:
-    """fastlora.compile_report(archs, kernels, configs=configs): the shipped configs (every one
-    unless kernels / configs restrict them) compiled on this machine."""
-    from ..compilecheck import compile_report
+    """The compile report of the shipped configs (every one unless kernels / configs restrict
+    them): rows from the committed compile record where their keys match, compiled on this
+    machine otherwise (fastlora/compilerecord.py; FASTLORA_COMPILE_RECORD=0 compiles all)."""
+    from ..compilerecord import recorded_report
 
-    return compile_report(archs, kernels, configs=configs)
+    return recorded_report(archs, kernels, configs=configs)
 
 
 def write_compile_report(out: str | None, say: Callable[[str], None] = print,
@@ -538,8 +539,11 @@ def write_compile_report(out: str | None, say: Callable[[str], None] = print,
                "intended, in full-precision 'ieee' fp32 configs); 64-bit addressing "
                "of every tensor that can pass 2^31 elements" if not found
                else "PROBLEMS:\n" + "\n".join(found))
-    say(f"\n== compile report ({', '.join(archs)}, compiled on this machine) ==\n"
-        f"{text}\n{summary}")
+    recorded = sum(r.get("source") == "record" for r in rows)
+    where = (f"{len(rows) - recorded} rows compiled on this machine, {recorded} read from the "
+             "compile record (same kernel source, spec and toolchain; --compile compiles all)"
+             if recorded else "compiled on this machine")
+    say(f"\n== compile report ({', '.join(archs)}, {where}) ==\n{text}\n{summary}")
     if out is not None:
         with open(os.path.join(out, "compile_report.md"), "w", encoding="utf-8") as fh:
             fh.write(f"# Compile report ({', '.join(archs)})\n\n```\n{text}\n```\n\n"
