@@ -92,6 +92,7 @@ def test_report_rows_have_the_documented_fields(report):
         assert row["registers"] > 0
 
 
+@pytest.mark.quick  # the report is built anyway (the record check): the gate costs nothing
 def test_no_shipped_config_spills_or_misses_tensor_cores(report):
     found = problems(report)
     assert not found, "\n".join(found) + "\n\n" + format_table(report)
