@@ -30,4 +30,6 @@ def all_compile_specs():
                 raise
             continue
         specs.extend(getattr(module, "COMPILE_SPECS", []))
-    return specs
+    from .calibration import calibration_specs  # the plain GEMMs of the headline tiles
+
+    return specs + calibration_specs(specs)

@@ -32,8 +32,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (CompileSpec, SUM_ROWS, dropout_keep, last_to_arrive, load_x_tile,
-                     sum_parts)
+from .common import (CompileSpec, SUM_ROWS, by_triton, dropout_keep, last_to_arrive,
+                     load_x_tile, sum_parts)
 
 MAX_MEMBERS = 4
 # The summed padded rank a group may have. At 256 (q/k/v at r = 64) with dropout, the modelled
@@ -310,7 +310,12 @@ def da_config(ranks, fp32: bool, precision: str) -> triton.Config:
     total = total_r_pad(ranks)
     if fp32 and precision == "ieee":
         _check_ieee(total)
-        return triton.Config({"BLOCK_M": 16, "BLOCK_K": 64}, num_warps=8, num_stages=1)
+        # Triton 3.6: 16x64 w8 s1 spills 8 B on sm_80 at 2 members (16+16) since the dA sum
+        # moved in-kernel (caught by CI's support-range rotation); 16x32 w4 s1 is spill-free
+        # there at 16+16, 16+16+16 and 32+32 on both archs (96-150 registers)
+        block_k, warps = by_triton((64, 8), v3_6=(32, 4))
+        return triton.Config({"BLOCK_M": 16, "BLOCK_K": block_k}, num_warps=warps,
+                             num_stages=1)
     wide = total > 128 or (fp32 and total > 64)
     return triton.Config({"BLOCK_M": 16, "BLOCK_K": 32 if wide else 64}, num_warps=4,
                          num_stages=2)

@@ -177,8 +177,11 @@ def _compile_report(args) -> int:
     if args.compile:
         os.environ["FASTLORA_COMPILE_RECORD"] = "0"
     # the headline configs: those with a modelled ceiling target (DESIGN.md, "per-clock budgets")
-    configs = ([(s.kernel, s.config) for s in all_compile_specs() if s.ceiling_target > 0]
-               if args.headline else None)
+    # (and their calibration rows: the plain GEMMs of the headline tiles)
+    from csrc_triton.calibration import PLAIN_KERNEL
+
+    configs = ([(s.kernel, s.config) for s in all_compile_specs()
+                if s.ceiling_target > 0 or s.kernel == PLAIN_KERNEL] if args.headline else None)
     if args.slice:
         from .compilerecord import config_slice
 

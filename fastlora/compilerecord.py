@@ -27,11 +27,12 @@ import os
 import re
 from pathlib import Path
 
-from .compilecheck import compile_report, report_jobs, toolchain
+from .compilecheck import attach_calibration, compile_report, report_jobs, toolchain
 
 RECORD_PATH = Path(__file__).parent / "data" / "compile_record.json"
 RECORD_ENV = "FASTLORA_COMPILE_RECORD"  # "0": never read the record, compile every row
 PROVENANCE = ("source", "record_mismatch")  # where a row came from, not what the compile gave
+DERIVED = ("plain_ceiling", "vs_plain")  # from other rows (compilecheck.attach_calibration)
 _CHECK_MODULE = "fastlora.compilecheck"
 
 
@@ -104,7 +105,7 @@ def config_slice(part, configs=None) -> list[tuple]:
 def _plain(row: dict) -> dict:
     """A row as JSON reads it back (lists, not tuples), without provenance fields."""
     return {k: v for k, v in json.loads(json.dumps(row)).items()
-            if k not in PROVENANCE and k != "toolchain"}
+            if k not in PROVENANCE + DERIVED and k != "toolchain"}
 
 
 def recorded_report(archs=("sm_80", "sm_90"), kernels=None, configs=None,
@@ -137,10 +138,13 @@ def recorded_report(archs=("sm_80", "sm_90"), kernels=None, configs=None,
         row = {**_plain(row), "source": "compiled"}
         if old is not None:
             row["record_mismatch"] = sorted(f for f in set(row) | set(old)
-                                            if f not in PROVENANCE and f != "toolchain"
+                                            if f not in PROVENANCE + DERIVED
+                                            and f != "toolchain"
                                             and row.get(f) != old.get(f))
         out.append(row)
-    return [{k: v for k, v in row.items() if k != "toolchain"} for row in out]
+    out = [{k: v for k, v in row.items()
+            if k not in ("toolchain", "plain_ceiling", "vs_plain")} for row in out]
+    return attach_calibration(out, jobs)
 
 
 def write_record(archs=("sm_80", "sm_90"), path=None) -> tuple[int, int]:

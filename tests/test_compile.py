@@ -323,8 +323,13 @@ def test_headline_configs_reach_their_modelled_ceilings(report):
     fwd_labels = {r["config"].split(" ", 3)[3] for r in rows
                   if r["kernel"] == "_nf4_lora_fwd_kernel"}
     assert fwd_labels == {f"{dt} k_aligned=1 r={r}" for dt in ("bf16", "fp16") for r in (16, 64)}
+    # issue 28: with wgmma's operand reads counted, sm_90's fused GEMMs and its dU/dB at R_PAD
+    # 64 sit below their targets; the floors in force (compilecheck.OPEN_FLOORS) hold them
+    from fastlora.compilecheck import ceiling_gate
+
     below = [f"{r['kernel']} [{r['config']}] {r['arch']}: {r['ceiling']:.2f} < "
-             f"{r['ceiling_target']}" for r in rows if r["ceiling"] < r["ceiling_target"]]
+             f"{ceiling_gate(r)} (target {r['ceiling_target']})" for r in rows
+             if r["ceiling"] < ceiling_gate(r)]
     assert not below, "\n".join(below)
     gathered = [f"{r['kernel']} [{r['config']}] {r['arch']}: {r['loop_shuffles']} SHFL, "
                 f"{r['code_table_loads']} code loads" for r in rows if r["decodes_weight"]
@@ -338,7 +343,11 @@ def test_problems_flags_a_headline_below_its_ceiling_or_off_the_register_table()
            "ceiling_target": 0.85, "ceiling": 0.9, "loop_shuffles": 32, "code_table_loads": 0,
            "decodes_weight": True}
     assert problems([row]) == []
-    assert "below its target" in problems([{**row, "ceiling": 0.84}])[0]
+    assert "below its gate 0.85" in problems([{**row, "arch": "sm_80", "ceiling": 0.84}])[0]
+    # sm_90 under an open floor (issue 28): 0.66 passes its 0.65 floor, 0.64 does not
+    assert problems([{**row, "ceiling": 0.66}]) == []
+    found = problems([{**row, "ceiling": 0.64}])
+    assert "below its gate 0.65 (target 0.85, open)" in found[0], found
     assert "register-table" in problems([{**row, "loop_shuffles": 0}])[0]
     assert "register-table" in problems([{**row, "code_table_loads": 64}])[0]
     assert problems([{**row, "ceiling_target": 0.0, "ceiling": 0.1, "loop_shuffles": 0}]) == []
@@ -436,13 +445,29 @@ def test_group_kernels_are_no_slower_than_their_members(report):
 @pytest.mark.quick
 def test_one_headline_config_compiles_at_its_target():
     """The quick tier's compile: one headline config (the sm_90 forward's first), compiled
-    here, not read from the record: no spill, tensor-core instructions, its ceiling target."""
+    here, not read from the record: no spill, tensor-core instructions, its ceiling gate."""
     from csrc_triton import all_compile_specs
-    from fastlora.compilecheck import compile_report
+    from fastlora.compilecheck import ceiling_gate, compile_report
 
     spec = next(s for s in all_compile_specs() if s.kernel == "_nf4_lora_fwd_kernel"
                 and s.ceiling_target > 0 and "sm_90" in s.archs)
     rows = compile_report(("sm_90",), configs=[(spec.kernel, spec.config)])
     assert len(rows) == 1
     assert problems(rows) == [], problems(rows)
-    assert rows[0]["mma_instructions"] > 0 and rows[0]["ceiling"] >= spec.ceiling_target
+    assert rows[0]["mma_instructions"] > 0 and rows[0]["ceiling"] >= ceiling_gate(rows[0])
+
+
+def test_headline_gemm_rows_carry_their_plain_gemm_calibration(report):
+    """Issue 28: each headline fused GEMM row (forward, dx) has the ceiling of a plain bf16 GEMM
+    of its output tile, warps and stages (csrc_triton/calibration.py) compiled in the same
+    report, and its own ceiling's ratio to it."""
+    from csrc_triton.calibration import FUSED_TILES, PLAIN_KERNEL
+
+    plain = {(r["config"], r["arch"]): r for r in report if r["kernel"] == PLAIN_KERNEL}
+    assert plain and all(r["mma_instructions"] > 0 and r["ceiling"] for r in plain.values())
+    rows = [r for r in report if r["kernel"] in FUSED_TILES and r["ceiling_target"]]
+    assert rows
+    for r in rows:
+        assert r["vs_plain"] == pytest.approx(r["ceiling"] / r["plain_ceiling"]), r["config"]
+        assert r["plain_ceiling"] in {p["ceiling"] for (c, a), p in plain.items()
+                                      if a == r["arch"]}

@@ -126,7 +126,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
-@pytest.mark.parametrize("wrapper", list(STORAGE))
+@pytest.mark.parametrize("wrapper", [
+    pytest.param(w, marks=pytest.mark.full("a second two-rank run; DDP's is in the default tier"))
+    if w == "fsdp2" else w for w in STORAGE])
 def test_data_parallel_gradients_equal_single_process(tmp_path, wrapper):
     model_dir = tm.save_tiny_llama(tmp_path / "model")
     out_path = str(tmp_path / "rank0_grads.pt")

@@ -224,3 +224,83 @@ def test_compiled_rows_carry_a_consistent_hot_loop_model():
             trip = 512 + 1024 * (4 if out == "fp32" else 2)
         busy = max(row["issue_clocks"], row["mio_clocks"])
         assert row["ceiling"] == pytest.approx(min(1.0, trip / hbm[row["arch"]] / busy))
+
+
+# issue 28: the wgmma's own shared-memory operand reads. Per instruction and warpgroup:
+#   HGMMA.64x256x16.F32.BF16 R24, R168, gdesc..   A in registers: B = 256*16*2 = 8192 B
+#   HGMMA.64x128x16.F32.BF16 R88, gdesc.., RZ     A by descriptor: B 128*16*2 = 4096 B + A
+#                                                 64*16*2 = 2048 B = 6144 B
+#   HGMMA.64x64x8.F32.TF32 R8, gdesc..            tf32 (4 B): B 64*8*4 = 2048 + A 64*8*4 = 2048
+#   HGMMA.64x128x32.F32.E4M3.E4M3 R8, R40, gdesc.. fp8, A in registers: 128*32*1 = 4096 B
+@pytest.mark.quick
+@pytest.mark.parametrize("line,want", [
+    ("HGMMA.64x256x16.F32.BF16 R24, R168, gdesc[UR20], R24", 8192),
+    ("HGMMA.64x256x16.F32.BF16 R24, R168, gdesc[UR20], R24, gsb0", 8192),
+    ("HGMMA.64x128x16.F32.BF16 R88, gdesc[UR8], RZ, !UPT, gsb0", 6144),
+    ("HGMMA.64x128x16.F32 R88, gdesc[UR8], R88", 6144),  # fp16: no operand type suffix
+    ("HGMMA.64x128x16.F32.XF9 R88, gdesc[UR8], R88", None),  # unknown type: an error
+    ("HGMMA.64x64x8.F32.TF32 R8, gdesc[UR4], R8", 4096),
+    ("HGMMA.64x128x32.F32.E4M3.E4M3 R8, R40, gdesc[UR12], R8", 4096),
+    ("HMMA.16816.F32.BF16 R4, R8, R12, R4", 0),  # sm_80: operands from registers
+    ("LDS.128 R4, [R2]", 0),
+], ids=["bf16-regA", "bf16-regA-gsb0", "bf16-descA", "fp16-descA", "unknown-type",
+        "tf32-descA", "fp8-regA",
+        "hmma", "lds"])
+def test_wgmma_smem_bytes_by_hand(line, want):
+    from fastlora.compilecheck import wgmma_smem_bytes
+
+    opcode, _, operands = line.partition(" ")
+    if want is None:
+        with pytest.raises(ValueError, match="type"):
+            wgmma_smem_bytes(opcode, operands)
+    else:
+        assert wgmma_smem_bytes(opcode, operands) == want
+
+
+# The issue's headline forward, by hand: per warp a trip holds 4 register-A HGMMA.64x256x16
+# (and here one LDS.128 and one UTMALDG-free BRA); 8 warps are 2 warpgroups.
+WGMMA_LOOP = """
+        /*0100*/                   HGMMA.64x256x16.F32.BF16 R24, R168, gdesc[UR20], R24 ;
+        /*0110*/                   HGMMA.64x256x16.F32.BF16 R24, R172, gdesc[UR24], R24 ;
+        /*0120*/                   HGMMA.64x256x16.F32.BF16 R24, R176, gdesc[UR28], R24 ;
+        /*0130*/                   HGMMA.64x256x16.F32.BF16 R24, R180, gdesc[UR32], R24, gsb0 ;
+        /*0140*/                   LDS.128 R4, [R2] ;
+        /*0150*/              @P0  BRA 0x100 ;
+        /*0160*/                   EXIT ;
+"""
+
+
+@pytest.mark.quick
+def test_wgmma_operand_reads_take_the_shared_memory_pipe():
+    loop = hot_loop(WGMMA_LOOP)
+    assert loop["wgmma_smem_bytes"] == 4 * 8192 and loop["mio_clocks"] == 4  # LDS.128
+    assert loop["tma_loads"] == 0
+    row = hot_loop_model(loop, "sm_90", 8, trip_flops=2 * 256 * 128 * 64)
+    # own traffic 4 clocks x 8 warps = 32; operands 32768 B x 2 warpgroups / 128 B = 512
+    assert row["mio_loop_clocks"] == 32 and row["mio_mma_clocks"] == 512
+    assert row["mio_clocks"] == 544
+    assert row["mma_clocks"] == 1024 and row["ceiling"] == 1.0  # 1024 / max(12, 544)
+    # at 4 warps: one warpgroup, 256 clocks of operands
+    assert hot_loop_model(loop, "sm_90", 4, trip_flops=1)["mio_mma_clocks"] == 256
+
+
+TMA_LOOP = """
+        /*0100*/                   UTMALDG.2D [UR8], [UR14] ;
+        /*0110*/                   HGMMA.64x128x16.F32.BF16 R88, gdesc[UR8], RZ, !UPT, gsb0 ;
+        /*0120*/              @P0  BRA 0x100 ;
+"""
+
+
+@pytest.mark.quick
+def test_tma_copies_in_the_loop_are_counted_and_reported():
+    """A TMA copy writes shared memory with no LSU instruction and no size in its SASS: the
+    model counts it and the report names it a problem rather than leave its bytes out."""
+    from fastlora.compilecheck import problems
+
+    loop = hot_loop(TMA_LOOP)
+    assert loop["tma_loads"] == 1 and loop["wgmma_smem_bytes"] == 6144
+    row = {"kernel": "k", "config": "c", "arch": "sm_90", "registers": 100, "stack_bytes": 0,
+           "local_bytes": 0, "shared_bytes": 0, "mma_instructions": 1, "uses_dot": True,
+           **hot_loop_model(loop, "sm_90", 4, trip_flops=2 * 64 * 128 * 16)}
+    assert row["mio_mma_clocks"] == 6144 / 128
+    assert any("TMA" in p for p in problems([row]))

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -17,6 +19,7 @@ def _collect(*args) -> list[str]:
     return [line for line in done.stdout.splitlines() if "::" in line]
 
 
+@pytest.mark.full("seven pytest collections (~40 s): the tooling is checked by rotation")
 def test_tiers_slices_and_shuffle_select_what_they_say():
     files = ["tests/test_forward.py", "tests/test_patch.py"]
     full = _collect(*files, "--tier", "full")
