@@ -398,7 +398,8 @@ CONFIGS = {
     "du_db": {
         ("sm_90", False): [_cfg(8, 3, 64, True, BLOCK_M=128, BLOCK_N=64)] + _DU_DB_16BIT,
         ("sm_80", False): [_cfg(8, 3, 16, True, BLOCK_M=128, BLOCK_N=128)] + _DU_DB_16BIT,
-        ("sm_90", True): [_cfg(4, 3, 64, BLOCK_M=64, BLOCK_N=64),
+        ("sm_90", True): [by_triton(_cfg(4, 3, 64, BLOCK_M=64, BLOCK_N=64),  # 3.6: 48 B
+                                    v3_6=_cfg(4, 2, 64, BLOCK_M=64, BLOCK_N=64)),
                           by_triton(_cfg(4, 3, 64, BLOCK_M=32, BLOCK_N=64),  # 3.5: 24 B
                                     v3_5=_cfg(4, 2, 64, BLOCK_M=32, BLOCK_N=64)),
                           _cfg(8, 2, BLOCK_M=32, BLOCK_N=32),
@@ -447,7 +448,11 @@ CONFIGS = {
 # 153 / 127 registers) and da 32x64 w8 s1 8 B on sm_90 (dropped, as on 3.7 before: 16x64
 # covers r 64). Per Triton release: da 16x64 w8 16 B on sm_90 on 3.5 and 3.7 (w4 there);
 # 16x32 w8 16 B at r 256 on sm_80 with 3.6 (w4 there, _DA_IEEE_SM80).
-_DU_DB_IEEE = [_cfg(4, 1, 16, BLOCK_M=64, BLOCK_N=64), _cfg(8, 2, 64, BLOCK_M=32, BLOCK_N=32),
+# (3.5 / 3.7: 32x32 w8 s2 spills 24-40 B with the in-kernel sums; s1 there)
+_DU_DB_IEEE = [_cfg(4, 1, 16, BLOCK_M=64, BLOCK_N=64),
+               by_triton(_cfg(8, 2, 64, BLOCK_M=32, BLOCK_N=32),
+                         **dict.fromkeys(("v3_5", "v3_7"), _cfg(8, 1, 64, BLOCK_M=32,
+                                                                BLOCK_N=32))),
                _cfg(8, 1, 64, BLOCK_M=16, BLOCK_N=32),
                _cfg(8, 1, BLOCK_M=16, BLOCK_N=16)]
 _DA_IEEE = [_cfg(8, 1, 16, BLOCK_M=64, BLOCK_K=64),

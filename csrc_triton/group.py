@@ -310,14 +310,20 @@ def da_config(ranks, fp32: bool, precision: str) -> triton.Config:
     total = total_r_pad(ranks)
     if fp32 and precision == "ieee":
         _check_ieee(total)
-        # Triton 3.6: 16x64 w8 s1 spills 8 B on sm_80 at 2 members (16+16) since the dA sum
+        # Triton 3.6, 3.7: 16x64 w8 s1 spills 8 B on sm_80 at 16+16 since the dA sum
         # moved in-kernel (caught by CI's support-range rotation); 16x32 w4 s1 is spill-free
         # there at 16+16, 16+16+16 and 32+32 on both archs (96-150 registers)
-        block_k, warps = by_triton((64, 8), v3_6=(32, 4))
+        block_k, warps = by_triton((64, 8), **dict.fromkeys(("v3_6", "v3_7"), (32, 4)))
         return triton.Config({"BLOCK_M": 16, "BLOCK_K": block_k}, num_warps=warps,
                              num_stages=1)
     wide = total > 128 or (fp32 and total > 64)
-    return triton.Config({"BLOCK_M": 16, "BLOCK_K": 32 if wide else 64}, num_warps=4,
+    # Triton 3.5: 16x64 w4 s2 spills 8 B on sm_80 at 16+16+16 and 32+32+32 (16-bit, dropout)
+    # since the dA sum moved in-kernel; 8 warps are spill-free there (114-181 registers)
+    # Triton 3.8: fp32 at 64+64 (16x32 w4 s2) spills 8 B on sm_90; w8 holds it (95 / 126),
+    # while w8 spills at 32+32+32 (8-24 B), which w4 holds: 8 warps for two members only
+    warps = (by_triton(4, v3_8=8) if fp32 and len(ranks) == 2 else 4) if wide \
+        else by_triton(4, v3_5=8)
+    return triton.Config({"BLOCK_M": 16, "BLOCK_K": 32 if wide else 64}, num_warps=warps,
                          num_stages=2)
 
 

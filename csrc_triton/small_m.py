@@ -100,8 +100,10 @@ SPLIT_GRANULE = 256
 # 2/32 clock against the 0.036 clock its 0.5 byte takes at HBM speed.
 # Triton 3.8 compiles the sm_90 loop at padded rank 64 to more instructions (0.31-0.35 there,
 # 0.38-0.45 on 3.5-3.7 and 3.9; sm_80 unchanged): its floor is 0.30, so the gate still catches
-# a regression on that release instead of failing on its codegen.
-HBM_FLOOR = by_triton(0.35, v3_8=0.30)
+# a regression on that release instead of failing on its codegen. Issue 28's corrected model
+# adds the wgmma's shared-memory operand reads (16 clocks a trip at 64x64 w4): on 3.8 that
+# puts sm_90 at 0.2999, so its floor is 0.29 there (3.9: 0.36-0.42, over 0.35).
+HBM_FLOOR = by_triton(0.35, v3_8=0.29)
 
 # Interpreter: 32-wide tiles and two K slices keep test shapes at a handful of programs and
 # still run the split-K reduction.
@@ -138,9 +140,13 @@ UNALIGNED_CONFIG = _cfg(32, 64, 4, 2)
 # spills 560 B on sm_90 there; spill-free (fp32 registers, split / no split, sm_80 | sm_90):
 # 64x64 w4 s3 and s4 128/168 | 193/128, 128x32 w4 143/168 | 128/168, 32x128 w4 196/194 |
 # 198/198. Dropped: 128x64 w8 (16 B on sm_90), 128x64 w4 (560 B on sm_90, 8 B on sm_80).
-# UNALIGNED_CONFIG holds at full precision too (72-96 registers).
-SMALL_M_IEEE_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(64, 64, 4, 4), _cfg(128, 32, 4, 3),
-                        _cfg(32, 128, 4, 3)]
+# UNALIGNED_CONFIG holds at full precision too (72-96 registers). Triton 3.6 to 3.8: with the
+# split-K sum in-kernel, 64x64 w4 s3 and s4 spill 8 B on sm_90 (split; caught by CI's
+# support-range rotation); 8 warps there are spill-free (48-78 registers; w4 s2 spills too).
+_W8 = ("v3_6", "v3_7", "v3_8")  # the releases that take 8 warps for the 64x64 tiles
+SMALL_M_IEEE_CONFIGS = [by_triton(_cfg(64, 64, 4, 3), **dict.fromkeys(_W8, _cfg(64, 64, 8, 3))),
+                        by_triton(_cfg(64, 64, 4, 4), **dict.fromkeys(_W8, _cfg(64, 64, 8, 4))),
+                        _cfg(128, 32, 4, 3), _cfg(32, 128, 4, 3)]
 
 # The narrowest N tile of any list: the launcher sizes the arrival counters (one per N tile)
 # for it before the autotuner picks a config.

@@ -412,14 +412,23 @@ def _report_in_child(archs, kernels, workers, configs) -> list[dict]:
 # headline config below its target: (arch, target) -> the floor a regression must not cross.
 # Each floor sits just under the configs' corrected ceiling today, so a regression still
 # fails; the target stays the goal (issue 28 item 3, open): sm_90 fused GEMMs 0.67 (0.70 of a
-# plain GEMM of their tile), the dU/dB kernel at R_PAD 64 0.65 of HBM.
-OPEN_FLOORS = {("sm_90", 0.85): 0.65, ("sm_90", 0.75): 0.60}
+# plain GEMM of their tile), the dU/dB kernel at R_PAD 64 0.65 of HBM. Per Triton release
+# where codegen differs: 3.8 compiles the sm_90 fused GEMMs to 0.60 (their loop's own traffic
+# 1184 clocks against 3.9's 1024; 3.5-3.7: 0.68-0.70).
+OPEN_FLOORS = {("sm_90", 0.85): {"default": 0.65, "v3_8": 0.55},
+               ("sm_90", 0.75): {"default": 0.60}}
 
 
 def ceiling_gate(row: dict) -> float:
-    """The modelled ceiling a headline row must reach: its target, or the floor in force."""
+    """The modelled ceiling a headline row must reach: its target, or the floor in force for
+    the running Triton release."""
     target = row.get("ceiling_target") or 0.0
-    return OPEN_FLOORS.get((row["arch"], target), target)
+    floors = OPEN_FLOORS.get((row["arch"], target))
+    if floors is None:
+        return target
+    from csrc_triton.common import by_triton
+
+    return by_triton(floors["default"], **{k: v for k, v in floors.items() if k != "default"})
 
 
 def problems(rows: list[dict]) -> list[str]:
