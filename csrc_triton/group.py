@@ -319,10 +319,14 @@ def da_config(ranks, fp32: bool, precision: str) -> triton.Config:
     wide = total > 128 or (fp32 and total > 64)
     # Triton 3.5: 16x64 w4 s2 spills 8 B on sm_80 at 16+16+16 and 32+32+32 (16-bit, dropout)
     # since the dA sum moved in-kernel; 8 warps are spill-free there (114-181 registers)
-    # Triton 3.8: fp32 at 64+64 (16x32 w4 s2) spills 8 B on sm_90; w8 holds it (95 / 126),
-    # while w8 spills at 32+32+32 (8-24 B), which w4 holds: 8 warps for two members only
-    warps = (by_triton(4, v3_8=8) if fp32 and len(ranks) == 2 else 4) if wide \
-        else by_triton(4, v3_5=8)
+    if not wide:
+        warps = by_triton(4, v3_5=8)
+    elif fp32 and len(ranks) == 2:
+        # Triton 3.8: fp32 at 64+64 (16x32 w4 s2) spills 8 B on sm_90; w8 holds it (95 / 126),
+        # while w8 spills at 32+32+32 (8-24 B), which w4 holds: 8 warps for two members only
+        warps = by_triton(4, v3_8=8)
+    else:
+        warps = 4
     return triton.Config({"BLOCK_M": 16, "BLOCK_K": 32 if wide else 64}, num_warps=warps,
                          num_stages=2)
 

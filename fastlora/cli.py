@@ -136,16 +136,6 @@ def _demo(args) -> int:
         return 1
 
 
-def _parse_slice(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise UsageError(f"--slice takes I/N, two integers, got {text!r}") from None
-    if not 0 <= i < n:
-        raise UsageError(f"--slice {text}: need 0 <= I < N")
-    return i, n
-
-
 def _compile_report(args) -> int:
     from .bench.suite import compile_rows, write_compile_report
 
@@ -174,8 +164,7 @@ def _compile_report(args) -> int:
         print(f"wrote {written} rows ({', '.join(archs)}) to {RECORD_PATH}; kept {kept} rows "
               "of other Triton releases")
         return 0
-    if args.compile:
-        os.environ["FASTLORA_COMPILE_RECORD"] = "0"
+    record = False if args.compile else None  # None: the record unless the env var says no
     # the headline configs: those with a modelled ceiling target (DESIGN.md, "per-clock budgets")
     # (and their calibration rows: the plain GEMMs of the headline tiles)
     from csrc_triton.calibration import PLAIN_KERNEL
@@ -184,18 +173,24 @@ def _compile_report(args) -> int:
                 if s.ceiling_target > 0 or s.kernel == PLAIN_KERNEL] if args.headline else None)
     if args.slice:
         from .compilerecord import config_slice
+        from .slices import parse_slice
 
-        configs = config_slice(_parse_slice(args.slice), configs)
+        try:
+            part = parse_slice(args.slice)
+        except ValueError as exc:
+            raise UsageError(f"--slice: {exc}") from None
+        configs = config_slice(part, configs)
     if args.json:
         import json
 
         from .compilecheck import problems
 
-        rows = compile_rows(archs, kernels, configs)
+        rows = compile_rows(archs, kernels, configs, record=record)
         print(json.dumps(rows, indent=1))
         return 1 if problems(rows) else 0
     out = _output_dir(args.out) if args.out else None
-    return 1 if write_compile_report(out, archs=archs, kernels=kernels, configs=configs) else 0
+    return 1 if write_compile_report(out, archs=archs, kernels=kernels, configs=configs,
+                                     record=record) else 0
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -211,15 +211,14 @@ def hot_loop(sass: str) -> dict:
     innermost = [r for r in tied if not any(o != r and r[0] <= o[0] and o[1] <= r[1]
                                            for o in tied)]
     start, end = max(innermost, key=lambda r: r[1] - r[0])
-    ops = body(start, end)
+    region = [(op, args) for a, _, op, args in code if start <= a <= end]
+    ops = [op for op, _ in region]
     mma = [op for op in ops if op.split(".")[0] in ("HMMA", "HGMMA")]
-    wgmma = [(op, args) for a, _, op, args in code
-             if start <= a <= end and op.split(".")[0] == "HGMMA"]
     return {"start": start, "end": end, "instructions": len(ops),
             "mio_clocks": sum(_mio_clocks(op) for op in ops), "mma": len(mma),
             "tf32": any(".TF32" in op for op in mma),
             "shuffles": sum(op.split(".")[0] == "SHFL" for op in ops),
-            "wgmma_smem_bytes": sum(wgmma_smem_bytes(op, args) for op, args in wgmma),
+            "wgmma_smem_bytes": sum(wgmma_smem_bytes(op, args) for op, args in region),
             "tma_loads": sum(op.split(".")[0] in _TMA_OPS for op in ops)}
 
 

@@ -28,6 +28,7 @@ import re
 from pathlib import Path
 
 from .compilecheck import attach_calibration, compile_report, report_jobs, toolchain
+from .slices import in_slice
 
 RECORD_PATH = Path(__file__).parent / "data" / "compile_record.json"
 RECORD_ENV = "FASTLORA_COMPILE_RECORD"  # "0": never read the record, compile every row
@@ -85,12 +86,6 @@ def load_record(path=None) -> dict:
         return {}
 
 
-def in_slice(key: str, recheck) -> bool:
-    """Whether a record key falls in slice i of n (recheck = (i, n))."""
-    i, n = recheck
-    return int(key[:8], 16) % n == i
-
-
 def config_slice(part, configs=None) -> list[tuple]:
     """The (kernel, config) pairs of slice part = (i, n) of the shipped configs (of `configs`
     when given), by a stable hash of kernel and config: n runs with i = 0..n-1 cover them all."""
@@ -98,8 +93,7 @@ def config_slice(part, configs=None) -> list[tuple]:
 
     pairs = sorted({(s.kernel, s.config) for s in all_compile_specs()}
                    if configs is None else set(map(tuple, configs)))
-    return [p for p in pairs
-            if in_slice(hashlib.sha256("|".join(p).encode()).hexdigest(), part)]
+    return [p for p in pairs if in_slice("|".join(p), part)]
 
 
 def _plain(row: dict) -> dict:

@@ -10,7 +10,6 @@ tensors live on fastlora.cases.DEVICE. Tests that only make sense on one kind of
     skipif(torch.cuda.is_available(), reason="CPU-only: ...")   the interpreter / no-GPU paths
 """
 
-import hashlib
 import os
 import random
 
@@ -64,21 +63,6 @@ def pytest_configure(config):
         "markers", "full(why): only in the full tier (--tier full); CI runs these by rotation")
 
 
-def _slice_of(nodeid: str, n: int) -> int:
-    return int.from_bytes(hashlib.sha256(nodeid.encode()).digest()[:4], "big") % n
-
-
-def parse_slice(text: str) -> tuple[int, int]:
-    """'I/N' -> (I, N), 0 <= I < N."""
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise pytest.UsageError(f"--slice takes I/N (two integers), got {text!r}") from None
-    if not 0 <= i < n:
-        raise pytest.UsageError(f"--slice {text}: need 0 <= I < N")
-    return i, n
-
-
 def _select(config, items):
     tier = config.getoption("--tier")
     keep = items
@@ -87,8 +71,13 @@ def _select(config, items):
     elif tier == "default":
         keep = [it for it in keep if it.get_closest_marker("full") is None]
     if config.getoption("--slice"):
-        i, n = parse_slice(config.getoption("--slice"))
-        keep = [it for it in keep if _slice_of(it.nodeid, n) == i]
+        from fastlora.slices import in_slice, parse_slice
+
+        try:
+            part = parse_slice(config.getoption("--slice"))
+        except ValueError as exc:
+            raise pytest.UsageError(f"--slice: {exc}") from None
+        keep = [it for it in keep if in_slice(it.nodeid, part)]
     if len(keep) != len(items):
         kept = set(map(id, keep))
         config.hook.pytest_deselected(items=[it for it in items if id(it) not in kept])

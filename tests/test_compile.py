@@ -7,8 +7,8 @@ import json
 import pytest
 
 import fastlora
-from fastlora.compilecheck import FIELDS, format_table, problems
-from fastlora.compilerecord import RECORD_PATH, recorded_report, spec_key
+from fastlora.compilecheck import FIELDS, format_table, problems, report_jobs
+from fastlora.compilerecord import load_record, recorded_report, spec_key
 
 RECHECK_SLICES = 16  # each run recompiles 1/16 of the recorded rows (~30 of ~500)
 
@@ -44,14 +44,12 @@ def test_the_record_is_current():
     fails here (the gates above still ran: on a compiled report)."""
     import triton
 
-    from fastlora.compilecheck import report_jobs
     from fastlora.support import CHECKED_TRITONS
 
     if triton.__version__ != CHECKED_TRITONS[-1]:
         pytest.skip(f"the record is kept for the pinned Triton {CHECKED_TRITONS[-1]}, this is "
                     f"{triton.__version__}")
-    with open(RECORD_PATH, encoding="utf-8") as fh:
-        recorded = json.load(fh)["rows"]
+    recorded = load_record()
     missing = [f"{spec.kernel} [{spec.config}] {arch}"
                for spec, arch in report_jobs(("sm_80", "sm_90"))
                if spec_key(spec, arch) not in recorded]
@@ -63,8 +61,6 @@ def test_record_mismatch_names_the_fields(monkeypatch, tmp_path):
     """A planted wrong record row is recompiled (slice 0 of 1: every row) and flagged by field;
     an unchanged one is not."""
     from fastlora import compilerecord
-
-    from fastlora.compilecheck import report_jobs
 
     kernel = "_dequant_4bit_kernel"
     truth = recorded_report(("sm_90",), kernels=[kernel], record=False)

@@ -65,10 +65,9 @@ def test_tracker_learns_forms_and_serves():
 
 
 @pytest.mark.parametrize("brk", ["other-tensor", "in-place", "order", "missing", "unserved"])
-def test_tracker_breaks_fall_back_and_relearn(brk, caplog, monkeypatch):
+def test_tracker_breaks_fall_back_and_relearn(brk, caplog):
     """Each break: the call runs per layer with its own result, the reason is logged once, the
     groups drop at the next forward and form again once the pattern shows again."""
-    monkeypatch.setattr(grouping, "_logged", set())
     q, k, v = (Layer(n) for n in "qkv")
     tracker = grouping.GroupTracker()
     x = torch.zeros(2)
@@ -191,13 +190,11 @@ _logits = tm.logits
 _close = tm.assert_close_fp32
 
 
-def test_breaks_on_the_model_fall_back_with_the_same_results(model_dir, group_calls, caplog,
-                                                             monkeypatch):
+def test_breaks_on_the_model_fall_back_with_the_same_results(model_dir, group_calls, caplog):
     """A pre-hook hands k_proj a copy of the hidden states (another tensor): that forward runs
     those layers per layer with PEFT's results, logs the reason once, and the next forwards
     learn the pattern that now holds (layer 0's q, k and v each alone). A merged
     member (k_proj of layer 0) leaves its group to PEFT for that call, same results."""
-    monkeypatch.setattr(grouping, "_logged", set())
     model = tm.add_lora(tm.load_4bit(model_dir, compute_dtype=torch.float32))
     want = _logits(model)
     report = fastlora.patch(model)

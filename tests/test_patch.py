@@ -362,10 +362,10 @@ def test_pickle_and_deepcopy_keep_the_patch(model_dir, fused_calls):
     assert sum(peft_patch._is_patched(m) for m in model.modules()) == N_LAYERS
 
 
-def test_fallback_warns_once_per_reason(model_dir, caplog, monkeypatch):
+def test_fallback_warns_once_per_reason(model_dir, caplog):
     """A call the fused path cannot serve goes to PEFT's slower forward with a WARNING (so a
-    user sees it), once per reason per process, not once per layer or call."""
-    monkeypatch.setattr(peft_patch, "_fallbacks_logged", set())
+    user sees it), once per reason per process, not once per layer or call (conftest's
+    fresh_log_once_state starts it with nothing logged)."""
     model = tm.add_lora(tm.load_4bit(model_dir, compute_dtype=torch.float32))
     fastlora.patch(model)
     with caplog.at_level(logging.WARNING, logger="fastlora"):

@@ -514,25 +514,27 @@ def run_modelled(opts: Options, report_rows=None) -> None:
 
 # ----------------------------------------------------------------------------- compile report
 
-def compile_rows(archs=("sm_80", "sm_90"), kernels=None, configs=None) -> list[dict]:
+def compile_rows(archs=("sm_80", "sm_90"), kernels=None, configs=None,
+                 record=None) -> list[dict]:
     """The compile report of the shipped configs (every one unless kernels / configs restrict
     them): rows from the committed compile record where their keys match, compiled on this
-    machine otherwise (fastlora/compilerecord.py; FASTLORA_COMPILE_RECORD=0 compiles all)."""
+    machine otherwise (fastlora/compilerecord.py; record=False or FASTLORA_COMPILE_RECORD=0
+    compiles all)."""
     from ..compilerecord import recorded_report
 
-    return recorded_report(archs, kernels, configs=configs)
+    return recorded_report(archs, kernels, configs=configs, record=record)
 
 
 def write_compile_report(out: str | None, say: Callable[[str], None] = print,
                          archs=("sm_80", "sm_90"), kernels=None, rows=None,
-                         configs=None) -> list[str]:
-    """Print compile_rows(archs, kernels, configs) (and write compile_report.md into `out`
+                         configs=None, record=None) -> list[str]:
+    """Print compile_rows(archs, kernels, configs, record) (and write compile_report.md into `out`
     when given); returns its problems (spills, tl.dot without tensor-core instructions,
     32-bit-only addressing of a large tensor). rows: that report, when already computed."""
     from ..compilecheck import format_table, problems
 
     if rows is None:
-        rows = compile_rows(archs, kernels, configs)
+        rows = compile_rows(archs, kernels, configs, record)
     found = problems(rows)
     text = format_table(rows)
     summary = ("no spills; tensor-core instructions wherever tl.dot is used (none, as "
