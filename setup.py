@@ -26,6 +26,7 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis"],
+                    **_support.extras()},
     entry_points={"console_scripts": ["fastlora=fastlora.cli:main"]},
 )

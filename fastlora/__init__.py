@@ -10,6 +10,7 @@ Public contract (../shared/DESIGN.md):
     reference                                         the pure-PyTorch reference path
     LoRALinear4bit                                    drop-in module
     patch, unpatch, PatchReport                       PEFT + bitsandbytes models -> fused
+    FastLoRACallback                                  the patch in any transformers Trainer (TRL)
     compile_report                                    sm_80 / sm_90 ahead-of-time compile check
     release_dequant_buffer, set_dequant_buffer_cap_mb the dequantize + cuBLAS path's shared
                                                       buffer (fastlora/launch/buffer.py)
@@ -34,6 +35,7 @@ _LAZY = {
     "unpatch": ".peft_patch",
     "PatchReport": ".peft_patch",
     "adapter_batch": ".peft_patch",
+    "FastLoRACallback": ".callback",
     "compile_report": ".compilecheck",
     "release_dequant_buffer": ".launch.buffer",
     "set_dequant_buffer_cap_mb": ".launch.buffer",

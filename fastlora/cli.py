@@ -125,7 +125,8 @@ def _demo(args) -> int:
     try:
         cfg = make_config(device, args.out, steps=args.steps, seed=args.seed,
                           batch_size=args.batch_size, seq_len=args.seq_len, rank=args.rank,
-                          lr=args.lr, hidden=args.hidden, layers=args.layers, heads=args.heads)
+                          lr=args.lr, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                          trl=args.trl)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     _output_dir(cfg.out)
@@ -211,6 +212,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="model width, a multiple of 64 (intermediate size: 2x)")
     demo.add_argument("--layers", type=_positive, default=None)
     demo.add_argument("--heads", type=_positive, default=None)
+    demo.add_argument("--trl", action="store_true",
+                      help="also fine-tune through TRL's SFTTrainer with "
+                           "fastlora.FastLoRACallback; both loss curves in loss.png (needs "
+                           "fastlora[trl])")
     demo.set_defaults(run=_demo, kernels=True)
 
     verify = sub.add_parser("verify", help="kernels vs the float64 reference; non-zero exit on "

@@ -13,6 +13,9 @@
    the same model in float64 at most 2x that of the same model unpatched (PEFT + bitsandbytes
    as users run it today) + one ulp. A run where fastlora.patch fused nothing stops before
    training (DemoError): it would compare PEFT with itself.
+With --trl (fastlora[trl] installed), between 3 and 4 the same fine-tuning also runs through
+TRL's SFTTrainer on a fresh model, fastlora switched on by fastlora.FastLoRACallback; both
+loss curves go into loss.png and loss.csv.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class DemoConfig:
     seed: int = 0
     lr: float = 1e-2
     dtype: torch.dtype = torch.bfloat16
+    trl: bool = False     # also fine-tune through TRL's SFTTrainer with FastLoRACallback
 
     @property
     def intermediate(self) -> int:
@@ -127,12 +131,17 @@ def build_4bit_model(cfg: DemoConfig, device: str):
                                                     device_map={"": device}, dtype=cfg.dtype)
 
 
-def add_lora(model, cfg: DemoConfig):
-    from peft import LoraConfig, get_peft_model
+def lora_config(cfg: DemoConfig):
+    from peft import LoraConfig
 
-    lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=0.05,
+    return LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=0.05,
                       target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+
+
+def add_lora(model, cfg: DemoConfig):
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(cfg))
 
 
 def batch(data: torch.Tensor, cfg: DemoConfig, gen: torch.Generator, device: str):
@@ -180,23 +189,61 @@ def train(model, data, cfg: DemoConfig, device: str) -> tuple[list[float], float
     return losses, tokens_per_s
 
 
-def write_loss_curve(losses: list[float], path: str, title: str) -> None:
+def train_with_trl(data: torch.Tensor, cfg: DemoConfig, device: str, say) -> list[float]:
+    """The same fine-tuning through TRL's SFTTrainer: a fresh 4-bit model of the same seed, TRL
+    building the PEFT model from the demo's LoRA config, fastlora switched on by
+    FastLoRACallback, AdamW at cfg.lr (torch's default weight decay, as `train`) over the same
+    number of steps of the byte windows `train` draws (given to TRL already tokenized, in the
+    trainer's own shuffled order). Returns the per-step losses."""
+    try:
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+    except ImportError as exc:
+        raise DemoError(f"--trl needs TRL (pip install fastlora[trl]): {exc}") from None
+    import fastlora
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rows = torch.cat([batch(data, cfg, gen, "cpu") for _ in range(cfg.steps)])
+    callback = fastlora.FastLoRACallback(require_patched=True)
+    args = SFTConfig(output_dir=os.path.join(cfg.out, "trl"), max_steps=cfg.steps,
+                     per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr,
+                     lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01,
+                     logging_steps=1, report_to=[], save_strategy="no", seed=cfg.seed,
+                     use_cpu=device == "cpu", bf16=cfg.dtype == torch.bfloat16,
+                     fp16=cfg.dtype == torch.float16, gradient_checkpointing=False,
+                     max_length=cfg.seq_len, dataloader_num_workers=0, disable_tqdm=False)
+    model = build_4bit_model(cfg, device)
+    trainer = SFTTrainer(model=model, args=args, processing_class=byte_tokenizer(),
+                         train_dataset=Dataset.from_dict({"input_ids": rows.tolist()}),
+                         peft_config=lora_config(cfg), callbacks=[callback])
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    say(f"TRL SFTTrainer with fastlora.FastLoRACallback ({callback.report.patched} layers "
+        f"fused): {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    return losses
+
+
+def write_loss_curve(curves: dict[str, list[float]], path: str, title: str) -> None:
+    """Each curve (label -> per-step losses) on one plot; long curves also get a running mean."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = range(1, len(losses) + 1)
-    window = max(1, len(losses) // 10)
-    smooth = []
-    for i in range(len(losses)):
-        recent = losses[max(0, i - window + 1):i + 1]
-        smooth.append(sum(recent) / len(recent))
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    ax.plot(steps, losses, lw=0.8 if window > 1 else 1.6, alpha=0.5 if window > 1 else 1.0,
-            marker=None if window > 1 else ".", label="loss")
-    if window > 1:
-        ax.plot(steps, smooth, lw=1.6, label=f"mean of last {window}")
+    for label, losses in curves.items():
+        steps = range(1, len(losses) + 1)
+        window = max(1, len(losses) // 10)
+        smooth = []
+        for i in range(len(losses)):
+            recent = losses[max(0, i - window + 1):i + 1]
+            smooth.append(sum(recent) / len(recent))
+        line, = ax.plot(steps, losses, lw=0.8 if window > 1 else 1.6,
+                        alpha=0.5 if window > 1 else 1.0, marker=None if window > 1 else ".",
+                        label=label)
+        if window > 1:
+            ax.plot(steps, smooth, lw=1.6, color=line.get_color(),
+                    label=f"{label}, mean of last {window}")
     ax.axhline(math.log(256), color="gray", ls="--", lw=0.8, label="uniform over 256 bytes")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / byte)")
@@ -311,11 +358,35 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> int:
         + (f"{tokens_per_s:,.0f} tokens/s (steps 2..N); " if tokens_per_s else
            "tokens/s: needs 2+ steps (step 1 is warm-up); ") +
         f"peak memory: {peak_memory(device)}")
+    columns = {"loss": losses}  # loss.csv column -> per-step losses
+    if cfg.trl:
+        columns["trl_sft_loss"] = train_with_trl(train_data, cfg, device, say)
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "loss.csv"), "w", encoding="utf-8") as fh:
-        fh.write("step,loss\n" + "".join(f"{i + 1},{v}\n" for i, v in enumerate(losses)))
-    write_loss_curve(losses, os.path.join(cfg.out, "loss.png"),
+        fh.write(",".join(["step", *columns]) + "\n")
+        fh.write("".join(",".join(map(str, [i + 1, *(c[i] for c in columns.values())])) + "\n"
+                         for i in range(len(losses))))
+    labels = {"loss": "fastlora.patch, the demo's loop" if cfg.trl else "loss",
+              "trl_sft_loss": "TRL SFTTrainer + FastLoRACallback"}
+    write_loss_curve({labels[name]: values for name, values in columns.items()},
+                     os.path.join(cfg.out, "loss.png"),
                      f"fastlora demo: QLoRA on a tiny Llama\n{backend.describe(device)}")
     say(f"wrote loss.png and loss.csv to {cfg.out}")
     ids = batch(check_data, cfg, torch.Generator().manual_seed(cfg.seed + 1), device)
     return 0 if check_patched(model, ids, cfg, device, say) else 1
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in-process (nothing downloaded): the 256 byte values, in
+    the order of their byte-level characters, then <|pad|> (256) and <|eos|> (257). What a
+    transformers Trainer or TRL trainer needs as `processing_class` for the byte corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: i for i, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({"<|pad|>": 256, "<|eos|>": 257})
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|pad|>",
+                                   eos_token="<|eos|>", bos_token="<|eos|>")

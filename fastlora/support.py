@@ -17,6 +17,10 @@ MINIMUM = {
     "peft": "0.18",           # 0.18.0, November 2025
     "bitsandbytes": "0.50",   # 0.49.x: its CPU 4-bit path disagrees with its own format
 }
+# Optional integrations (`pip install fastlora[trl]`): the oldest release tested with them
+# (tests/test_trl.py, on requirements-dev.txt's pins). Liger-Kernel composes with the patch
+# only on a GPU (README "With TRL"); requirements-dev.txt pins it for the CPU check.
+EXTRAS = {"trl": {"trl": "1.16"}}
 # First release not supported (exclusive): a Triton newer than the newest checked one may
 # change codegen (spills) or the interpreter the corrections in fastlora/interpreter.py fit.
 BELOW = {"triton": "3.10"}
@@ -35,6 +39,12 @@ def requirements() -> list[str]:
             spec += f",<{BELOW[name]}"
         out.append(spec)
     return out
+
+
+def extras() -> dict[str, list[str]]:
+    """extras_require, e.g. {'trl': ['trl>=1.16', 'liger-kernel>=0.8']}."""
+    return {extra: [f"{name}>={low}" for name, low in pins.items()]
+            for extra, pins in EXTRAS.items()}
 
 
 def _release(version: str) -> tuple[int, ...]:

@@ -100,6 +100,20 @@ def test_demo(tmp_path):
     assert len((tmp_path / "loss.csv").read_text().splitlines()) == 1 + 3
 
 
+def test_demo_trl(tmp_path):
+    """--trl: the same fine-tuning also through TRL's SFTTrainer with FastLoRACallback; both
+    loss curves in loss.csv (and loss.png)."""
+    done = fastlora("demo", "--trl", "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+                    "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "TRL SFTTrainer with fastlora.FastLoRACallback (14 layers fused): 2 steps" \
+        in done.stdout
+    lines = (tmp_path / "loss.csv").read_text().splitlines()
+    assert lines[0] == "step,loss,trl_sft_loss" and len(lines) == 1 + 2
+    assert all(float(value) > 0 for line in lines[1:] for value in line.split(",")[1:])
+    assert (tmp_path / "loss.png").stat().st_size > 0
+
+
 def run_main(argv, capsys):
     """cli.main in-process: (exit code, stderr)."""
     try:

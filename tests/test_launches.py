@@ -21,39 +21,16 @@ What the counts are made of (fastlora/launch):
 from __future__ import annotations
 
 import collections
-import contextlib
 
 import pytest
 import torch
 
 import fastlora
-from fastlora import interpreter
 import tiny_models as tm
+from helpers import counting
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="CPU-only: counts interpreter launches")
-
-
-@contextlib.contextmanager
-def counting(execute: bool):
-    """Counts kernel launches by kernel name; execute=False skips running them."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    interpreter.apply()
-    counts = collections.Counter()
-    real = InterpretedFunction.run
-
-    def run(self, *args, grid, warmup, **kwargs):
-        if not warmup:
-            counts[self.fn.__name__] += 1
-        if execute:
-            return real(self, *args, grid=grid, warmup=warmup, **kwargs)
-        return None
-    InterpretedFunction.run = run
-    try:
-        yield counts
-    finally:
-        InterpretedFunction.run = real
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """A tiny Llama QLoRA model for tests and demos, built in-process (no downloads).
 
     save_tiny_llama(path)                   random bf16 Llama (hidden 64, 2 layers), saved to path
+    save_tiny(path, arch, vocab)            the same for "llama" or "qwen2" (grouped-query)
     load_4bit(path, quant_type=..., ...)    loaded by transformers with BitsAndBytesConfig, on CPU
     add_lora(model, ...)                    wrapped by PEFT LoRA on all seven projections, with
                                             random non-zero lora_B so the LoRA path counts
@@ -31,13 +32,26 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def save_tiny_llama(path, seed: int = 0) -> str:
     """A random Llama (hidden 64, intermediate 128, 2 layers, 4 heads, vocab 256) saved to `path`
     in bf16, so loading it in bf16, fp16 or fp32 quantises the very same values."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return save_tiny(path, "llama", seed=seed)
 
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB,
-                         max_position_embeddings=128)
+
+def save_tiny(path, arch: str = "llama", vocab: int = VOCAB, seed: int = 0, **config) -> str:
+    """A random causal LM of `arch` ("llama": 4 heads, 4 KV heads; "qwen2": grouped-query
+    attention, 4 heads over 2 KV heads, q/k/v with biases) at hidden 64, intermediate 128,
+    2 layers, `vocab` tokens, saved to `path` in bf16. Extra keyword arguments go to the
+    config (pad_token_id=..., ...)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    kinds = {"llama": (LlamaConfig, LlamaForCausalLM, 4),
+             "qwen2": (Qwen2Config, Qwen2ForCausalLM, 2)}
+    if arch not in kinds:
+        raise ValueError(f"arch must be one of {sorted(kinds)}, got {arch!r}")
+    config_class, model_class, kv_heads = kinds[arch]
+    cfg = config_class(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=kv_heads, vocab_size=vocab,
+                       max_position_embeddings=128, **config)
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(path))
+    model_class(cfg).to(torch.bfloat16).save_pretrained(str(path))
     return str(path)
 
 
