@@ -85,13 +85,28 @@ def _bench(args) -> int:
             out=_output_dir(args.out), dtype=args.dtype, quant_type=args.quant,
             blocksize=args.blocksize, double_quant=not args.no_double_quant,
             warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
-            compile_report=not args.no_compile_report)
+            compile_report=not args.no_compile_report, gpus=_gpu_names(args.gpu))
         from .bench.suite import check_output_csv
 
         check_output_csv(opts)  # now, not after the whole run
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return run(opts)
+
+
+def _gpu_names(specs) -> tuple:
+    """The table names of --gpu's GPUs (repeated and/or comma-separated, any case), in order;
+    none given: the default pair (fastlora.bench.peaks.MODELLED_GPUS)."""
+    from .bench.peaks import MODELLED_GPUS
+    from .gpus import gpu_named
+
+    wanted = [name.strip() for spec in specs or () for name in spec.split(",") if name.strip()]
+    if specs and not wanted:
+        raise ValueError("no GPU given (--gpu)")
+    try:
+        return tuple(dict.fromkeys(gpu_named(name).name for name in wanted)) or MODELLED_GPUS
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
 
 
 def _modes(spec: str) -> tuple:
@@ -250,6 +265,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-double-quant", action="store_true")
     bench.add_argument("--warmup-ms", type=_positive, default=25)
     bench.add_argument("--rep-ms", type=_positive, default=100)
+    bench.add_argument("--gpu", action="append", default=None, metavar="NAME",
+                       help="GPUs of the modelled tables (without a GPU), by their name in "
+                       "fastlora/gpus.py, e.g. 'H100 SXM', 'RTX 4090'; repeat it or "
+                       "comma-separate (default: H100 SXM and A100 SXM 80GB)")
     bench.add_argument("--no-compile-report", action="store_true",
                        help="skip the compile report at the end (it compiles every shipped "
                        "kernel config: minutes on a small CPU)")

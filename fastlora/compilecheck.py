@@ -23,11 +23,12 @@ SM and clock (DESIGN.md "Performance by construction"):
     mio_clocks         the shared-memory / L1 / shuffle pipe at 128 B per clock: each LDS, STS,
                        LDSM, SHFL, LDG, STG, LDGSTS, atomic... costs max(1, 32 lanes x bytes per
                        lane / 128) clocks (LDSM .x1/.x2/.x4: 1/2/4), times num_warps
-    mma_clocks         the spec's trip_flops / the dense tensor-core rate (bf16/fp16: sm_90 4096,
-                       sm_80 2048 FLOP/clock/SM; half that where the loop's MMAs are tf32)
+    mma_clocks         the spec's trip_flops / the dense tensor-core rate (bf16/fp16 FLOP per
+                       clock per SM of the arch's reference GPU, fastlora/gpus.py; half that
+                       where the loop's MMAs are tf32)
     ceiling            GEMM specs (trip_flops): mma_clocks / max(issue, mio), the best share of
                        tensor-core peak; memory-bound specs (trip_bytes): (trip_bytes / HBM bytes
-                       per SM clock, 13.9 sm_90, 13.4 sm_80) / max(issue, mio), the best share of
+                       per SM clock of the reference GPU) / max(issue, mio), the best share of
                        HBM bandwidth; both at most 1. None for fp32 'ieee' (FMA) rows.
     bound              "mma", "hbm" or None: which of the two the ceiling is a share of
 It is optimistic (no latencies, bank conflicts, stalls or dual-issue limits, one trip's static
@@ -48,6 +49,8 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from .gpus import reference
 
 ARCHS = {"sm_80": 80, "sm_90": 90}
 _RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
@@ -72,9 +75,13 @@ SCHEDULERS = 4  # warp instructions issued per clock
 MIO_BYTES_PER_CLOCK = 128  # shared memory / L1 / shuffle pipe: one 32-lane 4-byte access
 LANES = 32
 WARPGROUP = 4  # warps that issue one sm_90 wgmma together
-DENSE_MMA_FLOPS = {"sm_80": 2048, "sm_90": 4096}  # bf16/fp16 dense; tf32 is half
-HBM_BYTES_PER_CLOCK = {"sm_80": 2.04e12 / 108 / 1.41e9,  # A100 80GB: ~13.4
-                       "sm_90": 3.35e12 / 132 / 1.83e9}  # H100 SXM: ~13.9
+# Per arch, from its reference GPU (fastlora/gpus.py: sm_80 A100 SXM 80GB, sm_90 H100 SXM):
+# dense bf16/fp16 tensor FLOP per clock per SM (tf32 is half), and HBM bytes per SM clock at
+# the reference's bandwidth to 10 GB/s (2.04 TB/s for A100's 2,039: the figure the committed
+# compile record's ceilings were computed with), ~13.4 sm_80, ~13.9 sm_90
+DENSE_MMA_FLOPS = {arch: reference(arch).mma_flops_per_clock_sm for arch in ARCHS}
+HBM_BYTES_PER_CLOCK = {arch: round(reference(arch).dram_gbs, -1) * 1e9 / reference(arch).sms
+                       / reference(arch).clock_hz for arch in ARCHS}
 # `/*57a0*/   @!P5 BRA 0x3810 ;` -> address, predicate, opcode, operands
 _SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(@!?U?P(?:T|\d+)\s+)?([A-Z][\w.]*)([^;]*);",
                         re.MULTILINE)

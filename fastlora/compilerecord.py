@@ -7,7 +7,10 @@ under a key (`spec_key`) made of:
     specialised as aligned or allowed 32-bit offsets, and the hot-loop model's inputs;
   - the arch, and the toolchain: the Triton release and its ptxas;
   - the source of the kernel's csrc_triton file and of every csrc_triton file it imports, and
-    of fastlora/compilecheck.py (the SASS parsing and the hot-loop model).
+    of fastlora/compilecheck.py (the SASS parsing and the hot-loop model);
+  - the hot-loop model's per-clock figures for the arch (compilecheck.DENSE_MMA_FLOPS and
+    HBM_BYTES_PER_CLOCK, from the arch's reference GPU in fastlora/gpus.py). That table's
+    source is not hashed: a new row, or another GPU's figure, recompiles nothing.
 `recorded_report` takes a row from the record when its key matches and compiles the rest, so a
 change to one kernel file recompiles that file's configs only, and a new Triton everything.
 recheck=(i, n) also recompiles slice i of n of the recorded rows and marks each that differs
@@ -27,7 +30,8 @@ import os
 import re
 from pathlib import Path
 
-from .compilecheck import attach_calibration, compile_report, report_jobs, toolchain
+from .compilecheck import (DENSE_MMA_FLOPS, HBM_BYTES_PER_CLOCK, attach_calibration,
+                           compile_report, report_jobs, toolchain)
 from .slices import in_slice
 
 RECORD_PATH = Path(__file__).parent / "data" / "compile_record.json"
@@ -35,6 +39,7 @@ RECORD_ENV = "FASTLORA_COMPILE_RECORD"  # "0": never read the record, compile ev
 PROVENANCE = ("source", "record_mismatch")  # where a row came from, not what the compile gave
 DERIVED = ("plain_ceiling", "vs_plain")  # from other rows (compilecheck.attach_calibration)
 _CHECK_MODULE = "fastlora.compilecheck"
+_NOT_HASHED = {"fastlora.gpus"}  # compilecheck reads only figures spec_key holds itself
 
 
 def _sources(module_name: str, seen: dict) -> dict:
@@ -45,7 +50,8 @@ def _sources(module_name: str, seen: dict) -> dict:
         seen[module_name] = text
         package = module_name.rsplit(".", 1)[0]
         for dep in re.findall(r"^\s*from \.(\w+) import", text, re.MULTILINE):
-            _sources(f"{package}.{dep}", seen)
+            if f"{package}.{dep}" not in _NOT_HASHED:
+                _sources(f"{package}.{dep}", seen)
     return seen
 
 
@@ -72,6 +78,7 @@ def spec_key(spec, arch: str) -> str:
             "aligned": list(spec.aligned), "bounded_args": list(spec.bounded_args),
             "uses_dot": spec.uses_dot, "fma_dot": spec.fma_dot, "trip_flops": spec.trip_flops,
             "trip_bytes": spec.trip_bytes, "ceiling_target": spec.ceiling_target,
+            "per_clock": [DENSE_MMA_FLOPS[arch], HBM_BYTES_PER_CLOCK[arch]],
             "toolchain": _toolchain(), "sources": _source_digests(spec.fn.fn.__module__)}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 

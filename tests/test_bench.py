@@ -144,6 +144,8 @@ def test_every_provider_counts_the_layer_flops(provider, mode):
         assert sum(s.flops for s in model.steps(provider, mode, d)) == model.layer_flops(mode, d)
 
 
+# H100 SXM's dense bf16 FLOP/s: 132 SMs x 4096 FLOP per clock x 1.83 GHz (the datasheet's 989.4 TF)
+H100_FLOPS = 132 * 4096 * 1.83e9
 # a GPU doing 1e6 FLOP/s and 1e6 B/s: a kernel's FLOPs and bytes read as microseconds
 SLOW = Peak("unit", tflops=1e-6, gbs=1e-3)
 LAUNCH_US = 4  # model.LAUNCH_OVERHEAD_S, in microseconds
@@ -341,8 +343,8 @@ def test_modelled_table_names_its_ceilings(tmp_path):
     d = opts.dims(8192, shapes.SHAPES["llama3-8b.q_proj"], 16)
     h100 = peaks.peak_named("H100 SXM")
     u, fwd = model.steps("fastlora", "forward", d)
-    want = max(u.flops / 989.4e12, u.bytes / (3350e9 * 0.25)) \
-        + max(fwd.flops / (989.4e12 * 0.5), fwd.bytes / 3350e9) + 2 * 4e-6
+    want = max(u.flops / H100_FLOPS, u.bytes / (3350e9 * 0.25)) \
+        + max(fwd.flops / (H100_FLOPS * 0.5), fwd.bytes / 3350e9) + 2 * 4e-6
     assert model.modelled_seconds([u, fwd], h100, {model.FWD_KERNEL: 0.5,
                                                    model.U_KERNEL: 0.25}) == pytest.approx(want)
     import csv
@@ -456,7 +458,7 @@ def test_gpu_report_path_with_faked_timings(tmp_path, monkeypatch):
     # 2 * 2048 * (4096*4096 + 4096*16 + 4096*16) FLOPs in 1 ms
     flops = 2 * 2048 * (4096 * 4096 + 2 * 4096 * 16)
     assert fused["tflops"] == pytest.approx(flops / 1e-3 / 1e12)
-    assert fused["pct_peak_tflops"] == pytest.approx(100 * fused["tflops"] / 989.4)
+    assert fused["pct_peak_tflops"] == pytest.approx(100 * fused["tflops"] * 1e12 / H100_FLOPS)
     assert broken["status"] == "error: RuntimeError: kernel exploded"
     assert skipped["status"] == "skipped: not installed"
     suite.write_gpu_results(opts, rows)

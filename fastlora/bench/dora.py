@@ -26,7 +26,7 @@ import torch
 
 from . import model, report, shapes as shape_table
 from .block import block_callable, inputs, time_providers, write_measured
-from .peaks import MODELLED_GPUS, peak_named
+from .peaks import peak_named
 from .timing import copies_needed
 
 PROVIDERS = ("fastlora", "fastlora_dora", "peft_dora_bnb")
@@ -159,7 +159,7 @@ def modelled_rows(opts, ceilings: dict) -> list[dict]:
     """One row per GPU x shape x M x rank x mode: each provider's modelled us, the DoRA layer
     over the plain one, PEFT DoRA over fastlora DoRA. ceilings: {GPU: {kernel: ceiling}}."""
     rows = []
-    for gpu in MODELLED_GPUS:
+    for gpu in opts.gpus:
         peak = peak_named(gpu)
         for shape, m, rank, mode in itertools.product(opts.shapes, opts.ms, opts.ranks, MODES):
             d = opts.dims(m, shape, rank)
@@ -177,7 +177,7 @@ def run_modelled(opts) -> list[dict]:
     """The modelled DoRA table (dora_modelled.md), printed; returns its rows."""
     klass = model.dtype_class(torch.finfo(opts.torch_dtype).bits // 8)
     ceilings, failed = {}, {}
-    for gpu in MODELLED_GPUS:
+    for gpu in opts.gpus:
         try:
             ceilings[gpu] = model.dora_kernel_ceilings(model.GPU_ARCHS[gpu], klass)
         except Exception as exc:  # no ptxas here: the kernels run unmodelled (at 1.0)

@@ -28,7 +28,7 @@ import torch
 
 from . import model, report, shapes as shape_table
 from .block import block_callable, inputs, time_providers, write_measured
-from .peaks import MODELLED_GPUS, peak_named
+from .peaks import peak_named
 from .timing import copies_needed
 
 PROVIDERS = ("fastlora", "fastlora_mixed", "peft_mixed_bnb", "one_at_a_time")
@@ -188,7 +188,7 @@ def modelled_rows(opts, ceilings: dict, mixed_ceilings) -> list[dict]:
     us. ceilings: {GPU: {kernel: ceiling}}; mixed_ceilings(gpu, total rank) -> the same for
     the mixed batch's kernels at its summed rank."""
     rows = []
-    for gpu in MODELLED_GPUS:
+    for gpu in opts.gpus:
         peak = peak_named(gpu)
         for shape, m, rank, count, mode in itertools.product(
                 opts.shapes, opts.ms, opts.ranks, ADAPTER_COUNTS, MODES):
@@ -211,7 +211,7 @@ def run_modelled(opts) -> list[dict]:
     """The modelled mixed-batch table (mixed_modelled.md), printed; returns its rows."""
     klass = model.dtype_class(torch.finfo(opts.torch_dtype).bits // 8)
     ceilings, failed = {}, {}
-    for gpu in MODELLED_GPUS:
+    for gpu in opts.gpus:
         try:
             ceilings[gpu] = model.kernel_ceilings(model.GPU_ARCHS[gpu], klass)
         except Exception as exc:  # no ptxas here: the kernels run unmodelled (at 1.0)

@@ -12,7 +12,7 @@ parts) are counted at their floor, one part: each launch splits into S parts cho
 device's SM count, which multiplies that (small) traffic by S.
 
 Modelled time of one kernel launch (`step_seconds`), with P the datasheet tensor-core FLOP/s
-and BW the datasheet DRAM B/s (fastlora.bench.peaks):
+and BW the datasheet DRAM B/s (the GPU table, fastlora/gpus.py, through fastlora.bench.peaks):
 
     fastlora kernel, GEMM-bound (KERNEL_BOUND "mma"; the tiled forward and dx GEMMs):
         max(FLOPs / (P * c), bytes / BW) + LAUNCH_OVERHEAD_S
@@ -49,7 +49,8 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from .peaks import Peak
+from .. import gpus
+from .peaks import Peak, peak_of
 
 # ---------------------------------------------------------------------- model constants
 LAUNCH_OVERHEAD_S = 4e-6         # assumed per kernel launch, every provider
@@ -76,10 +77,9 @@ DORA_KERNEL_BOUND = {DORA_NORM_KERNEL: "hbm", DORA_SCALES_KERNEL: "hbm", DORA_CO
                      COL_DOT_KERNEL: "hbm"}
 SMALL_M_MAX = 16  # fastlora/launch/forward.py: M <= 16 takes the split-K small-M kernel
 
-# the arch whose compiled code models each GPU (fastlora.compilecheck.ARCHS)
-GPU_ARCHS = {"H100 SXM": "sm_90", "H100 PCIe": "sm_90", "H100 NVL": "sm_90",
-             "H200 SXM": "sm_90", "A100 SXM 80GB": "sm_80", "A100 PCIe 80GB": "sm_80",
-             "A100 40GB": "sm_80"}
+# the arch whose compiled code models each GPU of the table (fastlora/gpus.py); only
+# fastlora.compilecheck.ARCHS have compiled ceilings, the others' kernels run unmodelled
+GPU_ARCHS = {gpu.name: gpu.arch for gpu in gpus.GPUS}
 
 
 @dataclass(frozen=True)
@@ -392,12 +392,16 @@ def modelled_seconds(step_list: list[Step], peak: Peak,
     return sum(step_seconds(s, peak, ceilings or {}) for s in step_list)
 
 
-def expected_pick(mode: str, d: Dims, peak: Peak,
-                  ceilings: Optional[Mapping[str, float]] = None) -> dict:
+def expected_pick(mode: str, d: Dims, peak: Optional[Peak] = None,
+                  ceilings: Optional[Mapping[str, float]] = None, arch: str = "sm_90") -> dict:
     """{role: 'fused' | 'dequant'} the model expects fastlora's dispatcher to pick for the
     roles `mode` runs ('forward' and/or 'dx'): the path whose base-product steps (the ones
-    that differ; the LoRA-side kernels are shared) have the shorter modelled time."""
+    that differ; the LoRA-side kernels are shared) have the shorter modelled time.
+    peak None: the GPU table's row of this machine's GPU, else of `arch`'s reference GPU
+    (fastlora.gpus.current)."""
     ceilings = ceilings or {}
+    if peak is None:
+        peak = peak_of(gpus.current(arch))
     fused_fwd, fused_bwd = _fastlora(d, _sizes(d))
     deq_fwd, deq_bwd = _fastlora_dequant(d, _sizes(d))
     roles = {"forward": (fused_fwd[1:], deq_fwd[1:]),
@@ -500,7 +504,7 @@ def kernel_ceilings(arch: str, klass: str = "16bit", rows=None) -> dict:
     """{fastlora kernel: hot-loop ceiling} for `arch` ('sm_80' / 'sm_90') and dtype class:
     the best ceiling among the kernel's compiled specs, headline specs (ceiling_target > 0)
     preferred; kernels without a compiled row are absent (the model runs them at 1.0 and
-    says "unmodelled").
+    says "unmodelled"), every kernel for an arch the compile check does not cover.
 
     rows: compile-report rows already at hand (fastlora.compile_report(...) output): read
     them, compile nothing. Otherwise compiles only `needed_specs(arch, klass)`, once per

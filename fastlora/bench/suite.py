@@ -4,10 +4,11 @@ On a CUDA GPU it times every provider (fastlora.bench.providers) on every select
 rank and mode, and writes results.csv (appended), results.md and speedup PNGs. Without a GPU
 it says so, runs a smoke pass of every provider on tiny shapes (the Triton kernels in the CPU
 interpreter; correctness only, no timings: CPU times say nothing about GPU speed) and writes a
-modelled table for H100 and A100 (fastlora.bench.model: fastlora's kernels at their compiled
-hot-loop ceilings, the peers at assumed cuBLAS-like efficiencies; every number labelled
-"modelled"). Both end with the ahead-of-time compile report of the shipped kernel configs
-(without a GPU it is compiled before the modelled table, which reads its ceilings).
+modelled table for H100 and A100, or the GPUs `--gpu` names (fastlora/gpus.py), from
+fastlora.bench.model: fastlora's kernels at their compiled hot-loop ceilings, the peers at
+assumed cuBLAS-like efficiencies; every number labelled "modelled". Both end with the
+ahead-of-time compile report of the shipped kernel configs (without a GPU it is compiled
+before the modelled table, which reads its ceilings).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Options:
     warmup_ms: int = 25
     rep_ms: int = 100
     compile_report: bool = True
+    gpus: tuple = MODELLED_GPUS  # the modelled tables' GPUs (names in fastlora/gpus.py)
     say: Callable[[str], None] = field(default=print)
 
     @property
@@ -123,7 +125,7 @@ def _run_layers(opts: Options) -> int:
                  "Instead: (1) a smoke pass of every provider on tiny shapes (Triton kernels in "
                  "the CPU interpreter), checked against float64 - no timings, CPU times say "
                  "nothing about GPU speed; (2) a MODELLED table for "
-                 f"{' and '.join(MODELLED_GPUS)} from counted FLOPs and minimum bytes over "
+                 f"{' and '.join(opts.gpus)} from counted FLOPs and minimum bytes over "
                  "datasheet peaks, fastlora's kernels at their compiled hot-loop ceilings - a "
                  "model, not a measurement.")
         code = run_smoke(opts)
@@ -223,8 +225,9 @@ def run_gpu(opts: Options) -> int:
     from tqdm import tqdm
 
     device_name, peak, env, l2_bytes = gpu_info()
-    opts.say(f"GPU: {device_name}; " + (f"datasheet peak {peak.tflops} TFLOP/s, {peak.gbs} GB/s"
-             if peak else "not in fastlora.bench.peaks.PEAKS: % of peak left blank"))
+    opts.say(f"GPU: {device_name}; " + (
+        f"datasheet peak {peak.tflops:.1f} TFLOP/s, {peak.gbs:g} GB/s" if peak
+        else "not in the GPU table (fastlora/gpus.py): % of peak left blank"))
     opts.say(backend.describe("cuda") + "; versions: " + ", ".join(
         f"{k} {env[k]}" for k in ("torch", "cuda", "triton", "bitsandbytes", "peft")))
     total = len(opts.shapes) * len(opts.ranks) * len(opts.ms) * len(opts.modes) \
@@ -372,12 +375,12 @@ def run_smoke(opts: Options) -> int:
 
 def modelled_ceilings(opts: Options, rows=None) -> tuple[dict, dict]:
     """({GPU name: {kernel: hot-loop ceiling}}, {GPU name: why its ceilings are missing}) for
-    MODELLED_GPUS at opts' dtype class: from compile-report `rows` when given, else compiled
+    opts.gpus at opts' dtype class: from compile-report `rows` when given, else compiled
     (model.kernel_ceilings: only the specs it needs, once per process). A GPU whose compile
     fails gets no ceilings (its fastlora kernels are unmodelled) and the reason."""
     klass = model.dtype_class(torch.finfo(opts.torch_dtype).bits // 8)
     ceilings, failed = {}, {}
-    for gpu in MODELLED_GPUS:
+    for gpu in opts.gpus:
         arch = model.GPU_ARCHS[gpu]
         try:
             ceilings[gpu] = model.kernel_ceilings(arch, klass, rows)
@@ -395,9 +398,9 @@ def modelled_rows(opts: Options, ceilings=None) -> list[dict]:
         ceilings = modelled_ceilings(opts)[0]
     rows = []
     providers = [p for p in opts.providers if p in model.PROVIDER_STEPS]
-    for gpu in MODELLED_GPUS:
+    for gpu in opts.gpus:
         peak = peak_named(gpu)
-        mine = ceilings.get(gpu, {}) if set(ceilings) & set(MODELLED_GPUS) else ceilings
+        mine = ceilings.get(gpu, {}) if set(ceilings) & set(model.GPU_ARCHS) else ceilings
         for shape in opts.shapes:
             for rank in opts.ranks:
                 for m in opts.ms:
@@ -444,7 +447,7 @@ def modelled_note(opts: Options, ceilings: dict, failed: dict) -> str:
         "MODELLED, not measured. Time = sum over each provider's kernel launches of "
         "max(FLOPs / FLOP/s, minimum bytes / B/s) + "
         f"{model.LAUNCH_OVERHEAD_S * 1e6:g} us launch overhead each (assumed), over datasheet "
-        "peaks (fastlora.bench.model, fastlora.bench.peaks).",
+        "peaks (fastlora.bench.model, the GPU table fastlora/gpus.py).",
         "- fastlora: each kernel at its compiled hot-loop ceiling (fastlora compile-report: "
         "the best share of tensor-core peak, for the GEMM kernels, or of HBM bandwidth, for "
         "the memory-bound ones, that its SASS main loop allows; headline configs preferred). "
@@ -454,11 +457,15 @@ def modelled_note(opts: Options, ceilings: dict, failed: dict) -> str:
         f"{model.PEER_GEMM_EFFICIENCY:.2f} of tensor-core peak, memory-bound kernels "
         f"(dequantize, elementwise) {model.PEER_BANDWIDTH_EFFICIENCY:.2f} of bandwidth "
         "(assumptions, not measurements)."]
-    for gpu in MODELLED_GPUS:
+    from ..compilecheck import ARCHS
+
+    for gpu in opts.gpus:
         arch = model.GPU_ARCHS[gpu]
         text = model.describe_ceilings(ceilings.get(gpu, {}))
         if gpu in failed:
             text += f" (compiling failed: {failed[gpu]})"
+        elif arch not in ARCHS:
+            text += f" (the compile check covers {', '.join(ARCHS)}, not {arch})"
         lines.append(f"- ceilings used for {gpu} ({arch}, {klass}): {text}")
     return "\n".join(lines)
 
@@ -472,6 +479,15 @@ def _pivot(rows: list[dict], providers: list[str]) -> list[dict]:
         entry[r["provider"]] = (f"{r['modelled_us']:.1f} "
                                 f"({r[f'modelled_speedup_vs_{BASELINE}']:.2f}x)")
     return list(table.values())
+
+
+def gpu_slug(gpu: str, selected) -> str:
+    """A GPU's name in file names: its first word ('h100'), or all of its words when another
+    selected GPU shares that first word ('h100_pcie')."""
+    first = gpu.split()[0].lower()
+    if sum(g.split()[0].lower() == first for g in selected) > 1:
+        return "_".join(gpu.lower().split())
+    return first
 
 
 def run_modelled(opts: Options, report_rows=None) -> None:
@@ -488,7 +504,7 @@ def run_modelled(opts: Options, report_rows=None) -> None:
     opts.say(f"\n== modelled table ==\n{note}")
     if BASELINE not in providers:
         opts.say(f"(speedups are against {BASELINE}, modelled even though not selected)")
-    for gpu in MODELLED_GPUS:
+    for gpu in opts.gpus:
         for rank in opts.ranks:
             for mode in opts.modes:
                 part = [r for r in rows if r["gpu"] == gpu and r["rank"] == rank
@@ -499,7 +515,7 @@ def run_modelled(opts: Options, report_rows=None) -> None:
                 if mode == opts.modes[-1]:
                     opts.say(f"\n{title}\n" + report.text_table(_pivot(part, providers),
                                                                 columns))
-                slug = gpu.split()[0].lower()
+                slug = gpu_slug(gpu, opts.gpus)
                 report.plot_speedup(
                     [r for r in part if r["provider"] != BASELINE],
                     os.path.join(opts.out, f"modelled_speedup_{slug}_{mode}_r{rank}.png"),
