@@ -114,9 +114,9 @@ def _modes(spec: str) -> tuple:
 
     modes = tuple(dict.fromkeys(m.strip().lower() for m in spec.split(",") if m.strip()))
     for mode in modes:
-        if mode not in MODES + ("block", "dora", "mixed"):
+        if mode not in MODES + ("block", "dora", "mixed", "sft"):
             raise ValueError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}, block, "
-                             "dora, mixed")
+                             "dora, mixed, sft")
     if not modes:
         raise ValueError("no mode given (--modes)")
     return modes
@@ -251,9 +251,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="forward, backward, full (per layer), block (the q/k/v and "
                             "gate/up blocks of each selected model: per-layer vs grouped "
                             "fastlora vs PEFT), dora (DoRA layers: fastlora DoRA vs its "
-                            "plain LoRA layer vs PEFT DoRA) and mixed (1, 4, 16 adapters in "
+                            "plain LoRA layer vs PEFT DoRA), mixed (1, 4, 16 adapters in "
                             "one batch: fastlora vs one adapter vs PEFT's mixed batch vs one "
-                            "adapter at a time)")
+                            "adapter at a time) and sft (TRL's SFTTrainer steps/s on a small "
+                            "4-bit Llama, with fastlora.FastLoRACallback vs without; needs "
+                            "fastlora[trl])")
     bench.add_argument("--providers", default="all",
                        help="fastlora,peft_bnb,dequant_mm,reference,unsloth or 'all'")
     bench.add_argument("--full", action="store_true", help="M = 1..16384 in powers of two, "

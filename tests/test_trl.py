@@ -361,3 +361,22 @@ def test_liger_training_losses_agree(model_dirs, tokenizer, tmp_path):
     numerics.assert_close("Liger bf16 SFT losses", logged(runs[True], "loss"),
                           logged(truth, "loss"), logged(runs[False], "loss"),
                           dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+@pytest.mark.skipif(not CPU, reason="CPU-only: the smoke pass (a GPU runs the timed benchmark)")
+def test_bench_sft_mode_smoke(tmp_path, capsys):
+    """`fastlora bench --modes sft` (the end-to-end row) without a GPU: both SFTTrainer runs
+    complete, no timings are claimed, nothing is written as a GPU result."""
+    from fastlora import cli
+
+    code = cli.main(["bench", "--modes", "sft", "--no-compile-report", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    assert "no GPU: smoke pass, no timings" in out
+    lines = [line.split() for line in out.splitlines() if line.startswith(("fastlora ",
+                                                                           "peft_bnb "))]
+    assert [line[0] for line in lines] == ["fastlora", "peft_bnb"]
+    assert all(line[1] == "0" and line[2] == "-" and line[-1] == "ok" for line in lines), lines
+    assert not (tmp_path / "sft.csv").exists()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -75,8 +74,8 @@ def check_output_csv(opts: Options) -> tuple:
     without one) holds other columns; returns (that CSV's path, the run's columns or None when
     it writes no row there). The columns come from one row built by this module's own
     code, so they cannot drift from what the run writes: a modelled row, or a GPU row that
-    skips its provider (measure_row then times nothing). The 'block', 'dora' and 'mixed' modes
-    write block.csv / dora.csv / mixed.csv, whose columns are their own."""
+    skips its provider (measure_row then times nothing). The 'block', 'dora', 'mixed' and 'sft'
+    modes write block.csv / dora.csv / mixed.csv / sft.csv, whose columns are their own."""
     layer_modes = tuple(m for m in opts.modes if m not in OWN_MODES)
     if not layer_modes:
         return os.path.join(opts.out, f"{opts.modes[0]}.csv"), None
@@ -98,21 +97,22 @@ def check_output_csv(opts: Options) -> tuple:
 
 
 # modes with their own module, providers and tables, run after the per-layer modes
-OWN_MODES = ("block", "dora", "mixed")
+OWN_MODES = ("block", "dora", "mixed", "sft")
 
 
 def run(opts: Options) -> int:
     """Run the suite; returns the exit code (non-zero when a provider failed or the compile
     report found a problem). The 'block' (fastlora/bench/block.py), 'dora'
-    (fastlora/bench/dora.py) and 'mixed' (fastlora/bench/mixed.py) modes run after the
-    per-layer modes."""
-    from . import block, dora, mixed
+    (fastlora/bench/dora.py), 'mixed' (fastlora/bench/mixed.py) and 'sft'
+    (fastlora/bench/sft.py) modes run after the per-layer modes."""
+    from . import block, dora, mixed, sft
 
     own = [m for m in opts.modes if m in OWN_MODES]
     opts = dataclasses.replace(opts, modes=tuple(m for m in opts.modes if m not in OWN_MODES))
     code = _run_layers(opts) if opts.modes else 0
     for mode in own:
-        code = {"block": block, "dora": dora, "mixed": mixed}[mode].run(opts) or code
+        module = {"block": block, "dora": dora, "mixed": mixed, "sft": sft}[mode]
+        code = module.run(opts) or code
     return code
 
 
