@@ -114,9 +114,9 @@ def _modes(spec: str) -> tuple:
 
     modes = tuple(dict.fromkeys(m.strip().lower() for m in spec.split(",") if m.strip()))
     for mode in modes:
-        if mode not in MODES + ("block", "dora", "mixed", "sft"):
+        if mode not in MODES + ("block", "dora", "mixed", "sft", "host"):
             raise ValueError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}, block, "
-                             "dora, mixed, sft")
+                             "dora, mixed, sft, host")
     if not modes:
         raise ValueError("no mode given (--modes)")
     return modes
@@ -255,7 +255,8 @@ def _parser() -> argparse.ArgumentParser:
                             "one batch: fastlora vs one adapter vs PEFT's mixed batch vs one "
                             "adapter at a time) and sft (TRL's SFTTrainer steps/s on a small "
                             "4-bit Llama, with fastlora.FastLoRACallback vs without; needs "
-                            "fastlora[trl])")
+                            "fastlora[trl]) and host (the Python time of one layer call at "
+                            "M = 1, launches recorded: patched vs PEFT)")
     bench.add_argument("--providers", default="all",
                        help="fastlora,peft_bnb,dequant_mm,reference,unsloth or 'all'")
     bench.add_argument("--full", action="store_true", help="M = 1..16384 in powers of two, "

@@ -1,14 +1,14 @@
 """Test helpers. The case builders live in the package (fastlora.cases) because
 `fastlora verify` and the benchmarks use them too; the kernel test matrix lives here."""
 
-import collections
-import contextlib
 import itertools
 
 import pytest
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastlora import interpreter
+# counting(execute): Triton launches by kernel name, counted where the runtime runs them;
+# execute=False records them without running
+from fastlora.bench.hosttime import recorded_launches as counting  # noqa: F401
 from fastlora.cases import (  # noqa: F401
     DEVICE, DTYPES, LoraCase, bnb_weight, fused, group_out_grads, group_reference_pair,
     grouped, make_case, make_group_case, members_one_by_one, reference_pair, run, run_group)
@@ -82,27 +82,3 @@ class RecordCreated(TorchDispatchMode):
                 self.created.append((str(func), tuple(t.shape), t.dtype))
         return out
 
-
-# ----------------------------------------------------------------------------- launches
-
-@contextlib.contextmanager
-def counting(execute: bool):
-    """Counts Triton kernel launches by kernel name at the runtime's entry point (the
-    interpreter's InterpretedFunction.run; CPU only); execute=False skips running them."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    interpreter.apply()
-    counts = collections.Counter()
-    real = InterpretedFunction.run
-
-    def counted_run(self, *args, grid, warmup, **kwargs):
-        if not warmup:
-            counts[self.fn.__name__] += 1
-        if execute:
-            return real(self, *args, grid=grid, warmup=warmup, **kwargs)
-        return None
-    InterpretedFunction.run = counted_run
-    try:
-        yield counts
-    finally:
-        InterpretedFunction.run = real

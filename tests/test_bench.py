@@ -686,3 +686,16 @@ def test_mixed_gpu_path_with_faked_timings(tmp_path, monkeypatch):
     _fake_gpu(monkeypatch, [2.0, 2.2, 6.0, 5.0] * 6)
     assert mixed.run(opts) == 0
     assert (tmp_path / "mixed.csv").read_text().count("\n") == 1 + 2 * 24
+
+
+def test_host_time_mode_measures_both_layers(monkeypatch):
+    """`fastlora bench --modes host` (fastlora/bench/hosttime.py): the patched layer's call
+    reaches exactly its two launches at M = 1 (U, then the split-K GEMM), recorded not run;
+    PEFT's call reaches bitsandbytes' product (recorded); both give a positive time."""
+    from fastlora.bench import hosttime
+
+    monkeypatch.setattr(hosttime, "ROUNDS", 3)
+    got = hosttime.measure("cuda" if torch.cuda.is_available() else "cpu", 1)
+    assert set(got) == set(hosttime.PROVIDERS)
+    assert got["fastlora"][1] == 2.0, got
+    assert all(us > 0 for us, _ in got.values()), got

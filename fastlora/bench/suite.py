@@ -74,8 +74,8 @@ def check_output_csv(opts: Options) -> tuple:
     without one) holds other columns; returns (that CSV's path, the run's columns or None when
     it writes no row there). The columns come from one row built by this module's own
     code, so they cannot drift from what the run writes: a modelled row, or a GPU row that
-    skips its provider (measure_row then times nothing). The 'block', 'dora', 'mixed' and 'sft'
-    modes write block.csv / dora.csv / mixed.csv / sft.csv, whose columns are their own."""
+    skips its provider (measure_row then times nothing). The 'block', 'dora', 'mixed', 'sft'
+    and 'host' modes write their own files."""
     layer_modes = tuple(m for m in opts.modes if m not in OWN_MODES)
     if not layer_modes:
         return os.path.join(opts.out, f"{opts.modes[0]}.csv"), None
@@ -97,21 +97,22 @@ def check_output_csv(opts: Options) -> tuple:
 
 
 # modes with their own module, providers and tables, run after the per-layer modes
-OWN_MODES = ("block", "dora", "mixed", "sft")
+OWN_MODES = ("block", "dora", "mixed", "sft", "host")
 
 
 def run(opts: Options) -> int:
     """Run the suite; returns the exit code (non-zero when a provider failed or the compile
     report found a problem). The 'block' (fastlora/bench/block.py), 'dora'
-    (fastlora/bench/dora.py), 'mixed' (fastlora/bench/mixed.py) and 'sft'
-    (fastlora/bench/sft.py) modes run after the per-layer modes."""
-    from . import block, dora, mixed, sft
+    (fastlora/bench/dora.py), 'mixed' (fastlora/bench/mixed.py), 'sft' (fastlora/bench/sft.py)
+    and 'host' (fastlora/bench/hosttime.py) modes run after the per-layer modes."""
+    from . import block, dora, hosttime, mixed, sft
 
     own = [m for m in opts.modes if m in OWN_MODES]
     opts = dataclasses.replace(opts, modes=tuple(m for m in opts.modes if m not in OWN_MODES))
     code = _run_layers(opts) if opts.modes else 0
     for mode in own:
-        module = {"block": block, "dora": dora, "mixed": mixed, "sft": sft}[mode]
+        module = {"block": block, "dora": dora, "mixed": mixed, "sft": sft,
+                  "host": hosttime}[mode]
         code = module.run(opts) or code
     return code
 

@@ -62,7 +62,7 @@ def _check_config(config: dict, keys: tuple, path: str) -> dict:
 
 @kernel_entry
 def lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, seed, *, config=None,
-                 path="auto", base=None):
+                 path="auto", base=None, check=True):
     """(y, u) of the fused forward for 2-D x [M, K] (any strides) in fp16/bf16/fp32.
 
     packed/state: the bnb 4-bit weight [N, K] (any quant_storage); lora_A [r, K]; lora_B [N, r];
@@ -70,8 +70,13 @@ def lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, seed, *, co
     and u = dropout(x) @ A^T [M, r], both in x's dtype. `config`: None (automatic) or a dict
     of the chosen path's keys; `path`: 'auto', 'tiled' or 'small_m'. `base`: the base
     product's path, None/'auto' (launch/dispatch.py decides), 'fused' or 'dequant'; a fused
-    `config` or `path` pins the fused path."""
-    check_forward_args(x, packed, state, lora_A, lora_B, scaling, bias, p, seed)
+    `config` or `path` pins the fused path. `check=False`: the caller has run
+    fastlora.checks.check_inputs on these arguments (the op, once per call: issue 29), so only
+    the rank the kernels serve is checked here."""
+    if check:
+        check_forward_args(x, packed, state, lora_A, lora_B, scaling, bias, p, seed)
+    else:
+        check_fused_rank(lora_A)
     m = x.shape[0]
     n, rank = lora_B.shape
     u = torch.empty((m, rank), dtype=x.dtype, device=x.device)

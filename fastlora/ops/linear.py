@@ -55,7 +55,9 @@ def _lora_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
     check_not_capturing(x, p)
     state = _state_from_args(absmax, absmax2, code2, offset, code, blocksize, quant_type,
                              n_out, x.shape[1], x.dtype)
-    return lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, int(seed))
+    # lora_linear_4bit checked every argument (fastlora.checks.check_inputs) before this op
+    return lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, int(seed),
+                        check=False)
 
 
 @_lora_fwd.register_fake

@@ -1,0 +1,168 @@
+"""`fastlora bench --modes host`: the host (Python) time of one LoRA layer call at generation
+sizes, fastlora's patched layer next to PEFT's own, with the GPU work taken out (issue 29).
+
+At M <= 16 a layer's GPU work is a few microseconds, so what the host spends reaching the
+launch counts. Measured here, on whatever machine runs it (the CPU included: no GPU time is
+involved):
+    fastlora   a PEFT LoRA layer over a bitsandbytes 4-bit base after fastlora.patch, from the
+               module call to its Triton launches, every launch replaced by a recorder
+               (`recorded_launches`: the runtime's run(), after Triton's own argument binding
+               and autotuner lookup on a GPU, which are host work and stay in);
+    peft_bnb   the same layer unpatched, bitsandbytes' 4-bit product (bnb.matmul_4bit)
+               replaced by a recorder that returns an empty output; PEFT's LoRA matmuls run
+               (on a GPU: their launches). bitsandbytes' own dispatch to its kernel is left out,
+               so this is a lower bound of PEFT's host time.
+At M = 1 (generation's decode step), both under torch.no_grad, eval mode, one warm call first (compiling, autotuning
+and the fused/dequantize pick happen there, with real launches). The layer is small (K = N =
+256, r = 16) so that PEFT's real LoRA matmuls cost next to nothing on a CPU; host time does
+not depend on the shape. Reported: microseconds per call (best of 5 rounds of ROUNDS calls)
+and launches per call.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import time
+
+import torch
+
+from . import report
+
+K = N = 256
+RANK = 16
+ROUNDS = 300
+MS = (1,)  # at M = 16 PEFT's real LoRA matmuls already cost CPU time a GPU would not
+PROVIDERS = ("fastlora", "peft_bnb")
+_COLUMNS = [("provider", "provider"), ("m", "M"), ("us_per_call", "host us / call"),
+            ("launches", "Triton launches / call"), ("vs_peft", "x of PEFT")]
+
+
+@contextlib.contextmanager
+def recorded_launches(execute: bool = False):
+    """Count Triton kernel launches by kernel name where the runtime runs them (compiled:
+    JITFunction.run; interpreter: InterpretedFunction.run); execute=False records instead of
+    running them. Yields the Counter."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    from .. import interpreter
+
+    interpreter.apply()
+    counts = collections.Counter()
+    real = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
+
+    def recorder(cls):
+        def run(self, *args, grid, warmup, **kwargs):
+            if not warmup:
+                counts[self.fn.__name__] += 1
+            if execute:
+                return real[cls](self, *args, grid=grid, warmup=warmup, **kwargs)
+            return None
+        return run
+    for cls in real:
+        cls.run = recorder(cls)
+    try:
+        yield counts
+    finally:
+        for cls, run in real.items():
+            cls.run = run
+
+
+@contextlib.contextmanager
+def recorded_bnb_product():
+    """bitsandbytes' 4-bit product (bnb.matmul_4bit, what its Linear4bit calls) replaced by a
+    recorder returning an empty output of the right shape; yields the call count (a list)."""
+    import bitsandbytes as bnb
+
+    real, calls = bnb.matmul_4bit, []
+
+    def recorder(A, B, quant_state=None, out=None, bias=None):
+        calls.append(1)
+        return torch.empty(*A.shape[:-1], quant_state.shape[0], dtype=A.dtype, device=A.device)
+    bnb.matmul_4bit = recorder
+    try:
+        yield calls
+    finally:
+        bnb.matmul_4bit = real
+
+
+def layer(device: str, dtype: torch.dtype = torch.bfloat16):
+    """A PEFT LoRA layer (r = RANK, lora_B non-zero) over a bitsandbytes NF4 Linear4bit [N, K]
+    on `device`, in eval mode; inside a parent module, as PEFT's layers are."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Linear(K, N, bias=False))
+    base = torch.nn.Sequential(bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=dtype,
+                                                 quant_type="nf4"))
+    base[0].weight = bnb.nn.Params4bit(dense[0].weight.data.to(dtype), requires_grad=False,
+                                       quant_type="nf4")
+    base = base.to(device)
+    base[0].support_avx512bf16_for_cpu = False  # keep bnb's CPU repack off (tiny_models)
+    base.is_loaded_in_4bit = True  # what PEFT reads to wrap a Linear4bit as its lora.Linear4bit
+    model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["0"]))
+    with torch.no_grad():
+        model.base_model.model[0].lora_B["default"].weight.normal_(0, 0.05)
+    return model.eval(), model.base_model.model[0]
+
+
+def _per_call_us(fn) -> float:
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(ROUNDS):
+            fn()
+        best = min(best, (time.perf_counter() - start) / ROUNDS)
+    return best * 1e6
+
+
+def measure(device: str, m: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """{provider: (us per call, launches per call)} at M = m (see the module doc)."""
+    import fastlora
+
+    model, lora_layer = layer(device, dtype)
+    x = torch.randn(1, m, K, dtype=dtype, device=device)
+    out = {}
+    with torch.no_grad():
+        lora_layer(x)  # warm: bnb's own first call
+        with recorded_bnb_product() as calls:
+            us = _per_call_us(lambda: lora_layer(x))
+        if not calls:
+            raise RuntimeError("bnb.matmul_4bit was not called: the PEFT layer did not run "
+                               "bitsandbytes' product, so nothing of it was measured")
+        out["peft_bnb"] = (us, 0.0)
+        fastlora.patch(model)
+        lora_layer(x)  # warm: compile, autotune, the fused/dequantize pick, with real launches
+        with recorded_launches() as counts:
+            us = _per_call_us(lambda: lora_layer(x))
+        out["fastlora"] = (us, sum(counts.values()) / (5 * ROUNDS))
+        fastlora.unpatch(model)
+    return out
+
+
+def rows(device: str) -> list[dict]:
+    table = []
+    for m in MS:
+        got = measure(device, m)
+        for provider in PROVIDERS:
+            us, launches = got[provider]
+            table.append({"provider": provider, "m": m, "us_per_call": us,
+                          "launches": launches, "vs_peft": us / got["peft_bnb"][0]})
+    return table
+
+
+def run(opts) -> int:
+    """The host-time table on this machine (GPU or CPU); returns the exit code."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    opts.say(f"\n== host: Python time of one LoRA layer call (K = N = {K}, r = {RANK}, bf16, "
+             f"no grad) on {device}, GPU work recorded not run ==")
+    table = rows(device)
+    opts.say(report.text_table(table, _COLUMNS))
+    os.makedirs(opts.out, exist_ok=True)
+    with open(os.path.join(opts.out, "host.md"), "w", encoding="utf-8") as fh:
+        fh.write(f"# Host time per layer call ({device})\n\n"
+                 + report.markdown_table(table, _COLUMNS) + "\n")
+    return 0
