@@ -147,3 +147,33 @@ def test_cuda_graph_replays_the_eager_result_and_refuses_dropout(monkeypatch):
         with pytest.raises(RuntimeError, match="CUDA graph capture"):
             with torch.cuda.graph(torch.cuda.CUDAGraph()):
                 forward(static_x, dropout_p=0.1, training=True, seed=1)
+
+
+@pytest.mark.cuda("CUDA graph capture of a decode step")
+def test_cuda_graph_captures_a_patched_decode_step(tmp_path):
+    """Generation's decode step (M = 1 token per layer: the small-M path, q/k/v and gate/up as
+    fused groups, formed in the warm-up calls) of a patched tiny Llama captured in one CUDA
+    graph: replaying it on a new token gives exactly the eager logits (issue 29, part 4)."""
+    import tiny_models as tm
+
+    model = tm.add_lora(tm.load_4bit(tm.save_tiny_llama(tmp_path / "llama"))).eval()
+    report = fastlora.patch(model)
+    assert report.patched == 14
+    static_ids = torch.tensor([[7]], device=DEVICE)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile, autotune, self-check, groups: before capture
+            for _ in range(3):
+                model(static_ids, use_cache=False)
+        torch.cuda.current_stream().wait_stream(side)
+        assert report.groups == {2: 2, 3: 2}, report
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = model(static_ids, use_cache=False).logits
+        static_ids.fill_(42)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = model(static_ids, use_cache=False).logits
+    assert torch.equal(static_logits, eager), \
+        f"replay differs by up to {(static_logits - eager).abs().max():.3e}"
