@@ -315,6 +315,32 @@ def liger_trainer(model_dir, tokenizer, tmp_path, patched: bool, dtype=torch.bfl
     return trainer, callback
 
 
+@pytest.fixture
+def undo_liger():
+    """Liger patches transformers' Llama and Qwen2 modules in place (their classes, functions and
+    CausalLM forwards) for the whole process; put them back after the test, so later tests in
+    this worker run transformers' own modules (Liger's kernels do not run in the interpreter)."""
+    import importlib
+    import inspect
+
+    names = ["transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2"]
+    modules = [importlib.import_module(name) for name in names]
+    saved = [(module, dict(vars(module))) for module in modules]
+    classes = [(cls, dict(vars(cls))) for module in modules
+               for cls in vars(module).values()
+               if inspect.isclass(cls) and cls.__module__ == module.__name__]
+    yield
+    for target, before in saved + classes:
+        for key in set(vars(target)) - set(before):
+            delattr(target, key)
+        for key, value in before.items():
+            if vars(target).get(key, object()) is not value:
+                try:
+                    setattr(target, key, value)
+                except (AttributeError, TypeError):  # read-only slots such as __dict__
+                    pass
+
+
 class _StopBeforeTheFirstStep(Exception):
     pass
 
@@ -330,7 +356,8 @@ def stop_callback():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_callback_patches_every_layer_under_liger(model_dirs, tokenizer, tmp_path, arch):
+def test_callback_patches_every_layer_under_liger(model_dirs, tokenizer, tmp_path, arch,
+                                                   undo_liger):
     """trainer.train() applies Liger (norms, MLP forward, RoPE, loss replaced) and then runs
     on_train_begin, where the callback patches: it still finds and fuses every LoRA layer.
     Liger's kernels do not run in the CPU interpreter, so training stops before step 1."""
@@ -346,7 +373,7 @@ def test_callback_patches_every_layer_under_liger(model_dirs, tokenizer, tmp_pat
 
 
 @pytest.mark.cuda("Liger-Kernel's Triton kernels need a GPU")
-def test_liger_training_losses_agree(model_dirs, tokenizer, tmp_path):
+def test_liger_training_losses_agree(model_dirs, tokenizer, tmp_path, undo_liger):
     """With Liger's kernels around the LoRA layers, bf16: the patched run's per-step losses are
     as close to an fp32 run without Liger as the unpatched Liger run's (fastlora.numerics)."""
     pytest.importorskip("liger_kernel")
