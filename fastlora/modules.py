@@ -18,13 +18,17 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import weakref
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .checks import ACTIVATION_DTYPES
-from .ops import dora_linear_4bit, lora_group_4bit, lora_linear_4bit
+from . import backend
+from .launch import dispatch
+from .launch.common import dot_precision
+from .ops import dora_linear_4bit, lora_group_4bit, lora_linear_4bit, prepare_lora_linear_4bit
 from .quant import QuantState, quantize_4bit
 
 __all__ = ["LoRALinear4bit", "fused_lora_forward", "fused_dora_forward", "fused_group_forward",
@@ -64,10 +68,73 @@ def fused_lora_forward(x: torch.Tensor, base_layer: nn.Module, lora_A: nn.Linear
     are cast to the compute dtype inside the autograd graph, so their gradients come back in
     their own dtype. A bias on lora_B (PEFT's lora_bias) joins the frozen bias, times scaling.
     `dropout` is nn.Dropout or nn.Identity; its p and .training are read at every call."""
+    y = _prepared_forward(x, base_layer, lora_A, lora_B, scaling, dropout)
+    if y is not None:
+        return y
     dtype, mb = _member(x, base_layer, lora_A, lora_B, scaling, dropout)
     y = lora_linear_4bit(x.to(dtype), mb.packed, mb.state, mb.lora_A, mb.lora_B, scaling,
                          mb.bias, dropout_p=mb.dropout_p, training=True)
     return y.to(x.dtype)
+
+
+# Prepared calls (issue 29, host time): lora_A module -> {key: (stamp, callable or None)}.
+# Weak keys: a layer that goes away takes its entries with it; nothing here is pickled.
+_PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SMALL_M_MAX = 16  # launch/forward.py SMALL_M_MAX (the prepared path's limit)
+
+
+def _tensor_stamp(t: Optional[torch.Tensor]):
+    """What changes when a tensor is replaced, written in place or given new storage."""
+    return None if t is None else (id(t), t._version, t.data_ptr())
+
+
+def _prepared_forward(x: torch.Tensor, base_layer: nn.Module, lora_A: nn.Linear,
+                      lora_B: nn.Linear, scaling: float, dropout: nn.Module
+                      ) -> Optional[torch.Tensor]:
+    """fused_lora_forward's result through a prepared call (fastlora.prepare_lora_linear_4bit)
+    where one applies: no autograd (torch.no_grad / inference_mode: generation, evaluation),
+    no active dropout, M <= 16 rows, not under torch.compile or torch.autocast. The adapter's
+    cast weights and the launch arguments are kept per layer and (device, dtype, M) and
+    rebuilt, every check with them, when a weight, bias, the quant state or scaling changes
+    (replaced, written in place, new storage), or FASTLORA_BACKEND or the dispatcher's
+    settings do. None: the call takes the general path."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or x.dim() < 1 \
+            or (dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0) \
+            or x.device.type not in ("cuda", "cpu") or torch.is_autocast_enabled(x.device.type):
+        return None
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    if not 0 < m <= _SMALL_M_MAX:
+        return None
+    dtype = x.dtype if base_layer.compute_dtype is None else base_layer.compute_dtype
+    key = (x.device, dtype, tuple(x.shape), backend.requested(), dispatch.settings(),
+           dot_precision(dtype))
+    # the parameters read from the modules' dicts: nn.Module.__getattr__ costs ~0.5 us a read
+    base, a, b = base_layer._parameters, lora_A._parameters, lora_B._parameters
+    weight = base.get("weight")
+    if weight is None or "weight" not in a or "weight" not in b:
+        return None
+    state = getattr(weight, "quant_state", None)  # bnb_quant_state, from the weight read here
+    if state is None:
+        state = getattr(base_layer, "quant_state", None)
+    # bitsandbytes' Params4bit routes every tensor attribute through its __torch_function__
+    # (~1.4 us a read); the stamp reads them past it
+    with torch._C.DisableTorchFunctionSubclass():
+        stamp = (scaling, _tensor_stamp(weight), id(state), _tensor_stamp(a["weight"]),
+                 _tensor_stamp(b["weight"]), _tensor_stamp(base.get("bias")),
+                 _tensor_stamp(b.get("bias")))
+    plans = _PREPARED.get(lora_A)
+    if plans is None:
+        plans = _PREPARED[lora_A] = {}
+    entry = plans.get(key)
+    if entry is None or entry[0] != stamp:
+        if len(plans) >= 64 or any(old != stamp for old, _ in plans.values()):
+            plans.clear()
+        _, mb = _member(x, base_layer, lora_A, lora_B, scaling, dropout)
+        entry = plans[key] = (stamp, prepare_lora_linear_4bit(
+            x.to(dtype), mb.packed, mb.state, mb.lora_A, mb.lora_B, scaling, mb.bias))
+    call = entry[1]
+    return None if call is None else call(x.to(dtype)).to(x.dtype)
 
 
 def fused_dora_forward(x: torch.Tensor, base_layer: nn.Module, lora_A: nn.Linear,

@@ -113,6 +113,25 @@ class PatchReport:
         return "\n".join(lines)
 
 
+def _base_of(layer: nn.Module) -> nn.Module:
+    """PEFT's layer.get_base_layer() (the innermost `base_layer` submodule), read from the
+    module dicts: PEFT's loop ends in a hasattr that raises AttributeError inside
+    nn.Module.__getattr__, microseconds at every call (issue 29, host time)."""
+    while True:
+        inner = layer._modules.get("base_layer")
+        if inner is None:
+            return layer
+        layer = inner
+
+
+def _parts(layer, adapter: str) -> tuple:
+    """(lora_A, lora_B, lora_dropout) modules of `adapter`, read from the module dicts: this
+    runs at every call, and nn.Module.__getattr__ costs ~0.5 us a read (issue 29)."""
+    modules = layer._modules
+    return (modules["lora_A"]._modules[adapter], modules["lora_B"]._modules[adapter],
+            modules["lora_dropout"]._modules[adapter])
+
+
 def _serving_plan(layer) -> tuple:
     """(adapter, None) when the fused path can serve `layer` now, else (None, reason).
     Cheap enough to run at every call."""
@@ -120,7 +139,8 @@ def _serving_plan(layer) -> tuple:
         return None, DISABLED
     if layer.merged:
         return None, MERGED
-    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    lora_a = layer._modules["lora_A"]
+    active = [name for name in layer.active_adapters if name in lora_a]
     if not active:
         return None, NO_ACTIVE
     if len(active) > 1:
@@ -134,13 +154,14 @@ def _adapter_reason(layer, adapter: str):
     kind = variant_kind(layer, adapter)
     if kind not in (None, "dora"):
         return VARIANT
-    if not isinstance(layer.lora_dropout[adapter], (nn.Dropout, nn.Identity)):
+    lora_a, lora_b, dropout = _parts(layer, adapter)
+    if not isinstance(dropout, (nn.Dropout, nn.Identity)):
         return DROPOUT
-    if layer.lora_A[adapter].weight.shape[0] > MAX_FUSED_RANK:  # the kernels' limit
+    lora_a, lora_b = lora_a.weight, lora_b.weight
+    if lora_a.shape[0] > MAX_FUSED_RANK:  # the kernels' limit
         return RANK
-    base = layer.get_base_layer()
-    if layer.lora_A[adapter].weight.dtype not in ACTIVATION_DTYPES \
-            or layer.lora_B[adapter].weight.dtype not in ACTIVATION_DTYPES \
+    base = _base_of(layer)
+    if lora_a.dtype not in ACTIVATION_DTYPES or lora_b.dtype not in ACTIVATION_DTYPES \
             or base.compute_dtype not in (None,) + ACTIVATION_DTYPES:
         return DTYPE
     state = bnb_quant_state(base)
@@ -176,7 +197,7 @@ def _mixed_plan(layer, x: torch.Tensor, names) -> tuple:
             return None, DTYPE
     if sum(layer.lora_A[a].weight.shape[0] for a in adapters) > MAX_FUSED_RANK:
         return None, MIXED_RANK
-    base = layer.get_base_layer()
+    base = _base_of(layer)
     if base.compute_dtype not in (None,) + ACTIVATION_DTYPES:
         return None, DTYPE
     state = bnb_quant_state(base)
@@ -219,7 +240,7 @@ def _patch_reason(layer):
                                     layer.active_adapters if name in layer.lora_A)), None)
     if reason is not None:
         return reason
-    base = layer.get_base_layer()
+    base = _base_of(layer)
     state = bnb_quant_state(base)
     try:
         QuantState.from_bnb(state).validate(base.weight.data)
@@ -257,14 +278,14 @@ def _fused_forward(self, x: torch.Tensor, *args, tracker: Optional[GroupTracker]
     if mixed is not None:
         adapters, slots = mixed
         if not adapters:  # no sample names an adapter of this layer: PEFT runs the base alone
-            return self.get_base_layer()(x)
-        return fused_mixed_forward(x, self.get_base_layer(),
+            return _base_of(self)(x)
+        return fused_mixed_forward(x, _base_of(self),
                                    [(self.lora_A[a], self.lora_B[a], self.scaling[a],
                                      self.lora_dropout[a]) for a in adapters], slots)
 
     def one():
-        args = (x, self.get_base_layer(), self.lora_A[adapter], self.lora_B[adapter],
-                self.scaling[adapter], self.lora_dropout[adapter])
+        lora_a, lora_b, dropout = _parts(self, adapter)
+        args = (x, _base_of(self), lora_a, lora_b, self.scaling[adapter], dropout)
         if is_dora(self, adapter):
             return fused_dora_forward(*args, self.lora_magnitude_vector[adapter].weight)
         return fused_lora_forward(*args)
@@ -281,7 +302,7 @@ def _run_group(members: tuple, x: torch.Tensor) -> Optional[list]:
         adapter, reason = _serving_plan(layer)
         if reason is not None or is_dora(layer, adapter):
             return None
-        layers.append((layer.get_base_layer(), layer.lora_A[adapter], layer.lora_B[adapter],
+        layers.append((_base_of(layer), layer.lora_A[adapter], layer.lora_B[adapter],
                        layer.scaling[adapter], layer.lora_dropout[adapter]))
     return fused_group_forward(x, layers)
 

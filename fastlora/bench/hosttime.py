@@ -6,8 +6,9 @@ launch counts. Measured here, on whatever machine runs it (the CPU included: no 
 involved):
     fastlora   a PEFT LoRA layer over a bitsandbytes 4-bit base after fastlora.patch, from the
                module call to its Triton launches, every launch replaced by a recorder
-               (`recorded_launches`: the runtime's run(), after Triton's own argument binding
-               and autotuner lookup on a GPU, which are host work and stay in);
+               (`recorded_launches`: the runtime's run(), where Triton binds the arguments
+               and launches, so that binding is left out; on a GPU the autotuner's lookup
+               before it stays in);
     peft_bnb   the same layer unpatched, bitsandbytes' 4-bit product (bnb.matmul_4bit)
                replaced by a recorder that returns an empty output; PEFT's LoRA matmuls run
                (on a GPU: their launches). bitsandbytes' own dispatch to its kernel is left out,

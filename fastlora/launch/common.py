@@ -31,6 +31,19 @@ def kernel_entry(launcher):
     return guarded
 
 
+def prepared_entry(launch):
+    """kernel_entry for a launch prepared now (launch/forward.py prepare_small_m): whether the
+    interpreter runs it, and its correction, are settled here once, not at every call."""
+    if not backend.interpreter_active():
+        return launch
+    interpreter.apply()
+
+    def guarded(*args, **kwargs):
+        with _INTERPRETER_LOCK:
+            return launch(*args, **kwargs)
+    return guarded
+
+
 def weight_args(packed: torch.Tensor, state: QuantState) -> tuple:
     """(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr) for a kernel, in
     the order csrc_triton/common.py documents; unused double-quant pointers repeat absmax.

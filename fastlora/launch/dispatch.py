@@ -37,7 +37,7 @@ import torch
 from .. import backend
 from . import buffer
 
-__all__ = ["run", "choose", "requested", "set_base_path", "forced", "picks", "timings",
+__all__ = ["run", "choose", "settled", "settings", "requested", "set_base_path", "forced", "picks", "timings",
            "pick_for", "clear_picks", "forward_dequant", "dx_dequant", "PATHS", "ROLES"]
 
 PATHS = ("auto", "fused", "dequant")
@@ -50,6 +50,7 @@ WARMUP_MS, REP_MS = 5, 25
 _override: Optional[str] = None
 _PICKS: dict = {}      # key -> "fused" | "dequant"
 _TIMINGS: dict = {}    # key -> {"fused": ms, "dequant": ms}
+_GENERATION = [0]     # bumped whenever _PICKS changes (prepared launches re-check then)
 _LOCK = threading.Lock()
 _NAMES: dict = {}      # str(device) -> GPU name
 
@@ -191,7 +192,31 @@ def choose(role: str, out: torch.Tensor, fused: Callable, dequant: Callable, *, 
             pick = min(times, key=times.get)
             _TIMINGS[the_key] = times
             _PICKS[the_key] = pick
+            _GENERATION[0] += 1
     return pick
+
+
+def settled(role: str, device: torch.device, dtype: torch.dtype, *, n: int, k: int, m: int
+            ) -> Optional[str]:
+    """The path an unpinned call of this shape takes now without timing anything ('fused' or
+    'dequant', as choose decides it), or None while auto has not picked this key yet. A
+    launch prepared on its answer (launch/forward.py prepare_small_m) stays right while
+    settings() is what it was."""
+    if not buffer.fits(n, k, dtype):
+        return "fused"
+    want = requested()
+    if want != "auto":
+        return want
+    if not _can_time(device):
+        return "fused"
+    return _PICKS.get(key(role, device, dtype, n, k, m))
+
+
+def settings() -> tuple:
+    """What settled() depends on besides its arguments: the requested path, the buffer cap
+    (both read from the environment now) and a number that changes whenever a pick is made
+    or the picks are cleared."""
+    return requested(), buffer.cap_bytes(), _GENERATION[0]
 
 
 def run(role: str, out: torch.Tensor, fused: Callable, dequant: Callable, **kwargs) -> str:
@@ -225,3 +250,4 @@ def clear_picks() -> None:
     with _LOCK:
         _PICKS.clear()
         _TIMINGS.clear()
+        _GENERATION[0] += 1

@@ -21,7 +21,7 @@ from ..reference import dropout_threshold
 from .. import backend
 from . import dispatch
 from .common import (LAUNCH_OPTIONS, arch, arrival_counters, cached_autotuner, decode_flags,
-                     dot_precision, kernel_entry, num_sms, weight_args)
+                     dot_precision, kernel_entry, num_sms, prepared_entry, weight_args)
 
 SMALL_M_MAX = 16
 PATHS = ("auto", "tiled", "small_m")
@@ -125,17 +125,27 @@ def _launch_u(x, lora_a, u, p, seed, precision, segments=None):
     lora_a its adapters' A side by side) each row keeps its own adapter's columns, times that
     adapter's scaling, and draws dropout with that adapter's p (p: whether any adapter has
     dropout)."""
+    _u_launcher(lora_a, x.shape[0], x.dtype, p, seed, precision, segments)(x, u)
+
+
+def _u_launcher(lora_a, m, dtype, p, seed, precision, segments=None):
+    """_launch_u's launch for M = m rows of `dtype`, everything but x and u bound: a callable
+    (x, u)."""
     fwd = _forward_kernels()
-    m, k = x.shape
-    cfg = fwd.u_config(fwd.rank_block(lora_a.shape[0]), precision, x.dtype == torch.float32)
-    meta = {key: value for key, value in cfg.items() if key.startswith("BLOCK")}
-    tables = segments.u_tables() if segments is not None else (u,) * 5  # unread: off
-    fwd._lora_u_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-        x, lora_a, u, m, k, lora_a.shape[0], x.stride(0), x.stride(1), lora_a.stride(0),
-        lora_a.stride(1), u.stride(0), u.stride(1), seed, dropout_threshold(p),
-        1.0 / (1.0 - p), *tables, HAS_DROPOUT=p > 0.0, DROPOUT_GROUPED=k % 8 == 0,
-        SEGMENTED=segments is not None, PRECISION=precision, **meta,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    k = lora_a.shape[1]
+    cfg = fwd.u_config(fwd.rank_block(lora_a.shape[0]), precision, dtype == torch.float32)
+    consts = {key: value for key, value in cfg.items() if key.startswith("BLOCK")}
+    consts.update(HAS_DROPOUT=p > 0.0, DROPOUT_GROUPED=k % 8 == 0,
+                  SEGMENTED=segments is not None, PRECISION=precision,
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    kernel = fwd._lora_u_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)]
+    scalars = (seed, dropout_threshold(p), 1.0 / (1.0 - p))
+
+    def launch(x, u):
+        tables = segments.u_tables() if segments is not None else (u,) * 5  # unread: off
+        kernel(x, lora_a, u, m, k, lora_a.shape[0], x.stride(0), x.stride(1), lora_a.stride(0),
+               lora_a.stride(1), u.stride(0), u.stride(1), *scalars, *tables, **consts)
+    return launch
 
 
 def _strides(x, u, lora_b, y):
@@ -169,12 +179,18 @@ def _small_m_kernels():
 
 
 def _launch_small_m(args, flags, m, n, k, rank, scaling, config):
+    _small_m_launcher(args[0].device, args[0].dtype, flags, m, n, k, rank, scaling,
+                      config)(args)
+
+
+def _small_m_launcher(device, dtype, flags, m, n, k, rank, scaling, config):
+    """_launch_small_m's launch for M = m rows, its configuration and split chosen: a callable
+    (args) taking the kernel's tensor arguments (x, weight..., u, lora_B, bias, y)."""
     sm = _small_m_kernels()
-    x, u, lora_b, y = args[0], args[7], args[8], args[10]
     if config is None and not backend.interpreter_active():
-        kernel, meta = _autotuned_small_m(x.device, x.dtype == torch.float32,
+        kernel, meta = _autotuned_small_m(device, dtype == torch.float32,
                                           flags["K_ALIGNED"], flags["PRECISION"]), {}
-        slices = sm.split_k(m, n, k, num_sms(x.device))
+        slices = sm.split_k(m, n, k, num_sms(device))
         granule = sm.SPLIT_GRANULE
     else:
         meta = dict(_check_config(config, SMALL_M_KEYS, "small_m") if config is not None
@@ -186,14 +202,54 @@ def _launch_small_m(args, flags, m, n, k, rank, scaling, config):
     k_per_split = triton.cdiv(units, max(1, min(slices, units))) * granule
     n_slices = triton.cdiv(k, k_per_split)
     split = n_slices > 1
-    ws = torch.empty((n_slices, m, n), dtype=torch.float32, device=x.device) if split else y
     # one arrival counter per N tile, sized for the narrowest tile the autotuner may pick
-    counters = arrival_counters(x.device, triton.cdiv(n, meta.get("BLOCK_N",
-                                                                  sm.SMALLEST_BLOCK_N))) \
-        if split else ws
-    kernel[lambda meta_: (triton.cdiv(n, meta_["BLOCK_N"]), n_slices)](
-        *args, ws, counters, m, n, k, rank, k_per_split, *_strides(x, u, lora_b, y), scaling,
-        **flags, SPLIT=split, BLOCK_M=sm.BLOCK_M, **meta, **LAUNCH_OPTIONS)
+    n_counters = triton.cdiv(n, meta.get("BLOCK_N", sm.SMALLEST_BLOCK_N))
+    launch = kernel[lambda meta_: (triton.cdiv(n, meta_["BLOCK_N"]), n_slices)]
+    consts = {**flags, "SPLIT": split, "BLOCK_M": sm.BLOCK_M, **meta, **LAUNCH_OPTIONS}
+
+    def run(args):
+        x, u, lora_b, y = args[0], args[7], args[8], args[10]
+        ws = torch.empty((n_slices, m, n), dtype=torch.float32, device=device) if split else y
+        counters = arrival_counters(device, n_counters) if split else ws
+        launch(*args, ws, counters, m, n, k, rank, k_per_split, *_strides(x, u, lora_b, y),
+               scaling, **consts)
+    return run
+
+
+def prepare_small_m(x, packed, state, lora_A, lora_B, scaling, bias):
+    """lora_forward's M <= SMALL_M_MAX path without dropout for inputs shaped like x [M, K], its
+    launch arguments prepared once (issue 29: host time at generation sizes): a callable
+    (x2) -> y [M, N] that runs the same two launches on the same arguments as
+    lora_forward(x2, ...)[0], for x2 of x's shape, dtype and device. None when a call would
+    not take that path without deciding something first: M outside 1..SMALL_M_MAX, or the
+    dispatcher (launch/dispatch.py) has no pick yet for this shape or picked dequantize.
+
+    The caller has checked the arguments (fastlora.checks.check_inputs) and owns keeping the
+    callable only while they stay what they were (the same tensors, unchanged): nothing is
+    checked when it runs."""
+    check_fused_rank(lora_A)
+    m, k = x.shape
+    n, rank = lora_B.shape
+    if not 0 < m <= SMALL_M_MAX or dispatch.settled("forward", x.device, x.dtype, n=n, k=k,
+                                                     m=m) != "fused":
+        return None
+    precision = dot_precision(x.dtype)
+    u_launch = _u_launcher(lora_A, m, x.dtype, 0.0, 0, precision)
+    flags = {**decode_flags(packed, state, k), "HAS_BIAS": bias is not None,
+             "PRECISION": precision, "BLOCK_R": _forward_kernels().rank_block(rank)}
+    y_launch = _small_m_launcher(x.device, x.dtype, flags, m, n, k, rank, float(scaling), None)
+    weight = weight_args(packed, state)
+    bias = bias.contiguous() if bias is not None else None
+    device, dtype = x.device, x.dtype
+
+    @prepared_entry
+    def run(x2):
+        u = torch.empty((m, rank), dtype=dtype, device=device)
+        y = torch.empty((m, n), dtype=dtype, device=device)
+        u_launch(x2, u)
+        y_launch((x2, *weight, u, lora_B, bias if bias is not None else y, y))
+        return y
+    return run
 
 
 # ----------------------------------------------------------------------------- GPU autotuning

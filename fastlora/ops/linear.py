@@ -18,11 +18,12 @@ from typing import Optional
 
 import torch
 
-from ..checks import as_quant_state, check_inputs, check_not_capturing, seed_tensor
+from ..checks import (ACTIVATION_DTYPES, MAX_FUSED_RANK, as_quant_state, check_inputs,
+                      check_not_capturing, seed_tensor)
 from ..launch.selfcheck import use_kernels
 from ..quant import QuantState
 
-__all__ = ["lora_linear_4bit"]
+__all__ = ["lora_linear_4bit", "prepare_lora_linear_4bit"]
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -172,3 +173,36 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
                      state.shape[0])
     return y.reshape(*lead, y.shape[-1])
 
+
+
+def prepare_lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
+                             lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                             bias: Optional[torch.Tensor] = None):
+    """lora_linear_4bit(x, packed, state, lora_A, lora_B, scaling, bias) without dropout and
+    without autograd, at generation sizes (M <= 16 rows), made cheap on the host (issue 29): a
+    callable (x) -> y for inputs of x's shape, dtype and device, with the arguments checked
+    and every decision (backend, decode self-check, the dispatcher's pick, the kernel
+    configuration, the launch arguments) taken here, once. Its result equals
+    lora_linear_4bit's bit for bit (the same two launches on the same arguments).
+
+    None where such calls take lora_linear_4bit's own path: the reference backend (or fp64),
+    M = 0 or M > 16, a rank past the kernels', no dispatcher pick yet for this shape, the
+    dequantize path picked. Not for torch.autocast or torch.compile (the caller checks).
+
+    The callable checks nothing when it runs: keep it only while the arguments are the same
+    tensors, unchanged (same version and storage), and FASTLORA_BACKEND and
+    fastlora.launch.dispatch.settings() read what they read here (fastlora.modules does)."""
+    from ..launch.forward import prepare_small_m
+
+    state = as_quant_state(state)
+    check_inputs(x, packed, state, lora_A, lora_B, scaling, bias, 0.0, False, None,
+                 allowed_dtypes=ACTIVATION_DTYPES)
+    if x.numel() == 0 or lora_A.shape[0] > MAX_FUSED_RANK \
+            or not use_kernels(x, state.quant_type):
+        return None
+    k, lead = x.shape[-1], x.shape[:-1]
+    run = prepare_small_m(x.reshape(-1, k), packed, state, lora_A, lora_B, scaling, bias)
+    if run is None:
+        return None
+    n = lora_B.shape[0]
+    return lambda x_: run(x_.reshape(-1, k)).reshape(*lead, n)

@@ -1,0 +1,161 @@
+"""Prepared calls at generation sizes (issue 29, host time): without autograd, at M <= 16 rows,
+a fused layer's call runs through fastlora.prepare_lora_linear_4bit, built once per layer and
+(device, dtype, input shape) and kept while its arguments stay unchanged.
+
+Checked here: the result equals the general path's bit for bit (the same two launches on the
+same arguments); the arguments are checked once, not at every call; every change the general
+path would see (a weight written in place or replaced, scaling, bias, FASTLORA_BACKEND, the
+dispatcher's setting) reaches the next call; autograd, active dropout, M > 16 and autocast take
+the general path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fastlora
+from fastlora import modules, reference
+from fastlora.ops import linear as linear_op
+from helpers import counting
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
+                                reason="CPU-only: counts interpreter launches")
+
+K, N, RANK = 128, 48, 8
+
+
+def _layer(dtype=torch.bfloat16, bias=True, dropout=0.0, quant_type="nf4") -> nn.Module:
+    torch.manual_seed(0)
+    linear = nn.Linear(K, N, bias=bias)
+    layer = fastlora.LoRALinear4bit.from_linear(linear, r=RANK, lora_alpha=16,
+                                                lora_dropout=dropout, quant_type=quant_type,
+                                                compute_dtype=dtype)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.1)
+    return layer
+
+
+def _general(layer, x):
+    """The layer's output through the general path (the custom op): autograd on."""
+    with torch.enable_grad():
+        return layer(x).detach()
+
+
+def _prepared_entries(layer) -> list:
+    return [call for _, call in modules._PREPARED.get(layer.lora_A, {}).values()]
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("dtype,shape,bias,quant_type", [
+    (torch.bfloat16, (1, 1, K), True, "nf4"), (torch.float16, (5, K), False, "fp4"),
+    (torch.float32, (2, 8, K), True, "nf4"), (torch.bfloat16, (16, K), False, "nf4")],
+    ids=["bf16-m1", "fp16-m5-fp4", "fp32-m16", "bf16-m16"])
+def test_prepared_call_equals_the_general_path(dtype, shape, bias, quant_type):
+    layer = _layer(dtype, bias, quant_type=quant_type)
+    x = torch.randn(*shape, dtype=torch.float32)  # cast to the compute dtype in both paths
+    want = _general(layer, x)
+    with torch.no_grad(), counting(execute=True) as launches:
+        got = [layer(x) for _ in range(3)]
+    calls = _prepared_entries(layer)
+    assert len(calls) == 1 and calls[0] is not None, "the prepared path did not serve"
+    assert launches == {"_lora_u_kernel": 3, "_nf4_lora_fwd_small_m_kernel": 3}, launches
+    for y in got:
+        assert y.dtype == x.dtype and y.shape == want.shape
+        assert torch.equal(y, want)
+
+
+def test_arguments_are_checked_once(monkeypatch):
+    layer = _layer()
+    x = torch.randn(1, K)
+    checks = []
+    real = linear_op.check_inputs
+    monkeypatch.setattr(linear_op, "check_inputs", lambda *a, **kw: checks.append(1) or
+                        real(*a, **kw))
+    with torch.no_grad():
+        for _ in range(5):
+            layer(x)
+    assert len(checks) == 1
+
+
+def test_changes_reach_the_next_call(monkeypatch):
+    """Each change is made under no_grad between two prepared calls; the second call must equal
+    the general path's output after the change (and differ from before where it should)."""
+    layer = _layer(bias=True)
+    x = torch.randn(3, K)
+
+    def check(changed: bool = True):
+        with torch.no_grad():
+            before = layer(x)
+        yield
+        with torch.no_grad():
+            after = layer(x)
+        assert torch.equal(after, _general(layer, x))
+        assert changed == (not torch.equal(after, before))
+
+    def step(change, changed=True):
+        steps = check(changed)
+        next(steps)
+        change()
+        next(steps, None)
+
+    with torch.no_grad():
+        step(lambda: layer.lora_B.weight.mul_(2.0))                              # in place
+        step(lambda: setattr(layer.lora_A.weight, "data", torch.randn(RANK, K)))  # new storage
+        step(lambda: setattr(layer.lora_B, "weight", nn.Parameter(               # replaced
+            torch.randn(N, RANK) * 0.1)))
+        step(lambda: setattr(layer, "scaling", layer.scaling * 0.5))
+        step(lambda: layer.base_layer.bias.add_(1.0))
+        step(lambda: None, changed=False)
+    # the backend read at every call: the reference path runs, with no launch
+    monkeypatch.setenv("FASTLORA_BACKEND", "reference")
+    with torch.no_grad(), counting(execute=True) as launches:
+        y = layer(x)
+    assert not launches
+    state = modules.bnb_quant_state(layer.base_layer)
+    want = reference.lora_linear_4bit(
+        x.to(torch.bfloat16), layer.base_layer.weight.data, state,
+        layer.lora_A.weight.to(torch.bfloat16), layer.lora_B.weight.to(torch.bfloat16),
+        layer.scaling, layer.base_layer.bias.to(torch.bfloat16)).float()
+    assert torch.equal(y, want)
+    # the dispatcher's setting: dequantize + matmul (fastlora's dequantize kernel launches)
+    monkeypatch.setenv("FASTLORA_BACKEND", "auto")
+    monkeypatch.setenv("FASTLORA_BASE_PATH", "dequant")
+    with torch.no_grad(), counting(execute=True) as launches:
+        layer(x)
+    assert "_nf4_lora_fwd_small_m_kernel" not in launches and launches, launches
+
+
+@pytest.mark.parametrize("case", ["grad", "dropout", "m17", "autocast"])
+def test_other_calls_take_the_general_path(case):
+    layer = _layer(dropout=0.2 if case == "dropout" else 0.0)
+    x = torch.randn(17 if case == "m17" else 2, K)
+    if case == "grad":
+        layer(x)
+    elif case == "autocast":
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x)
+    else:
+        with torch.no_grad():
+            layer(x)  # dropout: the layer is in training mode
+    assert not _prepared_entries(layer)
+    if case == "dropout":
+        layer.eval()  # dropout off: the prepared path serves
+        with torch.no_grad():
+            layer(x)
+        assert _prepared_entries(layer)
+
+
+def test_prepare_returns_none_where_the_general_path_decides():
+    layer = _layer()
+    state = modules.bnb_quant_state(layer.base_layer)
+    a = layer.lora_A.weight.to(torch.bfloat16)
+    b = layer.lora_B.weight.to(torch.bfloat16)
+    packed = layer.base_layer.weight.data
+    for m in (0, 17):
+        x = torch.randn(m, K, dtype=torch.bfloat16)
+        assert fastlora.prepare_lora_linear_4bit(x, packed, state, a, b, 2.0) is None
+    with pytest.raises(ValueError, match="lora_A must be"):
+        fastlora.prepare_lora_linear_4bit(torch.randn(1, K, dtype=torch.bfloat16), packed,
+                                          state, a[:, :-1], b, 2.0)
