@@ -28,7 +28,8 @@ from .checks import ACTIVATION_DTYPES
 from . import backend
 from .launch import dispatch
 from .launch.common import dot_precision
-from .ops import dora_linear_4bit, lora_group_4bit, lora_linear_4bit, prepare_lora_linear_4bit
+from .ops import (dora_linear_4bit, lora_group_4bit, lora_linear_4bit, prepare_lora_group_4bit,
+                  prepare_lora_linear_4bit)
 from .quant import QuantState, quantize_4bit
 
 __all__ = ["LoRALinear4bit", "fused_lora_forward", "fused_dora_forward", "fused_group_forward",
@@ -68,7 +69,7 @@ def fused_lora_forward(x: torch.Tensor, base_layer: nn.Module, lora_A: nn.Linear
     are cast to the compute dtype inside the autograd graph, so their gradients come back in
     their own dtype. A bias on lora_B (PEFT's lora_bias) joins the frozen bias, times scaling.
     `dropout` is nn.Dropout or nn.Identity; its p and .training are read at every call."""
-    y = _prepared_forward(x, base_layer, lora_A, lora_B, scaling, dropout)
+    y = _prepared(x, [(base_layer, lora_A, lora_B, scaling, dropout)])
     if y is not None:
         return y
     dtype, mb = _member(x, base_layer, lora_A, lora_B, scaling, dropout)
@@ -88,28 +89,11 @@ def _tensor_stamp(t: Optional[torch.Tensor]):
     return None if t is None else (id(t), t._version, t.data_ptr())
 
 
-def _prepared_forward(x: torch.Tensor, base_layer: nn.Module, lora_A: nn.Linear,
-                      lora_B: nn.Linear, scaling: float, dropout: nn.Module
-                      ) -> Optional[torch.Tensor]:
-    """fused_lora_forward's result through a prepared call (fastlora.prepare_lora_linear_4bit)
-    where one applies: no autograd (torch.no_grad / inference_mode: generation, evaluation),
-    no active dropout, M <= 16 rows, not under torch.compile or torch.autocast. The adapter's
-    cast weights and the launch arguments are kept per layer and (device, dtype, M) and
-    rebuilt, every check with them, when a weight, bias, the quant state or scaling changes
-    (replaced, written in place, new storage), or FASTLORA_BACKEND or the dispatcher's
-    settings do. None: the call takes the general path."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or x.dim() < 1 \
-            or (dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0) \
-            or x.device.type not in ("cuda", "cpu") or torch.is_autocast_enabled(x.device.type):
-        return None
-    k = x.shape[-1]
-    m = x.numel() // k if k else 0
-    if not 0 < m <= _SMALL_M_MAX:
-        return None
-    dtype = x.dtype if base_layer.compute_dtype is None else base_layer.compute_dtype
-    key = (x.device, dtype, tuple(x.shape), backend.requested(), dispatch.settings(),
-           dot_precision(dtype))
-    # the parameters read from the modules' dicts: nn.Module.__getattr__ costs ~0.5 us a read
+def _layer_stamp(base_layer: nn.Module, lora_A: nn.Linear, lora_B: nn.Linear, scaling
+                 ) -> Optional[tuple]:
+    """What a prepared call of this layer depends on, read cheaply (None: not a plain layer).
+    The parameters come from the modules' dicts (nn.Module.__getattr__ costs ~0.5 us a read),
+    and past bitsandbytes' Params4bit.__torch_function__ (~1.4 us a tensor attribute)."""
     base, a, b = base_layer._parameters, lora_A._parameters, lora_B._parameters
     weight = base.get("weight")
     if weight is None or "weight" not in a or "weight" not in b:
@@ -117,24 +101,61 @@ def _prepared_forward(x: torch.Tensor, base_layer: nn.Module, lora_A: nn.Linear,
     state = getattr(weight, "quant_state", None)  # bnb_quant_state, from the weight read here
     if state is None:
         state = getattr(base_layer, "quant_state", None)
-    # bitsandbytes' Params4bit routes every tensor attribute through its __torch_function__
-    # (~1.4 us a read); the stamp reads them past it
     with torch._C.DisableTorchFunctionSubclass():
-        stamp = (scaling, _tensor_stamp(weight), id(state), _tensor_stamp(a["weight"]),
-                 _tensor_stamp(b["weight"]), _tensor_stamp(base.get("bias")),
-                 _tensor_stamp(b.get("bias")))
-    plans = _PREPARED.get(lora_A)
+        return (scaling, _tensor_stamp(weight), id(state), _tensor_stamp(a["weight"]),
+                _tensor_stamp(b["weight"]), _tensor_stamp(base.get("bias")),
+                _tensor_stamp(b.get("bias")), base_layer.compute_dtype)
+
+
+def _prepared(x: torch.Tensor, layers: list):
+    """The output of fused_lora_forward (one layer) or fused_group_forward (several; a list)
+    through a prepared call (fastlora.prepare_lora_linear_4bit / prepare_lora_group_4bit)
+    where one applies: no autograd (torch.no_grad / inference_mode: generation, evaluation),
+    no active dropout, M <= 16 rows, one compute dtype, not under torch.compile or
+    torch.autocast. layers: (base_layer, lora_A, lora_B, scaling, dropout) each. The cast
+    adapter weights and the launch arguments are kept per (first) layer and (device, dtype,
+    input shape, the layers) and rebuilt, every check with them, when a weight, bias, quant
+    state, scaling or compute dtype changes (replaced, written in place, new storage), or
+    FASTLORA_BACKEND or the dispatcher's settings do. None: the call takes the general path."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or x.dim() < 1 \
+            or x.device.type not in ("cuda", "cpu") or torch.is_autocast_enabled(x.device.type):
+        return None
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    if not 0 < m <= _SMALL_M_MAX:
+        return None
+    stamp = []
+    for base_layer, lora_A, lora_B, scaling, dropout in layers:
+        if dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            return None
+        layer_stamp = _layer_stamp(base_layer, lora_A, lora_B, scaling)
+        if layer_stamp is None:
+            return None
+        stamp.append(layer_stamp)
+    dtypes = {layer_stamp[-1] or x.dtype for layer_stamp in stamp}
+    if len(dtypes) != 1:
+        return None
+    dtype = dtypes.pop()
+    key = (x.device, dtype, tuple(x.shape), tuple(id(layer[1]) for layer in layers[1:]),
+           backend.requested(), dispatch.settings(), dot_precision(dtype))
+    first = layers[0][1]
+    plans = _PREPARED.get(first)
     if plans is None:
-        plans = _PREPARED[lora_A] = {}
+        plans = _PREPARED[first] = {}
     entry = plans.get(key)
     if entry is None or entry[0] != stamp:
         if len(plans) >= 64 or any(old != stamp for old, _ in plans.values()):
             plans.clear()
-        _, mb = _member(x, base_layer, lora_A, lora_B, scaling, dropout)
-        entry = plans[key] = (stamp, prepare_lora_linear_4bit(
-            x.to(dtype), mb.packed, mb.state, mb.lora_A, mb.lora_B, scaling, mb.bias))
+        members = [_member(x, *layer)[1] for layer in layers]
+        xc = x.to(dtype)
+        call = (prepare_lora_linear_4bit(xc, *members[0][:6]) if len(layers) == 1
+                else prepare_lora_group_4bit(xc, members))
+        entry = plans[key] = (stamp, call)
     call = entry[1]
-    return None if call is None else call(x.to(dtype)).to(x.dtype)
+    if call is None:
+        return None
+    ys = call(x.to(dtype))
+    return ys.to(x.dtype) if len(layers) == 1 else [y.to(x.dtype) for y in ys]
 
 
 def fused_dora_forward(x: torch.Tensor, base_layer: nn.Module, lora_A: nn.Linear,
@@ -156,6 +177,9 @@ def fused_group_forward(x: torch.Tensor, layers) -> Optional[list]:
     """[fused_lora_forward(x, *layer) for layer in layers] as one fused group op
     (fastlora.lora_group_4bit; layers: (base_layer, lora_A, lora_B, scaling, dropout) each),
     or None when their compute dtypes differ (they then run one by one)."""
+    ys = _prepared(x, layers)
+    if ys is not None:
+        return ys
     members = [_member(x, *layer) for layer in layers]
     dtypes = {dtype for dtype, _ in members}
     if len(dtypes) != 1:

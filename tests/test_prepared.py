@@ -159,3 +159,65 @@ def test_prepare_returns_none_where_the_general_path_decides():
     with pytest.raises(ValueError, match="lora_A must be"):
         fastlora.prepare_lora_linear_4bit(torch.randn(1, K, dtype=torch.bfloat16), packed,
                                           state, a[:, :-1], b, 2.0)
+
+
+def test_prepared_group_equals_the_general_path(monkeypatch):
+    """fused_group_forward (q/k/v-like: ranks 8, 8, 16, one with a bias): the prepared call
+    equals the group op's output bit for bit, in one U launch and one GEMM per member, with
+    the members checked once."""
+    layers = []
+    for i, (n, rank, bias) in enumerate([(48, 8, True), (32, 8, False), (32, 16, False)]):
+        torch.manual_seed(i)
+        layer = fastlora.LoRALinear4bit.from_linear(nn.Linear(K, n, bias=bias), r=rank,
+                                                    lora_alpha=16,
+                                                    compute_dtype=torch.bfloat16)
+        with torch.no_grad():
+            layer.lora_B.weight.normal_(0, 0.1)
+        layers.append((layer.base_layer, layer.lora_A, layer.lora_B, layer.scaling,
+                       layer.lora_dropout))
+    x = torch.randn(1, 2, K)
+    with torch.enable_grad():
+        want = [y.detach() for y in modules.fused_group_forward(x, layers)]
+    from fastlora.ops import group as group_op
+    checks = []
+    real = group_op.check_group
+    monkeypatch.setattr(group_op, "check_group", lambda *a, **kw: checks.append(1) or
+                        real(*a, **kw))
+    with torch.no_grad(), counting(execute=True) as launches:
+        got = [modules.fused_group_forward(x, layers) for _ in range(2)]
+    assert launches == {"_lora_u_group_kernel": 2, "_nf4_lora_fwd_small_m_kernel": 6}, launches
+    assert len(checks) == 1
+    for ys in got:
+        assert len(ys) == 3 and all(torch.equal(y, w) for y, w in zip(ys, want))
+    with torch.no_grad():  # a member changed: the group's call is prepared again
+        layers[2][2].weight.mul_(-1.0)
+        ys = modules.fused_group_forward(x, layers)
+    assert len(checks) == 2
+    with torch.enable_grad():
+        want = [y.detach() for y in modules.fused_group_forward(x, layers)]
+    assert all(torch.equal(y, w) for y, w in zip(ys, want))
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["per-layer", "grouped"])
+def test_patched_decode_step_uses_prepared_calls(tmp_path, grouped):
+    """A patched tiny Llama's M = 1 forward under no_grad (a decode step): the same logits as
+    with autograd on (the general path), the same launches, and every LoRA layer's call
+    prepared."""
+    import tiny_models as tm
+
+    model = tm.add_lora(tm.load_4bit(tm.save_tiny_llama(tmp_path)))
+    fastlora.patch(model, group=grouped)
+    ids, _ = tm.token_batch(1, 1)
+    model(ids)  # learns the groups
+    with torch.enable_grad(), counting(execute=True) as general:
+        want = model(ids).logits.detach()
+    with torch.no_grad():
+        model(ids)  # prepares
+        with counting(execute=True) as prepared:
+            got = model(ids).logits
+    assert torch.equal(got, want)
+    assert prepared == general, (prepared, general)
+    entries = [call for module in model.modules() if module in modules._PREPARED
+               for _, call in modules._PREPARED[module].values()]
+    layers = len(model.base_model.model.model.layers)
+    assert len(entries) == layers * (4 if grouped else 7) and all(entries)

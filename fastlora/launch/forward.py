@@ -228,25 +228,40 @@ def prepare_small_m(x, packed, state, lora_A, lora_B, scaling, bias):
     callable only while they stay what they were (the same tensors, unchanged): nothing is
     checked when it runs."""
     check_fused_rank(lora_A)
-    m, k = x.shape
-    n, rank = lora_B.shape
-    if not 0 < m <= SMALL_M_MAX or dispatch.settled("forward", x.device, x.dtype, n=n, k=k,
-                                                     m=m) != "fused":
+    y_launch = prepare_small_m_with_u(x, packed, state, lora_B, scaling, bias)
+    if y_launch is None:
         return None
-    precision = dot_precision(x.dtype)
-    u_launch = _u_launcher(lora_A, m, x.dtype, 0.0, 0, precision)
-    flags = {**decode_flags(packed, state, k), "HAS_BIAS": bias is not None,
-             "PRECISION": precision, "BLOCK_R": _forward_kernels().rank_block(rank)}
-    y_launch = _small_m_launcher(x.device, x.dtype, flags, m, n, k, rank, float(scaling), None)
-    weight = weight_args(packed, state)
-    bias = bias.contiguous() if bias is not None else None
+    m, rank = x.shape[0], lora_A.shape[0]
+    u_launch = _u_launcher(lora_A, m, x.dtype, 0.0, 0, dot_precision(x.dtype))
     device, dtype = x.device, x.dtype
 
     @prepared_entry
     def run(x2):
         u = torch.empty((m, rank), dtype=dtype, device=device)
-        y = torch.empty((m, n), dtype=dtype, device=device)
         u_launch(x2, u)
+        return y_launch(x2, u)
+    return run
+
+
+def prepare_small_m_with_u(x, packed, state, lora_B, scaling, bias):
+    """forward_with_u's M <= SMALL_M_MAX fused path prepared once, as prepare_small_m: a
+    callable (x2, u) -> y [M, N] (u: the U kernel's output), or None (prepare_small_m says
+    when). Runs no interpreter guard of its own: its caller's callable holds it."""
+    m, k = x.shape
+    n, rank = lora_B.shape
+    if not 0 < m <= SMALL_M_MAX or dispatch.settled("forward", x.device, x.dtype, n=n, k=k,
+                                                     m=m) != "fused":
+        return None
+    flags = {**decode_flags(packed, state, k), "HAS_BIAS": bias is not None,
+             "PRECISION": dot_precision(x.dtype),
+             "BLOCK_R": _forward_kernels().rank_block(rank)}
+    y_launch = _small_m_launcher(x.device, x.dtype, flags, m, n, k, rank, float(scaling), None)
+    weight = weight_args(packed, state)
+    bias = bias.contiguous() if bias is not None else None
+    device, dtype = x.device, x.dtype
+
+    def run(x2, u):
+        y = torch.empty((m, n), dtype=dtype, device=device)
         y_launch((x2, *weight, u, lora_B, bias if bias is not None else y, y))
         return y
     return run

@@ -26,10 +26,10 @@ import triton
 from ..checks import MAX_FUSED_RANK, GroupMember
 from ..reference import dropout_threshold
 from .backward import Configs, _parallelism, _parts, check_backward_args, du_db, dx_gemm
-from .common import arrival_counters, dot_precision, kernel_entry
-from .forward import check_forward_args, forward_with_u
+from .common import arrival_counters, dot_precision, kernel_entry, prepared_entry
+from .forward import check_forward_args, forward_with_u, prepare_small_m_with_u
 
-__all__ = ["group_forward", "group_backward", "group_problem", "check_group_size",
+__all__ = ["group_forward", "prepare_group_forward", "group_backward", "group_problem", "check_group_size",
            "full_precision_fp32", "MAX_MEMBERS"]
 
 MAX_MEMBERS = 4  # csrc_triton/group.py MAX_MEMBERS (a test keeps them equal)
@@ -123,6 +123,41 @@ def group_forward(x: torch.Tensor, members: list, *, base=None):
     ys = [forward_with_u(x, mb.packed, mb.state, u, mb.lora_B, mb.scaling, mb.bias, base=base)
           for mb, u in zip(members, us)]
     return ys, us
+
+
+def prepare_group_forward(x: torch.Tensor, members: list):
+    """group_forward's ys without dropout at M <= 16, prepared once for inputs shaped like x
+    (issue 29, host time; as launch/forward.py prepare_small_m): a callable (x2) -> [y_g]
+    running the same launches on the same arguments (one U pass for all, then each member's
+    split-K GEMM), or None where a member's product would not take the fused small-M path
+    without deciding something first. Members and x are checked by the caller (the group
+    fits: group_problem), and kept unchanged while the callable is."""
+    m, k = x.shape
+    y_launches = [prepare_small_m_with_u(x, mb.packed, mb.state, mb.lora_B, mb.scaling,
+                                         mb.bias) for mb in members]
+    if any(launch is None for launch in y_launches):
+        return None
+    gk = _kernels()
+    zero = [mb._replace(dropout_p=0.0, seed=0) for mb in members]
+    ranks = [mb.lora_A.shape[0] for mb in members]
+    precision = dot_precision(x.dtype)
+    cfg = gk.u_config(ranks, precision, x.dtype == torch.float32)
+    adapters = [mb.lora_A.contiguous() for mb in members]
+    consts = dict(_slot_consts(zero), G=len(members), DROPOUT_GROUPED=k % 8 == 0,
+                  PRECISION=precision, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    u_launch = gk._lora_u_group_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)]
+    device, dtype, no_dropout = x.device, x.dtype, dropout_threshold(0.0)
+
+    @prepared_entry
+    def run(x2):
+        us = [torch.empty((m, r), dtype=dtype, device=device) for r in ranks]
+        slots = _slot_args([(a, u, r, 0, no_dropout, 1.0)
+                            for a, u, r in zip(adapters, us, ranks)])
+        u_launch(x2, m, k, x2.stride(0), x2.stride(1), *[a for slot in slots for a in slot],
+                 **consts)
+        return [launch(x2, u) for launch, u in zip(y_launches, us)]
+    return run
 
 
 @kernel_entry

@@ -26,7 +26,7 @@ from ..checks import (ACTIVATION_DTYPES, GroupMember, as_group_members, check_gr
 from ..launch.selfcheck import use_kernels
 from .linear import _autocast_inputs, lora_linear_4bit
 
-__all__ = ["lora_group_4bit", "GroupMember"]
+__all__ = ["lora_group_4bit", "prepare_lora_group_4bit", "GroupMember"]
 
 
 class _GroupFn(torch.autograd.Function):
@@ -104,3 +104,25 @@ def lora_group_4bit(x: torch.Tensor, members: Sequence[GroupMember],
     params = [t for mb in members for t in (mb.lora_A, mb.lora_B, mb.bias)]
     ys = _GroupFn.apply(members, x.reshape(-1, x.shape[-1]), *params)
     return [y.reshape(*lead, y.shape[-1]) for y in ys]
+
+
+def prepare_lora_group_4bit(x: torch.Tensor, members: Sequence[GroupMember]):
+    """lora_group_4bit(x, members) without dropout and without autograd at M <= 16, made cheap
+    on the host (issue 29), as fastlora.prepare_lora_linear_4bit is for one layer: a callable
+    (x) -> [y_g] for inputs of x's shape, dtype and device, everything checked and decided
+    here, equal to lora_group_4bit's result bit for bit; None where such calls take
+    lora_group_4bit's own path (the group does not fit the kernels, the reference backend,
+    M = 0 or M > 16, no dispatcher pick yet, the dequantize path picked). Kept by the caller
+    only while every member's tensors stay unchanged and the settings stay what they were."""
+    from ..launch.group import full_precision_fp32, group_problem, prepare_group_forward
+
+    members = check_group(x, members, False, allowed_dtypes=ACTIVATION_DTYPES)
+    ranks = [mb.lora_A.shape[0] for mb in members]
+    if group_problem(ranks, full_precision_fp32(x)) is not None or x.numel() == 0 \
+            or not all(use_kernels(x, mb.state.quant_type) for mb in members):
+        return None
+    k, lead = x.shape[-1], x.shape[:-1]
+    run = prepare_group_forward(x.reshape(-1, k), members)
+    if run is None:
+        return None
+    return lambda x_: [y.reshape(*lead, y.shape[-1]) for y in run(x_.reshape(-1, k))]
