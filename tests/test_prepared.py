@@ -221,3 +221,51 @@ def test_patched_decode_step_uses_prepared_calls(tmp_path, grouped):
                for _, call in modules._PREPARED[module].values()]
     layers = len(model.base_model.model.model.layers)
     assert len(entries) == layers * (4 if grouped else 7) and all(entries)
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_step_syncs_nothing_and_compiles(tmp_path):
+    """Issue 29, part 4, what the CPU can show: a prepared decode call reads no value back to
+    the host (no aten._local_scalar_dense, the op behind .item() / int(tensor), no copy
+    between devices) and allocates only through torch (empty); under torch.compile
+    (fullgraph, no graph break) the no-grad M = 1 step gives the eager logits."""
+    import tiny_models as tm
+
+    model = tm.add_lora(tm.load_4bit(tm.save_tiny_llama(tmp_path)))
+    fastlora.patch(model, group=True)
+    ids, _ = tm.token_batch(1, 1)
+    model(ids)  # learns the groups
+    model(ids)  # forms them (fastlora.grouping.GroupHook, at a model forward)
+    attn = model.base_model.model.model.layers[0].self_attn
+    x = torch.randn(1, 1, attn.q_proj.in_features, dtype=torch.bfloat16)  # the compute dtype
+    with torch.no_grad():
+        for layer in (attn.o_proj, attn.q_proj):
+            layer(x[..., :layer.in_features])  # prepares
+        # the launches recorded, not run: the interpreter's own copies are not the op's
+        with counting() as launches, _RecordOps() as single:
+            attn.o_proj(x[..., :attn.o_proj.in_features])
+        with counting() as launches, _RecordOps() as group:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                getattr(attn, name)(x)
+    assert launches["_lora_u_group_kernel"] == 1, launches
+    for recorded in (single, group):
+        assert recorded.ops, "nothing ran"
+        assert not [op for op in recorded.ops if "_local_scalar_dense" in op
+                    or "_to_copy" in op or "copy_" in op], recorded.ops
+        # views (the test's slice of x included) and the outputs / workspaces
+        assert {".".join(op.split(".")[:2]) for op in recorded.ops} <= {
+            "aten.empty", "aten.zeros", "aten.view", "aten._unsafe_view", "aten.alias",
+            "aten.slice"}, recorded.ops
+    with torch.no_grad():
+        want = model(ids).logits
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits
+    assert torch.equal(got, want)
