@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (CompileSpec, by_triton, decode_tile, lane_table, last_to_arrive,
+from .common import (BOUNDED_ARGS, CompileSpec, by_triton, decode_tile, lane_table, last_to_arrive,
                      load_x_tile, weight_signature)
 from .forward import lora_init, store_y
 
@@ -49,13 +49,99 @@ def _nf4_lora_fwd_small_m_kernel(x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, cod
     order, adds s * U @ B^T and the bias and writes y; otherwise the program writes y itself
     (ws_ptr, counter_ptr unused). k_per_split is a multiple of BLOCK_K, so slices start on
     tile boundaries."""
-    tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
-    pid_n = tl.program_id(0)
+    _small_m_tile(tl.program_id(0), tl.program_id(1), tl.num_programs(1), x_ptr, packed_ptr,
+                  absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                  lane_table(code_ptr, LANE_TABLE), u_ptr, b_ptr, bias_ptr, y_ptr, ws_ptr,
+                  counter_ptr, M, N, K, R, k_per_split, stride_xm, stride_xk, stride_um,
+                  stride_ur, stride_bn, stride_br, stride_ym, stride_yn, scaling, QBLOCK,
+                  DOUBLE_QUANT, K_ALIGNED, HAS_BIAS, PRECISION, BLOCK_R, SPLIT, BLOCK_M,
+                  BLOCK_N, BLOCK_K, LANE_TABLE)
+
+
+@triton.jit
+def _nf4_lora_fwd_small_m_group_kernel(
+        x_ptr, code_ptr, ws_ptr, counter_ptr, M, K, k_per_split, stride_xm, stride_xk,
+        packed0, absmax0, absmax2_0, code2_0, offset0, u0, b0, bias0, y0, N0, R0,
+        stride_um0, stride_ur0, stride_bn0, stride_br0, stride_ym0, stride_yn0, scaling0,
+        packed1, absmax1, absmax2_1, code2_1, offset1, u1, b1, bias1, y1, N1, R1,
+        stride_um1, stride_ur1, stride_bn1, stride_br1, stride_ym1, stride_yn1, scaling1,
+        packed2, absmax2, absmax2_2, code2_2, offset2, u2, b2, bias2, y2, N2, R2,
+        stride_um2, stride_ur2, stride_bn2, stride_br2, stride_ym2, stride_yn2, scaling2,
+        packed3, absmax3, absmax2_3, code2_3, offset3, u3, b3, bias3, y3, N3, R3,
+        stride_um3, stride_ur3, stride_bn3, stride_br3, stride_ym3, stride_yn3, scaling3,
+        G: tl.constexpr, QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+        K_ALIGNED: tl.constexpr, HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr,
+        HAS_BIAS2: tl.constexpr, HAS_BIAS3: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LANE_TABLE: tl.constexpr):
+    """The small-M product of G (2..4) members that read the same x (a q/k/v or gate/up
+    group, issue 29) in one launch: the members' N tiles side by side along program axis 0
+    (member g's tiles after members 0..g-1's), each program running what
+    _nf4_lora_fwd_small_m_kernel's program runs for its member's tile, on that member's
+    weight, U, B, bias and y (same K, quantisation blocksize and double quantisation; BLOCK_R
+    covers the largest rank). ws_ptr fp32 [n_slices, M, N0 + .. + N{G-1}]: member g's
+    partials in its own [n_slices, M, Ng] block after the blocks before it; counter_ptr
+    int32, one per tile of the whole grid. Slots past G repeat slot 0's arguments (unread)."""
+    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
+    n_slices = tl.num_programs(1)
+    table = lane_table(code_ptr, LANE_TABLE)
+    t1 = tl.cdiv(N0, BLOCK_N)
+    t2 = t1 + tl.cdiv(N1, BLOCK_N)
+    t3 = t2 + tl.cdiv(N2, BLOCK_N)
+    slice_rows = n_slices * M  # rows of one member's workspace block, per column
+    if pid < t1:
+        _small_m_tile(pid, pid_k, n_slices, x_ptr, packed0, absmax0, absmax2_0, code2_0,
+                      offset0, table, u0, b0, bias0, y0, ws_ptr, counter_ptr, M, N0, K, R0,
+                      k_per_split, stride_xm, stride_xk, stride_um0, stride_ur0, stride_bn0,
+                      stride_br0, stride_ym0, stride_yn0, scaling0, QBLOCK, DOUBLE_QUANT,
+                      K_ALIGNED, HAS_BIAS0, PRECISION, BLOCK_R, SPLIT, BLOCK_M, BLOCK_N,
+                      BLOCK_K, LANE_TABLE)
+    elif pid < t2:
+        _small_m_tile(pid - t1, pid_k, n_slices, x_ptr, packed1, absmax1, absmax2_1, code2_1,
+                      offset1, table, u1, b1, bias1, y1,
+                      ws_ptr + slice_rows.to(tl.int64) * N0, counter_ptr + t1, M, N1, K, R1,
+                      k_per_split, stride_xm, stride_xk, stride_um1, stride_ur1, stride_bn1,
+                      stride_br1, stride_ym1, stride_yn1, scaling1, QBLOCK, DOUBLE_QUANT,
+                      K_ALIGNED, HAS_BIAS1, PRECISION, BLOCK_R, SPLIT, BLOCK_M, BLOCK_N,
+                      BLOCK_K, LANE_TABLE)
+    else:
+        if G > 2:
+            if pid < t3:
+                _small_m_tile(pid - t2, pid_k, n_slices, x_ptr, packed2, absmax2, absmax2_2,
+                              code2_2, offset2, table, u2, b2, bias2, y2,
+                              ws_ptr + slice_rows.to(tl.int64) * (N0 + N1), counter_ptr + t2,
+                              M, N2, K, R2, k_per_split, stride_xm, stride_xk, stride_um2,
+                              stride_ur2, stride_bn2, stride_br2, stride_ym2, stride_yn2,
+                              scaling2, QBLOCK, DOUBLE_QUANT, K_ALIGNED, HAS_BIAS2, PRECISION,
+                              BLOCK_R, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, LANE_TABLE)
+            else:
+                if G > 3:
+                    _small_m_tile(pid - t3, pid_k, n_slices, x_ptr, packed3, absmax3,
+                                  absmax2_3, code2_3, offset3, table, u3, b3, bias3, y3,
+                                  ws_ptr + slice_rows.to(tl.int64) * (N0 + N1 + N2),
+                                  counter_ptr + t3, M, N3, K, R3, k_per_split, stride_xm,
+                                  stride_xk, stride_um3, stride_ur3, stride_bn3, stride_br3,
+                                  stride_ym3, stride_yn3, scaling3, QBLOCK, DOUBLE_QUANT,
+                                  K_ALIGNED, HAS_BIAS3, PRECISION, BLOCK_R, SPLIT, BLOCK_M,
+                                  BLOCK_N, BLOCK_K, LANE_TABLE)
+
+
+@triton.jit
+def _small_m_tile(pid_n, pid_k, n_slices, x_ptr, packed_ptr, absmax_ptr, absmax2_ptr,
+                  code2_ptr, offset_ptr, table, u_ptr, b_ptr, bias_ptr, y_ptr, ws_ptr,
+                  counter_ptr, M, N, K, R, k_per_split, stride_xm, stride_xk, stride_um,
+                  stride_ur, stride_bn, stride_br, stride_ym, stride_yn, scaling,
+                  QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, K_ALIGNED: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                  SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, LANE_TABLE: tl.constexpr):
+    """One program of the small-M product: N tile pid_n of one weight, K slice pid_k of
+    n_slices (the kernels' docstrings say the arguments)."""
+    tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_begin = pid_k * k_per_split
-    table = lane_table(code_ptr, LANE_TABLE)
     if SPLIT:  # the last program of the tile adds the LoRA term and the bias
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
     else:
@@ -72,7 +158,6 @@ def _nf4_lora_fwd_small_m_kernel(x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, cod
                    + offs_n[:, None])
         mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
         tl.store(ws_ptrs, acc, mask=mask)
-        n_slices = tl.num_programs(1)
         if last_to_arrive(counter_ptr + pid_n, n_slices):
             acc = lora_init(offs_m, offs_n, M, N, R, u_ptr, b_ptr, stride_um, stride_ur,
                             stride_bn, stride_br, scaling, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
@@ -194,6 +279,40 @@ def _spec(cfg, dtype, k_aligned, split, precision="tf32", qblock=64, target=0.0)
                        ceiling_target=target)
 
 
+def _group_spec(cfg, dtype, split, members=3, target=0.0):
+    """_nf4_lora_fwd_small_m_group_kernel for `members` members (K aligned, double quant,
+    biases, padded rank 64, precision tf32: the group GEMM's only case, launch/group.py)."""
+    from .forward import ALIGNED_ARGS
+
+    sig = {"x_ptr": f"*{dtype}", "code_ptr": "*fp32", "ws_ptr": "*fp32", "counter_ptr": "*i32",
+           "M": "i32", "K": "i32", "k_per_split": "i32", "stride_xm": "i32"}
+    units = {"stride_xk": 1}
+    aligned = [name for name in ALIGNED_ARGS if name in sig]
+    for g in range(4):
+        member = {f"packed{g}": "*u8", f"absmax{g}": "*u8", f"absmax2_{g}": "*fp32",
+                  f"code2_{g}": "*fp32", f"offset{g}": "*fp32", f"u{g}": f"*{dtype}",
+                  f"b{g}": f"*{dtype}", f"bias{g}": f"*{dtype}", f"y{g}": f"*{dtype}",
+                  f"N{g}": "i32", f"R{g}": "i32", f"stride_um{g}": "i32",
+                  f"stride_bn{g}": "i32", f"stride_ym{g}": "i32", f"scaling{g}": "fp32"}
+        sig.update(member)
+        units.update({f"stride_ur{g}": 1, f"stride_br{g}": 1, f"stride_yn{g}": 1})
+        aligned += [name for name in member if not name.startswith(("R", "scaling"))]
+    constexprs = {"G": members, "QBLOCK": 64, "DOUBLE_QUANT": True, "K_ALIGNED": True,
+                  **{f"HAS_BIAS{g}": True for g in range(4)}, "PRECISION": "tf32",
+                  "BLOCK_R": 64, "SPLIT": split, "BLOCK_M": BLOCK_M, "BLOCK_N": cfg["BLOCK_N"],
+                  "BLOCK_K": cfg["BLOCK_K"], "LANE_TABLE": True, **units}
+    return CompileSpec(kernel="_nf4_lora_fwd_small_m_group_kernel",
+                       fn=_nf4_lora_fwd_small_m_group_kernel, signature=sig,
+                       constexprs=constexprs, num_warps=cfg["num_warps"],
+                       num_stages=cfg["num_stages"],
+                       label=f"{dtype} G={members} split={int(split)}",
+                       options={"enable_fp_fusion": False}, aligned=tuple(aligned),
+                       bounded_args=BOUNDED_ARGS + tuple(
+                           f"{name}{g}" for g in range(4)
+                           for name in ("bias", "b", "code2_", "offset", "absmax2_")),
+                       trip_bytes=cfg["BLOCK_N"] * cfg["BLOCK_K"] // 2, ceiling_target=target)
+
+
 COMPILE_SPECS = (
     [_spec(c, dtype, True, split, target=HBM_FLOOR) for c in SMALL_M_CONFIGS
      for split in (True, False) for dtype in ("bf16", "fp16")]
@@ -210,4 +329,10 @@ COMPILE_SPECS = (
                                          ("fp32", "tf32", SMALL_M_FP32_CONFIGS),
                                          ("fp32", "ieee", SMALL_M_IEEE_CONFIGS))
        for c in configs if c["BLOCK_K"] > 32 for split in (True, False)]
+    # the group GEMM (q/k/v: 3 members; gate/up: 2), K aligned at tf32 only (launch/group.py)
+    + [_group_spec(c, dtype, split, target=HBM_FLOOR if dtype != "fp32" else 0.0)
+       for dtype, configs in (("bf16", SMALL_M_CONFIGS), ("fp16", SMALL_M_CONFIGS),
+                              ("fp32", SMALL_M_FP32_CONFIGS))
+       for c in configs for split in (True, False)]
+    + [_group_spec(SMALL_M_CONFIGS[0], "bf16", True, members=2, target=HBM_FLOOR)]
 )

@@ -29,6 +29,9 @@ CASES = [  # (members, m, k, dtype, quant_type)
     (GATE_UP, 100, 256, "fp32", "nf4"),
     (FOUR, 33, 192, "bf16", "fp4"),
     (QKV[:1], 9, 256, "fp32", "nf4"),  # a group of one
+    # M <= 16, K aligned: the members' GEMMs in one launch (the group GEMM, issue 29)
+    (FOUR, 3, 256, "bf16", "nf4"),
+    (QKV, 1, 256, "fp16", "fp4"),
 ]
 
 

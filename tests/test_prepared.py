@@ -163,8 +163,8 @@ def test_prepare_returns_none_where_the_general_path_decides():
 
 def test_prepared_group_equals_the_general_path(monkeypatch):
     """fused_group_forward (q/k/v-like: ranks 8, 8, 16, one with a bias): the prepared call
-    equals the group op's output bit for bit, in one U launch and one GEMM per member, with
-    the members checked once."""
+    equals the group op's output, and the members' own single-layer calls, bit for bit, in
+    one U launch and one GEMM launch, with the members checked once."""
     layers = []
     for i, (n, rank, bias) in enumerate([(48, 8, True), (32, 8, False), (32, 16, False)]):
         torch.manual_seed(i)
@@ -185,7 +185,12 @@ def test_prepared_group_equals_the_general_path(monkeypatch):
                         real(*a, **kw))
     with torch.no_grad(), counting(execute=True) as launches:
         got = [modules.fused_group_forward(x, layers) for _ in range(2)]
-    assert launches == {"_lora_u_group_kernel": 2, "_nf4_lora_fwd_small_m_kernel": 6}, launches
+    # one U launch and one GEMM launch for the three members (issue 29)
+    assert launches == {"_lora_u_group_kernel": 2, "_nf4_lora_fwd_small_m_group_kernel": 2}, \
+        launches
+    with torch.no_grad():  # the members one by one (single-layer prepared calls)
+        alone = [modules.fused_lora_forward(x, *layer) for layer in layers]
+    assert all(torch.equal(y, w) for y, w in zip(alone, want))
     assert len(checks) == 1
     for ys in got:
         assert len(ys) == 3 and all(torch.equal(y, w) for y, w in zip(ys, want))

@@ -196,15 +196,16 @@ def choose(role: str, out: torch.Tensor, fused: Callable, dequant: Callable, *, 
     return pick
 
 
-def settled(role: str, device: torch.device, dtype: torch.dtype, *, n: int, k: int, m: int
-            ) -> Optional[str]:
+def settled(role: str, device: torch.device, dtype: torch.dtype, *, n: int, k: int, m: int,
+            base: Optional[str] = None) -> Optional[str]:
     """The path an unpinned call of this shape takes now without timing anything ('fused' or
-    'dequant', as choose decides it), or None while auto has not picked this key yet. A
+    'dequant', as choose decides it; `base` as choose's), or None while auto has not picked
+    this key yet. A
     launch prepared on its answer (launch/forward.py prepare_small_m) stays right while
     settings() is what it was."""
     if not buffer.fits(n, k, dtype):
         return "fused"
-    want = requested()
+    want = requested(base)
     if want != "auto":
         return want
     if not _can_time(device):

@@ -3,7 +3,8 @@
     group_forward(x, members) -> (ys, us)
         U_g = dropout_g(x) @ A_g^T for all members in one pass over x (_lora_u_group_kernel),
         then each member's base product y_g = x @ deq(W_g)^T + s_g U_g B_g^T + bias_g
-        (launch/forward.py forward_with_u: the tiled or small-M kernel, or dequantize + cuBLAS)
+        (launch/forward.py forward_with_u: the tiled or small-M kernel, or dequantize + cuBLAS;
+        at M <= 16 on the fused path all members' split-K GEMMs in one launch, _group_gemm)
     group_backward(dys, x, us, members, need_dx, need_dA, need_dB) -> (dx, dAs, dBs)
         per member dU_g, dB_g (one pass over dy_g, launch/backward.py du_db); then all dA_g and
         dx's summed LoRA term in one pass over x (_lora_bwd_da_group_kernel, dx written once);
@@ -26,8 +27,12 @@ import triton
 from ..checks import MAX_FUSED_RANK, GroupMember
 from ..reference import dropout_threshold
 from .backward import Configs, _parallelism, _parts, check_backward_args, du_db, dx_gemm
-from .common import arrival_counters, dot_precision, kernel_entry, prepared_entry
-from .forward import check_forward_args, forward_with_u, prepare_small_m_with_u
+from .. import backend
+from . import dispatch
+from .common import (LAUNCH_OPTIONS, arch, arrival_counters, cached_autotuner, decode_flags,
+                     dot_precision, kernel_entry, num_sms, prepared_entry, weight_args)
+from .forward import (SMALL_M_MAX, _forward_kernels, _small_m_kernels, check_forward_args,
+                      forward_with_u, prepare_small_m_with_u)
 
 __all__ = ["group_forward", "prepare_group_forward", "group_backward", "group_problem", "check_group_size",
            "full_precision_fp32", "MAX_MEMBERS"]
@@ -120,9 +125,93 @@ def group_forward(x: torch.Tensor, members: list, *, base=None):
         G=len(members), **consts, DROPOUT_GROUPED=k % 8 == 0, PRECISION=precision,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
+    gemm = _group_gemm(x, members, base)
+    if gemm is not None:
+        return gemm(x, us), us
     ys = [forward_with_u(x, mb.packed, mb.state, u, mb.lora_B, mb.scaling, mb.bias, base=base)
           for mb, u in zip(members, us)]
     return ys, us
+
+
+def _group_gemm(x: torch.Tensor, members: list, base=None):
+    """The members' M <= 16 products in one launch (csrc_triton/small_m.py
+    _nf4_lora_fwd_small_m_group_kernel: their split-K GEMMs side by side, issue 29), prepared
+    for x's shape: a callable (x2, us) -> [y_g]. None where they take forward_with_u one by
+    one: a single member, M outside 1..16, a member whose base product is not settled on the
+    fused path (launch/dispatch.py; on a GPU the first call of a shape times each member
+    there), members whose decode differs (blocksize, double quantisation, K alignment), K not
+    aligned to the blocksize, or fp32 at full precision (FMA dots)."""
+    m, k = x.shape
+    ns = [mb.lora_B.shape[0] for mb in members]
+    if len(members) < 2 or not 0 < m <= SMALL_M_MAX or any(
+            dispatch.settled("forward", x.device, x.dtype, n=n, k=k, m=m, base=base) != "fused"
+            for n in ns):
+        return None
+    flags = [decode_flags(mb.packed, mb.state, k) for mb in members]
+    precision = dot_precision(x.dtype)
+    if any(f != flags[0] for f in flags[1:]) or not flags[0]["K_ALIGNED"] \
+            or precision == "ieee":  # the compiled and checked cases (small_m.COMPILE_SPECS)
+        return None
+    sm = _small_m_kernels()
+    ranks = [mb.lora_A.shape[0] for mb in members]
+    consts = {**flags[0], "PRECISION": precision, "G": len(members),
+              "BLOCK_R": max(_forward_kernels().rank_block(r) for r in ranks),
+              "BLOCK_M": sm.BLOCK_M, **LAUNCH_OPTIONS,
+              **{f"HAS_BIAS{g}": mb.bias is not None
+                 for g, mb in enumerate(_slot_args(members))}}
+    if backend.interpreter_active():
+        meta = dict(sm.INTERPRETER_CONFIG)
+        kernel = sm._nf4_lora_fwd_small_m_group_kernel
+        slices, granule = meta.pop("SPLIT_K"), meta["BLOCK_K"]
+        consts.update(meta)
+    else:
+        kernel = _autotuned_group_gemm(x.device, x.dtype == torch.float32,
+                                       flags[0]["K_ALIGNED"], precision)
+        slices = sm.split_k(m, sum(ns), k, num_sms(x.device))
+        granule = sm.SPLIT_GRANULE
+    units = triton.cdiv(k, granule)
+    k_per_split = triton.cdiv(units, max(1, min(slices, units))) * granule
+    n_slices = triton.cdiv(k, k_per_split)
+    consts["SPLIT"] = split = n_slices > 1
+    smallest = consts.get("BLOCK_N", sm.SMALLEST_BLOCK_N)
+    n_counters = sum(triton.cdiv(n, smallest) for n in ns)
+    launch = kernel[lambda meta_: (sum(triton.cdiv(n, meta_["BLOCK_N"]) for n in ns),
+                                   n_slices)]
+    weights = [weight_args(mb.packed, mb.state) for mb in members]
+    biases = [mb.bias.contiguous() if mb.bias is not None else None for mb in members]
+    code = weights[0][5]
+    device, dtype = x.device, x.dtype
+
+    def run(x2, us):
+        ys = [torch.empty((m, n), dtype=dtype, device=device) for n in ns]
+        ws = torch.empty((n_slices, m, sum(ns)), dtype=torch.float32, device=device) \
+            if split else ys[0]
+        counters = arrival_counters(device, n_counters) if split else ws
+        slots = _slot_args([
+            (*w[:5], u, mb.lora_B, bias if bias is not None else y, y, n, r, u.stride(0),
+             u.stride(1), mb.lora_B.stride(0), mb.lora_B.stride(1), y.stride(0), y.stride(1),
+             float(mb.scaling))
+            for w, u, mb, bias, y, n, r in zip(weights, us, members, biases, ys, ns, ranks)])
+        launch(x2, code, ws, counters, m, k, k_per_split, x2.stride(0), x2.stride(1),
+               *[a for slot in slots for a in slot], **consts)
+        return ys
+    return run
+
+
+_GROUP_GEMM_KEY = ["N0", "N1", "N2", "N3", "K", "k_per_split", "QBLOCK", "DOUBLE_QUANT",
+                   "K_ALIGNED", "HAS_BIAS0", "HAS_BIAS1", "HAS_BIAS2", "HAS_BIAS3", "BLOCK_R",
+                   "PRECISION", "SPLIT", "G"]
+
+
+def _autotuned_group_gemm(device: torch.device, fp32: bool, k_aligned: bool, precision: str):
+    """The group kernel autotuned over the small-M kernel's list (GPU only)."""
+    sm = _small_m_kernels()
+    key = ("small_m_group", arch(device), fp32, k_aligned, precision)
+    return cached_autotuner(key, lambda: triton.autotune(
+        configs=_forward_kernels().triton_configs(sm.small_m_configs(fp32, k_aligned,
+                                                                     precision)),
+        key=_GROUP_GEMM_KEY, prune_configs_by={"early_config_prune": sm.prune_configs},
+    )(sm._nf4_lora_fwd_small_m_group_kernel))
 
 
 def prepare_group_forward(x: torch.Tensor, members: list):
@@ -133,8 +222,9 @@ def prepare_group_forward(x: torch.Tensor, members: list):
     without deciding something first. Members and x are checked by the caller (the group
     fits: group_problem), and kept unchanged while the callable is."""
     m, k = x.shape
+    gemm = _group_gemm(x, members)
     y_launches = [prepare_small_m_with_u(x, mb.packed, mb.state, mb.lora_B, mb.scaling,
-                                         mb.bias) for mb in members]
+                                         mb.bias) for mb in members] if gemm is None else []
     if any(launch is None for launch in y_launches):
         return None
     gk = _kernels()
@@ -156,6 +246,8 @@ def prepare_group_forward(x: torch.Tensor, members: list):
                             for a, u, r in zip(adapters, us, ranks)])
         u_launch(x2, m, k, x2.stride(0), x2.stride(1), *[a for slot in slots for a in slot],
                  **consts)
+        if gemm is not None:
+            return gemm(x2, us)
         return [launch(x2, u) for launch, u in zip(y_launches, us)]
     return run
 
