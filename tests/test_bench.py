@@ -699,3 +699,16 @@ def test_host_time_mode_measures_both_layers(monkeypatch):
     assert set(got) == set(hosttime.PROVIDERS)
     assert got["fastlora"][1] == 2.0, got
     assert all(us > 0 for us, _ in got.values()), got
+
+
+def test_host_time_of_a_decode_step(monkeypatch):
+    """The host mode's decode-step row: the demo's 4-bit Llama, one token, patched with groups
+    (8 launches a decoder layer: issue 29's limit) and unpatched (bitsandbytes' product
+    recorded); both give a positive time."""
+    from fastlora.bench import hosttime
+
+    monkeypatch.setattr(hosttime, "ROUNDS", 3)
+    got = hosttime.measure_decode_step("cuda" if torch.cuda.is_available() else "cpu")
+    assert set(got) == set(hosttime.PROVIDERS)
+    assert got["fastlora"][1] == 8.0, got
+    assert all(us > 0 for us, _ in got.values()), got

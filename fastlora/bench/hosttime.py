@@ -13,6 +13,8 @@ involved):
                replaced by a recorder that returns an empty output; PEFT's LoRA matmuls run
                (on a GPU: their launches). bitsandbytes' own dispatch to its kernel is left out,
                so this is a lower bound of PEFT's host time.
+A second row times a whole decode step of fastlora.demo's small 4-bit Llama (one token;
+patched with groups), launches counted per decoder layer (measure_decode_step).
 At M = 1 (generation's decode step), both under torch.no_grad, eval mode, one warm call first (compiling, autotuning
 and the fused/dequantize pick happen there, with real launches). The layer is small (K = N =
 256, r = 16) so that PEFT's real LoRA matmuls cost next to nothing on a CPU; host time does
@@ -36,8 +38,9 @@ RANK = 16
 ROUNDS = 300
 MS = (1,)  # at M = 16 PEFT's real LoRA matmuls already cost CPU time a GPU would not
 PROVIDERS = ("fastlora", "peft_bnb")
-_COLUMNS = [("provider", "provider"), ("m", "M"), ("us_per_call", "host us / call"),
-            ("launches", "Triton launches / call"), ("vs_peft", "x of PEFT")]
+_COLUMNS = [("provider", "provider"), ("what", "call"), ("us_per_call", "host us / call"),
+            ("launches", "Triton launches / call (a step: / decoder layer)"),
+            ("vs_peft", "x of PEFT")]
 
 
 @contextlib.contextmanager
@@ -144,13 +147,49 @@ def measure(device: str, m: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     return out
 
 
+def measure_decode_step(device: str) -> dict:
+    """{provider: (us per call, Triton launches per decoder layer)} of a whole decode step
+    (M = 1: one token) of fastlora.demo's small 4-bit Llama with LoRA on its seven
+    projections, patched (q/k/v and gate/up grouped) or not, launches and bitsandbytes'
+    product recorded as in measure(). Both sides run the same non-LoRA modules (embedding,
+    norms, attention, head), so the difference is the LoRA layers' host time."""
+    import tempfile
+
+    import fastlora
+    from .. import demo
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = demo.make_config("cpu", out)
+    model = demo.add_lora(demo.build_4bit_model(cfg, device), cfg).eval()
+    for module in model.modules():  # keep bitsandbytes' CPU repack off, as layer() does
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    out = {}
+    with torch.no_grad():
+        model(ids)
+        with recorded_bnb_product() as calls:
+            us = _per_call_us(lambda: model(ids))
+        if not calls:
+            raise RuntimeError("bnb.matmul_4bit was not called in PEFT's decode step")
+        out["peft_bnb"] = (us, 0.0)
+        fastlora.patch(model, group=True)
+        for _ in range(3):  # learn and form the groups, prepare the calls
+            model(ids)
+        with recorded_launches() as counts:
+            us = _per_call_us(lambda: model(ids))
+        out["fastlora"] = (us, sum(counts.values()) / (5 * ROUNDS) / cfg.layers)
+        fastlora.unpatch(model)
+    return out
+
+
 def rows(device: str) -> list[dict]:
     table = []
-    for m in MS:
-        got = measure(device, m)
+    for what, got in [(f"layer, M = {m}", measure(device, m)) for m in MS] \
+            + [("decode step (M = 1)", measure_decode_step(device))]:
         for provider in PROVIDERS:
             us, launches = got[provider]
-            table.append({"provider": provider, "m": m, "us_per_call": us,
+            table.append({"provider": provider, "what": what, "us_per_call": us,
                           "launches": launches, "vs_peft": us / got["peft_bnb"][0]})
     return table
 
