@@ -15,8 +15,9 @@ involved):
                so this is a lower bound of PEFT's host time.
 A second row times a whole decode step of fastlora.demo's small 4-bit Llama (one token;
 patched with groups), launches counted per decoder layer (measure_decode_step).
-At M = 1 (generation's decode step), both under torch.no_grad, eval mode, one warm call first (compiling, autotuning
-and the fused/dequantize pick happen there, with real launches). The layer is small (K = N =
+At M = 1 (generation's decode step), both under torch.no_grad, eval mode, one warm call
+first (compiling, autotuning and the fused/dequantize pick happen there, with real
+launches). The layer is small (K = N =
 256, r = 16) so that PEFT's real LoRA matmuls cost next to nothing on a CPU; host time does
 not depend on the shape. Reported: microseconds per call (best of 5 rounds of ROUNDS calls)
 and launches per call.

@@ -37,8 +37,9 @@ import torch
 from .. import backend
 from . import buffer
 
-__all__ = ["run", "choose", "settled", "settings", "requested", "set_base_path", "forced", "picks", "timings",
-           "pick_for", "clear_picks", "forward_dequant", "dx_dequant", "PATHS", "ROLES"]
+__all__ = ["run", "choose", "settled", "settings", "requested", "set_base_path", "forced",
+           "picks", "timings", "pick_for", "clear_picks", "forward_dequant", "dx_dequant",
+           "PATHS", "ROLES"]
 
 PATHS = ("auto", "fused", "dequant")
 ROLES = ("forward", "dx")
@@ -200,9 +201,8 @@ def settled(role: str, device: torch.device, dtype: torch.dtype, *, n: int, k: i
             base: Optional[str] = None) -> Optional[str]:
     """The path an unpinned call of this shape takes now without timing anything ('fused' or
     'dequant', as choose decides it; `base` as choose's), or None while auto has not picked
-    this key yet. A
-    launch prepared on its answer (launch/forward.py prepare_small_m) stays right while
-    settings() is what it was."""
+    this key yet. A launch prepared on its answer (launch/forward.py prepare_small_m) stays
+    right while settings() is what it was."""
     if not buffer.fits(n, k, dtype):
         return "fused"
     want = requested(base)

@@ -34,8 +34,8 @@ from .common import (LAUNCH_OPTIONS, arch, arrival_counters, cached_autotuner, d
 from .forward import (SMALL_M_MAX, _forward_kernels, _small_m_kernels, check_forward_args,
                       forward_with_u, prepare_small_m_with_u)
 
-__all__ = ["group_forward", "prepare_group_forward", "group_backward", "group_problem", "check_group_size",
-           "full_precision_fp32", "MAX_MEMBERS"]
+__all__ = ["group_forward", "prepare_group_forward", "group_backward", "group_problem",
+           "check_group_size", "full_precision_fp32", "MAX_MEMBERS"]
 
 MAX_MEMBERS = 4  # csrc_triton/group.py MAX_MEMBERS (a test keeps them equal)
 MAX_TOTAL_R_PAD = 128  # csrc_triton/group.py MAX_TOTAL_R_PAD (a test keeps them equal)
@@ -217,8 +217,9 @@ def _autotuned_group_gemm(device: torch.device, fp32: bool, k_aligned: bool, pre
 def prepare_group_forward(x: torch.Tensor, members: list):
     """group_forward's ys without dropout at M <= 16, prepared once for inputs shaped like x
     (issue 29, host time; as launch/forward.py prepare_small_m): a callable (x2) -> [y_g]
-    running the same launches on the same arguments (one U pass for all, then each member's
-    split-K GEMM), or None where a member's product would not take the fused small-M path
+    running the same launches on the same arguments (one U pass for all, then the group GEMM
+    or each member's split-K GEMM), or None where a member's product would not take the
+    fused small-M path
     without deciding something first. Members and x are checked by the caller (the group
     fits: group_problem), and kept unchanged while the callable is."""
     m, k = x.shape
