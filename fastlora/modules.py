@@ -81,7 +81,6 @@ def fused_lora_forward(x: torch.Tensor, base_layer: nn.Module, lora_A: nn.Linear
 # Prepared calls (issue 29, host time): lora_A module -> {key: (stamp, callable or None)}.
 # Weak keys: a layer that goes away takes its entries with it; nothing here is pickled.
 _PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_SMALL_M_MAX = 16  # launch/forward.py SMALL_M_MAX (the prepared path's limit)
 
 
 def _tensor_stamp(t: Optional[torch.Tensor]):
@@ -122,7 +121,7 @@ def _prepared(x: torch.Tensor, layers: list):
         return None
     k = x.shape[-1]
     m = x.numel() // k if k else 0
-    if not 0 < m <= _SMALL_M_MAX:
+    if not 0 < m <= dispatch.SMALL_M_MAX:  # the prepared path's limit
         return None
     stamp = []
     for base_layer, lora_A, lora_B, scaling, dropout in layers:

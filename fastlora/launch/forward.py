@@ -187,20 +187,7 @@ def _small_m_launcher(device, dtype, flags, m, n, k, rank, scaling, config):
     """_launch_small_m's launch for M = m rows, its configuration and split chosen: a callable
     (args) taking the kernel's tensor arguments (x, weight..., u, lora_B, bias, y)."""
     sm = _small_m_kernels()
-    if config is None and not backend.interpreter_active():
-        kernel, meta = _autotuned_small_m(device, dtype == torch.float32,
-                                          flags["K_ALIGNED"], flags["PRECISION"]), {}
-        slices = sm.split_k(m, n, k, num_sms(device))
-        granule = sm.SPLIT_GRANULE
-    else:
-        meta = dict(_check_config(config, SMALL_M_KEYS, "small_m") if config is not None
-                    else sm.INTERPRETER_CONFIG)
-        kernel = sm._nf4_lora_fwd_small_m_kernel
-        slices = meta.pop("SPLIT_K")
-        granule = meta["BLOCK_K"]
-    units = triton.cdiv(k, granule)
-    k_per_split = triton.cdiv(units, max(1, min(slices, units))) * granule
-    n_slices = triton.cdiv(k, k_per_split)
+    kernel, meta, k_per_split, n_slices = small_m_plan(device, dtype, flags, m, n, k, config)
     split = n_slices > 1
     # one arrival counter per N tile, sized for the narrowest tile the autotuner may pick
     n_counters = triton.cdiv(n, meta.get("BLOCK_N", sm.SMALLEST_BLOCK_N))
@@ -214,6 +201,29 @@ def _small_m_launcher(device, dtype, flags, m, n, k, rank, scaling, config):
         launch(*args, ws, counters, m, n, k, rank, k_per_split, *_strides(x, u, lora_b, y),
                scaling, **consts)
     return run
+
+
+def small_m_plan(device, dtype, flags, m, n, k, config=None, group=False):
+    """(kernel, meta, k_per_split, n_slices) of a split-K small-M launch over n output columns
+    (a group's: its members' summed N, csrc_triton/small_m.py's group kernel when `group`):
+    on a GPU the autotuned kernel (meta empty: the autotuner picks) and split_k's slicing; in
+    the interpreter, or with an explicit `config` (SMALL_M_KEYS), that fixed config."""
+    sm = _small_m_kernels()
+    if config is None and not backend.interpreter_active():
+        kernel, meta = _autotuned_small_m(device, dtype == torch.float32, flags["K_ALIGNED"],
+                                          flags["PRECISION"], group), {}
+        slices = sm.split_k(m, n, k, num_sms(device))
+        granule = sm.SPLIT_GRANULE
+    else:
+        meta = dict(_check_config(config, SMALL_M_KEYS, "small_m") if config is not None
+                    else sm.INTERPRETER_CONFIG)
+        kernel = sm._nf4_lora_fwd_small_m_group_kernel if group \
+            else sm._nf4_lora_fwd_small_m_kernel
+        slices = meta.pop("SPLIT_K")
+        granule = meta["BLOCK_K"]
+    units = triton.cdiv(k, granule)
+    k_per_split = triton.cdiv(units, max(1, min(slices, units))) * granule
+    return kernel, meta, k_per_split, triton.cdiv(k, k_per_split)
 
 
 def prepare_small_m(x, packed, state, lora_A, lora_B, scaling, bias):
@@ -274,6 +284,9 @@ _TILED_KEY = ["M_BUCKET", "N", "K", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "HAS_
               "BLOCK_R", "PRECISION"]
 _SMALL_M_KEY = ["N", "K", "k_per_split", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "HAS_BIAS",
                 "BLOCK_R", "PRECISION", "SPLIT"]
+_SMALL_M_GROUP_KEY = ["N0", "N1", "N2", "N3", "K", "k_per_split", "QBLOCK", "DOUBLE_QUANT",
+                      "K_ALIGNED", "HAS_BIAS0", "HAS_BIAS1", "HAS_BIAS2", "HAS_BIAS3",
+                      "BLOCK_R", "PRECISION", "SPLIT", "G"]
 
 
 def _autotuned_tiled(device: torch.device, fp32: bool, k_aligned: bool, precision: str):
@@ -285,11 +298,15 @@ def _autotuned_tiled(device: torch.device, fp32: bool, k_aligned: bool, precisio
     )(fwd._nf4_lora_fwd_kernel))
 
 
-def _autotuned_small_m(device: torch.device, fp32: bool, k_aligned: bool, precision: str):
+def _autotuned_small_m(device: torch.device, fp32: bool, k_aligned: bool, precision: str,
+                       group: bool = False):
+    """The small-M kernel (or, `group`, its group form) autotuned over the small-M list."""
     sm = _small_m_kernels()
-    key = ("small_m", arch(device), fp32, k_aligned, precision)
+    key = ("small_m_group" if group else "small_m", arch(device), fp32, k_aligned, precision)
+    kernel = sm._nf4_lora_fwd_small_m_group_kernel if group else sm._nf4_lora_fwd_small_m_kernel
     return cached_autotuner(key, lambda: triton.autotune(
         configs=_forward_kernels().triton_configs(sm.small_m_configs(fp32, k_aligned,
                                                                      precision)),
-        key=_SMALL_M_KEY, prune_configs_by={"early_config_prune": sm.prune_configs},
-    )(sm._nf4_lora_fwd_small_m_kernel))
+        key=_SMALL_M_GROUP_KEY if group else _SMALL_M_KEY,
+        prune_configs_by={"early_config_prune": sm.prune_configs},
+    )(kernel))

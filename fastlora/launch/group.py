@@ -27,12 +27,11 @@ import triton
 from ..checks import MAX_FUSED_RANK, GroupMember
 from ..reference import dropout_threshold
 from .backward import Configs, _parallelism, _parts, check_backward_args, du_db, dx_gemm
-from .. import backend
 from . import dispatch
-from .common import (LAUNCH_OPTIONS, arch, arrival_counters, cached_autotuner, decode_flags,
-                     dot_precision, kernel_entry, num_sms, prepared_entry, weight_args)
+from .common import (LAUNCH_OPTIONS, arrival_counters, decode_flags, dot_precision,
+                     kernel_entry, prepared_entry, weight_args)
 from .forward import (SMALL_M_MAX, _forward_kernels, _small_m_kernels, check_forward_args,
-                      forward_with_u, prepare_small_m_with_u)
+                      forward_with_u, prepare_small_m_with_u, small_m_plan)
 
 __all__ = ["group_forward", "prepare_group_forward", "group_backward", "group_problem",
            "check_group_size", "full_precision_fp32", "MAX_MEMBERS"]
@@ -159,19 +158,9 @@ def _group_gemm(x: torch.Tensor, members: list, base=None):
               "BLOCK_M": sm.BLOCK_M, **LAUNCH_OPTIONS,
               **{f"HAS_BIAS{g}": mb.bias is not None
                  for g, mb in enumerate(_slot_args(members))}}
-    if backend.interpreter_active():
-        meta = dict(sm.INTERPRETER_CONFIG)
-        kernel = sm._nf4_lora_fwd_small_m_group_kernel
-        slices, granule = meta.pop("SPLIT_K"), meta["BLOCK_K"]
-        consts.update(meta)
-    else:
-        kernel = _autotuned_group_gemm(x.device, x.dtype == torch.float32,
-                                       flags[0]["K_ALIGNED"], precision)
-        slices = sm.split_k(m, sum(ns), k, num_sms(x.device))
-        granule = sm.SPLIT_GRANULE
-    units = triton.cdiv(k, granule)
-    k_per_split = triton.cdiv(units, max(1, min(slices, units))) * granule
-    n_slices = triton.cdiv(k, k_per_split)
+    kernel, meta, k_per_split, n_slices = small_m_plan(x.device, x.dtype, flags[0], m, sum(ns),
+                                                       k, group=True)
+    consts.update(meta)
     consts["SPLIT"] = split = n_slices > 1
     smallest = consts.get("BLOCK_N", sm.SMALLEST_BLOCK_N)
     n_counters = sum(triton.cdiv(n, smallest) for n in ns)
@@ -196,22 +185,6 @@ def _group_gemm(x: torch.Tensor, members: list, base=None):
                *[a for slot in slots for a in slot], **consts)
         return ys
     return run
-
-
-_GROUP_GEMM_KEY = ["N0", "N1", "N2", "N3", "K", "k_per_split", "QBLOCK", "DOUBLE_QUANT",
-                   "K_ALIGNED", "HAS_BIAS0", "HAS_BIAS1", "HAS_BIAS2", "HAS_BIAS3", "BLOCK_R",
-                   "PRECISION", "SPLIT", "G"]
-
-
-def _autotuned_group_gemm(device: torch.device, fp32: bool, k_aligned: bool, precision: str):
-    """The group kernel autotuned over the small-M kernel's list (GPU only)."""
-    sm = _small_m_kernels()
-    key = ("small_m_group", arch(device), fp32, k_aligned, precision)
-    return cached_autotuner(key, lambda: triton.autotune(
-        configs=_forward_kernels().triton_configs(sm.small_m_configs(fp32, k_aligned,
-                                                                     precision)),
-        key=_GROUP_GEMM_KEY, prune_configs_by={"early_config_prune": sm.prune_configs},
-    )(sm._nf4_lora_fwd_small_m_group_kernel))
 
 
 def prepare_group_forward(x: torch.Tensor, members: list):
