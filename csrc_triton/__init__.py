@@ -6,6 +6,7 @@ One file per op family:
     dequant.py   packed 4-bit -> dense weight (the format's kernel).
     forward.py   U = dropout(x) @ A^T, and y = x @ deq(W)^T + s * U @ B^T + bias.
     small_m.py   the forward for M <= 16 (decode/generation): split-K GEMV-shaped.
+    gemv.py      the forward for M <= 4 on the CUDA cores, U included: one launch.
     backward.py  dx, dU/dB, dA.
     group.py     U and dA for layers that share an input (q/k/v, gate/up), one pass over x.
     dora.py      QDoRA's additions: row norms of W + sBA from the packed weight, dropout,
@@ -22,7 +23,7 @@ def all_compile_specs():
     import importlib
 
     specs = []
-    for name in ("dequant", "forward", "small_m", "backward", "group", "dora"):
+    for name in ("dequant", "forward", "small_m", "gemv", "backward", "group", "dora"):
         try:
             module = importlib.import_module(f"{__name__}.{name}")
         except ModuleNotFoundError as exc:  # a kernel file not written yet

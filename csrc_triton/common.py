@@ -99,16 +99,26 @@ class CompileSpec:
 
 @triton.jit
 def block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_idx, mask,
-                 DOUBLE_QUANT: tl.constexpr):
+                 DOUBLE_QUANT: tl.constexpr, ROUNDED: tl.constexpr = False):
     """fp32 absmax of quantisation blocks `block_idx` (int64, any shape) where mask holds;
     elsewhere 0, or with DOUBLE_QUANT the offset (no select spent on it: every GEMM kernel
     multiplies the padded weight by a zero-padded operand; a kernel that sums the weight
-    itself masks it, as dora._dora_norm_kernel does)."""
+    itself masks it, as dora._dora_norm_kernel does).
+
+    ROUNDED (compiled GPU kernels only: PTX): the double-quant product and sum as explicitly
+    rounded mul.rn / add.rn, which ptxas never fuses into an FMA, so a kernel compiled with
+    enable_fp_fusion=True still decodes bitsandbytes' absmax bit for bit (gemv.py)."""
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + block_idx, mask=mask, other=0).to(tl.int32)
         c2 = tl.load(code2_ptr + q, mask=mask, other=0.0)
         a2 = tl.load(absmax2_ptr + block_idx // NESTED_BLOCK, mask=mask, other=0.0)
-        scale = c2 * a2 + tl.load(offset_ptr)
+        if ROUNDED:
+            scale = tl.inline_asm_elementwise(
+                "{ .reg .f32 t; mul.rn.f32 t, $1, $2; add.rn.f32 $0, t, $3; }", "=r,r,r,r",
+                [c2, a2, tl.zeros_like(c2) + tl.load(offset_ptr)], dtype=tl.float32,
+                is_pure=True, pack=1)
+        else:
+            scale = c2 * a2 + tl.load(offset_ptr)
     else:
         scale = tl.load(absmax_ptr + block_idx, mask=mask, other=0.0)
     return scale

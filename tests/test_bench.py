@@ -1,6 +1,8 @@
 """The benchmark suite's pieces: the modelled cost formulas on a hand-checked case, the shape
 and option parsers, the peak table, and the no-GPU smoke pass of every provider."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -74,6 +76,15 @@ def test_provider_steps_hand_checked():
     assert [s.flops for s in tiled] == [2 * 32 * 2 * 64, 2 * 32 * 8 * 64 + 2 * 32 * 8 * 2] \
         == [8192, 33792]
     assert [s.kernel for s in tiled] == [model.U_KERNEL, model.FWD_KERNEL]
+    # M = 1 and 2: one launch on the CUDA cores (csrc_triton/gemv.py): reads x, W and A,
+    # writes and reads back one fp32 partial [M, N] of y and [M, r] of U, reads B, writes y
+    # and U; x deq(W)^T 2*M*8*64, x A^T 2*M*2*64, U B^T 2*M*8*2 FLOPs
+    for m, kernel in ((1, model.GEMV_M1_KERNEL), (2, model.GEMV_M2_KERNEL)):
+        (one,) = model.steps("fastlora", "forward", dataclasses.replace(D, m=m))
+        x, y, u, part = m * 64 * 2, m * 8 * 2, m * 2 * 2, 4 * m * (8 + 2)
+        assert one.bytes == x + W4 + A + 2 * part + B + y + u == \
+            {1: 784, 2: 1012}[m]
+        assert one.flops == m * (1024 + 256 + 32) and one.kernel == kernel
     fused_bwd = model.steps("fastlora", "backward", D)
     # dU/dB: reads dy, B, U, writes dU, dB, plus one fp32 part of dU [4, 2] and of dB [8, 2]
     # written and read back (8 B a value); dA/dx_lora: reads dU, x, A, writes dA, dx, plus
@@ -216,20 +227,22 @@ def test_peer_time_at_assumed_efficiencies_hand_checked():
 def test_lower_ceiling_gives_longer_modelled_time(kernel):
     """Halving one kernel's ceiling never shortens fastlora's modelled time, and lengthens it
     wherever that kernel's capped term binds (every kernel on a real layer at the M that runs
-    it: 8192 for the tiled path and the backward, 1 for the small-M path)."""
+    it: 8192 for the tiled path and the backward, 1 and 2 for the CUDA-core path, 4 for the
+    small-M path)."""
     h100 = peaks.peak_named("H100 SXM")
     base = {k: 0.8 for k in model.fastlora_kernels()}
     lower = {**base, kernel: 0.4}
-    small_m = kernel == model.SMALL_M_KERNEL
+    # the M each runs at: the one-launch kernel at 1 and 2 rows, the small-M one at 4
+    binds = {model.GEMV_M1_KERNEL: 1, model.GEMV_M2_KERNEL: 2, model.SMALL_M_KERNEL: 4}
     # the dequantize kernel runs on the dequantize + cuBLAS path only
     provider = "fastlora_dequant" if kernel == model.DEQUANT_KERNEL else "fastlora"
-    for m in (1, 8192):
+    for m in (1, 2, 4, 8192):
         d = model.Dims(m, 4096, 4096, 16)
         st = model.steps(provider, "full", d)
         before = model.modelled_seconds(st, h100, base)
         after = model.modelled_seconds(st, h100, lower)
         assert after >= before
-        if m == (1 if small_m else 8192):
+        if m == binds.get(kernel, 8192):
             assert after > before, (kernel, m)
 
 
@@ -690,25 +703,25 @@ def test_mixed_gpu_path_with_faked_timings(tmp_path, monkeypatch):
 
 def test_host_time_mode_measures_both_layers(monkeypatch):
     """`fastlora bench --modes host` (fastlora/bench/hosttime.py): the patched layer's call
-    reaches exactly its two launches at M = 1 (U, then the split-K GEMM), recorded not run;
+    reaches exactly its one launch at M = 1 (U and y: csrc_triton/gemv.py), recorded not run;
     PEFT's call reaches bitsandbytes' product (recorded); both give a positive time."""
     from fastlora.bench import hosttime
 
     monkeypatch.setattr(hosttime, "ROUNDS", 3)
     got = hosttime.measure("cuda" if torch.cuda.is_available() else "cpu", 1)
     assert set(got) == set(hosttime.PROVIDERS)
-    assert got["fastlora"][1] == 2.0, got
+    assert got["fastlora"][1] == 1.0, got
     assert all(us > 0 for us, _ in got.values()), got
 
 
 def test_host_time_of_a_decode_step(monkeypatch):
     """The host mode's decode-step row: the demo's 4-bit Llama, one token, patched with groups
-    (8 launches a decoder layer: issue 29's limit) and unpatched (bitsandbytes' product
-    recorded); both give a positive time."""
+    (7 launches a decoder layer, one a LoRA layer; issue 29's limit is 8) and unpatched
+    (bitsandbytes' product recorded); both give a positive time."""
     from fastlora.bench import hosttime
 
     monkeypatch.setattr(hosttime, "ROUNDS", 3)
     got = hosttime.measure_decode_step("cuda" if torch.cuda.is_available() else "cpu")
     assert set(got) == set(hosttime.PROVIDERS)
-    assert got["fastlora"][1] == 8.0, got
+    assert got["fastlora"][1] == 7.0, got
     assert all(us > 0 for us, _ in got.values()), got

@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -70,12 +71,18 @@ DORA_NORM_KERNEL = "_dora_norm_kernel"
 DORA_SCALES_KERNEL = "_dora_scales_kernel"
 DORA_COMBINE_KERNEL = "_dora_combine_kernel"
 COL_DOT_KERNEL = "_col_dot_kernel"
+GEMV_KERNEL = "_nf4_lora_gemv_kernel"
+# the model's names of the CUDA-core M <= 2 kernel by the rows it serves: each row of x costs
+# it one more FMA a value, so its compiled ceiling is read per BLOCK_M (model_kernel)
+GEMV_M1_KERNEL, GEMV_M2_KERNEL = f"{GEMV_KERNEL}[m=1]", f"{GEMV_KERNEL}[m=2]"
 KERNEL_BOUND = {FWD_KERNEL: "mma", DX_KERNEL: "mma", U_KERNEL: "hbm", SMALL_M_KERNEL: "hbm",
-                DU_DB_KERNEL: "hbm", DA_KERNEL: "hbm", DEQUANT_KERNEL: "hbm"}
+                GEMV_M1_KERNEL: "hbm", GEMV_M2_KERNEL: "hbm", DU_DB_KERNEL: "hbm",
+                DA_KERNEL: "hbm", DEQUANT_KERNEL: "hbm"}
 # the DoRA layer's own kernels (csrc_triton/dora.py), modelled by `dora_steps` only
 DORA_KERNEL_BOUND = {DORA_NORM_KERNEL: "hbm", DORA_SCALES_KERNEL: "hbm", DORA_COMBINE_KERNEL: "hbm",
                      COL_DOT_KERNEL: "hbm"}
 SMALL_M_MAX = 16  # fastlora/launch/forward.py: M <= 16 takes the split-K small-M kernel
+GEMV_MAX_M = 2  # fastlora/launch/forward.py: M <= 2 (no dropout) U and y in one launch
 
 # the arch whose compiled code models each GPU of the table (fastlora/gpus.py); only
 # fastlora.compilecheck.ARCHS have compiled ceilings, the others' kernels run unmodelled
@@ -142,13 +149,25 @@ def layer_bytes(mode: str, d: Dims) -> int:
     return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
 
 
+def _u_step(d: Dims, s: dict) -> Step:
+    return Step("U = x A^T", _mm(d.m, d.r, d.k), s["x"] + s["a"] + s["u"], U_KERNEL)
+
+
 def _fastlora(d: Dims, s: dict) -> tuple[list[Step], list[Step]]:
     m, n, k, r = d.m, d.n, d.k, d.r
     # fastlora/launch/forward.py: U first (_lora_u_kernel), then the fused pass: the tiled
     # GEMM, or for M <= 16 the split-K small-M kernel, whose programs write fp32 partials of
-    # x deq(W)^T and whose last program per N tile reads them back and adds s U B^T + bias
-    fwd = [Step("U = x A^T", _mm(m, r, k), s["x"] + s["a"] + s["u"], U_KERNEL)]
-    if m <= SMALL_M_MAX:
+    # x deq(W)^T and whose last program per N tile reads them back and adds s U B^T + bias;
+    # for M <= 2 (no dropout) both in one launch on the CUDA cores (csrc_triton/gemv.py),
+    # whose programs also write fp32 partials of U (one slice: the floor)
+    fwd = [_u_step(d, s)]
+    if m <= GEMV_MAX_M:
+        part = 4 * m * (n + r)
+        fwd = [Step("U, y = x deq(W)^T + s (x A^T) B^T + bias (CUDA cores, one launch)",
+                    _mm(m, n, k) + _mm(m, r, k) + _mm(m, n, r),
+                    s["x"] + s["w4"] + s["a"] + 2 * part + s["b"] + s["bias"] + s["y"]
+                    + s["u"], GEMV_M1_KERNEL if m == 1 else GEMV_M2_KERNEL)]
+    elif m <= SMALL_M_MAX:
         part = 4 * m * n  # one fp32 [M, N] partial (the floor: one slice), written and read
         fwd.append(Step("y = x deq(W)^T + s U B^T + bias (small-M, split-K, summed in-kernel)",
                         _mm(m, n, k) + _mm(m, n, r),
@@ -173,10 +192,10 @@ def _fastlora_dequant(d: Dims, s: dict) -> tuple[list[Step], list[Step]]:
     du_db, da kernels at their ceilings, fastlora's dequantize kernel at its
     (HBM) ceiling writing W16 into the shared buffer, cuBLAS at the peer efficiency."""
     m, n, k, r = d.m, d.n, d.k, d.r
-    fused_fwd, fused_bwd = _fastlora(d, s)
+    fused_bwd = _fastlora(d, s)[1]
     dequant = Step("dequantize W into the shared buffer", 0, s["w4"] + s["w16"],
                    DEQUANT_KERNEL)
-    fwd = [fused_fwd[0], dequant,
+    fwd = [_u_step(d, s), dequant,
            Step("y = x W^T + bias (cuBLAS addmm)", _mm(m, n, k),
                 s["w16"] + s["x"] + s["bias"] + s["y"]),
            Step("y += s U B^T (cuBLAS addmm)", _mm(m, n, r), s["u"] + s["b"] + 2 * s["y"])]
@@ -404,7 +423,8 @@ def expected_pick(mode: str, d: Dims, peak: Optional[Peak] = None,
         peak = peak_of(gpus.current(arch))
     fused_fwd, fused_bwd = _fastlora(d, _sizes(d))
     deq_fwd, deq_bwd = _fastlora_dequant(d, _sizes(d))
-    roles = {"forward": (fused_fwd[1:], deq_fwd[1:]),
+    shared_u = 0 if d.m <= GEMV_MAX_M else 1  # the one-launch kernel computes U itself
+    roles = {"forward": (fused_fwd[shared_u:], deq_fwd[shared_u:]),
              "dx": (fused_bwd[-1:], deq_bwd[len(fused_bwd) - 1:])}
     wanted = {"forward": ("forward",), "backward": ("dx",), "full": ("forward", "dx")}[mode]
     picks = {}
@@ -439,6 +459,15 @@ def _config_dtype_class(config: str) -> str:
     return "16bit" if {"bf16", "fp16"} & set(words) else "fp32"
 
 
+def model_kernel(kernel: str, config: str) -> str:
+    """The model's name of a compiled config's kernel: the kernel's own, or for the CUDA-core
+    M <= 2 kernel its name with the rows the config serves (GEMV_M1_KERNEL, GEMV_M2_KERNEL)."""
+    if kernel == GEMV_KERNEL:
+        rows = re.search(r"BLOCK_M=(\d+)", config).group(1)
+        return f"{kernel}[m={rows}]"
+    return kernel
+
+
 def needed_specs(arch: str, klass: str = "16bit", specs=None, kernels=None) -> list:
     """The CompileSpecs whose compiled ceilings `kernel_ceilings` reads for `arch` and dtype
     class: per kernel, its headline specs (ceiling_target > 0) when it has any, else all of
@@ -450,7 +479,8 @@ def needed_specs(arch: str, klass: str = "16bit", specs=None, kernels=None) -> l
     kernels = set(kernels if kernels is not None else fastlora_kernels())
     chosen = []
     for kernel in sorted(kernels):
-        mine = [s for s in specs if s.kernel == kernel and arch in s.archs
+        mine = [s for s in specs if model_kernel(s.kernel, s.config) == kernel
+                and arch in s.archs
                 and not getattr(s, "fma_dot", False) and spec_dtype_class(s) == klass]
         headline = [s for s in mine if getattr(s, "ceiling_target", 0) > 0]
         chosen += headline or mine
@@ -478,8 +508,8 @@ def ceilings_from_rows(rows, arch: str, klass: str = "16bit", specs=None) -> dic
         if row_class != klass:
             continue
         headline = spec is not None and getattr(spec, "ceiling_target", 0) > 0
-        found.setdefault(row["kernel"], {True: [], False: []})[headline].append(
-            float(row["ceiling"]))
+        found.setdefault(model_kernel(row["kernel"], row["config"]),
+                         {True: [], False: []})[headline].append(float(row["ceiling"]))
     return {kernel: max(parts[True] or parts[False]) for kernel, parts in found.items()}
 
 

@@ -5,7 +5,9 @@
 
 runs `U = dropout(x) @ A^T` (forward._lora_u_kernel), then `y = x @ deq(W)^T + s * U @ B^T +
 bias` with the tiled kernel, or with the split-K small-M kernel when M <= SMALL_M_MAX (whose
-last program per N tile sums the K slices in-kernel): two launches on either path.
+last program per N tile sums the K slices in-kernel): two launches on either path. At
+M <= GEMV_MAX_M without dropout and with K block-aligned, csrc_triton/gemv.py computes U and y
+on the CUDA cores in one launch.
 `config=None` picks the configuration automatically (autotuned over the pruned per-arch list on a
 GPU, one fixed small config in the interpreter); an explicit dict is the debug/benchmark entry
 point (keys: see TILED_KEYS / SMALL_M_KEYS).
@@ -24,9 +26,11 @@ from .common import (LAUNCH_OPTIONS, arch, arrival_counters, cached_autotuner, d
                      dot_precision, kernel_entry, num_sms, prepared_entry, weight_args)
 
 SMALL_M_MAX = 16
-PATHS = ("auto", "tiled", "small_m")
+GEMV_MAX_M = 2  # csrc_triton/gemv.py GEMV_MAX_M (a test keeps them equal)
+PATHS = ("auto", "tiled", "small_m", "gemv")
 TILED_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "W_FIRST", "num_warps", "num_stages")
 SMALL_M_KEYS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
+GEMV_KEYS = SMALL_M_KEYS
 
 
 def check_forward_args(x, packed, state, lora_A, lora_B, scaling, bias, p, seed) -> None:
@@ -42,15 +46,29 @@ def check_forward_args(x, packed, state, lora_A, lora_B, scaling, bias, p, seed)
     check_fused_rank(lora_A)
 
 
-def choose_path(m: int, path: str = "auto") -> str:
-    """'small_m' for M <= SMALL_M_MAX, else 'tiled'; `path` forces one ('auto' decides)."""
+def choose_path(m: int, path: str = "auto", gemv_ok: bool = False) -> str:
+    """'gemv' for M <= GEMV_MAX_M where gemv_ok (no dropout, K block-aligned: gemv_ready),
+    else 'small_m' for M <= SMALL_M_MAX, else 'tiled'; `path` forces one ('auto' decides)."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if path == "small_m" and m > SMALL_M_MAX:
         raise ValueError(f"path='small_m' handles at most {SMALL_M_MAX} rows, x has {m}")
+    if path == "gemv" and (m > GEMV_MAX_M or not gemv_ok):
+        raise ValueError(f"path='gemv' handles at most {GEMV_MAX_M} rows, no dropout and K a "
+                         f"multiple of the blocksize with the packed bytes 4-byte aligned; "
+                         f"x has {m} rows" + ("" if gemv_ok else ", and the rest does not hold"))
     if path != "auto":
         return path
+    if m <= GEMV_MAX_M and gemv_ok:
+        return "gemv"
     return "small_m" if m <= SMALL_M_MAX else "tiled"
+
+
+def gemv_ready(flags: dict, p: float) -> bool:
+    """Whether the one-launch CUDA-core path can serve a call (M aside): no dropout (it
+    computes U itself, from x as it is) and a block-aligned K read as 32-bit words (decode_flags
+    K_ALIGNED; bitsandbytes' blocksizes are all >= 32, gemv.py's tile width)."""
+    return p == 0.0 and flags["K_ALIGNED"]
 
 
 def _check_config(config: dict, keys: tuple, path: str) -> dict:
@@ -77,12 +95,16 @@ def lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, seed, *, co
         check_forward_args(x, packed, state, lora_A, lora_B, scaling, bias, p, seed)
     else:
         check_fused_rank(lora_A)
-    m = x.shape[0]
+    m, k = x.shape
     n, rank = lora_B.shape
     u = torch.empty((m, rank), dtype=x.dtype, device=x.device)
-    which = choose_path(m, path)
+    flags = decode_flags(packed, state, k)
+    which = choose_path(m, path, gemv_ready(flags, float(p)))
     if m == 0:
         return torch.empty((m, n), dtype=x.dtype, device=x.device), u
+    if which == "gemv":
+        return _forward_gemv(x, packed, state, lora_A, lora_B, scaling, bias, u, flags,
+                             config, base, config is not None or path != "auto"), u
     _launch_u(x, lora_A, u, float(p), int(seed), dot_precision(x.dtype))
     return forward_with_u(x, packed, state, u, lora_B, scaling, bias, config=config,
                           path=which, base=base, pinned=config is not None or path != "auto"), u
@@ -112,6 +134,76 @@ def forward_with_u(x, packed, state, u, lora_B, scaling, bias, *, config=None, p
                                                       float(scaling), bias, out),
                  n=n, k=k, m=m, base=base, pinned=pinned)
     return y
+
+
+def _forward_gemv(x, packed, state, lora_a, lora_b, scaling, bias, u, flags, config, base,
+                  pinned):
+    """y of lora_forward at M <= GEMV_MAX_M in one launch (csrc_triton/gemv.py), u written by
+    the same launch; the dispatcher's dequantize path runs the U kernel and dequantize +
+    matmul instead."""
+    m, k = x.shape
+    n, rank = lora_b.shape
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    flags = {**flags, "HAS_BIAS": bias is not None}
+    launch = _gemv_launcher(x.device, x.dtype, flags, m, n, k, rank, float(scaling), config,
+                            store_u=True)
+    weight = weight_args(packed, state)
+    bias_arg = bias.contiguous() if bias is not None else None
+
+    def dequant(out):
+        _launch_u(x, lora_a, u, 0.0, 0, dot_precision(x.dtype))
+        dispatch.forward_dequant(x, packed, state, u, lora_b, float(scaling), bias, out)
+    dispatch.run("forward", y, lambda out: launch(x, weight, lora_a, lora_b, bias_arg, out, u),
+                 dequant, n=n, k=k, m=m, base=base, pinned=pinned)
+    return y
+
+
+def _gemv_kernels():
+    from csrc_triton import gemv
+
+    return gemv
+
+
+def _gemv_launcher(device, dtype, flags, m, n, k, rank, scaling, config, store_u):
+    """The one-launch M <= GEMV_MAX_M forward for m rows, configuration and split chosen: a
+    callable (x, weight_args, lora_a, lora_b, bias or None, y, u) writing y (and u when
+    store_u; u is unread otherwise and may be None)."""
+    gv = _gemv_kernels()
+    if config is None and not backend.interpreter_active():
+        kernel, meta = _autotuned_gemv(device, m, _forward_kernels().rank_block(rank),
+                                       dtype == torch.float32), {}
+        slices = gv.split_k(n, k, num_sms(device))
+    else:
+        meta = dict(_check_config(config, GEMV_KEYS, "gemv") if config is not None
+                    else gv.INTERPRETER_CONFIG)
+        kernel, slices = gv._nf4_lora_gemv_kernel, meta.pop("SPLIT_K")
+        if meta["BLOCK_K"] != gv.BLOCK_K:
+            raise ValueError(f"the gemv path's BLOCK_K is {gv.BLOCK_K} (one 16-byte load of "
+                             f"packed values a row), got {meta['BLOCK_K']}")
+    trips = k // gv.BLOCK_K
+    k_per_split = triton.cdiv(trips, max(1, min(slices, trips))) * gv.BLOCK_K
+    n_slices = triton.cdiv(k, k_per_split)
+    split = n_slices > 1
+    block_r = _forward_kernels().rank_block(rank)
+    # per N tile an arrival counter and n_slices partial U's, sized for the narrowest tile
+    n_tiles = triton.cdiv(n, meta.get("BLOCK_N", gv.SMALLEST_BLOCK_N))
+    launch = kernel[lambda meta_: (triton.cdiv(n, meta_["BLOCK_N"]), n_slices)]
+    consts = {"QBLOCK": flags["QBLOCK"], "DOUBLE_QUANT": flags["DOUBLE_QUANT"],
+              "HAS_BIAS": flags["HAS_BIAS"], "STORE_U": store_u, "SPLIT": split,
+              "BLOCK_M": gv.block_m(m), "BLOCK_R": block_r, "LANE_TABLE": flags["LANE_TABLE"],
+              **meta, **LAUNCH_OPTIONS}
+    wsu_size = n_tiles * n_slices * gv.block_m(m) * block_r
+
+    def run(x, weight, lora_a, lora_b, bias, y, u):
+        ws = torch.empty((n_slices, m, n), dtype=torch.float32, device=device) if split else y
+        wsu = torch.empty(wsu_size, dtype=torch.float32, device=device)
+        counters = arrival_counters(device, n_tiles) if split else wsu
+        u_arg = u if u is not None else y  # unread without STORE_U
+        launch(x, *weight, lora_a, lora_b, bias if bias is not None else y, y, u_arg, ws, wsu,
+               counters, m, n, k, k // 8, rank, k_per_split, x.stride(0), x.stride(1),
+               lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
+               y.stride(0), y.stride(1), u_arg.stride(0), u_arg.stride(1), scaling, **consts)
+    return run
 
 
 def _forward_kernels():
@@ -238,10 +330,13 @@ def prepare_small_m(x, packed, state, lora_A, lora_B, scaling, bias):
     callable only while they stay what they were (the same tensors, unchanged): nothing is
     checked when it runs."""
     check_fused_rank(lora_A)
+    m, k = x.shape
+    if 0 < m <= GEMV_MAX_M and gemv_ready(decode_flags(packed, state, k), 0.0):
+        return _prepare_gemv(x, packed, state, lora_A, lora_B, scaling, bias)
     y_launch = prepare_small_m_with_u(x, packed, state, lora_B, scaling, bias)
     if y_launch is None:
         return None
-    m, rank = x.shape[0], lora_A.shape[0]
+    rank = lora_A.shape[0]
     u_launch = _u_launcher(lora_A, m, x.dtype, 0.0, 0, dot_precision(x.dtype))
     device, dtype = x.device, x.dtype
 
@@ -250,6 +345,28 @@ def prepare_small_m(x, packed, state, lora_A, lora_B, scaling, bias):
         u = torch.empty((m, rank), dtype=dtype, device=device)
         u_launch(x2, u)
         return y_launch(x2, u)
+    return run
+
+
+def _prepare_gemv(x, packed, state, lora_a, lora_b, scaling, bias):
+    """prepare_small_m at M <= GEMV_MAX_M: one launch (csrc_triton/gemv.py) computing U and
+    y, U not stored; None unless the dispatcher settled on the fused path."""
+    m, k = x.shape
+    n, rank = lora_b.shape
+    if dispatch.settled("forward", x.device, x.dtype, n=n, k=k, m=m) != "fused":
+        return None
+    flags = {**decode_flags(packed, state, k), "HAS_BIAS": bias is not None}
+    launch = _gemv_launcher(x.device, x.dtype, flags, m, n, k, rank, float(scaling), None,
+                            store_u=False)
+    weight = weight_args(packed, state)
+    bias = bias.contiguous() if bias is not None else None
+    device, dtype = x.device, x.dtype
+
+    @prepared_entry
+    def run(x2):
+        y = torch.empty((m, n), dtype=dtype, device=device)
+        launch(x2, weight, lora_a, lora_b, bias, y, None)
+        return y
     return run
 
 
@@ -284,6 +401,8 @@ _TILED_KEY = ["M_BUCKET", "N", "K", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "HAS_
               "BLOCK_R", "PRECISION"]
 _SMALL_M_KEY = ["N", "K", "k_per_split", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "HAS_BIAS",
                 "BLOCK_R", "PRECISION", "SPLIT"]
+_GEMV_KEY = ["N", "K", "k_per_split", "QBLOCK", "DOUBLE_QUANT", "HAS_BIAS", "STORE_U", "BLOCK_M",
+             "BLOCK_R", "SPLIT"]
 _SMALL_M_GROUP_KEY = ["N0", "N1", "N2", "N3", "K", "k_per_split", "QBLOCK", "DOUBLE_QUANT",
                       "K_ALIGNED", "HAS_BIAS0", "HAS_BIAS1", "HAS_BIAS2", "HAS_BIAS3",
                       "BLOCK_R", "PRECISION", "SPLIT", "G"]
@@ -296,6 +415,16 @@ def _autotuned_tiled(device: torch.device, fp32: bool, k_aligned: bool, precisio
         configs=fwd.triton_configs(fwd.tiled_configs(key[1], fp32, k_aligned, precision)),
         key=_TILED_KEY, prune_configs_by={"early_config_prune": fwd.prune_configs},
     )(fwd._nf4_lora_fwd_kernel))
+
+
+def _autotuned_gemv(device: torch.device, m: int, block_r: int, fp32: bool):
+    """The one-launch CUDA-core kernel autotuned over its list for m rows (gemv.py)."""
+    gv = _gemv_kernels()
+    key = ("gemv", arch(device), gv.block_m(m), block_r, fp32)
+    return cached_autotuner(key, lambda: triton.autotune(
+        configs=_forward_kernels().triton_configs(gv.gemv_configs(gv.block_m(m), block_r,
+                                                                  fp32)),
+        key=_GEMV_KEY)(gv._nf4_lora_gemv_kernel))
 
 
 def _autotuned_small_m(device: torch.device, fp32: bool, k_aligned: bool, precision: str,

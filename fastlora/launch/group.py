@@ -30,8 +30,9 @@ from .backward import Configs, _parallelism, _parts, check_backward_args, du_db,
 from . import dispatch
 from .common import (LAUNCH_OPTIONS, arrival_counters, decode_flags, dot_precision,
                      kernel_entry, prepared_entry, weight_args)
-from .forward import (SMALL_M_MAX, _forward_kernels, _small_m_kernels, check_forward_args,
-                      forward_with_u, prepare_small_m_with_u, small_m_plan)
+from .forward import (GEMV_MAX_M, SMALL_M_MAX, _forward_kernels, _small_m_kernels,
+                      check_forward_args, forward_with_u, gemv_ready, lora_forward,
+                      prepare_small_m, prepare_small_m_with_u, small_m_plan)
 
 __all__ = ["group_forward", "prepare_group_forward", "group_backward", "group_problem",
            "check_group_size", "full_precision_fp32", "MAX_MEMBERS"]
@@ -111,6 +112,10 @@ def group_forward(x: torch.Tensor, members: list, *, base=None):
     if m == 0:
         return [torch.empty((m, mb.lora_B.shape[0]), dtype=x.dtype, device=x.device)
                 for mb in members], us
+    if _members_take_gemv(x, members):
+        outs = [lora_forward(x, mb.packed, mb.state, mb.lora_A, mb.lora_B, mb.scaling, mb.bias,
+                             mb.dropout_p, mb.seed, base=base, check=False) for mb in members]
+        return [y for y, _ in outs], [u for _, u in outs]
     gk = _kernels()
     ranks = [mb.lora_A.shape[0] for mb in members]
     precision = dot_precision(x.dtype)
@@ -130,6 +135,16 @@ def group_forward(x: torch.Tensor, members: list, *, base=None):
     ys = [forward_with_u(x, mb.packed, mb.state, u, mb.lora_B, mb.scaling, mb.bias, base=base)
           for mb, u in zip(members, us)]
     return ys, us
+
+
+def _members_take_gemv(x: torch.Tensor, members: list) -> bool:
+    """At M <= GEMV_MAX_M without dropout and with K block-aligned, each member runs its own
+    one-launch CUDA-core forward (U and y, csrc_triton/gemv.py): the same launches and results,
+    bit for bit, as the members called one by one (a group is formed only at a model's forward,
+    and torch.compile calls members alone), one launch a member."""
+    m, k = x.shape
+    return 0 < m <= GEMV_MAX_M and all(
+        gemv_ready(decode_flags(mb.packed, mb.state, k), mb.dropout_p) for mb in members)
 
 
 def _group_gemm(x: torch.Tensor, members: list, base=None):
@@ -192,10 +207,20 @@ def prepare_group_forward(x: torch.Tensor, members: list):
     (issue 29, host time; as launch/forward.py prepare_small_m): a callable (x2) -> [y_g]
     running the same launches on the same arguments (one U pass for all, then the group GEMM
     or each member's split-K GEMM), or None where a member's product would not take the
-    fused small-M path
-    without deciding something first. Members and x are checked by the caller (the group
-    fits: group_problem), and kept unchanged while the callable is."""
+    fused small-M path without deciding something first. At M <= GEMV_MAX_M (no dropout, K
+    block-aligned) each member's own prepared one-launch call instead (_members_take_gemv).
+    Members and x are checked by the caller (the group fits: group_problem), and kept
+    unchanged while the callable is."""
     m, k = x.shape
+    if _members_take_gemv(x, members):
+        calls = [prepare_small_m(x, mb.packed, mb.state, mb.lora_A, mb.lora_B, mb.scaling,
+                                 mb.bias) for mb in members]
+        if any(call is None for call in calls):
+            return None
+
+        def run_members(x2):  # each call holds its own interpreter guard
+            return [call(x2) for call in calls]
+        return run_members
     gemm = _group_gemm(x, members)
     y_launches = [prepare_small_m_with_u(x, mb.packed, mb.state, mb.lora_B, mb.scaling,
                                          mb.bias) for mb in members] if gemm is None else []

@@ -122,16 +122,18 @@ def _mismatch(what: str, got: torch.Tensor, want: torch.Tensor) -> Optional[str]
             f"values (first at {first})")
 
 
-def _configs(device: torch.device) -> tuple[Optional[dict], Optional[dict]]:
-    """(tiled, small_m) configs of the check's forward launches: None (the fixed ones) in the
-    interpreter; on a GPU the first bf16, K-aligned config of each autotune list."""
+def _configs(device: torch.device) -> tuple[Optional[dict], Optional[dict], Optional[dict]]:
+    """(tiled, small_m, gemv) configs of the check's forward launches: None (the fixed ones)
+    in the interpreter; on a GPU the first bf16, K-aligned config of each autotune list."""
     if backend.interpreter_active():
-        return None, None
-    from csrc_triton import forward as fwd_kernels, small_m as small_m_kernels
+        return None, None, None
+    from csrc_triton import forward as fwd_kernels, gemv as gemv_kernels
+    from csrc_triton import small_m as small_m_kernels
     from .common import arch
 
     tiled = dict(fwd_kernels.tiled_configs(arch(device), False, True)[0])
-    return tiled, {**small_m_kernels.small_m_configs(False, True)[0], "SPLIT_K": 2}
+    return (tiled, {**small_m_kernels.small_m_configs(False, True)[0], "SPLIT_K": 2},
+            {**gemv_kernels.gemv_configs(2, 16, False)[0], "SPLIT_K": 2})
 
 
 def _check(device: torch.device, quant_type: str) -> Optional[str]:
@@ -148,7 +150,7 @@ def _check(device: torch.device, quant_type: str) -> Optional[str]:
                             dequant.dequantize_4bit_triton(packed, state, DTYPE), want)
         if problem:
             return problem
-        tiled, small = _configs(device)
+        tiled, small, gemv = _configs(device)
         eye = torch.eye(K, dtype=DTYPE, device=device)
         lora_a = torch.zeros(RANK, K, dtype=DTYPE, device=device)
         lora_b = torch.zeros(N, RANK, dtype=DTYPE, device=device)
@@ -160,6 +162,17 @@ def _check(device: torch.device, quant_type: str) -> Optional[str]:
         cols = torch.tensor(SMALL_M_COLUMNS, device=device)
         y, _ = forward.lora_forward(eye[cols], packed, state, lora_a, lora_b, 1.0, None, 0.0,
                                     0, config=small, path="small_m")
-        return _mismatch("the small-M forward", y, want[:, cols].t())
+        problem = _mismatch("the small-M forward", y, want[:, cols].t())
+        if problem:
+            return problem
+        # the CUDA-core decode at M <= 2 (csrc_triton/gemv.py): the same 16 columns two at a
+        # time; a one-hot row's sums are exact, so each picks its column of W bit for bit
+        for pair in cols.view(-1, 2):
+            y, _ = forward.lora_forward(eye[pair], packed, state, lora_a, lora_b, 1.0, None,
+                                        0.0, 0, config=gemv, path="gemv")
+            problem = _mismatch("the M <= 2 (CUDA-core) forward", y, want[:, pair].t())
+            if problem:
+                return problem
+        return None
     except Exception as exc:  # a kernel that cannot run here is a failed check, not a crash
         return f"the check raised {type(exc).__name__}: {exc}"
