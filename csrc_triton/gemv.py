@@ -175,6 +175,9 @@ def _finish_row(acc, m: tl.constexpr, pid_n, n_slices, offs_n, M, N, R, b_ptr, b
 # ----------------------------------------------------------------------------- configs
 
 BLOCK_K = 32  # the kernel's tile width (one 16-byte load of packed values a row)
+# compile options of every build of the kernel, shipped spec and launch alike: its FMAs (the
+# double-quant absmax stays two roundings: block_scales ROUNDED)
+OPTIONS = {"enable_fp_fusion": True}
 # Interpreter: small tiles and two K slices keep test shapes at a handful of programs and still
 # run the split-K sums (y's and U's).
 INTERPRETER_CONFIG = {"BLOCK_N": 32, "BLOCK_K": BLOCK_K, "SPLIT_K": 2, "num_warps": 4,
@@ -245,7 +248,7 @@ def _spec(cfg, dtype, bm, split, rank=16, target=0.0):
                        signature=sig, constexprs=constexprs, num_warps=cfg["num_warps"],
                        num_stages=cfg["num_stages"], uses_dot=False,
                        label=f"{dtype} m={bm} r={rank} split={int(split)}",
-                       options={"enable_fp_fusion": True},
+                       options=OPTIONS,
                        aligned=ALIGNED_ARGS + ("wsu_ptr", "K_WORDS"),
                        trip_bytes=cfg["BLOCK_N"] * cfg["BLOCK_K"] // 2,  # the packed weight
                        ceiling_target=target)

@@ -191,7 +191,7 @@ def _gemv_launcher(device, dtype, flags, m, n, k, rank, scaling, config, store_u
     consts = {"QBLOCK": flags["QBLOCK"], "DOUBLE_QUANT": flags["DOUBLE_QUANT"],
               "HAS_BIAS": flags["HAS_BIAS"], "STORE_U": store_u, "SPLIT": split,
               "BLOCK_M": gv.block_m(m), "BLOCK_R": block_r, "LANE_TABLE": flags["LANE_TABLE"],
-              **meta, **LAUNCH_OPTIONS}
+              **meta, **gv.OPTIONS}  # FP fusion on, unlike LAUNCH_OPTIONS (gemv.py says why)
     wsu_size = n_tiles * n_slices * gv.block_m(m) * block_r
 
     def run(x, weight, lora_a, lora_b, bias, y, u):
