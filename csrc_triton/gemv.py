@@ -32,8 +32,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (BOUNDED_ARGS, CompileSpec, block_scales, code_lookup, lane_table,
-                     last_to_arrive, weight_signature, word_nibbles)
+from .common import (CompileSpec, block_scales, code_lookup, lane_table, last_to_arrive,
+                     weight_signature, word_nibbles)
 
 GEMV_MAX_M = 2  # the most rows this path serves (tests/test_gemv.py; launch/forward.py)
 R_CHUNK = tl.constexpr(16)  # rank columns the epilogue's s * U @ B^T takes at a time

@@ -98,13 +98,13 @@ def lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, seed, *, co
     m, k = x.shape
     n, rank = lora_B.shape
     u = torch.empty((m, rank), dtype=x.dtype, device=x.device)
-    flags = decode_flags(packed, state, k)
-    which = choose_path(m, path, gemv_ready(flags, float(p)))
+    gemv_ok = m <= GEMV_MAX_M and gemv_ready(decode_flags(packed, state, k), float(p))
+    which = choose_path(m, path, gemv_ok)
     if m == 0:
         return torch.empty((m, n), dtype=x.dtype, device=x.device), u
     if which == "gemv":
-        return _forward_gemv(x, packed, state, lora_A, lora_B, scaling, bias, u, flags,
-                             config, base, config is not None or path != "auto"), u
+        return _forward_gemv(x, packed, state, lora_A, lora_B, scaling, bias, u, config, base,
+                             config is not None or path != "auto"), u
     _launch_u(x, lora_A, u, float(p), int(seed), dot_precision(x.dtype))
     return forward_with_u(x, packed, state, u, lora_B, scaling, bias, config=config,
                           path=which, base=base, pinned=config is not None or path != "auto"), u
@@ -136,26 +136,37 @@ def forward_with_u(x, packed, state, u, lora_B, scaling, bias, *, config=None, p
     return y
 
 
-def _forward_gemv(x, packed, state, lora_a, lora_b, scaling, bias, u, flags, config, base,
-                  pinned):
+def _forward_gemv(x, packed, state, lora_a, lora_b, scaling, bias, u, config, base, pinned):
     """y of lora_forward at M <= GEMV_MAX_M in one launch (csrc_triton/gemv.py), u written by
     the same launch; the dispatcher's dequantize path runs the U kernel and dequantize +
     matmul instead."""
     m, k = x.shape
-    n, rank = lora_b.shape
+    n = lora_b.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    flags = {**flags, "HAS_BIAS": bias is not None}
-    launch = _gemv_launcher(x.device, x.dtype, flags, m, n, k, rank, float(scaling), config,
-                            store_u=True)
-    weight = weight_args(packed, state)
-    bias_arg = bias.contiguous() if bias is not None else None
+    launch = _gemv_bound(x, packed, state, lora_a, lora_b, scaling, bias, config, store_u=True)
 
     def dequant(out):
         _launch_u(x, lora_a, u, 0.0, 0, dot_precision(x.dtype))
         dispatch.forward_dequant(x, packed, state, u, lora_b, float(scaling), bias, out)
-    dispatch.run("forward", y, lambda out: launch(x, weight, lora_a, lora_b, bias_arg, out, u),
-                 dequant, n=n, k=k, m=m, base=base, pinned=pinned)
+    dispatch.run("forward", y, lambda out: launch(x, out, u), dequant, n=n, k=k, m=m,
+                 base=base, pinned=pinned)
     return y
+
+
+def _gemv_bound(x, packed, state, lora_a, lora_b, scaling, bias, config, store_u):
+    """_gemv_launcher for inputs shaped like x with everything but x, y and u bound: a callable
+    (x2, y, u)."""
+    m, k = x.shape
+    n, rank = lora_b.shape
+    flags = {**decode_flags(packed, state, k), "HAS_BIAS": bias is not None}
+    launch = _gemv_launcher(x.device, x.dtype, flags, m, n, k, rank, float(scaling), config,
+                            store_u)
+    weight = weight_args(packed, state)
+    bias = bias.contiguous() if bias is not None else None
+
+    def run(x2, y, u):
+        launch(x2, weight, lora_a, lora_b, bias, y, u)
+    return run
 
 
 def _gemv_kernels():
@@ -169,9 +180,9 @@ def _gemv_launcher(device, dtype, flags, m, n, k, rank, scaling, config, store_u
     callable (x, weight_args, lora_a, lora_b, bias or None, y, u) writing y (and u when
     store_u; u is unread otherwise and may be None)."""
     gv = _gemv_kernels()
+    block_m, block_r = gv.block_m(m), _forward_kernels().rank_block(rank)
     if config is None and not backend.interpreter_active():
-        kernel, meta = _autotuned_gemv(device, m, _forward_kernels().rank_block(rank),
-                                       dtype == torch.float32), {}
+        kernel, meta = _autotuned_gemv(device, block_m, block_r, dtype == torch.float32), {}
         slices = gv.split_k(n, k, num_sms(device))
     else:
         meta = dict(_check_config(config, GEMV_KEYS, "gemv") if config is not None
@@ -184,15 +195,14 @@ def _gemv_launcher(device, dtype, flags, m, n, k, rank, scaling, config, store_u
     k_per_split = triton.cdiv(trips, max(1, min(slices, trips))) * gv.BLOCK_K
     n_slices = triton.cdiv(k, k_per_split)
     split = n_slices > 1
-    block_r = _forward_kernels().rank_block(rank)
     # per N tile an arrival counter and n_slices partial U's, sized for the narrowest tile
     n_tiles = triton.cdiv(n, meta.get("BLOCK_N", gv.SMALLEST_BLOCK_N))
     launch = kernel[lambda meta_: (triton.cdiv(n, meta_["BLOCK_N"]), n_slices)]
     consts = {"QBLOCK": flags["QBLOCK"], "DOUBLE_QUANT": flags["DOUBLE_QUANT"],
               "HAS_BIAS": flags["HAS_BIAS"], "STORE_U": store_u, "SPLIT": split,
-              "BLOCK_M": gv.block_m(m), "BLOCK_R": block_r, "LANE_TABLE": flags["LANE_TABLE"],
+              "BLOCK_M": block_m, "BLOCK_R": block_r, "LANE_TABLE": flags["LANE_TABLE"],
               **meta, **gv.OPTIONS}  # FP fusion on, unlike LAUNCH_OPTIONS (gemv.py says why)
-    wsu_size = n_tiles * n_slices * gv.block_m(m) * block_r
+    wsu_size = n_tiles * n_slices * block_m * block_r
 
     def run(x, weight, lora_a, lora_b, bias, y, u):
         ws = torch.empty((n_slices, m, n), dtype=torch.float32, device=device) if split else y
@@ -352,20 +362,16 @@ def _prepare_gemv(x, packed, state, lora_a, lora_b, scaling, bias):
     """prepare_small_m at M <= GEMV_MAX_M: one launch (csrc_triton/gemv.py) computing U and
     y, U not stored; None unless the dispatcher settled on the fused path."""
     m, k = x.shape
-    n, rank = lora_b.shape
+    n = lora_b.shape[0]
     if dispatch.settled("forward", x.device, x.dtype, n=n, k=k, m=m) != "fused":
         return None
-    flags = {**decode_flags(packed, state, k), "HAS_BIAS": bias is not None}
-    launch = _gemv_launcher(x.device, x.dtype, flags, m, n, k, rank, float(scaling), None,
-                            store_u=False)
-    weight = weight_args(packed, state)
-    bias = bias.contiguous() if bias is not None else None
+    launch = _gemv_bound(x, packed, state, lora_a, lora_b, scaling, bias, None, store_u=False)
     device, dtype = x.device, x.dtype
 
     @prepared_entry
     def run(x2):
         y = torch.empty((m, n), dtype=dtype, device=device)
-        launch(x2, weight, lora_a, lora_b, bias, y, None)
+        launch(x2, y, None)
         return y
     return run
 
@@ -417,13 +423,12 @@ def _autotuned_tiled(device: torch.device, fp32: bool, k_aligned: bool, precisio
     )(fwd._nf4_lora_fwd_kernel))
 
 
-def _autotuned_gemv(device: torch.device, m: int, block_r: int, fp32: bool):
-    """The one-launch CUDA-core kernel autotuned over its list for m rows (gemv.py)."""
+def _autotuned_gemv(device: torch.device, block_m: int, block_r: int, fp32: bool):
+    """The one-launch CUDA-core kernel autotuned over its list for BLOCK_M rows (gemv.py)."""
     gv = _gemv_kernels()
-    key = ("gemv", arch(device), gv.block_m(m), block_r, fp32)
+    key = ("gemv", arch(device), block_m, block_r, fp32)
     return cached_autotuner(key, lambda: triton.autotune(
-        configs=_forward_kernels().triton_configs(gv.gemv_configs(gv.block_m(m), block_r,
-                                                                  fp32)),
+        configs=_forward_kernels().triton_configs(gv.gemv_configs(block_m, block_r, fp32)),
         key=_GEMV_KEY)(gv._nf4_lora_gemv_kernel))
 
 
