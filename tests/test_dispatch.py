@@ -152,6 +152,7 @@ def test_bad_settings_name_themselves(monkeypatch):
 
 def test_small_m_threshold_matches_the_forward():
     assert dispatch.SMALL_M_MAX == launch_forward.SMALL_M_MAX
+    assert dispatch.GEMV_MAX_M == launch_forward.GEMV_MAX_M
 
 
 # ----------------------------------------------------------------------------- the cap
@@ -309,12 +310,37 @@ def test_dispatcher_times_both_once_and_keeps_the_pick(timer, ran):
 def test_dispatcher_key():
     device = torch.device("cpu")
     assert dispatch.key("forward", device, DTYPE, 4096, 14336, 3000) == \
-        ("cpu", "bfloat16", 4096, 14336, 4096, False, "forward")
+        ("cpu", "bfloat16", 4096, 14336, 4096, "tiled", "forward")
     # M <= 16 (the small-M fused kernel) and 17..32 share bucket 32 but not the key
     assert dispatch.key("dx", device, DTYPE, 8, 8, 16) != dispatch.key("dx", device, DTYPE,
                                                                        8, 8, 17)
+    # the forward at M <= 2 runs the CUDA-core kernel, at 3..16 the split-K one: two keys;
+    # dx has no gemv kernel, and a forward at M = 1 with dropout says it runs small_m
+    assert [dispatch.key("forward", device, DTYPE, 8, 8, m)[5] for m in (1, 2, 3, 16, 17)] == \
+        ["gemv", "gemv", "small_m", "small_m", "tiled"]
+    assert dispatch.key("dx", device, DTYPE, 8, 8, 1)[5] == "small_m"
+    assert dispatch.key("forward", device, DTYPE, 8, 8, 1, "small_m") == \
+        dispatch.key("forward", device, DTYPE, 8, 8, 8)
     with pytest.raises(ValueError, match="role"):
         dispatch.key("dA", device, DTYPE, 8, 8, 16)
+    with pytest.raises(ValueError, match="kernel"):
+        dispatch.key("forward", device, DTYPE, 8, 8, 1, "cublas")
+
+
+def test_gemv_and_small_m_forwards_are_timed_apart(timer):
+    """A pick timed at M = 8 (split-K tensor-core kernel) does not serve M = 1 (the CUDA-core
+    kernel, csrc_triton/gemv.py): each is timed on its own kernel; M = 1 with dropout runs the
+    split-K kernel and takes M = 8's pick."""
+    times, timed = timer
+    forward(layer_case(m=8))
+    assert len(timed) == 2
+    forward(layer_case(m=1, seed=1))
+    assert len(timed) == 4
+    keys = dispatch.picks()
+    assert sorted(key[5] for key in keys) == ["gemv", "small_m"]
+    case = make_case(1, N, 128, 8, DTYPE, "nf4", 64, True, True, 0.1, seed=2)
+    launch_forward.lora_forward(*case.args(DTYPE), case.dropout_p, case.seed)
+    assert len(timed) == 4 and len(dispatch.picks()) == 2
 
 
 def test_dispatcher_times_once_when_threads_race(monkeypatch):

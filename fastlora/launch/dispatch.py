@@ -13,7 +13,9 @@ Both round the base product once from an fp32 accumulation; the dequantize path 
 term in a second rounding (as plain PyTorch does), inside the same 2 x baseline + 1 ulp bound.
 
 The choice (`run`), per role ('forward', 'dx') and key (GPU name, dtype, N, K, M bucket of
-csrc_triton.common.m_bucket, whether M <= 16: the fused forward's kernel changes there):
+csrc_triton.common.m_bucket, and the fused kernel that serves the call, `kernel`: 'gemv' for
+the forward at M <= 2 without dropout, 'small_m' at M <= 16, 'tiled' above; a pick timed for
+one fused kernel never serves another):
   1. an explicit fused config / fused sub-path at the launcher pins the fused path;
   2. a shape whose buffer would pass the cap (FASTLORA_DEQUANT_BUFFER_MB) takes the fused path;
   3. `base=` at the launcher, else set_base_path(), else FASTLORA_BASE_PATH = auto | fused |
@@ -44,6 +46,8 @@ __all__ = ["run", "choose", "settled", "settings", "requested", "set_base_path",
 PATHS = ("auto", "fused", "dequant")
 ROLES = ("forward", "dx")
 SMALL_M_MAX = 16  # launch/forward.py SMALL_M_MAX (a test keeps them equal)
+GEMV_MAX_M = 2    # csrc_triton/gemv.py GEMV_MAX_M (a test keeps them equal)
+KERNELS = ("gemv", "small_m", "tiled")
 _ENV = "FASTLORA_BASE_PATH"
 # timing of one candidate (do_bench, ms): short, it runs once per key and process
 WARMUP_MS, REP_MS = 5, 25
@@ -132,14 +136,28 @@ def _gpu_name(device: torch.device) -> str:
     return name
 
 
-def key(role: str, device: torch.device, dtype: torch.dtype, n: int, k: int, m: int) -> tuple:
-    """The dispatcher's cache key of one call."""
+def default_kernel(role: str, m: int) -> str:
+    """The fused kernel an unforced call of M rows takes: 'gemv' (forward, M <= GEMV_MAX_M),
+    'small_m' (M <= SMALL_M_MAX) or 'tiled'. A forward at M <= 2 with dropout, or with K
+    not block-aligned, runs 'small_m' and says so (the `kernel` argument of choose)."""
+    if role == "forward" and m <= GEMV_MAX_M:
+        return "gemv"
+    return "small_m" if m <= SMALL_M_MAX else "tiled"
+
+
+def key(role: str, device: torch.device, dtype: torch.dtype, n: int, k: int, m: int,
+        kernel: Optional[str] = None) -> tuple:
+    """The dispatcher's cache key of one call; kernel: the fused kernel that serves it
+    (default_kernel's answer when None)."""
     from csrc_triton.common import m_bucket
 
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    kernel = default_kernel(role, m) if kernel is None else kernel
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     return (_gpu_name(device), str(dtype).replace("torch.", ""), int(n), int(k), m_bucket(m),
-            m <= SMALL_M_MAX, role)
+            kernel, role)
 
 
 def _time_ms(fn: Callable[[], None]) -> float:
@@ -161,10 +179,11 @@ def _capturing(device: torch.device) -> bool:
 
 def choose(role: str, out: torch.Tensor, fused: Callable, dequant: Callable, *, n: int, k: int,
            m: int, base: Optional[str] = None, pinned: bool = False,
-           accumulates: bool = False) -> str:
+           accumulates: bool = False, kernel: Optional[str] = None) -> str:
     """'fused' or 'dequant' for this call (module doc). fused(t) / dequant(t) compute the base
     product (and what the launcher fuses around it) into t, shaped like `out`; when timing,
-    they run on `out` itself, or on a zeroed scratch copy when they accumulate into it."""
+    they run on `out` itself, or on a zeroed scratch copy when they accumulate into it;
+    kernel: the fused kernel `fused` runs (key)."""
     if base is not None and _check(base, "base") == "dequant" and pinned:
         raise ValueError("base='dequant' cannot run with an explicit fused config or path")
     if pinned or not buffer.fits(n, k, out.dtype):
@@ -175,7 +194,7 @@ def choose(role: str, out: torch.Tensor, fused: Callable, dequant: Callable, *, 
     device = out.device
     if not _can_time(device):
         return "fused"
-    the_key = key(role, device, out.dtype, n, k, m)
+    the_key = key(role, device, out.dtype, n, k, m, kernel)
     pick = _PICKS.get(the_key)
     if pick is not None:
         return pick
@@ -198,9 +217,9 @@ def choose(role: str, out: torch.Tensor, fused: Callable, dequant: Callable, *, 
 
 
 def settled(role: str, device: torch.device, dtype: torch.dtype, *, n: int, k: int, m: int,
-            base: Optional[str] = None) -> Optional[str]:
+            base: Optional[str] = None, kernel: Optional[str] = None) -> Optional[str]:
     """The path an unpinned call of this shape takes now without timing anything ('fused' or
-    'dequant', as choose decides it; `base` as choose's), or None while auto has not picked
+    'dequant', as choose decides it; `base` and `kernel` as choose's), or None while auto has not picked
     this key yet. A launch prepared on its answer (launch/forward.py prepare_small_m) stays
     right while settings() is what it was."""
     if not buffer.fits(n, k, dtype):
@@ -210,7 +229,7 @@ def settled(role: str, device: torch.device, dtype: torch.dtype, *, n: int, k: i
         return want
     if not _can_time(device):
         return "fused"
-    return _PICKS.get(key(role, device, dtype, n, k, m))
+    return _PICKS.get(key(role, device, dtype, n, k, m, kernel))
 
 
 def settings() -> tuple:
@@ -241,9 +260,10 @@ def timings() -> dict:
         return {k: dict(v) for k, v in _TIMINGS.items()}
 
 
-def pick_for(role: str, device, dtype: torch.dtype, n: int, k: int, m: int) -> Optional[str]:
+def pick_for(role: str, device, dtype: torch.dtype, n: int, k: int, m: int,
+             kernel: Optional[str] = None) -> Optional[str]:
     """The kept pick of one key, None when it was not timed (yet)."""
-    return _PICKS.get(key(role, torch.device(device), dtype, n, k, m))
+    return _PICKS.get(key(role, torch.device(device), dtype, n, k, m, kernel))
 
 
 def clear_picks() -> None:

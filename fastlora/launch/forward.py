@@ -132,7 +132,7 @@ def forward_with_u(x, packed, state, u, lora_B, scaling, bias, *, config=None, p
                                           float(scaling), config),
                  lambda out: dispatch.forward_dequant(x, packed, state, u, lora_B,
                                                       float(scaling), bias, out),
-                 n=n, k=k, m=m, base=base, pinned=pinned)
+                 n=n, k=k, m=m, base=base, pinned=pinned, kernel=which)
     return y
 
 
@@ -149,7 +149,7 @@ def _forward_gemv(x, packed, state, lora_a, lora_b, scaling, bias, u, config, ba
         _launch_u(x, lora_a, u, 0.0, 0, dot_precision(x.dtype))
         dispatch.forward_dequant(x, packed, state, u, lora_b, float(scaling), bias, out)
     dispatch.run("forward", y, lambda out: launch(x, out, u), dequant, n=n, k=k, m=m,
-                 base=base, pinned=pinned)
+                 base=base, pinned=pinned, kernel="gemv")
     return y
 
 
@@ -363,7 +363,7 @@ def _prepare_gemv(x, packed, state, lora_a, lora_b, scaling, bias):
     y, U not stored; None unless the dispatcher settled on the fused path."""
     m, k = x.shape
     n = lora_b.shape[0]
-    if dispatch.settled("forward", x.device, x.dtype, n=n, k=k, m=m) != "fused":
+    if dispatch.settled("forward", x.device, x.dtype, n=n, k=k, m=m, kernel="gemv") != "fused":
         return None
     launch = _gemv_bound(x, packed, state, lora_a, lora_b, scaling, bias, None, store_u=False)
     device, dtype = x.device, x.dtype
@@ -383,7 +383,7 @@ def prepare_small_m_with_u(x, packed, state, lora_B, scaling, bias):
     m, k = x.shape
     n, rank = lora_B.shape
     if not 0 < m <= SMALL_M_MAX or dispatch.settled("forward", x.device, x.dtype, n=n, k=k,
-                                                     m=m) != "fused":
+                                                     m=m, kernel="small_m") != "fused":
         return None
     flags = {**decode_flags(packed, state, k), "HAS_BIAS": bias is not None,
              "PRECISION": dot_precision(x.dtype),

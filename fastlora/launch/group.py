@@ -158,7 +158,8 @@ def _group_gemm(x: torch.Tensor, members: list, base=None):
     m, k = x.shape
     ns = [mb.lora_B.shape[0] for mb in members]
     if len(members) < 2 or not 0 < m <= SMALL_M_MAX or any(
-            dispatch.settled("forward", x.device, x.dtype, n=n, k=k, m=m, base=base) != "fused"
+            dispatch.settled("forward", x.device, x.dtype, n=n, k=k, m=m, base=base,
+                             kernel="small_m") != "fused"
             for n in ns):
         return None
     flags = [decode_flags(mb.packed, mb.state, k) for mb in members]
