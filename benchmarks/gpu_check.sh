@@ -7,7 +7,11 @@
 #                                 4096, 8192; forward, backward, full; fastlora vs PEFT +
 #                                 bitsandbytes vs dequantize + cuBLAS (results.csv, results.md,
 #                                 speedup_*.png, bench.log)
-#   4. a one-screen summary       (summary.txt)
+#   4. fastlora bench decode      one Llama-3-8B decoder layer's forward at M = 1, 4, 16:
+#                                 fastlora per layer, grouped, grouped under a CUDA graph vs
+#                                 PEFT + bitsandbytes vs dequantize + cuBLAS, against the
+#                                 weight-read floor (decode.csv, decode.md, decode.log)
+#   5. a one-screen summary       (summary.txt)
 # and exits non-zero when any step fails. Estimated time (not measured yet): 4 to 7 minutes on
 # a first run, mostly Triton compiling and autotuning (its cache makes a rerun faster); the
 # summary gives each step's time.
@@ -87,6 +91,10 @@ step "fastlora bench" "$OUT/bench.log" \
     --providers fastlora,peft_bnb,dequant_mm \
     --warmup-ms "${GPU_CHECK_WARMUP_MS:-20}" --rep-ms "${GPU_CHECK_REP_MS:-80}" \
     --no-compile-report --out "$OUT"
+step "fastlora bench decode" "$OUT/decode.log" \
+    "$PY" -m fastlora.cli bench --shapes llama3-8b --modes decode --ranks 16 \
+    --warmup-ms "${GPU_CHECK_WARMUP_MS:-20}" --rep-ms "${GPU_CHECK_REP_MS:-80}" \
+    --no-compile-report --out "$OUT"
 
 {
     echo
@@ -97,6 +105,10 @@ step "fastlora bench" "$OUT/bench.log" \
     else
         echo "no results.csv: the bench wrote no rows"
     fi
+    if [[ -f "$OUT/decode.md" ]]; then
+        echo "decode (one decoder layer's forward, us; x floor = over its packed weights' read):"
+        grep -E '^\| llama3-8b \| (1|4|16) \|' "$OUT/decode.md" | cut -d'|' -f3,5,6,8 || true
+    fi
     echo "verify: $(grep -h 'outputs within bound' "$OUT/verify.log" | tail -n 1 || true)"
     echo "CUDA tests: $(grep -hE '(passed|failed|error|skipped|deselected)' "$OUT/tests.log" | tail -n 1 || true)"
     echo "time: ${times[*]/%/,} total $SECONDS s"
@@ -106,7 +118,7 @@ step "fastlora bench" "$OUT/bench.log" \
     if [[ ${#failed[@]} -gt 0 ]]; then
         echo "FAILED: ${failed[*]}"
     else
-        echo "OK: verify, CUDA tests and bench passed"
+        echo "OK: verify, CUDA tests, bench and decode bench passed"
     fi
 } | tee "$OUT/summary.txt"
 [[ ${#failed[@]} -eq 0 ]]

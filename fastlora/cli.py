@@ -111,12 +111,13 @@ def _gpu_names(specs) -> tuple:
 
 def _modes(spec: str) -> tuple:
     from .bench.shapes import MODES
+    from .bench.suite import OWN_MODES
 
     modes = tuple(dict.fromkeys(m.strip().lower() for m in spec.split(",") if m.strip()))
     for mode in modes:
-        if mode not in MODES + ("block", "dora", "mixed", "sft", "host"):
-            raise ValueError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}, block, "
-                             "dora, mixed, sft, host")
+        if mode not in MODES + OWN_MODES:
+            raise ValueError(f"unknown mode {mode!r}: choose from "
+                             f"{', '.join(MODES + OWN_MODES)}")
     if not modes:
         raise ValueError("no mode given (--modes)")
     return modes
@@ -256,7 +257,10 @@ def _parser() -> argparse.ArgumentParser:
                             "adapter at a time) and sft (TRL's SFTTrainer steps/s on a small "
                             "4-bit Llama, with fastlora.FastLoRACallback vs without; needs "
                             "fastlora[trl]) and host (the Python time of one layer call at "
-                            "M = 1, launches recorded: patched vs PEFT)")
+                            "M = 1, launches recorded: patched vs PEFT), decode (one decoder "
+                            "layer's forward at M = 1, 4, 16: fastlora per layer and grouped "
+                            "vs PEFT + bitsandbytes vs dequantize + cuBLAS against the "
+                            "weight-read floor; modelled without a GPU, measured with one)")
     bench.add_argument("--providers", default="all",
                        help="fastlora,peft_bnb,dequant_mm,reference,unsloth or 'all'")
     bench.add_argument("--full", action="store_true", help="M = 1..16384 in powers of two, "

@@ -187,6 +187,27 @@ def _fastlora(d: Dims, s: dict) -> tuple[list[Step], list[Step]]:
     return fwd, bwd
 
 
+def group_forward_steps(ds: list) -> list[Step]:
+    """fastlora's grouped forward (fastlora/launch/group.py) of members sharing x, at 3 <= M <=
+    16: one U launch for all members (_lora_u_group_kernel) and one split-K GEMM launch for all
+    (_nf4_lora_fwd_small_m_group_kernel), each reading x once; modelled at the single
+    kernels' ceilings (U_KERNEL, SMALL_M_KERNEL: the group kernels run the same loops per
+    member). At M <= 2 a group runs its members' own one-launch kernel (`steps`)."""
+    m = ds[0].m
+    if not GEMV_MAX_M < m <= SMALL_M_MAX or len({(d.m, d.k, d.e) for d in ds}) != 1:
+        raise ValueError("group_forward_steps models members of one x at 3 <= M <= 16")
+    sizes = [_sizes(d) for d in ds]
+    x = sizes[0]["x"]
+    u = Step("U_g = x A_g^T, every member (one launch)",
+             sum(_mm(m, d.r, d.k) for d in ds), x + sum(s["a"] + s["u"] for s in sizes),
+             U_KERNEL)
+    gemm = Step("y_g = x deq(W_g)^T + s U_g B_g^T + bias_g (small-M, split-K, one launch)",
+                sum(_mm(m, d.n, d.k) + _mm(m, d.n, d.r) for d in ds),
+                x + sum(s["w4"] + 2 * 4 * m * d.n + s["u"] + s["b"] + s["bias"] + s["y"]
+                        for d, s in zip(ds, sizes)), SMALL_M_KERNEL)
+    return [u, gemm]
+
+
 def _fastlora_dequant(d: Dims, s: dict) -> tuple[list[Step], list[Step]]:
     """fastlora's dequantize + cuBLAS base path (fastlora/launch/dispatch.py): fastlora's U,
     du_db, da kernels at their ceilings, fastlora's dequantize kernel at its
@@ -223,6 +244,18 @@ def _peft_bnb(d: Dims, s: dict) -> tuple[list[Step], list[Step]]:
            Step("dx_base = dy W", _mm(m, k, n), s["y"] + s["w16"] + s["x"]),
            Step("dx = dx_base + dx_lora", 0, 3 * s["x"])]
     return fwd, bwd
+
+
+def peft_bnb_inference(d: Dims) -> list[Step]:
+    """PEFT's LoRA Linear4bit forward without autograd (generation): bitsandbytes 0.50 runs
+    its fused 4-bit kernel on the packed weight there (bnb.matmul_4bit's no-grad branch,
+    gemm_4bit: at M <= 16 on sm_80 / sm_90 for the large projections its dispatch mostly
+    keeps the fused kernel; where it takes dequantize + F.linear instead, this is a lower
+    bound of PEFT's time), then PEFT's LoRA ops as in training."""
+    s = _sizes(d)
+    m, n, k = d.m, d.n, d.k
+    return [Step("bnb fused 4-bit product x deq(W)^T + bias", _mm(m, n, k),
+                 s["w4"] + s["x"] + s["bias"] + s["y"])] + _peft_bnb(d, s)[0][2:]
 
 
 def _dequant_mm(d: Dims, s: dict) -> tuple[list[Step], list[Step]]:

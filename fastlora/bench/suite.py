@@ -97,22 +97,23 @@ def check_output_csv(opts: Options) -> tuple:
 
 
 # modes with their own module, providers and tables, run after the per-layer modes
-OWN_MODES = ("block", "dora", "mixed", "sft", "host")
+OWN_MODES = ("block", "dora", "mixed", "sft", "host", "decode")
 
 
 def run(opts: Options) -> int:
     """Run the suite; returns the exit code (non-zero when a provider failed or the compile
     report found a problem). The 'block' (fastlora/bench/block.py), 'dora'
-    (fastlora/bench/dora.py), 'mixed' (fastlora/bench/mixed.py), 'sft' (fastlora/bench/sft.py)
-    and 'host' (fastlora/bench/hosttime.py) modes run after the per-layer modes."""
-    from . import block, dora, hosttime, mixed, sft
+    (fastlora/bench/dora.py), 'mixed' (fastlora/bench/mixed.py), 'sft' (fastlora/bench/sft.py),
+    'host' (fastlora/bench/hosttime.py) and 'decode' (fastlora/bench/decode.py) modes run after
+    the per-layer modes."""
+    from . import block, decode, dora, hosttime, mixed, sft
 
     own = [m for m in opts.modes if m in OWN_MODES]
     opts = dataclasses.replace(opts, modes=tuple(m for m in opts.modes if m not in OWN_MODES))
     code = _run_layers(opts) if opts.modes else 0
     for mode in own:
         module = {"block": block, "dora": dora, "mixed": mixed, "sft": sft,
-                  "host": hosttime}[mode]
+                  "host": hosttime, "decode": decode}[mode]
         code = module.run(opts) or code
     return code
 
