@@ -92,7 +92,7 @@ def floor_bytes(opts, layers: dict) -> int:
 
 def modelled_rows(opts, ceilings: dict, host_us: dict) -> list[dict]:
     """One row per GPU x model x rank x M x provider. ceilings: {GPU name: {kernel: ceiling}}
-    (fastlora.bench.suite.modelled_ceilings); host_us: {provider: us per decoder layer} at
+    (fastlora.bench.modelled.modelled_ceilings); host_us: {provider: us per decoder layer} at
     M = 1 (measured), possibly empty."""
     from .peaks import peak_named
 
@@ -136,7 +136,7 @@ def measure_host_us(device: str) -> tuple[dict, str]:
 
 def run(opts) -> int:
     """The modelled table (always) and, on a GPU, the measured one; returns the exit code."""
-    from .suite import modelled_ceilings, modelled_note
+    from .modelled import modelled_ceilings, modelled_note
 
     os.makedirs(opts.out, exist_ok=True)
     layers = decoder_layers(opts.shapes)

@@ -26,6 +26,7 @@ from .. import backend
 from ..cases import make_case, reference_pair
 from ..numerics import compare
 from . import model, report, shapes as shape_table
+from .modelled import modelled_ceilings, modelled_note
 from .peaks import MODELLED_GPUS, peak_for, peak_named
 from .providers import BASELINE, PROVIDERS, Unavailable
 from .timing import copies_needed, make_inputs, measure, mode_callable
@@ -375,22 +376,6 @@ def run_smoke(opts: Options) -> int:
     return 1 if failed else 0
 
 
-def modelled_ceilings(opts: Options, rows=None) -> tuple[dict, dict]:
-    """({GPU name: {kernel: hot-loop ceiling}}, {GPU name: why its ceilings are missing}) for
-    opts.gpus at opts' dtype class: from compile-report `rows` when given, else compiled
-    (model.kernel_ceilings: only the specs it needs, once per process). A GPU whose compile
-    fails gets no ceilings (its fastlora kernels are unmodelled) and the reason."""
-    klass = model.dtype_class(torch.finfo(opts.torch_dtype).bits // 8)
-    ceilings, failed = {}, {}
-    for gpu in opts.gpus:
-        arch = model.GPU_ARCHS[gpu]
-        try:
-            ceilings[gpu] = model.kernel_ceilings(arch, klass, rows)
-        except Exception as exc:  # no ptxas / cuobjdump here, a kernel that fails to compile
-            ceilings[gpu], failed[gpu] = {}, f"{type(exc).__name__}: {str(exc)[-300:]}"
-    return ceilings, failed
-
-
 def modelled_rows(opts: Options, ceilings=None) -> list[dict]:
     """One row per GPU x shape x M x rank x mode x modelled provider (model.modelled_seconds).
 
@@ -440,36 +425,6 @@ def _basis(provider: str, st: list, ceilings: dict) -> str:
     if any(s.kernel is None for s in st):  # fastlora_dequant: cuBLAS runs the base product
         text += f"; cuBLAS: {peer}"
     return text
-
-
-def modelled_note(opts: Options, ceilings: dict, failed: dict) -> str:
-    """The modelled table's header: what the numbers are and the ceilings they use."""
-    klass = model.dtype_class(torch.finfo(opts.torch_dtype).bits // 8)
-    lines = [
-        "MODELLED, not measured. Time = sum over each provider's kernel launches of "
-        "max(FLOPs / FLOP/s, minimum bytes / B/s) + "
-        f"{model.LAUNCH_OVERHEAD_S * 1e6:g} us launch overhead each (assumed), over datasheet "
-        "peaks (fastlora.bench.model, the GPU table fastlora/gpus.py).",
-        "- fastlora: each kernel at its compiled hot-loop ceiling (fastlora compile-report: "
-        "the best share of tensor-core peak, for the GEMM kernels, or of HBM bandwidth, for "
-        "the memory-bound ones, that its SASS main loop allows; headline configs preferred). "
-        "A first-order static upper bound, so these fastlora times are optimistic.",
-        f"- peers ({', '.join(p for p in model.PROVIDER_STEPS if p != 'fastlora')}): ideal "
-        f"roofline at assumed cuBLAS-like efficiencies: GEMMs "
-        f"{model.PEER_GEMM_EFFICIENCY:.2f} of tensor-core peak, memory-bound kernels "
-        f"(dequantize, elementwise) {model.PEER_BANDWIDTH_EFFICIENCY:.2f} of bandwidth "
-        "(assumptions, not measurements)."]
-    from ..compilecheck import ARCHS
-
-    for gpu in opts.gpus:
-        arch = model.GPU_ARCHS[gpu]
-        text = model.describe_ceilings(ceilings.get(gpu, {}))
-        if gpu in failed:
-            text += f" (compiling failed: {failed[gpu]})"
-        elif arch not in ARCHS:
-            text += f" (the compile check covers {', '.join(ARCHS)}, not {arch})"
-        lines.append(f"- ceilings used for {gpu} ({arch}, {klass}): {text}")
-    return "\n".join(lines)
 
 
 def _pivot(rows: list[dict], providers: list[str]) -> list[dict]:
