@@ -12,7 +12,8 @@ One file per op family:
     dora.py      QDoRA's additions: row norms of W + sBA from the packed weight, dropout,
                  the fp32 combine and the magnitude's column dot.
 Each kernel file lists the configs it ships (per arch) as COMPILE_SPECS, which
-fastlora.compile_report() compiles ahead of time for sm_80 / sm_90.
+fastlora.compile_report() compiles ahead of time for sm_80 / sm_90 (and the mma.sync GPUs that
+run sm_80's lists: sm_86, sm_89, sm_120, with each file's SIBLING_FIXES).
 """
 
 from .common import CompileSpec  # noqa: F401

@@ -47,9 +47,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (CompileSpec, by_triton, decode_tile, dropout_keep, grouped_tile, lane_table,
-                     last_to_arrive, row_dropout, segment_factor, segment_of_rows, SUM_ROWS,
-                     sum_parts)
+from .common import (CompileSpec, SiblingFix, by_triton, decode_tile, dropout_keep, grouped_tile,
+                     lane_table, last_to_arrive, row_dropout, segment_factor, segment_of_rows,
+                     SUM_ROWS, sibling_configs, sibling_specs, sum_parts)
 
 MAX_R_PAD = 256  # the rank is padded to a power of two R_PAD in [16, 256]
 
@@ -487,12 +487,29 @@ IEEE_CONFIGS = {
 }
 
 
-def config_list(kernel: str, arch: str, fp32: bool, precision: str) -> list:
+# On sm_80's siblings (common.SM80_SIBLINGS; Triton 3.9): dx 128x32x32 w8 at full precision
+# spills 16 B on sm_86 / sm_89 with 2 stages, K unaligned (3 stages: 146 registers, none); on
+# sm_120 du_db 128x128 w8 (16-bit, the r <= 16 large-M tile) spills 24 B at any stage count in
+# a mixed batch: that GPU times the other du_db tiles.
+SIBLING_FIXES = (
+    SiblingFix("_nf4_lora_bwd_dx_kernel", ("sm_86", "sm_89"),
+               {"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
+               {"num_stages": 3}, ieee=True),
+    SiblingFix("_lora_bwd_du_db_kernel", ("sm_120",),
+               {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8}, None, fp32=False),
+)
+
+
+def config_list(kernel: str, arch: str, fp32: bool, precision: str,
+                target: str | None = None) -> list:
     """What the GPU autotunes `kernel` over: IEEE_CONFIGS[kernel][arch] for fp32 activations at
-    precision 'ieee' (fastlora.launch.common.dot_precision), else CONFIGS[kernel][arch, fp32]."""
-    if fp32 and precision == "ieee":
-        return IEEE_CONFIGS[kernel][arch]
-    return CONFIGS[kernel][arch, fp32]
+    precision 'ieee' (fastlora.launch.common.dot_precision), else CONFIGS[kernel][arch, fp32];
+    arch the config family ('sm_80' / 'sm_90'), target the compile target when it is one of
+    sm_80's siblings (SIBLING_FIXES)."""
+    ieee = fp32 and precision == "ieee"
+    configs = IEEE_CONFIGS[kernel][arch] if ieee else CONFIGS[kernel][arch, fp32]
+    return sibling_configs(SIBLING_FIXES, KERNELS[kernel].__name__, target or arch, configs,
+                           fp32, ieee)
 
 
 # The interpreter runs one fixed small config (the autotuner would time every config there).
@@ -535,10 +552,12 @@ KERNELS = {"dx": _nf4_lora_bwd_dx_kernel, "du_db": _lora_bwd_du_db_kernel,
 RESTORE_VALUE = {"dx": ["dx_ptr"], "du_db": [], "da": []}
 
 
-def build_autotuner(kernel: str, arch: str, fp32: bool, precision: str):
-    """A triton.autotune launcher of `kernel` over config_list(kernel, arch, fp32, precision)
-    (the launcher caches one per key), restoring RESTORE_VALUE[kernel] between timed runs."""
-    return triton.autotune(configs=config_list(kernel, arch, fp32, precision),
+def build_autotuner(kernel: str, arch: str, fp32: bool, precision: str,
+                    target: str | None = None):
+    """A triton.autotune launcher of `kernel` over config_list(kernel, arch, fp32, precision,
+    target) (the launcher caches one per key), restoring RESTORE_VALUE[kernel] between timed
+    runs."""
+    return triton.autotune(configs=config_list(kernel, arch, fp32, precision, target),
                            key=_KEYS[kernel],
                            prune_configs_by={"early_config_prune": _early_prune},
                            restore_value=RESTORE_VALUE[kernel] or None
@@ -636,7 +655,7 @@ def _da_spec(cfg, arch, act, precision=None, r_pad=None, target=0.0, segmented=F
 # Every shipped config x arch x activation class (fp16 compiles as bf16), each at its worst
 # case: double quantisation on, dropout on, K aligned (vectorised decode) and not (per-element
 # decode), the largest R_PAD the config ships for.
-COMPILE_SPECS = (
+COMPILE_SPECS = sibling_specs(SIBLING_FIXES, (
     [_dx_spec(c, arch, "fp32" if fp32 else "bf16", ka)
      for (arch, fp32), configs in CONFIGS["dx"].items() for c in configs for ka in (True, False)
      if ka or not c.large_m]
@@ -673,4 +692,4 @@ COMPILE_SPECS = (
     + [_dx_spec(c, arch, "fp32", True, "ieee", qblock=32)
        for arch, configs in IEEE_CONFIGS["dx"].items() for c in configs
        if c.kwargs["BLOCK_K"] > 32]
-)
+))

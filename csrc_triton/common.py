@@ -17,6 +17,7 @@ Arguments every weight-reading kernel takes, in this order:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import triton
@@ -38,6 +39,114 @@ def by_triton(default, **older):
         if not (name.startswith("v") and name[1:].replace("_", "").isdigit()):
             raise ValueError(f"by_triton: {name!r} is not a release like v3_5")
     return older.get(key, default)
+
+# The mma.sync GPUs besides sm_80 (fastlora.gpus.CONFIG_FAMILY): RTX 3090 / A10 (sm_86),
+# RTX 4090 / L40S (sm_89), RTX 5090 / RTX PRO 6000 (sm_120). They run sm_80's configs with 99 KB
+# of shared memory a block, except where one of them spills or overflows there: SIBLING_FIXES
+# (each kernel file's) replace or drop that config on that arch, at launch (sibling_configs) and
+# in the compile report (sibling_specs).
+SM80_SIBLINGS = ("sm_86", "sm_89", "sm_120")
+
+
+@dataclass(frozen=True)
+class SiblingFix:
+    """On `archs` (siblings of sm_80), the sm_80 config of `kernel` (a name, or a tuple of
+    kernels that share one autotune list) whose items include `match` (block sizes, num_warps,
+    num_stages) takes `change` instead, or with change None is not run there (an autotune list
+    entry the others cover). fp32 / ieee: the activation class (fp32 or 16-bit) and the fp32
+    dot precision ('ieee' or not) it applies to, None: any; max_rank: only up to this (summed)
+    padded rank, 0: any."""
+
+    kernel: str | tuple
+    archs: tuple
+    match: dict
+    change: dict | None
+    fp32: bool | None = None
+    ieee: bool | None = None
+    max_rank: int = 0
+
+    def applies(self, kernel: str, arch: str, items: dict, fp32: bool, ieee: bool,
+                rank: int = 0) -> bool:
+        names = (self.kernel,) if isinstance(self.kernel, str) else self.kernel
+        return (kernel in names and arch in self.archs
+                and all(items.get(k) == v for k, v in self.match.items())
+                and self.fp32 in (None, fp32) and self.ieee in (None, ieee)
+                and (not self.max_rank or rank <= self.max_rank))
+
+
+def _items(config) -> dict:
+    if isinstance(config, dict):
+        return dict(config)
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def _changed(config, change: dict):
+    if isinstance(config, dict):
+        return {**config, **change}
+    new = object.__new__(type(config))  # every attribute kept (copy.copy drops the ones
+    new.__dict__.update(vars(config))   # triton.Config's __setstate__ does not know)
+    new.kwargs = {**config.kwargs, **{k: v for k, v in change.items() if k.startswith("BLOCK")}}
+    new.num_warps = change.get("num_warps", config.num_warps)
+    new.num_stages = change.get("num_stages", config.num_stages)
+    return new
+
+
+def sibling_configs(fixes, kernel: str, arch: str, configs: list, fp32: bool,
+                    ieee: bool = False, rank: int = 0) -> list:
+    """`configs` (sm_80's: dicts or triton.Config) as `arch` runs them: unchanged on sm_80,
+    sm_90 and any arch no fix names; a sibling's fixes replace or drop entries. rank: the
+    (summed) padded rank of the launch, where a fix has a max_rank."""
+    if arch not in SM80_SIBLINGS:
+        return list(configs)
+    out = []
+    for config in configs:
+        fix = next((f for f in fixes
+                    if f.applies(kernel, arch, _items(config), fp32, ieee, rank)), None)
+        if fix is None:
+            out.append(config)
+        elif fix.change is not None:
+            out.append(_changed(config, fix.change))
+    return out
+
+
+def spec_class(spec) -> tuple:
+    """(fp32 activations, ieee, padded rank) of a CompileSpec: its label names the activation
+    dtype first; the rank is the group's summed R_PAD{g} (G members), else R_PAD or BLOCK_R."""
+    c = spec.constexprs
+    rank = (sum(c[f"R_PAD{g}"] for g in range(c["G"])) if "R_PAD0" in c
+            else c.get("R_PAD", c.get("BLOCK_R", 0)))
+    return spec.label.split(" ")[0] == "fp32", spec.fma_dot, rank
+
+
+def sibling_specs(fixes, specs: list) -> list:
+    """`specs` with the fixes applied for the compile report: an sm_80 spec a fix matches is
+    not compiled for that sibling (CompileSpec.not_for), and its replacement is, as its own
+    spec (archs: the siblings that run it)."""
+    out = []
+    for spec in specs:
+        if "sm_80" not in spec.archs:
+            out.append(spec)
+            continue
+        fp32, ieee, rank = spec_class(spec)
+        items = {**spec.constexprs, "num_warps": spec.num_warps, "num_stages": spec.num_stages}
+        replaced: dict = {}
+        for arch in SM80_SIBLINGS:
+            fix = next((f for f in fixes
+                        if f.applies(spec.kernel, arch, items, fp32, ieee, rank)), None)
+            if fix is not None:
+                replaced.setdefault(repr(fix.change), (fix.change, []))[1].append(arch)
+        skipped = tuple(a for _, archs in replaced.values() for a in archs)
+        out.append(dataclasses.replace(spec, not_for=spec.not_for + skipped) if skipped
+                   else spec)
+        for change, archs in replaced.values():
+            if change is not None:
+                blocks = {k: v for k, v in change.items() if not k.startswith("num_")}
+                out.append(dataclasses.replace(
+                    spec, constexprs={**spec.constexprs, **blocks}, archs=tuple(archs),
+                    num_warps=change.get("num_warps", spec.num_warps),
+                    num_stages=change.get("num_stages", spec.num_stages)))
+    return out
+
 
 # Pointer arguments whose tensors stay far below 2^31 elements for any real layer, so 32-bit
 # offsets address them safely: the 16/256-entry code tables, the offset scalar, absmax2
@@ -89,6 +198,7 @@ class CompileSpec:
     trip_flops: int = 0
     trip_bytes: int = 0
     ceiling_target: float = 0.0
+    not_for: tuple = ()  # sm_80 siblings that run another config instead (sibling_specs)
 
     @property
     def config(self) -> str:

@@ -26,8 +26,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (CompileSpec, by_triton, decode_tile, dropout_keep, grouped_tile,
-                     row_dropout, segment_factor, segment_of_rows,
+from .common import (CompileSpec, SiblingFix, SM80_SIBLINGS, by_triton, decode_tile,
+                     dropout_keep, grouped_tile, row_dropout, sibling_configs, sibling_specs, segment_factor, segment_of_rows,
                      lane_table, load_x_tile, weight_signature)
 
 
@@ -195,7 +195,29 @@ def rank_block(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-def u_config(block_r: int, precision: str = "tf32", fp32: bool = False) -> dict:
+# On sm_80's siblings (common.SM80_SIBLINGS; Triton 3.9): fp32 (tf32) at r 256 needs 155,648 B
+# of shared memory at BLOCK_K 64, over their 101,376: BLOCK_K 32 takes 77,824 B (at r 128 it
+# spills 16 B on sm_86 / sm_89, where BLOCK_K 64 fits in 90,112 B). On sm_120 the
+# r = 64 tiles spill 8-24 B at 3 stages (16-bit with or without dropout, fp32 with); 2 stages
+# hold them (143-180 registers).
+SIBLING_FIXES = (
+    SiblingFix("_lora_u_kernel", SM80_SIBLINGS, {"BLOCK_R": 256, "BLOCK_K": 64},
+               {"BLOCK_K": 32}, fp32=True, ieee=False),
+    SiblingFix("_lora_u_kernel", ("sm_120",), {"BLOCK_R": 64, "num_stages": 3},
+               {"num_stages": 2}, ieee=False),
+)
+
+
+def u_config(block_r: int, precision: str = "tf32", fp32: bool = False,
+             arch: str = "sm_80") -> dict:
+    """The U kernel's config for `arch` (a compile target: sm_80's siblings take
+    SIBLING_FIXES); below, sm_80's."""
+    cfg = _u_config(block_r, precision, fp32)
+    return sibling_configs(SIBLING_FIXES, "_lora_u_kernel", arch, [cfg], fp32,
+                           precision == "ieee")[0]
+
+
+def _u_config(block_r: int, precision: str = "tf32", fp32: bool = False) -> dict:
     """Config of _lora_u_kernel for a padded rank: 64 rows and 4 warps up to r = 64; 32 rows
     and 8 warps beyond (64 x 128 at 4 warps spills 8 B in fp32 on sm_80, and 16 x 128 at
     4 warps 16 B on sm_90). 16-bit activations at r = 64 take BLOCK_K 128: with dropout the
@@ -432,7 +454,7 @@ SEGMENT_SIGNATURE = {"row_seg_ptr": "*i32", "col_seg_ptr": "*i32", "col_scale_pt
 
 
 def _u_spec(rank, dtype, dropout, precision="tf32", target=0.0, segmented=False):
-    cfg = u_config(rank_block(rank), precision, dtype == "fp32")
+    cfg = _u_config(rank_block(rank), precision, dtype == "fp32")
     fma = dtype == "fp32" and precision == "ieee"
     sig = {"x_ptr": f"*{dtype}", "a_ptr": f"*{dtype}", "u_ptr": f"*{dtype}",
            **{n: "i32" for n in ("M", "K", "R", "stride_xm", "stride_ar", "stride_um")},
@@ -456,7 +478,7 @@ def _u_spec(rank, dtype, dropout, precision="tf32", target=0.0, segmented=False)
 HEADLINE_CEILING = 0.85
 LORA_SIDE_CEILING = 0.75
 
-COMPILE_SPECS = (
+COMPILE_SPECS = sibling_specs(SIBLING_FIXES, (
     [_fwd_spec(c, arch, dtype, True, r,
                target=HEADLINE_CEILING if c in large else 0.0)
      for arch, configs, large in (("sm_90", SM90_CONFIGS, SM90_LARGE_M_CONFIGS),
@@ -492,4 +514,4 @@ COMPILE_SPECS = (
            ("sm_90", "fp32", "ieee", SM90_IEEE_CONFIGS),
            ("sm_80", "fp32", "ieee", SM80_IEEE_CONFIGS))
        for c in configs if c["BLOCK_K"] > 32]
-)
+))

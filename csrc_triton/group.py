@@ -32,8 +32,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (CompileSpec, SUM_ROWS, by_triton, dropout_keep, last_to_arrive,
-                     load_x_tile, sum_parts)
+from .common import (CompileSpec, SUM_ROWS, SiblingFix, by_triton, dropout_keep,
+                     last_to_arrive, load_x_tile, sibling_configs, sibling_specs, sum_parts)
 
 MAX_MEMBERS = 4
 # The summed padded rank a group may have. At 256 (q/k/v at r = 64) with dropout, the modelled
@@ -294,8 +294,32 @@ def _check_ieee(total: int) -> None:
                          f"{MAX_TOTAL_R_PAD_IEEE}, got {total}")
 
 
-def u_config(ranks, precision: str = "tf32", fp32: bool = False) -> dict:
-    """The U group kernel's config (BLOCK_M, BLOCK_K, num_warps, num_stages) for these ranks."""
+# On sm_80's siblings (common.SM80_SIBLINGS; Triton 3.9): U at full precision spills 8 B on
+# sm_86 / sm_89 at 16+16+16 with 3 stages (1 stage: 108 registers); U 64x32 w4 spills 8 B on
+# sm_120 at 32+32+32 without dropout (8 warps: 96 registers); dA 16x64 w4 s2 (16-bit) spills
+# 8 B on sm_86 / sm_89 at 16+16+16 with dropout (1 stage: 168 registers, up to a summed 96;
+# 1 stage spills 8 B at 64+64 without dropout, where 2 stages hold).
+SIBLING_FIXES = (
+    SiblingFix("_lora_u_group_kernel", ("sm_86", "sm_89"),
+               {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+               {"num_stages": 1}, ieee=True),
+    SiblingFix("_lora_u_group_kernel", ("sm_120",),
+               {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4}, {"num_warps": 8}, ieee=False),
+    SiblingFix("_lora_bwd_da_group_kernel", ("sm_86", "sm_89"),
+               {"BLOCK_M": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+               {"num_stages": 1}, fp32=False, max_rank=96),
+)
+
+
+def u_config(ranks, precision: str = "tf32", fp32: bool = False, arch: str = "sm_80") -> dict:
+    """The U group kernel's config (BLOCK_M, BLOCK_K, num_warps, num_stages) for these ranks
+    on compile target `arch` (sm_80's siblings take SIBLING_FIXES)."""
+    cfg = _u_config(ranks, precision, fp32)
+    return sibling_configs(SIBLING_FIXES, "_lora_u_group_kernel", arch, [cfg], fp32,
+                           fp32 and precision == "ieee", total_r_pad(ranks))[0]
+
+
+def _u_config(ranks, precision: str = "tf32", fp32: bool = False) -> dict:
     total = total_r_pad(ranks)
     if fp32 and precision == "ieee":
         _check_ieee(total)
@@ -305,8 +329,15 @@ def u_config(ranks, precision: str = "tf32", fp32: bool = False) -> dict:
     return {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 
 
-def da_config(ranks, fp32: bool, precision: str) -> triton.Config:
-    """The dA group kernel's config for these ranks (the same on sm_80 and sm_90)."""
+def da_config(ranks, fp32: bool, precision: str, arch: str = "sm_80") -> triton.Config:
+    """The dA group kernel's config for these ranks on compile target `arch` (the same on
+    sm_80 and sm_90; sm_80's siblings take SIBLING_FIXES)."""
+    cfg = _da_config(ranks, fp32, precision)
+    return sibling_configs(SIBLING_FIXES, "_lora_bwd_da_group_kernel", arch, [cfg], fp32,
+                           fp32 and precision == "ieee", total_r_pad(ranks))[0]
+
+
+def _da_config(ranks, fp32: bool, precision: str) -> triton.Config:
     total = total_r_pad(ranks)
     if fp32 and precision == "ieee":
         _check_ieee(total)
@@ -357,7 +388,7 @@ def _slots(ranks, dropout, pointers):
 
 def _u_group_spec(ranks, arch, act, precision="tf32", target=0.0, dropout=True, cfg=None):
     fp32 = act == "fp32"
-    cfg = cfg or u_config(ranks, precision, fp32)
+    cfg = cfg or _u_config(ranks, precision, fp32)
     sig, consts = _slots(ranks, dropout, (("a", f"*{act}"), ("u", f"*{act}")))
     sig = {"x_ptr": f"*{act}", "M": "i32", "K": "i32", "stride_xm": "i32", **sig}
     fma = fp32 and precision == "ieee"
@@ -376,7 +407,7 @@ def _u_group_spec(ranks, arch, act, precision="tf32", target=0.0, dropout=True, 
 def _da_group_spec(ranks, arch, act, precision="tf32", target=0.0, dropout=True, cfg=None):
     fp32 = act == "fp32"
     precision = precision if fp32 else "ieee"  # 16-bit operands ignore it
-    cfg = cfg or da_config(ranks, fp32, precision)
+    cfg = cfg or _da_config(ranks, fp32, precision)
     sig, consts = _slots(ranks, dropout, (("du", f"*{act}"), ("a", f"*{act}"), ("ws", "*fp32"),
                                           ("da", f"*{act}")))
     sig = {"x_ptr": f"*{act}", "dx_ptr": f"*{act}", "counter_ptr": "*i32", "M": "i32", "K": "i32",
@@ -402,7 +433,7 @@ def _da_group_spec(ranks, arch, act, precision="tf32", target=0.0, dropout=True,
 # up to its limit): with dropout on every member (the worst case for registers), and 16-bit
 # without dropout (the memory-bound case).
 HEADLINE_GROUPS = ((16, 16, 16), (16, 16), (32, 32, 32), (64, 64))
-COMPILE_SPECS = (
+COMPILE_SPECS = sibling_specs(SIBLING_FIXES, (
     [spec(ranks, arch, act, precision)
      for spec in (_u_group_spec, _da_group_spec)
      for arch in ("sm_90", "sm_80") for ranks in HEADLINE_GROUPS
@@ -412,4 +443,4 @@ COMPILE_SPECS = (
     + [spec(ranks, arch, "bf16", dropout=False)
        for spec in (_u_group_spec, _da_group_spec)
        for arch in ("sm_90", "sm_80") for ranks in HEADLINE_GROUPS]
-)
+))

@@ -21,8 +21,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (BOUNDED_ARGS, CompileSpec, by_triton, decode_tile, lane_table, last_to_arrive,
-                     load_x_tile, weight_signature)
+from .common import (BOUNDED_ARGS, CompileSpec, SiblingFix, by_triton, decode_tile, lane_table,
+                     last_to_arrive, load_x_tile, sibling_configs, sibling_specs,
+                     weight_signature)
 from .forward import lora_init, store_y
 
 BLOCK_M = 16  # rows handled by one program: M <= 16, padded (tl.dot's minimum)
@@ -239,13 +240,31 @@ SMALLEST_BLOCK_N = min(c["BLOCK_N"] for c in (*SMALL_M_CONFIGS, *SMALL_M_FP32_CO
                                               *SMALL_M_IEEE_CONFIGS, UNALIGNED_CONFIG))
 
 
-def small_m_configs(fp32: bool, k_aligned: bool = True, precision: str = "tf32") -> list[dict]:
-    """The autotune list (both archs); fp32 at precision 'ieee' gets SMALL_M_IEEE_CONFIGS."""
+# On sm_80's siblings (common.SM80_SIBLINGS; Triton 3.9), the lists above without what spills
+# there: 64x64 w4 s4 (the group kernel, 16-bit, no split: 8 B on sm_86 and sm_89); on sm_120
+# 64x128 w4 at 3 stages (8 B, 16-bit, no split; 2 stages hold it) and at full precision the
+# 64x64 w4 tiles (8 B at blocksize 32; 128x32 and 32x128 cover it).
+_KERNELS = ("_nf4_lora_fwd_small_m_kernel", "_nf4_lora_fwd_small_m_group_kernel")
+SIBLING_FIXES = (
+    SiblingFix(_KERNELS, ("sm_86", "sm_89"), _cfg(64, 64, 4, 4), None, fp32=False),
+    SiblingFix(_KERNELS, ("sm_120",), _cfg(64, 128, 4, 3), {"num_stages": 2}, fp32=False),
+    SiblingFix(_KERNELS, ("sm_120",), {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}, None,
+               ieee=True),
+)
+
+
+def small_m_configs(fp32: bool, k_aligned: bool = True, precision: str = "tf32",
+                    arch: str = "sm_80") -> list[dict]:
+    """The autotune list for compile target `arch` (sm_80's and sm_90's are the same; sm_80's
+    siblings take SIBLING_FIXES); fp32 at precision 'ieee' gets SMALL_M_IEEE_CONFIGS."""
     if not k_aligned:
-        return [UNALIGNED_CONFIG]
-    if fp32 and precision == "ieee":
-        return SMALL_M_IEEE_CONFIGS
-    return SMALL_M_FP32_CONFIGS if fp32 else SMALL_M_CONFIGS
+        configs = [UNALIGNED_CONFIG]
+    elif fp32 and precision == "ieee":
+        configs = SMALL_M_IEEE_CONFIGS
+    else:
+        configs = SMALL_M_FP32_CONFIGS if fp32 else SMALL_M_CONFIGS
+    return sibling_configs(SIBLING_FIXES, _KERNELS[0], arch, configs, fp32,
+                           fp32 and precision == "ieee")
 
 
 def prune_configs(configs, named_args, **kwargs):
@@ -313,7 +332,7 @@ def _group_spec(cfg, dtype, split, members=3, target=0.0):
                        trip_bytes=cfg["BLOCK_N"] * cfg["BLOCK_K"] // 2, ceiling_target=target)
 
 
-COMPILE_SPECS = (
+COMPILE_SPECS = sibling_specs(SIBLING_FIXES, (
     [_spec(c, dtype, True, split, target=HBM_FLOOR) for c in SMALL_M_CONFIGS
      for split in (True, False) for dtype in ("bf16", "fp16")]
     + [_spec(c, "fp32", True, split) for c in SMALL_M_FP32_CONFIGS for split in (True, False)]
@@ -335,4 +354,4 @@ COMPILE_SPECS = (
                               ("fp32", SMALL_M_FP32_CONFIGS))
        for c in configs for split in (True, False)]
     + [_group_spec(SMALL_M_CONFIGS[0], "bf16", True, members=2, target=HBM_FLOOR)]
-)
+))

@@ -156,10 +156,14 @@ def _demo(args) -> int:
 def _compile_report(args) -> int:
     from .bench.suite import compile_rows, write_compile_report
 
+    from .compilecheck import ARCHS
+
     archs = tuple(dict.fromkeys(a.strip() for a in args.archs.split(",") if a.strip()))
+    if archs == ("all",):
+        archs = tuple(ARCHS)
     for arch in archs:
-        if arch not in ("sm_80", "sm_90"):
-            raise UsageError(f"unknown arch {arch!r}: choose from sm_80, sm_90")
+        if arch not in ARCHS:
+            raise UsageError(f"unknown arch {arch!r}: choose from {', '.join(ARCHS)} or all")
     if not archs:
         raise UsageError("no arch given (--archs)")
     from csrc_triton import all_compile_specs
@@ -179,7 +183,7 @@ def _compile_report(args) -> int:
 
         written, kept = write_record(archs)
         print(f"wrote {written} rows ({', '.join(archs)}) to {RECORD_PATH}; kept {kept} rows "
-              "of other Triton releases")
+              "of other Triton releases or archs")
         return 0
     record = False if args.compile else None  # None: the record unless the env var says no
     # the headline configs: those with a modelled ceiling target (DESIGN.md, "per-clock budgets")
@@ -283,8 +287,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_bench, kernels=True)
 
     report = sub.add_parser("compile-report", help="compile every shipped kernel config for "
-                            "sm_80/sm_90 here; non-zero exit on spills or missing MMA")
-    report.add_argument("--archs", default="sm_80,sm_90")
+                            "sm_80/sm_90 (or --archs) here; non-zero exit on spills, missing "
+                            "MMA or shared memory past the arch's limit")
+    report.add_argument("--archs", default="sm_80,sm_90",
+                        help="comma-separated compile targets (sm_80, sm_86, sm_89, sm_90, "
+                        "sm_120) or 'all'; sm_86/sm_89/sm_120 compile the sm_80 config lists")
     report.add_argument("--kernels", default=None,
                         help="only these kernels (comma-separated names, e.g. "
                         "_dequant_4bit_kernel); default: all")

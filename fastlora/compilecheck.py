@@ -1,6 +1,6 @@
-"""Ahead-of-time compile check: every shipped kernel config, compiled for sm_80 and sm_90 on
-this machine (no GPU needed), with its register / spill / shared-memory use and tensor-core
-instruction count.
+"""Ahead-of-time compile check: every shipped kernel config, compiled for sm_80 and sm_90 (and
+sm_86, sm_89, sm_120: ARCHS) on this machine (no GPU needed), with its register / spill /
+shared-memory use and tensor-core instruction count.
 
 Triton compiles for a GPU it does not have: `triton.compile(ASTSource(...), target=
 GPUTarget("cuda", 90, 32))` yields a cubin, and the wheel ships `cuobjdump`, which reads the
@@ -50,9 +50,12 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .gpus import reference
+from .gpus import CONFIG_FAMILY, reference, smem_per_block_bytes
 
-ARCHS = {"sm_80": 80, "sm_90": 90}
+# the compile targets (issue 31): the two config families (sm_80: mma.sync, sm_90: wgmma) and
+# the mma.sync GPUs that run sm_80's lists with 99 KB of shared memory a block (RTX 3090 / A10,
+# RTX 4090 / L40S, RTX 5090 / RTX PRO 6000). sm_100 (tcgen05) is not compiled yet.
+ARCHS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90, "sm_120": 120}
 _RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 _MMA = re.compile(r"\b(HGMMA|HMMA)\b")
 # sm_90 wgmma whose A operand comes from registers: `HGMMA.64x128x16.F32.BF16 R88, R32, gdesc..`
@@ -291,7 +294,7 @@ def atomic_ops(ttir: str, ptx: str, floating: bool = False) -> int:
 
 
 def compile_spec(spec, arch: str) -> dict:
-    """Compile one CompileSpec for `arch` ('sm_80' / 'sm_90') and measure it.
+    """Compile one CompileSpec for `arch` (one of ARCHS) and measure it.
 
     Beyond FIELDS: uses_dot and fma_dot (the spec's), i32_addressed (narrow_pointer_args),
     hgmma_register_a (sm_90 wgmma instructions taking A from registers), atomics and
@@ -387,8 +390,18 @@ def report_jobs(archs, kernels=None, configs=None) -> list[tuple]:
     wanted = set(kernels) if kernels is not None else None
     pairs = {tuple(pair) for pair in configs} if configs is not None else None
     return [(spec, arch) for spec in all_compile_specs() for arch in archs
-            if arch in spec.archs and (wanted is None or spec.kernel in wanted)
+            if compiles_for(spec, arch) and (wanted is None or spec.kernel in wanted)
             and (pairs is None or (spec.kernel, spec.config) in pairs)]
+
+
+def compiles_for(spec, arch: str) -> bool:
+    """Whether `spec` is compiled for `arch`: an arch it names, or one whose config family
+    (fastlora.gpus.CONFIG_FAMILY: sm_86, sm_89 and sm_120 run sm_80's lists) it names unless
+    that arch runs another config in its place (CompileSpec.not_for: csrc_triton's
+    SIBLING_FIXES)."""
+    return arch in spec.archs or (arch not in CONFIG_FAMILY.values()
+                                  and CONFIG_FAMILY.get(arch) in spec.archs
+                                  and arch not in spec.not_for)
 
 
 def toolchain() -> str:
@@ -453,6 +466,9 @@ def problems(rows: list[dict]) -> list[str]:
         if row["stack_bytes"] or row["local_bytes"]:
             found.append(f"{where} spills: stack {row['stack_bytes']} B, local "
                          f"{row['local_bytes']} B")
+        if row["shared_bytes"] > smem_per_block_bytes(row["arch"]):
+            found.append(f"{where} needs {row['shared_bytes']} B of shared memory, more than "
+                         f"the {smem_per_block_bytes(row['arch'])} B a block may use there")
         if row.get("fma_dot"):
             if row["mma_instructions"]:
                 found.append(f"{where} is a full-precision fp32 (ieee) config but has "

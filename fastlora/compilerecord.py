@@ -149,13 +149,15 @@ def recorded_report(archs=("sm_80", "sm_90"), kernels=None, configs=None,
 
 
 def write_record(archs=("sm_80", "sm_90"), path=None) -> tuple[int, int]:
-    """Compile every shipped config for archs and write the record: this toolchain's rows
-    replace its old ones, other toolchains' rows are kept. Returns (written, kept)."""
+    """Compile every shipped config for archs and write the record: this toolchain's rows of
+    those archs replace their old ones; other toolchains' rows and other archs' are kept.
+    Returns (written, kept)."""
     path = RECORD_PATH if path is None else path
     jobs = report_jobs(archs)
     rows = compile_report(archs)
     chain = _toolchain()
-    kept = {k: v for k, v in load_record(path).items() if v.get("toolchain") != chain}
+    kept = {k: v for k, v in load_record(path).items()
+            if v.get("toolchain") != chain or v.get("arch") not in archs}
     fresh = {spec_key(spec, arch): {**_plain(row), "toolchain": chain}
              for (spec, arch), row in zip(jobs, rows)}
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -149,6 +149,37 @@ GPUS: tuple = (
 REFERENCE_GPU = {"sm_80": "A100 SXM 80GB", "sm_86": "A10", "sm_89": "L40S", "sm_90": "H100 SXM",
                  "sm_100": "B200", "sm_120": "RTX PRO 6000"}
 
+# compile target -> the per-arch config lists it runs (csrc_triton keys them by 'sm_90', wgmma,
+# and 'sm_80', mma.sync: every other arch runs the mma.sync lists, its own shared memory
+# permitting: fastlora.compilecheck checks each list's configs fit the arch's smem_per_block)
+CONFIG_FAMILY = {"sm_80": "sm_80", "sm_86": "sm_80", "sm_89": "sm_80", "sm_90": "sm_90",
+                 "sm_100": "sm_80", "sm_120": "sm_80"}
+# compute capability -> compile target, where the capability is its own target in the table;
+# others by major (capability_arch)
+_CAPABILITY = {(8, 0): "sm_80", (8, 6): "sm_86", (8, 9): "sm_89", (9, 0): "sm_90",
+               (10, 0): "sm_100", (12, 0): "sm_120"}
+
+
+def capability_arch(major: int, minor: int) -> str:
+    """The table's compile target for a compute capability: itself where listed (8.0, 8.6,
+    8.9, 9.0, 10.0, 12.0), else by major: 8.x 'sm_86' (the smaller shared memory of 8.x: an
+    8.7 Orin runs configs that fit 99 KB), 9.x 'sm_90', 10.x / 11.x 'sm_100', 12.x and later
+    'sm_120'. ValueError below 8.0 (no bf16 tensor cores)."""
+    if (major, minor) in _CAPABILITY:
+        return _CAPABILITY[(major, minor)]
+    if major < 8:
+        raise ValueError(f"compute capability {major}.{minor} is older than 8.0: fastlora's "
+                         "kernels need sm_80 or newer")
+    return {8: "sm_86", 9: "sm_90", 10: "sm_100", 11: "sm_100"}.get(major, "sm_120")
+
+
+def smem_per_block_bytes(arch: str) -> int:
+    """The most shared memory one block may use on `arch` (opt-in), bytes."""
+    if arch not in _SMEM:
+        raise KeyError(f"no shared-memory figure for arch {arch!r}; known: {', '.join(_SMEM)}")
+    return _SMEM[arch][0] * 1024
+
+
 _BY_NAME = {gpu.name.lower(): gpu for gpu in GPUS}
 # (pattern, GPU), longest substring first: "H100 PCIe" before "H100", "A100 80GB PCIe" before
 # "A100". A substring matches only as whole words: "A10" is not in "A100" nor "A10G", "L4" not

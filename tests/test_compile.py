@@ -107,6 +107,18 @@ def test_problems_flags_spills_and_missing_mma():
     assert len(found) == 2 and "spills" in found[0] and "HMMA/HGMMA" in found[1]
 
 
+def test_problems_flags_shared_memory_past_the_arch_limit():
+    """155,648 B (the fp32 U kernel's 32 x 256 x 64 tile, 3 stages) fits sm_80's 163 KB a block
+    and not the 99 KB of sm_86 / sm_89 / sm_120."""
+    row = {"kernel": "k", "config": "c", "arch": "sm_80", "registers": 128, "stack_bytes": 0,
+           "local_bytes": 0, "shared_bytes": 155_648, "mma_instructions": 4, "uses_dot": True}
+    assert problems([row]) == []
+    for arch in ("sm_86", "sm_89", "sm_120"):
+        found = problems([{**row, "arch": arch}])
+        assert len(found) == 1 and "101376 B" in found[0], found
+    assert problems([{**row, "arch": "sm_86", "shared_bytes": 101_376}]) == []
+
+
 def test_problems_expects_no_mma_in_full_precision_fp32_configs():
     """fp32 tl.dot at input_precision 'ieee' has no tensor-core form: no MMA is right there
     (and only there), and an MMA would mean tf32 rounding."""

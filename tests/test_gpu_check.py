@@ -47,8 +47,24 @@ def machine(monkeypatch):
 def test_preflight_passes_on_a_supported_machine(machine):
     assert gpu_check.preflight() == [
         "GPU: NVIDIA H100 80GB HBM3, sm_90, 80 GiB",
+        "table row: H100 SXM (sm_90: 132 SMs at 1830 MHz, 989 dense bf16 TFLOP/s, 3350 GB/s, "
+        "227 KiB shared memory a block); configs: sm_90, the sm_90 lists",
         "versions: torch 2.9.0a0+git1234 (CUDA 12.8), triton 3.5.0, transformers 5.0.0, "
         "peft 0.18.0, bitsandbytes 0.50.0, fastlora 0.1.0"]
+
+
+@pytest.mark.quick
+def test_the_table_row_of_a_geforce_and_of_an_unknown_gpu():
+    """An RTX 4090 (cc 8.9) is its own row and runs sm_89's configs of the sm_80 lists; a GPU
+    the table does not know is modelled as its compile target's reference GPU."""
+    rtx = SimpleNamespace(name="NVIDIA GeForce RTX 4090", major=8, minor=9)
+    assert gpu_check.table_row(rtx) == (
+        "table row: RTX 4090 (sm_89: 128 SMs at 2520 MHz, 165 dense bf16 TFLOP/s, 1008 GB/s, "
+        "99 KiB shared memory a block); configs: sm_89, the sm_80 lists")
+    odd = SimpleNamespace(name="NVIDIA Orin", major=8, minor=7)
+    assert gpu_check.table_row(odd).startswith(
+        "table row: not in the table, modelled as A10 (sm_86: 72 SMs")
+    assert gpu_check.table_row(odd).endswith("configs: sm_86, the sm_80 lists")
 
 
 def _fails(match: str):

@@ -57,12 +57,37 @@ def test_rows_are_consistent_per_arch():
 @pytest.mark.quick
 def test_compile_check_per_clock_figures_are_unchanged():
     """The committed compile record's ceilings were computed from these exact numbers."""
-    assert compilecheck.DENSE_MMA_FLOPS == {"sm_80": 2048, "sm_90": 4096}
+    assert compilecheck.DENSE_MMA_FLOPS == {"sm_80": 2048, "sm_86": 1024, "sm_89": 1024,
+                                            "sm_90": 4096, "sm_120": 1024}
+    # bandwidth to 10 GB/s: A10 600, L40S 864 -> 860, RTX PRO 6000 1,792 -> 1,790
     assert compilecheck.HBM_BYTES_PER_CLOCK == {"sm_80": 2.04e12 / 108 / 1.41e9,
-                                                "sm_90": 3.35e12 / 132 / 1.83e9}
+                                                "sm_86": 0.60e12 / 72 / 1.695e9,
+                                                "sm_89": 0.86e12 / 142 / 2.52e9,
+                                                "sm_90": 3.35e12 / 132 / 1.83e9,
+                                                "sm_120": 1.79e12 / 188 / 2.617e9}
     assert gpus.REFERENCE_GPU["sm_80"] == "A100 SXM 80GB"
     assert gpus.REFERENCE_GPU["sm_90"] == "H100 SXM"
     assert set(compilecheck.ARCHS) <= set(gpus.REFERENCE_GPU)
+
+
+@pytest.mark.quick
+def test_capability_to_compile_target_and_shared_memory():
+    """A device's compute capability picks its compile target, its config family (sm_90's
+    wgmma lists or sm_80's mma.sync ones) and its shared memory a block (CUDA programming
+    guide: 163 KB on 8.0, 99 KB on 8.6 / 8.9 / 12.0, 227 KB on 9.0 / 10.0)."""
+    cases = {(8, 0): ("sm_80", "sm_80", 163), (8, 6): ("sm_86", "sm_80", 99),
+             (8, 7): ("sm_86", "sm_80", 99), (8, 9): ("sm_89", "sm_80", 99),
+             (9, 0): ("sm_90", "sm_90", 227), (10, 0): ("sm_100", "sm_80", 227),
+             (10, 3): ("sm_100", "sm_80", 227), (12, 0): ("sm_120", "sm_80", 99),
+             (12, 1): ("sm_120", "sm_80", 99)}
+    for capability, (arch, family, kib) in cases.items():
+        assert gpus.capability_arch(*capability) == arch, capability
+        assert gpus.CONFIG_FAMILY[arch] == family
+        assert gpus.smem_per_block_bytes(arch) == kib * 1024
+    with pytest.raises(ValueError, match="8.0"):
+        gpus.capability_arch(7, 5)
+    with pytest.raises(KeyError, match="sm_75"):
+        gpus.smem_per_block_bytes("sm_75")
 
 
 @pytest.mark.quick
@@ -145,13 +170,13 @@ def test_modelled_tables_for_chosen_gpus(tmp_path):
 
     opts = suite.Options(shapes=[shapes.SHAPES["llama3-8b.q_proj"]], ms=(1, 4096), ranks=(16,),
                          modes=("forward",), providers=["fastlora", "peft_bnb"],
-                         out=str(tmp_path), gpus=("RTX 4090", "H100 SXM", "H100 PCIe"),
+                         out=str(tmp_path), gpus=("B200", "H100 SXM", "H100 PCIe"),
                          say=lambda line: None)
     rows = suite.modelled_rows(opts, ceilings={})
-    assert [r["gpu"] for r in rows[::4]] == ["RTX 4090", "H100 SXM", "H100 PCIe"]
+    assert [r["gpu"] for r in rows[::4]] == ["B200", "H100 SXM", "H100 PCIe"]
     suite.run_modelled(opts, [])
     text = (tmp_path / "modelled.md").read_text()
-    assert "RTX 4090 (sm_89, 16bit): none compiled" in text
-    assert "(the compile check covers sm_80, sm_90, not sm_89)" in text
-    for slug in ("rtx", "h100_sxm", "h100_pcie"):
+    assert "B200 (sm_100, 16bit): none compiled" in text
+    assert "(the compile check covers sm_80, sm_86, sm_89, sm_90, sm_120, not sm_100)" in text
+    for slug in ("b200", "h100_sxm", "h100_pcie"):
         assert (tmp_path / f"modelled_speedup_{slug}_forward_r16.png").stat().st_size > 0

@@ -74,14 +74,16 @@ def test_check_passes_on_the_real_kernels(monkeypatch, quant_type):
     assert selfcheck._RESULTS == {(str(HERE), quant_type): True}
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_89", "sm_90", "sm_120"])
 def test_gpu_configs_are_valid_explicit_configs(monkeypatch, arch):
     """On a GPU the check launches one explicit config per path (no autotuning for its own
-    shapes): they must be what lora_forward accepts."""
+    shapes): they must be what lora_forward accepts, on every compile target."""
+    from fastlora.gpus import CONFIG_FAMILY
     from fastlora.launch import common
 
     monkeypatch.setattr(selfcheck.backend, "interpreter_active", lambda: False)
-    monkeypatch.setattr(common, "arch", lambda device: arch)
+    monkeypatch.setattr(common, "compile_arch", lambda device: arch)
+    monkeypatch.setattr(common, "arch", lambda device: CONFIG_FAMILY[arch])
     tiled, small, gemv = selfcheck._configs(torch.device("cuda", 0))
     assert set(tiled) == set(forward_launch.TILED_KEYS)
     for cfg, keys in ((small, forward_launch.SMALL_M_KEYS), (gemv, forward_launch.GEMV_KEYS)):

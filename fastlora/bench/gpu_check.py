@@ -92,8 +92,24 @@ def preflight() -> list[str]:
     versions["torch"] += f" (CUDA {torch.version.cuda})" if torch.version.cuda else ""
     versions["fastlora"] = __version__
     return [f"GPU: {props.name}, sm_{props.major}{props.minor}, "
-            f"{props.total_memory / 2**30:.0f} GiB",
+            f"{props.total_memory / 2**30:.0f} GiB", table_row(props),
             "versions: " + ", ".join(f"{name} {v}" for name, v in versions.items())]
+
+
+def table_row(props) -> str:
+    """The GPU table's row this device is modelled with (fastlora/gpus.py) and the configs it
+    runs: its compile target (by compute capability) and that target's config family."""
+    from ..gpus import CONFIG_FAMILY, capability_arch, gpu_for_device, reference
+
+    target = capability_arch(props.major, props.minor)
+    gpu = gpu_for_device(props.name)
+    which = (f"{gpu.name}" if gpu is not None
+             else f"not in the table, modelled as {reference(target).name}")
+    gpu = gpu or reference(target)
+    return (f"table row: {which} ({gpu.arch}: {gpu.sms} SMs at {gpu.boost_clock_mhz} MHz, "
+            f"{gpu.tflops:.0f} dense bf16 TFLOP/s, {gpu.dram_gbs:.0f} GB/s, "
+            f"{gpu.smem_per_block_kib} KiB shared memory a block); configs: {target}, "
+            f"the {CONFIG_FAMILY[target]} lists")
 
 
 # ----------------------------------------------------------------------------- summary

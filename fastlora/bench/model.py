@@ -509,11 +509,13 @@ def needed_specs(arch: str, klass: str = "16bit", specs=None, kernels=None) -> l
         from csrc_triton import all_compile_specs
 
         specs = all_compile_specs()
+    from ..compilecheck import compiles_for
+
     kernels = set(kernels if kernels is not None else fastlora_kernels())
     chosen = []
     for kernel in sorted(kernels):
         mine = [s for s in specs if model_kernel(s.kernel, s.config) == kernel
-                and arch in s.archs
+                and compiles_for(s, arch)
                 and not getattr(s, "fma_dot", False) and spec_dtype_class(s) == klass]
         headline = [s for s in mine if getattr(s, "ceiling_target", 0) > 0]
         chosen += headline or mine
@@ -564,7 +566,7 @@ def dora_kernel_ceilings(arch: str, klass: str = "16bit", rows=None) -> dict:
 
 
 def kernel_ceilings(arch: str, klass: str = "16bit", rows=None) -> dict:
-    """{fastlora kernel: hot-loop ceiling} for `arch` ('sm_80' / 'sm_90') and dtype class:
+    """{fastlora kernel: hot-loop ceiling} for compile target `arch` and dtype class:
     the best ceiling among the kernel's compiled specs, headline specs (ceiling_target > 0)
     preferred; kernels without a compiled row are absent (the model runs them at 1.0 and
     says "unmodelled"), every kernel for an arch the compile check does not cover.

@@ -24,8 +24,8 @@ from ..checks import ACTIVATION_DTYPES, check_fused_rank, check_inputs
 from ..quant import QuantState
 from ..reference import dropout_threshold
 from . import dispatch
-from .common import (LAUNCH_OPTIONS, arch, arrival_counters, cached_autotuner, decode_flags,
-                     dot_precision, kernel_entry, num_sms, weight_args)
+from .common import (LAUNCH_OPTIONS, arch, arrival_counters, cached_autotuner, compile_arch,
+                     decode_flags, dot_precision, kernel_entry, num_sms, weight_args)
 
 __all__ = ["lora_backward", "check_backward_args", "du_db", "da", "dx_gemm", "Configs",
            "KERNELS"]
@@ -69,10 +69,11 @@ class Configs:
                     num_warps=meta.get("num_warps", 4), num_stages=meta.get("num_stages", 2))
             elif x.device.type != "cuda":
                 self.fixed[name] = kernels.INTERPRETER_CONFIGS[name]
-        # (arch, fp32, dot precision): fp32 at precision "ieee" autotunes over its own
-        # spill-free list (csrc_triton.backward.IEEE_CONFIGS), cached apart from tf32's
-        self.tuned = (arch(x.device), x.dtype == torch.float32, dot_precision(x.dtype)) \
-            if x.device.type == "cuda" else None
+        # (arch, fp32, dot precision, compile target): fp32 at precision "ieee" autotunes over
+        # its own spill-free list (csrc_triton.backward.IEEE_CONFIGS), cached apart from
+        # tf32's; sm_80's siblings (sm_86, sm_89, sm_120) run its lists with their fixes
+        self.tuned = (arch(x.device), x.dtype == torch.float32, dot_precision(x.dtype),
+                      compile_arch(x.device)) if x.device.type == "cuda" else None
 
     def largest(self, name: str, block: str) -> int:
         """The largest `block` the kernel may run with (split boundaries are aligned to it)."""

@@ -9,6 +9,7 @@ import threading
 import torch
 
 from .. import backend, interpreter
+from ..gpus import CONFIG_FAMILY, capability_arch
 from ..quant import QuantState, code_table, packed_bytes
 
 
@@ -131,9 +132,23 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def compile_arch(device: torch.device) -> str:
+    """The device's compile target in the GPU table ('sm_80', 'sm_86', 'sm_89', 'sm_90',
+    'sm_100', 'sm_120': fastlora.gpus.capability_arch)."""
+    return capability_arch(*torch.cuda.get_device_capability(device))
+
+
+def config_target(device: torch.device) -> str:
+    """The compile target whose fixed configs (csrc_triton's u_config, da_config) a launch on
+    `device` takes: compile_arch on a GPU; 'sm_80' (whose configs the interpreter runs too)
+    elsewhere."""
+    return compile_arch(device) if device.type == "cuda" else "sm_80"
+
+
 def arch(device: torch.device) -> str:
-    """'sm_90' on compute capability 9.x (wgmma), else 'sm_80' (mma.sync configs)."""
-    return "sm_90" if torch.cuda.get_device_capability(device)[0] == 9 else "sm_80"
+    """The config family the device runs: 'sm_90' on compute capability 9.x (wgmma), else
+    'sm_80' (the mma.sync lists; fastlora.gpus.CONFIG_FAMILY)."""
+    return CONFIG_FAMILY[compile_arch(device)]
 
 
 def num_sms(device: torch.device) -> int:

@@ -22,8 +22,9 @@ from ..checks import ACTIVATION_DTYPES, check_fused_rank, check_inputs
 from ..reference import dropout_threshold
 from .. import backend
 from . import dispatch
-from .common import (LAUNCH_OPTIONS, arch, arrival_counters, cached_autotuner, decode_flags,
-                     dot_precision, kernel_entry, num_sms, prepared_entry, weight_args)
+from .common import (LAUNCH_OPTIONS, arch, arrival_counters, cached_autotuner, compile_arch,
+                     config_target, decode_flags, dot_precision, kernel_entry, num_sms,
+                     prepared_entry, weight_args)
 
 SMALL_M_MAX = 16
 GEMV_MAX_M = 2  # csrc_triton/gemv.py GEMV_MAX_M (a test keeps them equal)
@@ -235,7 +236,8 @@ def _u_launcher(lora_a, m, dtype, p, seed, precision, segments=None):
     (x, u)."""
     fwd = _forward_kernels()
     k = lora_a.shape[1]
-    cfg = fwd.u_config(fwd.rank_block(lora_a.shape[0]), precision, dtype == torch.float32)
+    cfg = fwd.u_config(fwd.rank_block(lora_a.shape[0]), precision, dtype == torch.float32,
+                       config_target(lora_a.device))
     consts = {key: value for key, value in cfg.items() if key.startswith("BLOCK")}
     consts.update(HAS_DROPOUT=p > 0.0, DROPOUT_GROUPED=k % 8 == 0,
                   SEGMENTED=segments is not None, PRECISION=precision,
@@ -436,11 +438,12 @@ def _autotuned_small_m(device: torch.device, fp32: bool, k_aligned: bool, precis
                        group: bool = False):
     """The small-M kernel (or, `group`, its group form) autotuned over the small-M list."""
     sm = _small_m_kernels()
-    key = ("small_m_group" if group else "small_m", arch(device), fp32, k_aligned, precision)
+    key = ("small_m_group" if group else "small_m", compile_arch(device), fp32, k_aligned,
+           precision)
     kernel = sm._nf4_lora_fwd_small_m_group_kernel if group else sm._nf4_lora_fwd_small_m_kernel
     return cached_autotuner(key, lambda: triton.autotune(
         configs=_forward_kernels().triton_configs(sm.small_m_configs(fp32, k_aligned,
-                                                                     precision)),
+                                                                     precision, key[1])),
         key=_SMALL_M_GROUP_KEY if group else _SMALL_M_KEY,
         prune_configs_by={"early_config_prune": sm.prune_configs},
     )(kernel))

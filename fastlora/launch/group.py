@@ -28,8 +28,8 @@ from ..checks import MAX_FUSED_RANK, GroupMember
 from ..reference import dropout_threshold
 from .backward import Configs, _parallelism, _parts, check_backward_args, du_db, dx_gemm
 from . import dispatch
-from .common import (LAUNCH_OPTIONS, arrival_counters, decode_flags, dot_precision,
-                     kernel_entry, prepared_entry, weight_args)
+from .common import (LAUNCH_OPTIONS, arrival_counters, config_target, decode_flags,
+                     dot_precision, kernel_entry, prepared_entry, weight_args)
 from .forward import (GEMV_MAX_M, SMALL_M_MAX, _forward_kernels, _small_m_kernels,
                       check_forward_args, forward_with_u, gemv_ready, lora_forward,
                       prepare_small_m, prepare_small_m_with_u, small_m_plan)
@@ -119,7 +119,7 @@ def group_forward(x: torch.Tensor, members: list, *, base=None):
     gk = _kernels()
     ranks = [mb.lora_A.shape[0] for mb in members]
     precision = dot_precision(x.dtype)
-    cfg = gk.u_config(ranks, precision, x.dtype == torch.float32)
+    cfg = gk.u_config(ranks, precision, x.dtype == torch.float32, config_target(x.device))
     slots = _slot_args([(mb.lora_A.contiguous(), u, mb.lora_A.shape[0], int(mb.seed),
                          dropout_threshold(mb.dropout_p), 1.0 / (1.0 - mb.dropout_p))
                         for mb, u in zip(members, us)])
@@ -231,7 +231,7 @@ def prepare_group_forward(x: torch.Tensor, members: list):
     zero = [mb._replace(dropout_p=0.0, seed=0) for mb in members]
     ranks = [mb.lora_A.shape[0] for mb in members]
     precision = dot_precision(x.dtype)
-    cfg = gk.u_config(ranks, precision, x.dtype == torch.float32)
+    cfg = gk.u_config(ranks, precision, x.dtype == torch.float32, config_target(x.device))
     adapters = [mb.lora_A.contiguous() for mb in members]
     consts = dict(_slot_consts(zero), G=len(members), DROPOUT_GROUPED=k % 8 == 0,
                   PRECISION=precision, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
@@ -291,7 +291,7 @@ def _da_group(x, dus, members, dx, need_dA):
     m, k = x.shape
     ranks = [mb.lora_A.shape[0] for mb in members]
     precision = dot_precision(x.dtype)
-    cfg = gk.da_config(ranks, x.dtype == torch.float32, precision)
+    cfg = gk.da_config(ranks, x.dtype == torch.float32, precision, config_target(x.device))
     block_m, block_k = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]
     rows_per_split, splits = _parts(m, block_m,
                                     triton.cdiv(_parallelism(x.device), triton.cdiv(k, block_k)))
