@@ -86,6 +86,19 @@ def test_capability_to_compile_target_and_shared_memory():
         assert gpus.smem_per_block_bytes(arch) == kib * 1024
     with pytest.raises(ValueError, match="8.0"):
         gpus.capability_arch(7, 5)
+
+
+@pytest.mark.quick
+def test_launches_on_a_gpu_older_than_sm80_take_sm80_configs(monkeypatch):
+    """A T4 (7.5) has no compile target; its launches take sm_80's configs, as before."""
+    import torch
+
+    from fastlora.launch import common
+
+    for capability, want in (((7, 5), "sm_80"), ((8, 6), "sm_86"), ((9, 0), "sm_90")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+        assert common.compile_arch(torch.device("cuda", 0)) == want
+        assert common.arch(torch.device("cuda", 0)) == gpus.CONFIG_FAMILY[want]
     with pytest.raises(KeyError, match="sm_75"):
         gpus.smem_per_block_bytes("sm_75")
 

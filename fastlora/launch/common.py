@@ -134,8 +134,11 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def compile_arch(device: torch.device) -> str:
     """The device's compile target in the GPU table ('sm_80', 'sm_86', 'sm_89', 'sm_90',
-    'sm_100', 'sm_120': fastlora.gpus.capability_arch)."""
-    return capability_arch(*torch.cuda.get_device_capability(device))
+    'sm_100', 'sm_120': fastlora.gpus.capability_arch). A GPU older than 8.0 (T4, V100: no
+    target of its own, nothing compiled or checked for it) gets sm_80's, as before there were
+    per-arch targets."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return capability_arch(major, minor) if major >= 8 else "sm_80"
 
 
 def config_target(device: torch.device) -> str:
