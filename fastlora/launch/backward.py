@@ -21,10 +21,11 @@ import torch
 import triton
 
 from ..checks import ACTIVATION_DTYPES, check_fused_rank, check_inputs
+from ..gpus import CONFIG_FAMILY
 from ..quant import QuantState
 from ..reference import dropout_threshold
 from . import dispatch
-from .common import (LAUNCH_OPTIONS, arch, arrival_counters, cached_autotuner, compile_arch,
+from .common import (LAUNCH_OPTIONS, arrival_counters, cached_autotuner, compile_arch,
                      decode_flags, dot_precision, kernel_entry, num_sms, weight_args)
 
 __all__ = ["lora_backward", "check_backward_args", "du_db", "da", "dx_gemm", "Configs",
@@ -72,8 +73,9 @@ class Configs:
         # (arch, fp32, dot precision, compile target): fp32 at precision "ieee" autotunes over
         # its own spill-free list (csrc_triton.backward.IEEE_CONFIGS), cached apart from
         # tf32's; sm_80's siblings (sm_86, sm_89, sm_120) run its lists with their fixes
-        self.tuned = (arch(x.device), x.dtype == torch.float32, dot_precision(x.dtype),
-                      compile_arch(x.device)) if x.device.type == "cuda" else None
+        target = compile_arch(x.device) if x.device.type == "cuda" else None
+        self.tuned = (CONFIG_FAMILY[target], x.dtype == torch.float32, dot_precision(x.dtype),
+                      target) if target is not None else None
 
     def largest(self, name: str, block: str) -> int:
         """The largest `block` the kernel may run with (split boundaries are aligned to it)."""
