@@ -21,6 +21,8 @@ import weakref
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -289,6 +291,61 @@ def test_locked_tuner_keeps_each_threads_arguments():
     assert race(LockedTuner(SharedStateTuner())) == [0, 1, 2, 3]
     mixed = race(SharedStateTuner(rendezvous=threading.Barrier(4)))
     assert mixed != [0, 1, 2, 3], "the hazard is real without the lock"
+
+
+@triton.jit
+def _plus_block_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """out = x + BLOCK: which config ran shows in the output."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    tl.store(out_ptr + offs, x + BLOCK, mask=offs < n)
+
+
+def test_an_untuned_shape_inside_graph_capture_takes_the_default_config(monkeypatch, caplog):
+    """Issue 29: inside CUDA graph capture nothing may be timed. A LockedTuner call whose
+    shape Triton's Autotuner has no pick for launches the first config its pruning keeps,
+    times nothing, caches nothing and logs that once per kernel; a shape it has picked for
+    launches its pick; outside capture it autotunes as before. (Capture is faked: the
+    interpreter runs the launches.)"""
+    import logging
+
+    from fastlora.launch import common
+
+    monkeypatch.setattr(common, "_capture_defaults_logged", set())
+    configs = [triton.Config({"BLOCK": 64}), triton.Config({"BLOCK": 32}),
+               triton.Config({"BLOCK": 16})]
+    pruned = []
+
+    def prune(configs_, nargs, **kwargs):
+        pruned.append(nargs["n"])
+        return configs_[1:]  # the default is then BLOCK 32
+    tuner = common.LockedTuner(triton.autotune(
+        configs, key=["n"], prune_configs_by={"early_config_prune": prune})(_plus_block_kernel))
+    x = torch.zeros(100, device=DEVICE)
+    grid = lambda meta: (triton.cdiv(100, meta["BLOCK"]),)  # noqa: E731
+
+    def bench_forbidden(*args, **kwargs):
+        raise AssertionError("a config was timed inside capture")
+    # do_bench is a cached property: set on the instance, as Triton's own cache would hold it
+    monkeypatch.setitem(tuner.tuner.__dict__, "do_bench", bench_forbidden)
+    monkeypatch.setattr(common, "capture_underway", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="fastlora"):
+        for _ in range(2):
+            out = torch.empty(100, device=DEVICE)
+            tuner[grid](x, out, 100)
+            assert torch.equal(out, torch.full((100,), 32.0, device=DEVICE))
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "_plus_block_kernel" in warned[0] and "BLOCK: 32" in warned[0]
+    assert tuner.tuner.cache == {} and pruned == [100, 100]
+    tuner.tuner.cache[(100, "torch.float32", "torch.float32")] = configs[2]  # a pick
+    out = torch.empty(100, device=DEVICE)
+    tuner[grid](x, out, 100)
+    assert torch.equal(out, torch.full((100,), 16.0, device=DEVICE)) and pruned == [100, 100]
+    monkeypatch.setattr(common, "capture_underway", lambda: False)
+    monkeypatch.setitem(tuner.tuner.__dict__, "do_bench", _cpu_bench)
+    out = torch.empty(50, device=DEVICE)
+    tuner[lambda meta: (triton.cdiv(50, meta["BLOCK"]),)](x, out, 50)  # eager: autotunes
+    assert (50, "torch.float32", "torch.float32") in tuner.tuner.cache
 
 
 def _cpu_bench(kernel_call, quantiles):

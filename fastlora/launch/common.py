@@ -4,6 +4,7 @@ the autotuner cache."""
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 
 import torch
@@ -11,6 +12,8 @@ import torch
 from .. import backend, interpreter
 from ..gpus import CONFIG_FAMILY, capability_arch
 from ..quant import QuantState, code_table, packed_bytes
+
+logger = logging.getLogger("fastlora")
 
 
 _INTERPRETER_LOCK = threading.RLock()
@@ -164,7 +167,11 @@ class LockedTuner:
     configs are timed and pruned, reset to None at the end), so two threads in `run` at once
     can read each other's arguments or None. Holding the lock costs one uncontended acquire per
     launch (launches are asynchronous); a thread that arrives while configs are being timed
-    waits for the pick instead of timing them again."""
+    waits for the pick instead of timing them again.
+
+    Inside CUDA graph capture nothing may be timed (Triton's benchmark synchronises): a call
+    whose shape the Autotuner has not picked for yet launches the list's default config and
+    says so once per kernel (a later eager call still autotunes that shape)."""
 
     def __init__(self, tuner):
         self.tuner = tuner
@@ -173,8 +180,54 @@ class LockedTuner:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             with self.lock:
+                if capture_underway():
+                    config = self._default_when_untuned(args, kwargs)
+                    if config is not None:
+                        return self._launch_with(grid, config, args, kwargs)
                 return self.tuner[grid](*args, **kwargs)
         return launch
+
+    def _default_when_untuned(self, args, kwargs):
+        """None when Triton's Autotuner has a pick for this call (its cache key: the `key`
+        arguments' values, then every tensor argument's dtype, as Autotuner.run builds it) or
+        runs one config anyway; else the default config: the first of its list that its own
+        pruning keeps for these arguments (issue 29: nothing is timed inside a capture)."""
+        tuner = self.tuner
+        if len(tuner.configs) <= 1:
+            return None
+        named = {**dict(zip(tuner.arg_names, args)), **kwargs}
+        named = {k: v for k, v in named.items() if k in tuner.arg_names}
+        key = tuple([named[k] for k in tuner.keys if k in named]
+                    + [str(v.dtype) for v in named.values() if hasattr(v, "dtype")])
+        if key in tuner.cache:
+            return None
+        tuner.nargs = dict(zip(tuner.arg_names, args))
+        try:
+            return tuner.prune_configs(kwargs)[0]
+        finally:
+            tuner.nargs = None
+
+    def _launch_with(self, grid, config, args, kwargs):
+        name = getattr(self.tuner.base_fn, "__name__", "a kernel")
+        if name not in _capture_defaults_logged:
+            _capture_defaults_logged.add(name)
+            logger.warning(
+                "fastlora: %s met a shape it has not autotuned inside CUDA graph capture, "
+                "where nothing may be timed; it launches its default config (%s) there. Run "
+                "the same shapes once before capturing to capture the tuned config; logged "
+                "once per kernel", name, config)
+        launch_kwargs = {**kwargs, **config.all_kwargs()}
+        if config.pre_hook is not None:
+            config.pre_hook({**dict(zip(self.tuner.arg_names, args)), **launch_kwargs})
+        return self.tuner.fn[grid](*args, **launch_kwargs)
+
+
+_capture_defaults_logged: set = set()
+
+
+def capture_underway() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 _TUNERS: dict = {}
