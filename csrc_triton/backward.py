@@ -47,7 +47,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (CompileSpec, SiblingFix, by_triton, decode_tile, dropout_keep, grouped_tile,
+from .common import (CompileSpec, SiblingFix, by_triton, decode_tile, dropout_keep, dropout_seed,
+                     grouped_tile,
                      lane_table, last_to_arrive, row_dropout, segment_factor, segment_of_rows,
                      SUM_ROWS, sibling_configs, sibling_specs, sum_parts)
 
@@ -226,7 +227,7 @@ def _nf4_lora_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_p
 
 @triton.jit
 def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, da_ptr, counter_ptr, dx_ptr, M, K, R,
-                        seed, threshold,
+                        seed_ptr, seed_hi, threshold,
                         keep_scale, rows_per_split, m_bucket, stride_xm, stride_xk, stride_dum,
                         stride_dur, stride_ar, stride_ak, stride_dxm, stride_dxk,
                         row_seg_ptr, seg_thr_ptr, seg_keep_ptr,
@@ -247,7 +248,8 @@ def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, da_ptr, counter_ptr, dx_pt
     common.last_to_arrive);
     dx_ptr [M, K] in x's dtype: receives dropout'(dU @ A), which _nf4_lora_bwd_dx_kernel then
     takes as its accumulator's initial value.
-    The mask is regenerated from (seed, m * K + k), as the forward drew it (common.dropout_keep;
+    The mask is regenerated from (seed, m * K + k), as the forward drew it (seed_ptr, seed_hi:
+    the forward's seed, common.dropout_seed; common.dropout_keep;
     DROPOUT_GROUPED: K % 8 == 0, one Philox call per 8 elements); the masked x tile is
     rounded to x's dtype (what the forward fed its dot) and is the first dot operand
     (dA^T = dropout(x)^T @ dU). m_bucket: unused here, part of the autotune key.
@@ -267,6 +269,7 @@ def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, da_ptr, counter_ptr, dx_pt
     k_mask = offs_k < K
     r_mask = offs_r < R
     cols = offs_k.to(tl.int64)  # a column-major x has stride_xk = M: k * M can pass 2^31
+    seed = dropout_seed(seed_ptr, seed_hi)  # unread (compiled out) without dropout
     if WRITE_DX:
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=r_mask[:, None] & k_mask[None, :], other=0.0)
@@ -413,8 +416,9 @@ CONFIGS = {
     "da": {
         ("sm_90", False): _DA_16BIT,
         ("sm_80", False): _DA_16BIT,
-        ("sm_90", True): [by_triton(_cfg(4, 3, 64, BLOCK_M=64, BLOCK_K=64),  # 3.6: 8 B
-                                    v3_6=_cfg(4, 2, 64, BLOCK_M=64, BLOCK_K=64)),
+        # 2 stages (3 spilled 8 B on 3.6, and on 3.9 once the dropout seed came from the
+        # device, issue 30)
+        ("sm_90", True): [_cfg(4, 2, 64, BLOCK_M=64, BLOCK_K=64),
                           _cfg(4, 3, 64, BLOCK_M=32, BLOCK_K=64),
                           _cfg(4, 2, 64, BLOCK_M=16, BLOCK_K=64),
                           _cfg(4, 2, BLOCK_M=16, BLOCK_K=32)],
@@ -455,10 +459,14 @@ _DU_DB_IEEE = [_cfg(4, 1, 16, BLOCK_M=64, BLOCK_N=64),
                                                                 BLOCK_N=32))),
                _cfg(8, 1, 64, BLOCK_M=16, BLOCK_N=32),
                _cfg(8, 1, BLOCK_M=16, BLOCK_N=16)]
+# the r 256 tile: 4 warps on 3.9 (8 spill 8 B since the dropout seed comes from the device,
+# issue 30: 157 registers at 4)
 _DA_IEEE = [_cfg(8, 1, 16, BLOCK_M=64, BLOCK_K=64),
             by_triton(_cfg(8, 1, 64, BLOCK_M=16, BLOCK_K=64),
                       **dict.fromkeys(("v3_5", "v3_7"), _cfg(4, 1, 64, BLOCK_M=16, BLOCK_K=64))),
-            _cfg(8, 1, BLOCK_M=16, BLOCK_K=32)]
+            by_triton(_cfg(4, 1, BLOCK_M=16, BLOCK_K=32),
+                      **dict.fromkeys(("v3_5", "v3_6", "v3_7", "v3_8"),
+                                      _cfg(8, 1, BLOCK_M=16, BLOCK_K=32)))]
 # sm_80 on 3.6: the r 256 tile at 4 warps (w4 spills 7064 B on sm_90 there)
 _DA_IEEE_SM80 = _DA_IEEE[:-1] + [by_triton(_cfg(8, 1, BLOCK_M=16, BLOCK_K=32),
                                            v3_6=_cfg(4, 1, BLOCK_M=16, BLOCK_K=32))]
@@ -637,7 +645,7 @@ def _du_db_spec(cfg, arch, act, precision=None, r_pad=None, target=0.0, segmente
 def _da_spec(cfg, arch, act, precision=None, r_pad=None, target=0.0, segmented=False):
     sig = {"x_ptr": f"*{act}", "du_ptr": f"*{act}", "a_ptr": f"*{act}", "ws_ptr": "*fp32",
            "da_ptr": f"*{act}", "counter_ptr": "*i32", "dx_ptr": f"*{act}",
-           **_ints("M", "K", "R"), "seed": "i64", "threshold": "i64",
+           **_ints("M", "K", "R"), "seed_ptr": "*i64", "seed_hi": "i32", "threshold": "i64",
            "keep_scale": "fp32",
            **_ints("rows_per_split", "m_bucket", "stride_xm", "stride_xk", "stride_dum",
                    "stride_dur", "stride_ar", "stride_ak", "stride_dxm", "stride_dxk"),

@@ -109,6 +109,18 @@ def sibling_configs(fixes, kernel: str, arch: str, configs: list, fp32: bool,
     return out
 
 
+def sibling_config(fixes, kernel: str, arch: str, config, fp32: bool, ieee: bool = False,
+                   rank: int = 0):
+    """The one config of a kernel launched without a tuner (the U kernels, the dA group
+    kernel) as `arch` runs it: sibling_configs of [config]. A fix may replace such a config,
+    never drop it (nothing would be left to launch)."""
+    fixed = sibling_configs(fixes, kernel, arch, [config], fp32, ieee, rank)
+    if not fixed:
+        raise ValueError(f"a SiblingFix drops {kernel}'s only config on {arch}: it must "
+                         "replace it")
+    return fixed[0]
+
+
 def spec_class(spec) -> tuple:
     """(fp32 activations, ieee, padded rank) of a CompileSpec: its label names the activation
     dtype first; the rank is the group's summed R_PAD{g} (G members), else R_PAD or BLOCK_R."""
@@ -153,12 +165,13 @@ def sibling_specs(fixes, specs: list) -> list:
 # (N*K / (blocksize * 256) values), bias [N], lora_A [r <= 256, K] and lora_B [N, r] (K, N < 2^23),
 # and a mixed batch's routing tables: one entry per row ([M], M itself an int32 argument), per
 # rank column ([R <= 256]) or per adapter slot ([G <= 256]); the results shaped like A and B
-# (dA, dB), and the int32 arrival counters (one per tile of a launch, common.last_to_arrive).
+# (dA, dB), the int32 arrival counters (one per tile of a launch, common.last_to_arrive) and
+# the one-element dropout seed (dropout_seed).
 # Every other pointer (x, dy, dx, y, U, dU, the packed weight, absmax, workspaces) must be
 # addressed with at least one 64-bit offset: fastlora.compilecheck verifies it on the TTIR.
 BOUNDED_ARGS = ("code_ptr", "code2_ptr", "offset_ptr", "absmax2_ptr", "bias_ptr", "a_ptr",
                 "b_ptr", "row_seg_ptr", "col_seg_ptr", "col_scale_ptr", "seg_thr_ptr",
-                "seg_keep_ptr", "da_ptr", "db_ptr", "counter_ptr")
+                "seg_keep_ptr", "da_ptr", "db_ptr", "counter_ptr", "seed_ptr")
 
 
 @dataclass(frozen=True)
@@ -308,6 +321,17 @@ def grouped_tile(pid, num_m, num_other, GROUP_M: tl.constexpr):
     first_m = (pid // per_group) * GROUP_M
     group_rows = tl.minimum(num_m - first_m, GROUP_M)
     return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+
+@triton.jit
+def dropout_seed(seed_ptr, seed_hi):
+    """The 64-bit dropout seed: its low word loaded from the device (seed_ptr: the op's int64
+    [1] seed; little-endian, so the first 4 bytes), its high word `seed_hi` a launch argument.
+    The word that varies per call (a fresh draw, so a CUDA graph replays a new mask: issue 30)
+    lives on the device; the high word, 0 for every draw and a caller's explicit seed >> 32
+    otherwise, stays a kernel parameter, so only one register holds the loaded part."""
+    lo = tl.load(seed_ptr.to(tl.pointer_type(tl.uint32)))
+    return (seed_hi.to(tl.uint64) << 32) | lo.to(tl.uint64)
 
 
 @triton.jit

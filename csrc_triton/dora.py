@@ -29,8 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (CompileSpec, block_scales, decode_tile, dropout_keep, lane_table,
-                     weight_signature)
+from .common import (CompileSpec, block_scales, decode_tile, dropout_keep, dropout_seed,
+                     lane_table, weight_signature)
 
 # _dora_norm_kernel: [64, 64] tiles, 4 warps, split over K to fill the GPU (the launcher aims
 # at two waves). Swept on sm_90 (bf16, r = 16 / 64; no config spills): [16, 128] 0.16 / 0.08
@@ -159,8 +159,9 @@ def _dora_scales_kernel(ws_ptr, mag_ptr, mns_ptr, norm_ptr, absmax_ptr, absmax2_
 
 
 @triton.jit
-def _dropout_kernel(t_ptr, out_ptr, M, K, stride_tm, stride_tk, stride_om, stride_ok, seed,
-                    threshold, keep_scale, GROUPED: tl.constexpr, BLOCK_M: tl.constexpr,
+def _dropout_kernel(t_ptr, out_ptr, M, K, stride_tm, stride_tk, stride_om, stride_ok,
+                    seed_ptr, seed_hi, threshold, keep_scale, GROUPED: tl.constexpr,
+                    BLOCK_M: tl.constexpr,
                     BLOCK_K: tl.constexpr):
     """out = dropout(t) for t [M, K]: element (m, k) kept (times keep_scale = 1 / (1 - p), in
     fp32, rounded once) when its draw at offset m * K + k passes `threshold`
@@ -172,7 +173,8 @@ def _dropout_kernel(t_ptr, out_ptr, M, K, stride_tm, stride_tk, stride_om, strid
     rows = offs_m.to(tl.int64)[:, None]
     cols = offs_k.to(tl.int64)[None, :]
     t = tl.load(t_ptr + rows * stride_tm + cols * stride_tk, mask=mask, other=0.0)
-    keep = dropout_keep(seed, offs_m, k0, K, threshold, BLOCK_M, BLOCK_K, GROUPED)
+    keep = dropout_keep(dropout_seed(seed_ptr, seed_hi), offs_m, k0, K, threshold, BLOCK_M,
+                        BLOCK_K, GROUPED)
     out = tl.where(keep, t.to(tl.float32) * keep_scale, 0.0)
     tl.store(out_ptr + rows * stride_om + cols * stride_ok, out.to(out_ptr.dtype.element_ty),
              mask=mask)
@@ -233,7 +235,7 @@ def rank_block(rank: int) -> int:
 # ----------------------------------------------------------------------------- compile specs
 # [N]-sized vectors (norm, c, bias) stay far below 2^31 elements: 32-bit offsets address them.
 _BOUNDED = ("code_ptr", "code2_ptr", "offset_ptr", "absmax2_ptr", "a_ptr", "b_ptr",
-            "c_ptr", "bias_ptr")
+            "c_ptr", "bias_ptr", "seed_ptr")
 _ALIGNED = ("K", "N", "stride_ar", "stride_bn", "stride_tm", "stride_om", "stride_zm",
             "stride_basem", "stride_gm")
 
@@ -284,7 +286,7 @@ def _dropout_spec(act: str) -> CompileSpec:
         kernel="_dropout_kernel", fn=_dropout_kernel,
         signature={"t_ptr": f"*{act}", "out_ptr": f"*{act}", "M": "i32", "K": "i32",
                    "stride_tm": "i32", "stride_tk": "i32", "stride_om": "i32",
-                   "stride_ok": "i32", "seed": "i64", "threshold": "i64",
+                   "stride_ok": "i32", "seed_ptr": "*i64", "seed_hi": "i32", "threshold": "i64",
                    "keep_scale": "fp32"},
         constexprs={"GROUPED": True, "BLOCK_M": EW_BLOCK_M, "BLOCK_K": EW_BLOCK_N},
         num_warps=EW_NUM_WARPS, num_stages=1, uses_dot=False, label=act, aligned=_ALIGNED,

@@ -27,8 +27,9 @@ import triton
 import triton.language as tl
 
 from .common import (CompileSpec, SiblingFix, SM80_SIBLINGS, by_triton, decode_tile,
-                     dropout_keep, grouped_tile, row_dropout, sibling_configs, sibling_specs, segment_factor, segment_of_rows,
-                     lane_table, load_x_tile, weight_signature)
+                     dropout_keep, dropout_seed, grouped_tile, row_dropout, sibling_config,
+                     sibling_specs, segment_factor, segment_of_rows, lane_table, load_x_tile,
+                     weight_signature)
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -94,7 +95,7 @@ def store_y(acc, offs_m, offs_n, M, N, bias_ptr, y_ptr, stride_ym, stride_yn,
 @triton.jit
 def _lora_u_kernel(x_ptr, a_ptr, u_ptr, M, K, R,
                    stride_xm, stride_xk, stride_ar, stride_ak, stride_um, stride_ur,
-                   seed, threshold, keep_scale,
+                   seed_ptr, seed_hi, threshold, keep_scale,
                    row_seg_ptr, col_seg_ptr, col_scale_ptr, seg_thr_ptr, seg_keep_ptr,
                    HAS_DROPOUT: tl.constexpr, DROPOUT_GROUPED: tl.constexpr,
                    SEGMENTED: tl.constexpr, PRECISION: tl.constexpr,
@@ -102,6 +103,9 @@ def _lora_u_kernel(x_ptr, a_ptr, u_ptr, M, K, R,
     """u = dropout(x) @ A^T, one program per BLOCK_M rows and the whole (padded) rank.
 
     x_ptr [M, K], a_ptr [R, K] (lora_A), u_ptr [M, R], all fp16/bf16/fp32 (x's dtype).
+    seed_ptr, seed_hi: the dropout seed, its low word read here from the device (never on the
+    host, so a captured CUDA graph replays whatever the seed draw before it wrote: issue 30),
+    its high word a parameter (common.dropout_seed).
     Dropout keeps element (m, k) when its 16-bit Philox draw at offset m * K + k is >=
     threshold (common.dropout_keep; DROPOUT_GROUPED: K % 8 == 0, one call per 8 elements;
     reproduced by fastlora.reference) and scales kept values by keep_scale = 1 / (1 - p) in
@@ -121,6 +125,7 @@ def _lora_u_kernel(x_ptr, a_ptr, u_ptr, M, K, R,
     r_ok = offs_r < R
     thr = threshold
     scale = keep_scale
+    seed = dropout_seed(seed_ptr, seed_hi)  # unread (compiled out) without dropout
     if SEGMENTED:
         seg = segment_of_rows(row_seg_ptr, offs_m, M)
         if HAS_DROPOUT:
@@ -213,8 +218,7 @@ def u_config(block_r: int, precision: str = "tf32", fp32: bool = False,
     """The U kernel's config for `arch` (a compile target: sm_80's siblings take
     SIBLING_FIXES); below, sm_80's."""
     cfg = _u_config(block_r, precision, fp32)
-    return sibling_configs(SIBLING_FIXES, "_lora_u_kernel", arch, [cfg], fp32,
-                           precision == "ieee")[0]
+    return sibling_config(SIBLING_FIXES, "_lora_u_kernel", arch, cfg, fp32, precision == "ieee")
 
 
 def _u_config(block_r: int, precision: str = "tf32", fp32: bool = False) -> dict:
@@ -458,7 +462,8 @@ def _u_spec(rank, dtype, dropout, precision="tf32", target=0.0, segmented=False)
     fma = dtype == "fp32" and precision == "ieee"
     sig = {"x_ptr": f"*{dtype}", "a_ptr": f"*{dtype}", "u_ptr": f"*{dtype}",
            **{n: "i32" for n in ("M", "K", "R", "stride_xm", "stride_ar", "stride_um")},
-           "seed": "i64", "threshold": "i64", "keep_scale": "fp32", **SEGMENT_SIGNATURE}
+           "seed_ptr": "*i64", "seed_hi": "i32", "threshold": "i64", "keep_scale": "fp32",
+           **SEGMENT_SIGNATURE}
     constexprs = {"HAS_DROPOUT": dropout, "DROPOUT_GROUPED": True, "SEGMENTED": segmented,
                   "PRECISION": precision,
                   **{k: v for k, v in cfg.items() if k.startswith("BLOCK")},

@@ -11,10 +11,11 @@ Member g's dropout mask is drawn exactly as the single-layer kernels draw it wit
 seed (common.dropout_keep at offset m * K + k), so a group computes what its members' separate
 ops compute, and fastlora.reference reproduces every mask bit for bit.
 
-Members sit in slots 0..G-1 (constexpr G); a slot's arguments are its A (contiguous [R, K]), its
-U or dU (contiguous [M, R]), its dA workspace and dA, R, seed, 16-bit threshold and 1 / (1 - p), and
-constexprs HAS_DROPOUTg and R_PADg (the rank padded to a power of two >= 16). Slots past G are
-compiled out; the launcher fills them with slot 0's values.
+Members sit in slots 0..G-1 (constexpr G); a slot's arguments are its A (contiguous [R, K]),
+its U or dU (contiguous [M, R]), its dA workspace and dA, R, its dropout seed (a pointer to
+the int64 [1] seed on the device and its high word: common.dropout_seed), 16-bit
+threshold and 1 / (1 - p), and constexprs HAS_DROPOUTg and R_PADg (the rank padded to a power
+of two >= 16). Slots past G are compiled out; the launcher fills them with slot 0's values.
 
 Registers: the accumulators of all members are live at once, plus one member's mask at a time;
 u_config / da_config pick by the summed padded rank, and COMPILE_SPECS compiles the headline
@@ -33,7 +34,8 @@ import triton
 import triton.language as tl
 
 from .common import (CompileSpec, SUM_ROWS, SiblingFix, by_triton, dropout_keep,
-                     last_to_arrive, load_x_tile, sibling_configs, sibling_specs, sum_parts)
+                     dropout_seed, last_to_arrive, load_x_tile, sibling_config, sibling_specs,
+                     sum_parts)
 
 MAX_MEMBERS = 4
 # The summed padded rank a group may have. At 256 (q/k/v at r = 64) with dropout, the modelled
@@ -55,7 +57,8 @@ def _u_member(acc, x, a_ptr, offs_m, k0, K, R, seed, threshold, keep_scale,
     offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, offs_m, k0, K, threshold, BLOCK_M, BLOCK_K, DROPOUT_GROUPED)
+        keep = dropout_keep(seed, offs_m, k0, K, threshold, BLOCK_M, BLOCK_K,
+                            DROPOUT_GROUPED)
         # fp32 elementwise: the interpreter's bf16 arithmetic is wrong (DESIGN.md)
         x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(x.dtype)
     a_t = tl.load(a_ptr + offs_k.to(tl.int64)[:, None] + offs_r[None, :] * K,
@@ -84,7 +87,8 @@ def _da_member(acc, x, du_ptr, a, offs_m, m_mask, k0, K, R, seed, threshold, kee
     du = tl.load(du_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :],
                  mask=m_mask[:, None] & (offs_r < R)[None, :], other=0.0)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, offs_m, k0, K, threshold, BLOCK_M, BLOCK_K, DROPOUT_GROUPED)
+        keep = dropout_keep(seed, offs_m, k0, K, threshold, BLOCK_M, BLOCK_K,
+                            DROPOUT_GROUPED)
     if COMPUTE_DA:
         xd = x
         if HAS_DROPOUT:
@@ -130,10 +134,10 @@ def _sum_da(ws_ptr, da_ptr, parts, k0, K, R, R_PAD: tl.constexpr, BLOCK_K: tl.co
 
 @triton.jit
 def _lora_u_group_kernel(x_ptr, M, K, stride_xm, stride_xk,
-                         a0_ptr, u0_ptr, R0, seed0, threshold0, keep_scale0,
-                         a1_ptr, u1_ptr, R1, seed1, threshold1, keep_scale1,
-                         a2_ptr, u2_ptr, R2, seed2, threshold2, keep_scale2,
-                         a3_ptr, u3_ptr, R3, seed3, threshold3, keep_scale3,
+                         a0_ptr, u0_ptr, R0, seed0_ptr, seed_hi0, threshold0, keep_scale0,
+                         a1_ptr, u1_ptr, R1, seed1_ptr, seed_hi1, threshold1, keep_scale1,
+                         a2_ptr, u2_ptr, R2, seed2_ptr, seed_hi2, threshold2, keep_scale2,
+                         a3_ptr, u3_ptr, R3, seed3_ptr, seed_hi3, threshold3, keep_scale3,
                          G: tl.constexpr, HAS_DROPOUT0: tl.constexpr,
                          HAS_DROPOUT1: tl.constexpr, HAS_DROPOUT2: tl.constexpr,
                          HAS_DROPOUT3: tl.constexpr, R_PAD0: tl.constexpr,
@@ -150,10 +154,14 @@ def _lora_u_group_kernel(x_ptr, M, K, stride_xm, stride_xk,
     acc1 = tl.zeros((BLOCK_M, R_PAD1), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, R_PAD2), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_M, R_PAD3), dtype=tl.float32)
+    # each member's seed (common.dropout_seed); unread slots are compiled out
+    seed0, seed1 = dropout_seed(seed0_ptr, seed_hi0), dropout_seed(seed1_ptr, seed_hi1)
+    seed2, seed3 = dropout_seed(seed2_ptr, seed_hi2), dropout_seed(seed3_ptr, seed_hi3)
     for k0 in range(0, K, BLOCK_K):
         x = load_x_tile(x_ptr, offs_m, k0, M, K, stride_xm, stride_xk, BLOCK_K)
-        acc0 = _u_member(acc0, x, a0_ptr, offs_m, k0, K, R0, seed0, threshold0, keep_scale0,
-                         HAS_DROPOUT0, DROPOUT_GROUPED, PRECISION, BLOCK_M, R_PAD0, BLOCK_K)
+        acc0 = _u_member(acc0, x, a0_ptr, offs_m, k0, K, R0, seed0, threshold0,
+                         keep_scale0, HAS_DROPOUT0, DROPOUT_GROUPED, PRECISION, BLOCK_M, R_PAD0,
+                         BLOCK_K)
         if G > 1:
             acc1 = _u_member(acc1, x, a1_ptr, offs_m, k0, K, R1, seed1, threshold1,
                              keep_scale1, HAS_DROPOUT1, DROPOUT_GROUPED, PRECISION, BLOCK_M,
@@ -176,12 +184,16 @@ def _lora_u_group_kernel(x_ptr, M, K, stride_xm, stride_xk,
 
 
 @triton.jit
-def _lora_bwd_da_group_kernel(x_ptr, dx_ptr, counter_ptr, M, K, rows_per_split, stride_xm, stride_xk,
-                              stride_dxm, stride_dxk,
-                              du0_ptr, a0_ptr, ws0_ptr, da0_ptr, R0, seed0, threshold0, keep_scale0,
-                              du1_ptr, a1_ptr, ws1_ptr, da1_ptr, R1, seed1, threshold1, keep_scale1,
-                              du2_ptr, a2_ptr, ws2_ptr, da2_ptr, R2, seed2, threshold2, keep_scale2,
-                              du3_ptr, a3_ptr, ws3_ptr, da3_ptr, R3, seed3, threshold3, keep_scale3,
+def _lora_bwd_da_group_kernel(x_ptr, dx_ptr, counter_ptr, M, K, rows_per_split, stride_xm,
+                              stride_xk, stride_dxm, stride_dxk,
+                              du0_ptr, a0_ptr, ws0_ptr, da0_ptr, R0, seed0_ptr, seed_hi0,
+                              threshold0, keep_scale0,
+                              du1_ptr, a1_ptr, ws1_ptr, da1_ptr, R1, seed1_ptr, seed_hi1,
+                              threshold1, keep_scale1,
+                              du2_ptr, a2_ptr, ws2_ptr, da2_ptr, R2, seed2_ptr, seed_hi2,
+                              threshold2, keep_scale2,
+                              du3_ptr, a3_ptr, ws3_ptr, da3_ptr, R3, seed3_ptr, seed_hi3,
+                              threshold3, keep_scale3,
                               G: tl.constexpr, COMPUTE_DA: tl.constexpr,
                               WRITE_DX: tl.constexpr, HAS_DROPOUT0: tl.constexpr,
                               HAS_DROPOUT1: tl.constexpr, HAS_DROPOUT2: tl.constexpr,
@@ -216,6 +228,9 @@ def _lora_bwd_da_group_kernel(x_ptr, dx_ptr, counter_ptr, M, K, rows_per_split, 
     acc1 = tl.zeros((BLOCK_K, R_PAD1), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_K, R_PAD2), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_K, R_PAD3), dtype=tl.float32)
+    # each member's seed (common.dropout_seed); unread slots are compiled out
+    seed0, seed1 = dropout_seed(seed0_ptr, seed_hi0), dropout_seed(seed1_ptr, seed_hi1)
+    seed2, seed3 = dropout_seed(seed2_ptr, seed_hi2), dropout_seed(seed3_ptr, seed_hi3)
     for m0 in range(row_start, row_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < row_end
@@ -299,15 +314,25 @@ def _check_ieee(total: int) -> None:
 # sm_120 at 32+32+32 without dropout (8 warps: 96 registers); dA 16x64 w4 s2 (16-bit) spills
 # 8 B on sm_86 / sm_89 at 16+16+16 with dropout (1 stage: 168 registers, up to a summed 96;
 # 1 stage spills 8 B at 64+64 without dropout, where 2 stages hold).
+# Since the dropout seed comes from the device (issue 30; one more live register), Triton 3.9:
+# the full-precision U group tile also takes 32 rows on sm_86 / sm_89 (64 at 1 stage: 8 B
+# spilled), the full-precision dA group tile BLOCK_K 32 there (16 B at 64), and the 16-bit dA
+# group tile 8 warps on sm_120 (16 B at 4 warps, 32+32+32).
 SIBLING_FIXES = (
     SiblingFix("_lora_u_group_kernel", ("sm_86", "sm_89"),
                {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
-               {"num_stages": 1}, ieee=True),
+               {"num_stages": 1, "BLOCK_M": 32}, ieee=True),
     SiblingFix("_lora_u_group_kernel", ("sm_120",),
                {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4}, {"num_warps": 8}, ieee=False),
     SiblingFix("_lora_bwd_da_group_kernel", ("sm_86", "sm_89"),
                {"BLOCK_M": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
                {"num_stages": 1}, fp32=False, max_rank=96),
+    SiblingFix("_lora_bwd_da_group_kernel", ("sm_86", "sm_89"),
+               {"BLOCK_M": 16, "BLOCK_K": 64, "num_warps": 8, "num_stages": 1},
+               {"BLOCK_K": 32}, ieee=True),
+    SiblingFix("_lora_bwd_da_group_kernel", ("sm_120",),
+               {"BLOCK_M": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+               {"num_warps": 8}, fp32=False),
 )
 
 
@@ -315,8 +340,8 @@ def u_config(ranks, precision: str = "tf32", fp32: bool = False, arch: str = "sm
     """The U group kernel's config (BLOCK_M, BLOCK_K, num_warps, num_stages) for these ranks
     on compile target `arch` (sm_80's siblings take SIBLING_FIXES)."""
     cfg = _u_config(ranks, precision, fp32)
-    return sibling_configs(SIBLING_FIXES, "_lora_u_group_kernel", arch, [cfg], fp32,
-                           fp32 and precision == "ieee", total_r_pad(ranks))[0]
+    return sibling_config(SIBLING_FIXES, "_lora_u_group_kernel", arch, cfg, fp32,
+                          fp32 and precision == "ieee", total_r_pad(ranks))
 
 
 def _u_config(ranks, precision: str = "tf32", fp32: bool = False) -> dict:
@@ -333,8 +358,8 @@ def da_config(ranks, fp32: bool, precision: str, arch: str = "sm_80") -> triton.
     """The dA group kernel's config for these ranks on compile target `arch` (the same on
     sm_80 and sm_90; sm_80's siblings take SIBLING_FIXES)."""
     cfg = _da_config(ranks, fp32, precision)
-    return sibling_configs(SIBLING_FIXES, "_lora_bwd_da_group_kernel", arch, [cfg], fp32,
-                           fp32 and precision == "ieee", total_r_pad(ranks))[0]
+    return sibling_config(SIBLING_FIXES, "_lora_bwd_da_group_kernel", arch, cfg, fp32,
+                          fp32 and precision == "ieee", total_r_pad(ranks))
 
 
 def _da_config(ranks, fp32: bool, precision: str) -> triton.Config:
@@ -368,9 +393,10 @@ ALIGNED_ARGS = ("x_ptr", "dx_ptr", "M", "K", "stride_xm", "stride_dxm",
                 *(f"{name}{g}_ptr" for g in range(MAX_MEMBERS)
                   for name in ("a", "u", "du", "ws", "da")),
                 *(f"R{g}" for g in range(MAX_MEMBERS)))
-# lora_A [r <= 256, K < 2^23] of every slot and the arrival counters: 32-bit offsets address
-# them (common.BOUNDED_ARGS)
-BOUNDED_ARGS = (*(f"a{g}_ptr" for g in range(MAX_MEMBERS)), "counter_ptr")
+# lora_A [r <= 256, K < 2^23] and the one-element seed of every slot and the arrival counters:
+# 32-bit offsets address them (common.BOUNDED_ARGS)
+BOUNDED_ARGS = (*(f"{name}{g}_ptr" for g in range(MAX_MEMBERS) for name in ("a", "seed")),
+                "counter_ptr")
 
 
 def _slots(ranks, dropout, pointers):
@@ -379,7 +405,8 @@ def _slots(ranks, dropout, pointers):
     sig, consts = {}, {"G": len(ranks)}
     for g in range(MAX_MEMBERS):
         sig.update({f"{name}{g}_ptr": kind for name, kind in pointers})
-        sig.update({f"R{g}": "i32", f"seed{g}": "i64", f"threshold{g}": "i64",
+        sig.update({f"R{g}": "i32", f"seed{g}_ptr": "*i64", f"seed_hi{g}": "i32",
+                    f"threshold{g}": "i64",
                     f"keep_scale{g}": "fp32"})
         rank = ranks[g] if g < len(ranks) else ranks[0]
         consts.update({f"HAS_DROPOUT{g}": dropout, f"R_PAD{g}": r_pad(rank)})

@@ -116,38 +116,56 @@ def check_fused_rank(lora_A: torch.Tensor) -> None:
                          f"1..{MAX_FUSED_RANK} (FASTLORA_BACKEND=reference runs any rank)")
 
 
-def seed_tensor(seed: Optional[int], p: float) -> torch.Tensor:
-    """The dropout seed as an int64 [1] CPU tensor: the caller's, else one drawn from torch's
-    CPU generator (so torch.manual_seed reproduces it, and checkpoint recomputation, which
-    restores the RNG state, draws the same one); 0 when there is no dropout.
+def seed_tensor(seed: Optional[int], p: float, device: Any = "cpu") -> torch.Tensor:
+    """The dropout seed as an int64 [1] tensor on `device` (x's), which the kernels read on
+    the device and nothing reads on the host: the caller's int, else one drawn from the
+    generator of that device (torch.manual_seed reproduces it; checkpoint recomputation,
+    which restores the RNG states, draws the same one; a CUDA graph replays the draw, so every
+    replay gets a fresh seed and a fresh mask, as torch's own dropout does under capture).
+    Without dropout (p == 0) nothing reads it: uninitialised, no launch.
 
     A tensor, not an int, so that torch.compile traces the draw into the graph (a fresh seed
-    per call) and the custom ops read its value inside their opaque bodies: an `.item()` here
-    would break the graph."""
+    per call) and the custom ops pass it to the kernels untouched: an `.item()` here would
+    break the graph, and inside the op it would sync with the device (issue 30)."""
     if p == 0.0:
-        seed = 0
+        return torch.empty(1, dtype=torch.int64, device=device)
     if seed is not None:
-        return torch.tensor([seed], dtype=torch.int64)
-    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device="cpu")
+        return torch.full((1,), seed, dtype=torch.int64, device=device)
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
 
 
-def check_not_capturing(x: torch.Tensor, p: float) -> None:
-    """RuntimeError when a dropout forward runs inside CUDA graph capture. The dropout seed is
-    a host value read when the op launches (seed_tensor), so a captured graph would bake one
-    mask into every replay: silently the same dropout each step. Refused instead (issue 11:
-    graph-safe RNG, a device-side seed and offset advanced per replay, is not built yet); the
-    backward regenerates the mask from the forward's seed, so it needs no check of its own."""
-    if p > 0.0 and x.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "fastlora: LoRA dropout (p > 0) cannot run inside CUDA graph capture (CUDA graphs, "
-            "torch.compile mode='reduce-overhead'): its seed is read on the host at launch, so "
-            "every replay would reuse one dropout mask. Capture with lora_dropout=0, or run "
-            "this step without CUDA graphs.")
+class DeviceSeed(NamedTuple):
+    """A dropout seed as the kernels take it: `tensor`, an int64 [1] tensor on the device
+    holding the seed (seed_tensor), whose low 32-bit word the kernels load there, and `high`,
+    the seed's high word as a host int (seed_high: 0 for every drawn seed), a kernel parameter
+    (csrc_triton/common.py dropout_seed says why)."""
+    tensor: torch.Tensor
+    high: int = 0
 
 
-def resolve_seed(seed: Optional[int], p: float) -> int:
-    """seed_tensor's value as an int (the same draw, for code that runs eagerly)."""
-    return int(seed_tensor(seed, p))
+def seed_high(seed: Optional[int]) -> int:
+    """The high 32-bit word of a caller's seed (0 for a drawn one: drawn below 2**31)."""
+    return int(seed) >> 32 if seed is not None else 0
+
+
+def resolve_seed(seed: Optional[int], p: float, device: Any = "cpu") -> int:
+    """seed_tensor's value as an int (the same draw, for code that runs eagerly on the host:
+    the reference path); 0 without dropout."""
+    return int(seed_tensor(seed, p, device)) if p > 0.0 else 0
+
+
+def check_seed_arg(seed) -> None:
+    """ValueError unless `seed` is what a launcher takes: an int in [0, 2**63) or a DeviceSeed
+    (an int64 tensor of one element and its high word)."""
+    if isinstance(seed, DeviceSeed):
+        if not isinstance(seed.tensor, torch.Tensor) or seed.tensor.dtype != torch.int64 \
+                or seed.tensor.numel() != 1:
+            raise ValueError("a DeviceSeed's tensor must be int64 with one element")
+        return
+    if seed is None or isinstance(seed, bool) or not isinstance(seed, numbers.Integral) \
+            or not 0 <= int(seed) < _SEED_LIMIT:
+        raise ValueError(f"seed must be an int in [0, 2**63) or a fastlora.checks.DeviceSeed, "
+                         f"got {seed!r}")
 
 
 def check_dequant_dtype(dtype: Any) -> None:

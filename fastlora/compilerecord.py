@@ -39,7 +39,9 @@ RECORD_ENV = "FASTLORA_COMPILE_RECORD"  # "0": never read the record, compile ev
 PROVENANCE = ("source", "record_mismatch")  # where a row came from, not what the compile gave
 DERIVED = ("plain_ceiling", "vs_plain")  # from other rows (compilecheck.attach_calibration)
 _CHECK_MODULE = "fastlora.compilecheck"
-_NOT_HASHED = {"fastlora.gpus"}  # compilecheck reads only figures spec_key holds itself
+# compilecheck reads only figures spec_key holds itself from fastlora.gpus, and only
+# interpreter_active from fastlora.backend (which decides where ops run, not what compiles)
+_NOT_HASHED = {"fastlora.gpus", "fastlora.backend"}
 
 
 def _sources(module_name: str, seen: dict) -> dict:

@@ -169,7 +169,7 @@ def run_checked(x, packed, state, lora_A, lora_B, scaling, bias, p, seed):
 
     lead = x.shape[:-1]
     y = _ReferenceLoRA4bit.apply(x.reshape(-1, x.shape[-1]), packed, state, lora_A, lora_B,
-                                 float(scaling), bias, p, resolve_seed(seed, p))
+                                 float(scaling), bias, p, resolve_seed(seed, p, x.device))
     return y.reshape(*lead, y.shape[-1])
 
 
@@ -205,7 +205,7 @@ def run_dora_checked(x, packed, state, lora_A, lora_B, scaling, magnitude, bias,
     """dora_linear_4bit on checked arguments (p: the effective dropout; seed None: drawn)."""
     from .checks import resolve_seed
 
-    seed = resolve_seed(seed, p)
+    seed = resolve_seed(seed, p, x.device)
     x2 = x.reshape(-1, x.shape[-1])
     wide = torch.float64 if x.dtype == torch.float64 else torch.float32
     weight = dequantize_4bit_torch(packed, state, x.dtype)
@@ -251,7 +251,7 @@ def run_mixed_checked(x, packed, state, adapters, index, bias, seed):
     from .checks import resolve_seed
 
     ps = [adapter.dropout_p for adapter in adapters]
-    seed = resolve_seed(seed, max(ps))
+    seed = resolve_seed(seed, max(ps), x.device)
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     y = x2 @ dequantize_4bit_torch(packed, state, x.dtype).t()

@@ -150,9 +150,10 @@ def fresh_log_once_state(monkeypatch):
     """fastlora logs some warnings once per process (a fallback's reason, a group broken up, a
     mixed batch's slow path); a test that waits for one must not find it spent by an earlier
     test on the same worker. Every test starts with the log-once sets empty."""
-    from fastlora import grouping, peft_patch
+    from fastlora import backend, grouping, peft_patch
     from fastlora.ops import mixed
 
+    monkeypatch.setattr(backend, "_unserved_logged", set())
     monkeypatch.setattr(grouping, "_logged", set())
     monkeypatch.setattr(peft_patch, "_fallbacks_logged", set())
     monkeypatch.setattr(mixed, "_logged", set())

@@ -11,7 +11,7 @@ import pytest
 import triton
 
 from csrc_triton import backward, forward, group, small_m
-from csrc_triton.common import SM80_SIBLINGS, SiblingFix, sibling_configs
+from csrc_triton.common import SM80_SIBLINGS, SiblingFix, sibling_config, sibling_configs
 from fastlora.compilecheck import ARCHS as COMPILED, format_table, problems, report_jobs
 from fastlora.compilerecord import load_record, recorded_report, spec_key
 from fastlora.gpus import CONFIG_FAMILY
@@ -56,6 +56,11 @@ def test_sibling_fixes_replace_or_drop_only_where_they_match():
     assert (got.kwargs, got.num_warps, got.num_stages, got.large_m) == (
         {"BLOCK_M": 64, "BLOCK_K": 32}, 4, 1, True)
     assert config.num_stages == 3  # the shipped config itself is untouched
+    # a kernel launched with one fixed config: a fix replaces it; one that drops it is an error
+    assert sibling_config(fixes, "k", "sm_86", a, False) == {**a, "num_stages": 1}
+    assert sibling_config(fixes, "k", "sm_120", b, False, rank=48) == b
+    with pytest.raises(ValueError, match="drops k's only config on sm_120"):
+        sibling_config(fixes, "k", "sm_120", b, False, rank=32)
 
 
 def _compiled(arch):

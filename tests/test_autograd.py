@@ -26,7 +26,7 @@ def layer(dtype=torch.bfloat16, bias=True, p=0.1, seed=31):
     leaves = {k: v.detach().clone().requires_grad_() for k, v in leaves.items() if v is not None}
 
     def call(t, **overrides):
-        kw = dict(bias=t.get("bias"), dropout_p=p, training=p > 0, seed=seed, **overrides)
+        kw = {**dict(bias=t.get("bias"), dropout_p=p, training=p > 0, seed=seed), **overrides}
         return fastlora.lora_linear_4bit(t["x"], case.packed, case.state, t["lora_A"],
                                          t["lora_B"], case.scaling, **kw)
     return leaves, call, case
@@ -206,6 +206,46 @@ def test_checkpoint_reproduces_dropout(reentrant, base_path):
     torch.manual_seed(124)
     other = grads_of(leaves, fn(*args))
     assert not torch.equal(other["lora_A"], plain["lora_A"])
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_dropout_draws_a_fresh_seed_each_step(compiler):
+    """Issue 30: under torch.compile (fullgraph) the op's seed draw (fastlora.checks
+    seed_tensor: an int64 [1] tensor on x's device, read by the kernels there) is part of the
+    graph, so each compiled step draws a fresh seed from torch's generator and a fresh mask,
+    and each step's output and gradients equal, bit for bit, the eager op's with that seed
+    passed explicitly (which tests/test_reference.py and the kernel tests tie to
+    fastlora.reference's mask). The seed a step drew is recovered by replaying torch's
+    generator from its state before the step (inductor with fallback_random, so that its
+    graph draws through torch's generator as eager does)."""
+    leaves, call, _ = layer(dtype=torch.float32, bias=False, seed=None, p=0.3)
+    names = ("x", "lora_A", "lora_B")  # no bias: inductor sums dy its own way for dbias
+
+    def step(x, a, b):
+        return call({"x": x, "lora_A": a, "lora_B": b})
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)
+    runs = []
+    with torch._inductor.config.patch(fallback_random=True):
+        for _ in range(2):
+            args = [leaves[k].detach().clone().requires_grad_() for k in names]
+            before = torch.get_rng_state()
+            y = compiled(*args)
+            y.square().sum().backward()
+            after = torch.get_rng_state()
+            torch.set_rng_state(before)
+            seed = int(torch.randint(0, 2**31 - 1, (1,)))  # seed_tensor's draw, replayed
+            torch.set_rng_state(after)
+            want = {k: v.detach().clone().requires_grad_() for k, v in zip(names, args)}
+            y_want = call(want, seed=seed)
+            y_want.square().sum().backward()
+            assert torch.equal(y.detach(), y_want.detach()), "compiled y != eager y at its seed"
+            assert_same({k: a.grad for k, a in zip(names, args)},
+                        {k: v.grad for k, v in want.items()})
+            runs.append((seed, y.detach()))
+    torch._dynamo.reset()
+    (seed0, y0), (seed1, y1) = runs
+    assert seed0 != seed1 and not torch.equal(y0, y1), "two compiled steps drew one mask"
 
 
 # ----------------------------------------------------------------------------- in-place

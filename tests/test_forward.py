@@ -192,6 +192,24 @@ def test_dropout_mask_is_the_reference_mask(p, seed, k):
     assert abs(kept - (1 - p)) <= 5 * sigma, f"kept {kept:.4f}, expected {1 - p} +- {5 * sigma:.4f}"
 
 
+def test_the_op_keys_dropout_with_the_seeds_high_word():
+    """The op hands its seed to the kernels as a device tensor plus the seed's high word on the
+    host (fastlora.checks.DeviceSeed; the kernels load the low word: csrc_triton/common.py
+    dropout_seed): with a seed past 2^32 it gives, bit for bit, what the launcher gives for the
+    same int seed (tied to fastlora.reference's mask above), and another high word gives
+    another mask."""
+    case = make_case(20, N, 200, 8, torch.float32, "nf4", 64, True, False, 0.5, seed=6)
+    x, packed, state, a, b, s, _ = case.args(torch.float32)
+    seed = 2**40 + 5
+    got = fastlora.lora_linear_4bit(x, packed, state, a, b, s, dropout_p=0.5, training=True,
+                                    seed=seed)
+    want, _ = launch.lora_forward(x, packed, state, a, b, s, None, 0.5, seed)
+    assert torch.equal(got, want)
+    low_only = fastlora.lora_linear_4bit(x, packed, state, a, b, s, dropout_p=0.5,
+                                         training=True, seed=seed % 2**32)
+    assert not torch.equal(low_only, got)
+
+
 def test_dropout_same_seed_same_output():
     case = make_case(20, N, 200, 8, torch.float16, "nf4", 64, True, False, 0.1, seed=6)
     args = case.args(torch.float16)

@@ -115,10 +115,8 @@ def test_dispatcher_times_both_paths_and_keeps_the_faster(monkeypatch):
 
 
 @pytest.mark.cuda("CUDA graph capture")
-def test_cuda_graph_replays_the_eager_result_and_refuses_dropout(monkeypatch):
-    """With dropout 0 a captured forward replays, on new input, exactly the eager result;
-    with dropout the op refuses capture (its seed is read on the host: a graph would replay
-    one mask) with a RuntimeError saying so."""
+def test_cuda_graph_replays_the_eager_result(monkeypatch):
+    """With dropout 0 a captured forward replays, on new input, exactly the eager result."""
     monkeypatch.setenv("FASTLORA_BASE_PATH", "fused")
     case = make_case(64, 256, 512, 16, BF16, "nf4", 64, True, True, 0.0, seed=6)
     x, packed, state, a, b, s, bias = case.args(BF16)
@@ -144,9 +142,51 @@ def test_cuda_graph_replays_the_eager_result_and_refuses_dropout(monkeypatch):
         eager = forward(fresh)
         assert torch.equal(static_y, eager), \
             f"replay differs by up to {(static_y.float() - eager.float()).abs().max():.3e}"
-        with pytest.raises(RuntimeError, match="CUDA graph capture"):
-            with torch.cuda.graph(torch.cuda.CUDAGraph()):
-                forward(static_x, dropout_p=0.1, training=True, seed=1)
+
+
+@pytest.mark.cuda("CUDA graph capture of a training step with dropout")
+def test_cuda_graph_replays_dropout_with_a_fresh_mask_each_time(monkeypatch):
+    """Issue 30: a training step with dropout (the op draws its seed: fastlora.checks
+    seed_tensor, an int64 [1] tensor on the GPU that the kernels read there) captured in a CUDA
+    graph, forward and backward. Each replay draws a fresh seed, so a fresh mask, and its
+    output and gradients equal, bit for bit, an eager step's run from the CUDA generator state
+    the replay started from (the same draw)."""
+    monkeypatch.setenv("FASTLORA_BASE_PATH", "fused")
+    case = make_case(64, 256, 512, 16, BF16, "nf4", 64, True, False, 0.1, seed=6)
+    x, packed, state, a, b, s, _ = case.args(BF16)
+    dy = _dy(64, 256)
+
+    def step(a_, b_):
+        y = fastlora.lora_linear_4bit(x, packed, state, a_, b_, s, None, 0.1, True)
+        y.backward(dy)
+        return y
+    a.requires_grad_()
+    b.requires_grad_()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile, autotune, self-check: before the capture
+        for _ in range(2):
+            step(a, b)
+            a.grad = b.grad = None
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = step(a, b)
+    outputs = []
+    for _ in range(2):
+        before = torch.cuda.get_rng_state()
+        graph.replay()
+        torch.cuda.synchronize()
+        got = (static_y.clone(), a.grad.clone(), b.grad.clone())
+        after = torch.cuda.get_rng_state()
+        torch.cuda.set_rng_state(before)
+        a2, b2 = (t.detach().clone().requires_grad_() for t in (a, b))
+        want = (step(a2, b2).detach(), a2.grad, b2.grad)
+        torch.cuda.set_rng_state(after)
+        for name, g, w in zip(("y", "dA", "dB"), got, want):
+            assert torch.equal(g, w), f"replay's {name} != the eager step's from its RNG state"
+        outputs.append(got[0])
+    assert not torch.equal(outputs[0], outputs[1]), "two replays drew one dropout mask"
 
 
 @pytest.mark.cuda("CUDA graph capture of a decode step")

@@ -104,6 +104,48 @@ def test_launches_on_a_gpu_older_than_sm80_take_sm80_configs(monkeypatch):
 
 
 @pytest.mark.quick
+def test_a_gpu_older_than_sm80_runs_the_reference(monkeypatch, caplog):
+    """Issue 31: on a T4 (7.5) or V100 (7.0) the kernels are neither compiled nor checked, so
+    FASTLORA_BACKEND=auto runs the reference path there and says why once (per device model),
+    and FASTLORA_BACKEND=triton refuses with the reason; an sm_80+ GPU runs the kernels.
+    (A fake CUDA tensor: only is_cuda and device are read.)"""
+    import logging
+    import re
+    from types import SimpleNamespace
+
+    import torch
+
+    from fastlora import backend
+
+    monkeypatch.setattr(backend, "_unserved_logged", set())
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Tesla T4")
+    on_gpu = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    for capability, served in (((7, 5), False), ((7, 0), False), ((8, 0), True),
+                               ((8, 9), True), ((12, 0), True)):
+        backend._gpu_problem.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
+        monkeypatch.setenv("FASTLORA_BACKEND", "auto")
+        with caplog.at_level(logging.WARNING, logger="fastlora"):
+            caplog.clear()
+            assert backend.use_triton(on_gpu) is served, capability
+            assert backend.use_triton(on_gpu) is served, capability
+        warned = [r.getMessage() for r in caplog.records]
+        monkeypatch.setenv("FASTLORA_BACKEND", "triton")
+        if served:
+            assert warned == [] and backend.use_triton(on_gpu) is True
+            assert "triton (compiled kernels)" in backend.describe("cuda:0")
+            continue
+        version = rf"compute capability {capability[0]}\.{capability[1]}"
+        assert len(warned) == 1, warned  # two calls, one warning
+        assert re.search(version, warned[0]) and "reference path" in warned[0], warned
+        with pytest.raises(RuntimeError, match=version):
+            backend.use_triton(on_gpu)
+        assert "reference (PyTorch): Tesla T4 is compute capability" in backend.describe("cuda:0")
+    backend._gpu_problem.cache_clear()
+
+
+@pytest.mark.quick
 @pytest.mark.parametrize("device, name", [
     ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"),
     ("NVIDIA H100 NVL", "H100 NVL"), ("NVIDIA H200", "H200 SXM"), ("NVIDIA H200 NVL", "H200 NVL"),

@@ -421,19 +421,43 @@ def test_no_reference_to_user_tensors_is_kept(grad):
     assert not alive, f"tensors {alive} (x, packed, A, B, bias) are still referenced"
 
 
-def test_dropout_refuses_cuda_graph_capture(monkeypatch):
-    """A captured graph would replay the host-read dropout seed, one mask for every step:
-    the op refuses capture with a clear error instead (dropout only; p = 0 and eager calls
-    run). Only the refusal is testable here: capture itself needs a GPU."""
-    from types import SimpleNamespace
+HOST_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
 
-    from fastlora.checks import check_not_capturing
 
-    on_gpu = SimpleNamespace(is_cuda=True)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    with pytest.raises(RuntimeError, match="CUDA graph capture"):
-        check_not_capturing(on_gpu, 0.1)
-    check_not_capturing(on_gpu, 0.0)  # no dropout: nothing to replay wrongly
-    check_not_capturing(SimpleNamespace(is_cuda=False), 0.1)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    check_not_capturing(on_gpu, 0.1)
+def _count_host_reads(monkeypatch) -> list:
+    """Patches torch.Tensor's ways of reading a value on the host (.item(), .tolist(), int(),
+    float(), bool(), operator.index()): the calls that wait for a GPU and that a CUDA graph
+    cannot replay. Returns the list the patched methods append their names to. (A
+    TorchDispatchMode would not do: it does not see inside a custom op's body.)"""
+    reads = []
+    for name in HOST_READS:
+        method = getattr(torch.Tensor, name)
+
+        def counted(self, *args, __method=method, __name=name, **kwargs):
+            reads.append(__name)
+            return __method(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+@pytest.mark.parametrize("op", ["linear", "group"])
+def test_dropout_seed_is_never_read_on_the_host(op, monkeypatch):
+    """Issue 30: with dropout the op draws its seed as an int64 [1] tensor on x's device
+    (fastlora.checks.seed_tensor) and the kernels read it there: the fused forward and backward
+    read no tensor's value on the host, so nothing waits for the GPU and a captured CUDA graph
+    replays the draw (a fresh mask each replay; capture itself: tests/test_gpu.py). The same
+    calls without the fused path's discipline would count: a check that the counter counts."""
+    case = make_case(8, 64, 64, 16, torch.float32, dropout_p=0.25, seed=3)
+    x, packed, state, a, b, s, bias = case.args(torch.float32, requires_grad=True)
+    members = [fastlora.GroupMember(packed, state, a, b, s, dropout_p=0.25),
+               fastlora.GroupMember(packed, state, a * 2, b, s, dropout_p=0.5)]
+    reads = _count_host_reads(monkeypatch)
+    if op == "linear":
+        y = fastlora.lora_linear_4bit(x, packed, state, a, b, s, bias, 0.25, True)
+        y.square().sum().backward()
+    else:
+        ys = fastlora.lora_group_4bit(x, members, training=True)
+        sum(y.square().sum() for y in ys).backward()
+    assert reads == [], f"host reads of a tensor inside the op: {reads}"
+    int(torch.randint(0, 9, (1,)))
+    assert reads == ["__int__"]  # the counter counts

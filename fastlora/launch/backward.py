@@ -20,13 +20,14 @@ from typing import Optional
 import torch
 import triton
 
-from ..checks import ACTIVATION_DTYPES, check_fused_rank, check_inputs
+from ..checks import ACTIVATION_DTYPES, check_fused_rank, check_inputs, check_seed_arg
 from ..gpus import CONFIG_FAMILY
 from ..quant import QuantState
 from ..reference import dropout_threshold
 from . import dispatch
 from .common import (LAUNCH_OPTIONS, arrival_counters, cached_autotuner, compile_arch,
-                     decode_flags, dot_precision, kernel_entry, num_sms, weight_args)
+                     decode_flags, dot_precision, kernel_entry, num_sms, seed_args,
+                     weight_args)
 
 __all__ = ["lora_backward", "check_backward_args", "du_db", "da", "dx_gemm", "Configs",
            "KERNELS"]
@@ -131,14 +132,15 @@ def check_backward_args(dy, x, u, lora_A, lora_B, need_dB):
 @kernel_entry
 def lora_backward(dy: torch.Tensor, x: torch.Tensor, u: Optional[torch.Tensor],
                   packed: torch.Tensor, state: QuantState, lora_A: torch.Tensor,
-                  lora_B: torch.Tensor, scaling: float, p: float, seed: int, need_dx: bool,
+                  lora_B: torch.Tensor, scaling: float, p: float, seed, need_dx: bool,
                   need_dA: bool, need_dB: bool, *, config: Optional[dict] = None,
                   base: Optional[str] = None):
     """Gradients of y = x @ deq(W)^T + s * dropout(x) @ A^T @ B^T (+ bias) for one layer.
 
     dy [M, N] and x [M, K] (any strides) in fp16/bf16/fp32; u [M, r] = dropout(x) @ A^T as the
     forward saved it (only read for dB); packed/state the 4-bit W [N, K]; lora_A [r, K],
-    lora_B [N, r] in x's dtype; p, seed: the forward's dropout (p = 0: none).
+    lora_B [N, r] in x's dtype; p, seed: the forward's dropout (p = 0: none; seed an int or
+    the forward's fastlora.checks.DeviceSeed, read on the device).
     Returns (dx [M, K] in x's dtype or None, dA [r, K] in lora_A's dtype or None,
     dB [N, r] in lora_B's dtype or None), computing only what `need_*` asks for.
     config: optional {"du_db" | "da" | "dx": {BLOCK_*: .., "num_warps": .., "num_stages": ..}}
@@ -146,8 +148,9 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, u: Optional[torch.Tensor],
     base: the dx product's path, None/'auto' (launch/dispatch.py decides), 'fused' or
     'dequant'; a "dx" entry in `config` pins the fused path.
     """
-    p, seed = check_inputs(x, packed, state, lora_A, lora_B, scaling, None, p, True, seed,
-                           allowed_dtypes=ACTIVATION_DTYPES)
+    p, _ = check_inputs(x, packed, state, lora_A, lora_B, scaling, None, p, True, None,
+                        allowed_dtypes=ACTIVATION_DTYPES)
+    check_seed_arg(seed)
     check_backward_args(dy, x, u, lora_A, lora_B, need_dB)
     m, k = x.shape
     n, rank = lora_B.shape
@@ -204,7 +207,7 @@ def du_db(cfgs: Configs, dy, u, lora_B, scaling: float, need_du: bool, need_dB: 
     return (du if need_du else None), (dB if need_dB else None)
 
 
-def da(cfgs: Configs, x, du, lora_A, p: float, seed: int, dx, need_dA: bool, segments=None):
+def da(cfgs: Configs, x, du, lora_A, p: float, seed, dx, need_dA: bool, segments=None):
     """dA = dU^T @ dropout(x) (returned, or None) and dx := dropout'(dU @ A) (when dx is a
     tensor): one pass over x, split over M (for dA), the splits summed inside the launch.
     segments (a mixed batch): each row's
@@ -221,7 +224,8 @@ def da(cfgs: Configs, x, du, lora_A, p: float, seed: int, dx, need_dA: bool, seg
     dx_arg = dx if dx is not None else x  # unwritten when dx is not needed
     counters = arrival_counters(x.device, triton.cdiv(k, cfgs.smallest("da", "BLOCK_K")))
     cfgs.launch("da", lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), splits),
-                (x, du, lora_A, ws_da, dA, counters, dx_arg, m, k, rank, seed, dropout_threshold(p),
+                (x, du, lora_A, ws_da, dA, counters, dx_arg, m, k, rank,
+                 *seed_args(seed, p, x.device), dropout_threshold(p),
                  1.0 / (1.0 - p), rows_per_split, m_bucket_of(m), x.stride(0), x.stride(1),
                  du.stride(0), du.stride(1), lora_A.stride(0), lora_A.stride(1),
                  dx_arg.stride(0), dx_arg.stride(1),

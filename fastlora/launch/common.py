@@ -10,6 +10,7 @@ import threading
 import torch
 
 from .. import backend, interpreter
+from ..checks import DeviceSeed
 from ..gpus import CONFIG_FAMILY, capability_arch
 from ..quant import QuantState, code_table, packed_bytes
 
@@ -109,6 +110,20 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
             buffer = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32,
                                                   device=device)
     return buffer[:n]
+
+
+def seed_args(seed, p: float, device: torch.device) -> tuple:
+    """The dropout seed as the kernels take it (csrc_triton/common.py dropout_seed): an int64
+    [1] tensor on `device` whose low word they read there (so a captured CUDA graph replays
+    whatever the draw before it wrote) and the seed's high word. `seed`: a
+    fastlora.checks.DeviceSeed (the ops' own: passed as it is) or an int (a launcher called
+    directly: put on the device, one small fill). Without dropout (p == 0) the kernels read
+    neither: a placeholder, no launch."""
+    if isinstance(seed, DeviceSeed):
+        return seed.tensor.to(device).reshape(1), int(seed.high)
+    if p == 0.0:
+        return torch.empty(1, dtype=torch.int64, device=device), 0
+    return torch.full((1,), int(seed), dtype=torch.int64, device=device), int(seed) >> 32
 
 
 # Kernel launch options shared by every weight-reading kernel: see csrc_triton/common.py on FMA.

@@ -21,7 +21,8 @@ import triton
 
 from ..quant import QuantState
 from ..reference import dropout_threshold
-from .common import LAUNCH_OPTIONS, decode_flags, dot_precision, kernel_entry, weight_args
+from .common import (LAUNCH_OPTIONS, decode_flags, dot_precision, kernel_entry, seed_args,
+                     weight_args)
 
 __all__ = ["norm_partials", "scales", "weight_norm", "dropout", "combine", "col_dot"]
 
@@ -113,7 +114,7 @@ def weight_norm(packed: torch.Tensor, state: QuantState, lora_A: torch.Tensor,
 
 
 @kernel_entry
-def dropout(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def dropout(t: torch.Tensor, p: float, seed) -> torch.Tensor:
     """dropout(t) for 2-D t [M, K] with the mask every fused kernel draws for (seed, p)
     (fastlora.reference.apply_dropout, bit for bit); a new tensor in t's dtype."""
     kern = _kernels()
@@ -121,9 +122,10 @@ def dropout(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     out = torch.empty((m, k), dtype=t.dtype, device=t.device)
     if t.numel():
         kern._dropout_kernel[(triton.cdiv(m, kern.EW_BLOCK_M), triton.cdiv(k, kern.EW_BLOCK_N))](
-            t, out, m, k, t.stride(0), t.stride(1), out.stride(0), out.stride(1), int(seed),
-            dropout_threshold(p), 1.0 / (1.0 - p), GROUPED=k % 8 == 0, BLOCK_M=kern.EW_BLOCK_M,
-            BLOCK_K=kern.EW_BLOCK_N, num_warps=kern.EW_NUM_WARPS)
+            t, out, m, k, t.stride(0), t.stride(1), out.stride(0), out.stride(1),
+            *seed_args(seed, p, t.device), dropout_threshold(p), 1.0 / (1.0 - p),
+            GROUPED=k % 8 == 0, BLOCK_M=kern.EW_BLOCK_M, BLOCK_K=kern.EW_BLOCK_N,
+            num_warps=kern.EW_NUM_WARPS)
     return out
 
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..checks import ACTIVATION_DTYPES, check_fused_rank, check_inputs
+from ..checks import ACTIVATION_DTYPES, check_fused_rank, check_inputs, check_seed_arg
 from ..reference import dropout_threshold
 from .. import backend
 from . import dispatch
 from .common import (LAUNCH_OPTIONS, arch, arrival_counters, cached_autotuner, compile_arch,
                      config_target, decode_flags, dot_precision, kernel_entry, num_sms,
-                     prepared_entry, weight_args)
+                     prepared_entry, seed_args, weight_args)
 
 SMALL_M_MAX = 16
 GEMV_MAX_M = 2  # csrc_triton/gemv.py GEMV_MAX_M (a test keeps them equal)
@@ -36,14 +36,13 @@ GEMV_KEYS = SMALL_M_KEYS
 
 def check_forward_args(x, packed, state, lora_A, lora_B, scaling, bias, p, seed) -> None:
     """fastlora.checks.check_inputs (shared with the public op), plus what the launcher adds:
-    2-D x, an integer seed, a rank the kernels serve."""
+    2-D x, a seed (an int, or a fastlora.checks.DeviceSeed), a rank the kernels serve."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D [M, K] tensor (fold leading dims into M), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    check_inputs(x, packed, state, lora_A, lora_B, scaling, bias, p, True, seed,
+    check_inputs(x, packed, state, lora_A, lora_B, scaling, bias, p, True, None,
                  allowed_dtypes=ACTIVATION_DTYPES)
-    if seed is None:
-        raise ValueError("seed must be an int (fastlora.checks.resolve_seed draws one)")
+    check_seed_arg(seed)
     check_fused_rank(lora_A)
 
 
@@ -85,7 +84,8 @@ def lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, seed, *, co
     """(y, u) of the fused forward for 2-D x [M, K] (any strides) in fp16/bf16/fp32.
 
     packed/state: the bnb 4-bit weight [N, K] (any quant_storage); lora_A [r, K]; lora_B [N, r];
-    bias [N] or None, in x's dtype; p in [0, 1) (0: no dropout); seed: int. Returns y [M, N]
+    bias [N] or None, in x's dtype; p in [0, 1) (0: no dropout); seed: an int or a
+    fastlora.checks.DeviceSeed (read on the device: launch/common.seed_args). Returns y [M, N]
     and u = dropout(x) @ A^T [M, r], both in x's dtype. `config`: None (automatic) or a dict
     of the chosen path's keys; `path`: 'auto', 'tiled' or 'small_m'. `base`: the base
     product's path, None/'auto' (launch/dispatch.py decides), 'fused' or 'dequant'; a fused
@@ -106,7 +106,7 @@ def lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, seed, *, co
     if which == "gemv":
         return _forward_gemv(x, packed, state, lora_A, lora_B, scaling, bias, u, config, base,
                              config is not None or path != "auto"), u
-    _launch_u(x, lora_A, u, float(p), int(seed), dot_precision(x.dtype))
+    _launch_u(x, lora_A, u, float(p), seed, dot_precision(x.dtype))
     return forward_with_u(x, packed, state, u, lora_B, scaling, bias, config=config,
                           path=which, base=base, pinned=config is not None or path != "auto"), u
 
@@ -243,7 +243,7 @@ def _u_launcher(lora_a, m, dtype, p, seed, precision, segments=None):
                   SEGMENTED=segments is not None, PRECISION=precision,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     kernel = fwd._lora_u_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)]
-    scalars = (seed, dropout_threshold(p), 1.0 / (1.0 - p))
+    scalars = (*seed_args(seed, p, lora_a.device), dropout_threshold(p), 1.0 / (1.0 - p))
 
     def launch(x, u):
         tables = segments.u_tables() if segments is not None else (u,) * 5  # unread: off

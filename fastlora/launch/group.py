@@ -11,7 +11,8 @@
         then dx += dy_g @ deq(W_g) per member (launch/backward.py dx_gemm)
 
 `members`: fastlora.checks.GroupMember records whose state is a fastlora QuantState, whose
-dropout_p is the effective p and whose seed is an int (fastlora.checks.check_group makes them).
+dropout_p is the effective p and whose seed is an int or a fastlora.checks.DeviceSeed
+(fastlora.checks.check_group makes them; the op passes DeviceSeeds).
 Member g's mask is the one its own single-layer op draws with its seed, so the group computes
 what the members' separate ops compute.
 
@@ -29,7 +30,7 @@ from ..reference import dropout_threshold
 from .backward import Configs, _parallelism, _parts, check_backward_args, du_db, dx_gemm
 from . import dispatch
 from .common import (LAUNCH_OPTIONS, arrival_counters, config_target, decode_flags,
-                     dot_precision, kernel_entry, prepared_entry, weight_args)
+                     dot_precision, kernel_entry, prepared_entry, seed_args, weight_args)
 from .forward import (GEMV_MAX_M, SMALL_M_MAX, _forward_kernels, _small_m_kernels,
                       check_forward_args, forward_with_u, gemv_ready, lora_forward,
                       prepare_small_m, prepare_small_m_with_u, small_m_plan)
@@ -120,7 +121,8 @@ def group_forward(x: torch.Tensor, members: list, *, base=None):
     ranks = [mb.lora_A.shape[0] for mb in members]
     precision = dot_precision(x.dtype)
     cfg = gk.u_config(ranks, precision, x.dtype == torch.float32, config_target(x.device))
-    slots = _slot_args([(mb.lora_A.contiguous(), u, mb.lora_A.shape[0], int(mb.seed),
+    slots = _slot_args([(mb.lora_A.contiguous(), u, mb.lora_A.shape[0],
+                         *seed_args(mb.seed, mb.dropout_p, x.device),
                          dropout_threshold(mb.dropout_p), 1.0 / (1.0 - mb.dropout_p))
                         for mb, u in zip(members, us)])
     consts = _slot_consts(members)
@@ -238,11 +240,12 @@ def prepare_group_forward(x: torch.Tensor, members: list):
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     u_launch = gk._lora_u_group_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)]
     device, dtype, no_dropout = x.device, x.dtype, dropout_threshold(0.0)
+    unread_seed = seed_args(0, 0.0, device)  # no dropout: the kernel reads neither
 
     @prepared_entry
     def run(x2):
         us = [torch.empty((m, r), dtype=dtype, device=device) for r in ranks]
-        slots = _slot_args([(a, u, r, 0, no_dropout, 1.0)
+        slots = _slot_args([(a, u, r, *unread_seed, no_dropout, 1.0)
                             for a, u, r in zip(adapters, us, ranks)])
         u_launch(x2, m, k, x2.stride(0), x2.stride(1), *[a for slot in slots for a in slot],
                  **consts)
@@ -302,8 +305,8 @@ def _da_group(x, dus, members, dx, need_dA):
     das = [mb.lora_A.new_empty(r, k) if need_dA else mb.lora_A
            for mb, r in zip(members, ranks)]
     slots = _slot_args([(du, mb.lora_A.contiguous(), ws, da_g, mb.lora_A.shape[0],
-                         int(mb.seed), dropout_threshold(mb.dropout_p),
-                         1.0 / (1.0 - mb.dropout_p))
+                         *seed_args(mb.seed, mb.dropout_p, x.device),
+                         dropout_threshold(mb.dropout_p), 1.0 / (1.0 - mb.dropout_p))
                         for du, mb, ws, da_g in zip(dus, members, wss, das)])
     consts = _slot_consts(members)
     dx_arg = dx if dx is not None else x  # unwritten when dx is not needed

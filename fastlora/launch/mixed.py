@@ -140,7 +140,7 @@ def mixed_forward(x, packed, state, lora_A, lora_B, bias, seg: Segments, seed: i
     if wide(seg, lora_A.shape[0]):
         u = (x @ lora_A.t()).float().mul_(seg.factor()).to(x.dtype)
     else:  # p only switches dropout on: each slot's threshold and scale come from seg
-        _launch_u(x, lora_A, u, 0.5 if seg.has_dropout else 0.0, int(seed),
+        _launch_u(x, lora_A, u, 0.5 if seg.has_dropout else 0.0, seed,
                   dot_precision(x.dtype), segments=seg)
     return forward_with_u(x, packed, state, u, lora_B, 1.0, bias, base=base), u
 
@@ -170,7 +170,7 @@ def mixed_backward(dy, x, u, packed, state, lora_A, lora_B, seg: Segments, seed:
         if not need_du:
             return None, None, dB
         dx = x.new_empty(m, k) if need_dx else None
-        dA = da(cfgs, x, du, lora_A, 0.5 if seg.has_dropout else 0.0, int(seed), dx, need_dA,
+        dA = da(cfgs, x, du, lora_A, 0.5 if seg.has_dropout else 0.0, seed, dx, need_dA,
                 segments=seg)
     if need_dx:
         dx_gemm(cfgs, dy, packed, state, dx, base=base)

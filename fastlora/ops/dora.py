@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from ..checks import (as_quant_state, check_fused_rank, check_inputs, check_magnitude,
-                      check_not_capturing, dora_fused_problem, seed_tensor)
+                      dora_fused_problem, DeviceSeed, seed_high, seed_tensor)
 from ..launch.selfcheck import use_kernels
 from ..quant import QuantState
 from .linear import _autocast_inputs, _state_from_args, _state_to_args
@@ -112,20 +112,19 @@ def _dora_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
               absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor],
               offset: Optional[torch.Tensor], code: torch.Tensor, magnitude: torch.Tensor,
               lora_A: torch.Tensor, lora_B: torch.Tensor, bias: Optional[torch.Tensor],
-              scaling: float, p: float, seed: torch.Tensor, blocksize: int, quant_type: str,
-              n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+              scaling: float, p: float, seed: torch.Tensor, seed_high: int, blocksize: int,
+              quant_type: str, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                    torch.Tensor]:
-    check_not_capturing(x, p)
     state = _state_from_args(absmax, absmax2, code2, offset, code, blocksize, quant_type,
                              n_out, x.shape[1], x.dtype)
     y, u, z, norm, mns = _forward(x, packed, state, magnitude, lora_A, lora_B, bias, scaling,
-                                  p, int(seed))
+                                  p, DeviceSeed(seed, seed_high))
     return y, u, z if z is not None else x.new_empty(0), norm, mns
 
 
 @_dora_fwd.register_fake
 def _(x, packed, absmax, absmax2, code2, offset, code, magnitude, lora_A, lora_B, bias,
-      scaling, p, seed, blocksize, quant_type, n_out):
+      scaling, p, seed, seed_high, blocksize, quant_type, n_out):
     m = x.shape[0]
     scaled = p == 0.0 and bias is None
     return (x.new_empty(m, n_out), x.new_empty(m, lora_A.shape[0]),
@@ -139,20 +138,21 @@ def _dora_bwd(dy: torch.Tensor, x: torch.Tensor, u: torch.Tensor, z: torch.Tenso
               absmax: torch.Tensor, absmax2: Optional[torch.Tensor],
               code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
               code: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-              p: float, seed: torch.Tensor, blocksize: int, quant_type: str, scaled: bool,
-              need_dx: bool, need_dm: bool, need_dA: bool, need_dB: bool
+              p: float, seed: torch.Tensor, seed_high: int, blocksize: int, quant_type: str,
+              scaled: bool, need_dx: bool, need_dm: bool, need_dA: bool, need_dB: bool
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     state = _state_from_args(absmax, absmax2, code2, offset, code, blocksize, quant_type,
                              lora_B.shape[0], x.shape[1], x.dtype)
     grads = _backward(dy, x, u, z, norm, mns, packed, state, lora_A, lora_B, scaling, p,
-                      int(seed), scaled, need_dx, need_dm, need_dA, need_dB)
+                      DeviceSeed(seed, seed_high), scaled, need_dx, need_dm, need_dA, need_dB)
     # custom ops cannot return None: a fresh empty tensor stands for "none"
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 @_dora_bwd.register_fake
 def _(dy, x, u, z, norm, mns, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B,
-      scaling, p, seed, blocksize, quant_type, scaled, need_dx, need_dm, need_dA, need_dB):
+      scaling, p, seed, seed_high, blocksize, quant_type, scaled, need_dx, need_dm, need_dA,
+      need_dB):
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
             norm.new_empty(norm.shape) if need_dm else x.new_empty(0),
             lora_A.new_empty(lora_A.shape) if need_dA else x.new_empty(0),
@@ -161,14 +161,14 @@ def _(dy, x, u, z, norm, mns, packed, absmax, absmax2, code2, offset, code, lora
 
 def _setup_context(ctx, inputs, output):
     (x, packed, absmax, absmax2, code2, offset, code, magnitude, lora_A, lora_B, bias, scaling,
-     p, seed, blocksize, quant_type, n_out) = inputs
+     p, seed, seed_high, blocksize, quant_type, n_out) = inputs
     y, u, z, norm, mns = output
     ctx.scaled = p == 0.0 and bias is None
     # the scaled path saves its output y as z (autograd checks it is not modified in place
     # before backward, and raises if it is)
     ctx.save_for_backward(x, u, y if ctx.scaled else z, norm, mns, packed, absmax, absmax2,
                           code2, offset, code, lora_A, lora_B, seed)
-    ctx.scalars = (scaling, p, blocksize, quant_type)
+    ctx.scalars = (scaling, p, seed_high, blocksize, quant_type)
     ctx.has_bias = bias is not None
     ctx.magnitude_dtype = magnitude.dtype
 
@@ -176,7 +176,7 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, dy, *_unused):
     (x, u, z, norm, mns, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B,
      seed) = ctx.saved_tensors
-    scaling, p, blocksize, quant_type = ctx.scalars
+    scaling, p, seed_high, blocksize, quant_type = ctx.scalars
     needs = ctx.needs_input_grad
     need_dx, need_dm, need_dA, need_dB, need_bias = needs[0], needs[7], needs[8], needs[9], \
         needs[10]
@@ -184,7 +184,8 @@ def _autograd_backward(ctx, dy, *_unused):
     if need_dx or need_dm or need_dA or need_dB:
         dx, dm, dA, dB = _dora_bwd(dy.contiguous(), x, u, z, norm, mns, packed, absmax,
                                    absmax2, code2, offset, code, lora_A, lora_B, scaling, p,
-                                   seed, blocksize, quant_type, ctx.scaled, need_dx, need_dm,
+                                   seed, seed_high, blocksize, quant_type, ctx.scaled, need_dx,
+                                   need_dm,
                                    need_dA, need_dB)
         dx = dx if need_dx else None
         dm = dm.to(ctx.magnitude_dtype) if need_dm else None
@@ -193,7 +194,7 @@ def _autograd_backward(ctx, dy, *_unused):
     if need_bias and ctx.has_bias:
         dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
     return (dx, None, None, None, None, None, None, dm, dA, dB, dbias, None, None, None, None,
-            None, None)
+            None, None, None)
 
 
 _dora_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -230,6 +231,7 @@ def dora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     lead = x.shape[:-1]
     absmax, absmax2, code2, offset, code = _state_to_args(state)
     y = _dora_fwd(x.reshape(-1, x.shape[-1]), packed, absmax, absmax2, code2, offset, code,
-                  magnitude, lora_A, lora_B, bias, float(scaling), p, seed_tensor(seed, p),
-                  state.blocksize, state.quant_type, state.shape[0])[0]
+                  magnitude, lora_A, lora_B, bias, float(scaling), p,
+                  seed_tensor(seed, p, x.device), seed_high(seed), state.blocksize, state.quant_type,
+                  state.shape[0])[0]
     return y.reshape(*lead, y.shape[-1])

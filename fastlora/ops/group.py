@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from ..checks import (ACTIVATION_DTYPES, GroupMember, as_group_members, check_group,
-                      check_not_capturing, resolve_seed)
+                      DeviceSeed, seed_high, seed_tensor)
 from ..launch.selfcheck import use_kernels
 from .linear import _autocast_inputs, lora_linear_4bit
 
@@ -37,7 +37,6 @@ class _GroupFn(torch.autograd.Function):
     def forward(ctx, members, x, *params):
         from ..launch.group import group_forward
 
-        check_not_capturing(x, max(mb.dropout_p for mb in members))
         ys, us = group_forward(x, members)
         ctx.members = members
         ctx.has_bias = [mb.bias is not None for mb in members]
@@ -93,13 +92,15 @@ def lora_group_4bit(x: torch.Tensor, members: Sequence[GroupMember],
     members = check_group(x, members, training)
     if torch.compiler.is_compiling():
         return _one_by_one(x, members, training)  # seeds drawn in the graph, as there
-    members = [mb._replace(seed=resolve_seed(mb.seed, mb.dropout_p)) for mb in members]
     ranks = [mb.lora_A.shape[0] for mb in members]
     if group_problem(ranks, full_precision_fp32(x)) is not None \
             or x.dtype not in ACTIVATION_DTYPES or x.numel() == 0 \
             or not all(use_kernels(x, mb.state.quant_type) for mb in members):
         with torch.autocast(x.device.type, enabled=False):
             return _one_by_one(x, members, training)
+    # seeds drawn here, in member order, as the members' own ops above would draw them
+    members = [mb._replace(seed=DeviceSeed(seed_tensor(mb.seed, mb.dropout_p, x.device),
+                                          seed_high(mb.seed))) for mb in members]
     lead = x.shape[:-1]
     params = [t for mb in members for t in (mb.lora_A, mb.lora_B, mb.bias)]
     ys = _GroupFn.apply(members, x.reshape(-1, x.shape[-1]), *params)

@@ -4,8 +4,11 @@
 The fused path is two torch.library custom ops, so torch.compile sees them as opaque nodes
 (fullgraph works, also while the kernels run in the interpreter):
 
-    fastlora::lora_fwd (x2, weight..., A, B, bias, s, p, seed) -> (y, U)
-    fastlora::lora_bwd (dy, x2, U, weight..., A, B, s, p, seed, needs) -> (dx, dA, dB)
+    fastlora::lora_fwd (x2, weight..., A, B, bias, s, p, seed, seed_high) -> (y, U)
+    fastlora::lora_bwd (dy, x2, U, weight..., A, B, s, p, seed, seed_high, needs) -> (dx, dA, dB)
+
+(seed: an int64 [1] tensor on x's device, read by the kernels there; seed_high: its high word,
+a host int: fastlora.checks.DeviceSeed)
 
 joined by `register_autograd`, which saves x, U, A, B and the packed weight (never a dequantized
 weight, never a dropout mask: the mask is regenerated from the seed). The launchers behind them
@@ -19,7 +22,7 @@ from typing import Optional
 import torch
 
 from ..checks import (ACTIVATION_DTYPES, MAX_FUSED_RANK, as_quant_state, check_inputs,
-                      check_not_capturing, seed_tensor)
+                      DeviceSeed, seed_high, seed_tensor)
 from ..launch.selfcheck import use_kernels
 from ..quant import QuantState
 
@@ -49,21 +52,20 @@ def _lora_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
               absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor],
               offset: Optional[torch.Tensor], code: torch.Tensor, lora_A: torch.Tensor,
               lora_B: torch.Tensor, bias: Optional[torch.Tensor], scaling: float, p: float,
-              seed: torch.Tensor, blocksize: int, quant_type: str, n_out: int
+              seed: torch.Tensor, seed_high: int, blocksize: int, quant_type: str, n_out: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
     from ..launch.forward import lora_forward
 
-    check_not_capturing(x, p)
     state = _state_from_args(absmax, absmax2, code2, offset, code, blocksize, quant_type,
                              n_out, x.shape[1], x.dtype)
     # lora_linear_4bit checked every argument (fastlora.checks.check_inputs) before this op
-    return lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, int(seed),
-                        check=False)
+    return lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p,
+                        DeviceSeed(seed, seed_high), check=False)
 
 
 @_lora_fwd.register_fake
 def _(x, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B, bias, scaling, p, seed,
-      blocksize, quant_type, n_out):
+      seed_high, blocksize, quant_type, n_out):
     return x.new_empty(x.shape[0], n_out), x.new_empty(x.shape[0], lora_A.shape[0])
 
 
@@ -72,15 +74,16 @@ def _lora_bwd(dy: torch.Tensor, x: torch.Tensor, u: torch.Tensor, packed: torch.
               absmax: torch.Tensor, absmax2: Optional[torch.Tensor],
               code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
               code: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-              p: float, seed: torch.Tensor, blocksize: int, quant_type: str, need_dx: bool,
+              p: float, seed: torch.Tensor, seed_high: int, blocksize: int, quant_type: str,
+              need_dx: bool,
               need_dA: bool, need_dB: bool
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..launch.backward import lora_backward
 
     state = _state_from_args(absmax, absmax2, code2, offset, code, blocksize, quant_type,
                              lora_B.shape[0], x.shape[1], x.dtype)
-    dx, da, db = lora_backward(dy, x, u, packed, state, lora_A, lora_B, scaling, p, int(seed),
-                               need_dx, need_dA, need_dB)
+    dx, da, db = lora_backward(dy, x, u, packed, state, lora_A, lora_B, scaling, p,
+                               DeviceSeed(seed, seed_high), need_dx, need_dA, need_dB)
     # custom ops cannot return None: an empty tensor stands for "none" (a fresh one each:
     # outputs may not alias one another)
     return tuple(g if g is not None else x.new_empty(0) for g in (dx, da, db))
@@ -88,7 +91,7 @@ def _lora_bwd(dy: torch.Tensor, x: torch.Tensor, u: torch.Tensor, packed: torch.
 
 @_lora_bwd.register_fake
 def _(dy, x, u, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B, scaling, p, seed,
-      blocksize, quant_type, need_dx, need_dA, need_dB):
+      seed_high, blocksize, quant_type, need_dx, need_dA, need_dB):
     # contiguous, as the launcher allocates them (empty_like would copy a view's strides)
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
             lora_A.new_empty(lora_A.shape) if need_dA else x.new_empty(0),
@@ -97,31 +100,31 @@ def _(dy, x, u, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B, sc
 
 def _setup_context(ctx, inputs, output):
     (x, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B, bias, scaling, p, seed,
-     blocksize, quant_type, n_out) = inputs
+     seed_high, blocksize, quant_type, n_out) = inputs
     _, u = output
     ctx.save_for_backward(x, u, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B,
                           seed)
-    ctx.scalars = (scaling, p, blocksize, quant_type)
+    ctx.scalars = (scaling, p, seed_high, blocksize, quant_type)
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, dy, _du_unused):
     x, u, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B, seed = ctx.saved_tensors
-    scaling, p, blocksize, quant_type = ctx.scalars
+    scaling, p, seed_high, blocksize, quant_type = ctx.scalars
     needs = ctx.needs_input_grad
     need_dx, need_dA, need_dB, need_bias = needs[0], needs[7], needs[8], needs[9]
     dx = da = db = dbias = None
     if need_dx or need_dA or need_dB:
         dx, da, db = _lora_bwd(dy.contiguous(), x, u, packed, absmax, absmax2, code2, offset,
-                               code, lora_A, lora_B, scaling, p, seed, blocksize, quant_type,
-                               need_dx, need_dA, need_dB)
+                               code, lora_A, lora_B, scaling, p, seed, seed_high, blocksize,
+                               quant_type, need_dx, need_dA, need_dB)
         dx = dx if need_dx else None
         da = da if need_dA else None
         db = db if need_dB else None
     if need_bias and ctx.has_bias:
         dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
     return (dx, None, None, None, None, None, None, da, db, dbias, None, None, None, None, None,
-            None)
+            None, None)
 
 
 _lora_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -164,12 +167,12 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
         with torch.autocast(x.device.type, enabled=False):
             return reference.run_checked(x, packed, state, lora_A, lora_B, scaling, bias, p,
                                          seed)
-    seed = seed_tensor(seed, p)
+    high, seed = seed_high(seed), seed_tensor(seed, p, x.device)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     absmax, absmax2, code2, offset, code = _state_to_args(state)
     y, _ = _lora_fwd(x2, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B, bias,
-                     float(scaling), p, seed, state.blocksize, state.quant_type,
+                     float(scaling), p, seed, high, state.blocksize, state.quant_type,
                      state.shape[0])
     return y.reshape(*lead, y.shape[-1])
 

@@ -24,7 +24,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..checks import MixedAdapter, as_quant_state, check_mixed, check_not_capturing, seed_tensor
+from ..checks import (DeviceSeed, MixedAdapter, as_quant_state, check_mixed, seed_high,
+                      seed_tensor)
 from ..launch.selfcheck import use_kernels
 from .linear import _autocast_inputs, _state_from_args, _state_to_args
 
@@ -46,20 +47,19 @@ def _mixed_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
                offset: Optional[torch.Tensor], code: torch.Tensor, lora_A: torch.Tensor,
                lora_B: torch.Tensor, bias: Optional[torch.Tensor], row_seg: torch.Tensor,
                ranks: list[int], scalings: list[float], ps: list[float], seed: torch.Tensor,
-               blocksize: int, quant_type: str, n_out: int
+               seed_high: int, blocksize: int, quant_type: str, n_out: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
     from ..launch.mixed import mixed_forward
 
-    check_not_capturing(x, max(ps))
     state = _state_from_args(absmax, absmax2, code2, offset, code, blocksize, quant_type,
                              n_out, x.shape[1], x.dtype)
     return mixed_forward(x, packed, state, lora_A, lora_B, bias,
-                         _segments(row_seg, ranks, scalings, ps), int(seed))
+                         _segments(row_seg, ranks, scalings, ps), DeviceSeed(seed, seed_high))
 
 
 @_mixed_fwd.register_fake
 def _(x, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B, bias, row_seg, ranks,
-      scalings, ps, seed, blocksize, quant_type, n_out):
+      scalings, ps, seed, seed_high, blocksize, quant_type, n_out):
     return x.new_empty(x.shape[0], n_out), x.new_empty(x.shape[0], lora_A.shape[0])
 
 
@@ -69,22 +69,22 @@ def _mixed_bwd(dy: torch.Tensor, x: torch.Tensor, u: torch.Tensor, packed: torch
                code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
                code: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                row_seg: torch.Tensor, ranks: list[int], scalings: list[float], ps: list[float],
-               seed: torch.Tensor, blocksize: int, quant_type: str, need_dx: bool,
-               need_dA: bool, need_dB: bool
+               seed: torch.Tensor, seed_high: int, blocksize: int, quant_type: str,
+               need_dx: bool, need_dA: bool, need_dB: bool
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..launch.mixed import mixed_backward
 
     state = _state_from_args(absmax, absmax2, code2, offset, code, blocksize, quant_type,
                              lora_B.shape[0], x.shape[1], x.dtype)
     grads = mixed_backward(dy, x, u, packed, state, lora_A, lora_B,
-                           _segments(row_seg, ranks, scalings, ps), int(seed), need_dx,
-                           need_dA, need_dB)
+                           _segments(row_seg, ranks, scalings, ps),
+                           DeviceSeed(seed, seed_high), need_dx, need_dA, need_dB)
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 @_mixed_bwd.register_fake
 def _(dy, x, u, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B, row_seg, ranks,
-      scalings, ps, seed, blocksize, quant_type, need_dx, need_dA, need_dB):
+      scalings, ps, seed, seed_high, blocksize, quant_type, need_dx, need_dA, need_dB):
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
             lora_A.new_empty(lora_A.shape) if need_dA else x.new_empty(0),
             lora_B.new_empty(lora_B.shape) if need_dB else x.new_empty(0))
@@ -92,30 +92,30 @@ def _(dy, x, u, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B, ro
 
 def _setup_context(ctx, inputs, output):
     (x, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B, bias, row_seg, ranks,
-     scalings, ps, seed, blocksize, quant_type, n_out) = inputs
+     scalings, ps, seed, seed_high, blocksize, quant_type, n_out) = inputs
     ctx.save_for_backward(x, output[1], packed, absmax, absmax2, code2, offset, code, lora_A,
                           lora_B, row_seg, seed)
-    ctx.scalars = (list(ranks), list(scalings), list(ps), blocksize, quant_type)
+    ctx.scalars = (list(ranks), list(scalings), list(ps), seed_high, blocksize, quant_type)
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, dy, _du_unused):
     (x, u, packed, absmax, absmax2, code2, offset, code, lora_A, lora_B, row_seg,
      seed) = ctx.saved_tensors
-    ranks, scalings, ps, blocksize, quant_type = ctx.scalars
+    ranks, scalings, ps, seed_high, blocksize, quant_type = ctx.scalars
     needs = ctx.needs_input_grad
     need_dx, need_dA, need_dB, need_bias = needs[0], needs[7], needs[8], needs[9]
     dx = da = db = dbias = None
     if need_dx or need_dA or need_dB:
         dx, da, db = _mixed_bwd(dy.contiguous(), x, u, packed, absmax, absmax2, code2, offset,
                                 code, lora_A, lora_B, row_seg, ranks, scalings, ps, seed,
-                                blocksize, quant_type, need_dx, need_dA, need_dB)
+                                seed_high, blocksize, quant_type, need_dx, need_dA, need_dB)
         dx = dx if need_dx else None
         da = da if need_dA else None
         db = db if need_dB else None
     if need_bias and ctx.has_bias:
         dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
-    return (dx, None, None, None, None, None, None, da, db, dbias) + (None,) * 8
+    return (dx, None, None, None, None, None, None, da, db, dbias) + (None,) * 9
 
 
 _mixed_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -176,7 +176,7 @@ def run_mixed(x, packed, state, adapters, index, bias, seed):
         with torch.autocast(x.device.type, enabled=False):
             return reference.run_mixed_checked(x, packed, state, adapters, index, bias, seed)
     ps = [a.dropout_p for a in adapters]
-    seed = seed_tensor(seed, max(ps))
+    high, seed = seed_high(seed), seed_tensor(seed, max(ps), x.device)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     lora_A = torch.cat([a.lora_A for a in adapters]) if len(adapters) > 1 \
@@ -186,6 +186,6 @@ def run_mixed(x, packed, state, adapters, index, bias, seed):
     absmax, absmax2, code2, offset, code = _state_to_args(state)
     y, _ = _mixed_fwd(x2, packed, absmax, absmax2, code2, offset, code, lora_A.contiguous(),
                       lora_B.contiguous(), bias, index.to(torch.int32), ranks,
-                      [a.scaling for a in adapters], ps, seed, state.blocksize,
+                      [a.scaling for a in adapters], ps, seed, high, state.blocksize,
                       state.quant_type, state.shape[0])
     return y.reshape(*lead, y.shape[-1])
