@@ -10,7 +10,7 @@ import threading
 import torch
 
 from .. import backend, interpreter
-from ..checks import DeviceSeed
+from ..checks import DeviceSeed, seed_high, seed_tensor
 from ..gpus import CONFIG_FAMILY, capability_arch
 from ..quant import QuantState, code_table, packed_bytes
 
@@ -121,9 +121,7 @@ def seed_args(seed, p: float, device: torch.device) -> tuple:
     neither: a placeholder, no launch."""
     if isinstance(seed, DeviceSeed):
         return seed.tensor.to(device).reshape(1), int(seed.high)
-    if p == 0.0:
-        return torch.empty(1, dtype=torch.int64, device=device), 0
-    return torch.full((1,), int(seed), dtype=torch.int64, device=device), int(seed) >> 32
+    return seed_tensor(int(seed), p, device), seed_high(int(seed))
 
 
 # Kernel launch options shared by every weight-reading kernel: see csrc_triton/common.py on FMA.
