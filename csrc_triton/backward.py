@@ -2,18 +2,24 @@
 this order (each needs the one before):
 
     _lora_bwd_du_db_kernel   dU = s * dy @ B  and  dB = s * dy^T @ U, one pass over dy
-    _lora_bwd_da_kernel      dA = dU^T @ dropout(x)  and  dx := dropout'(dU @ A), one pass over
-                             x, the dropout mask regenerated from the seed once for both
-    _nf4_lora_bwd_dx_kernel  dx += dy @ deq(W), W read packed and decoded tile by tile: no
-                             [N, K] buffer. The LoRA term already in dx is the accumulator's
-                             initial value, so both terms meet in one fp32 accumulator.
+    _lora_bwd_da_kernel      dA = dU^T @ dropout(x), one pass over x, the dropout mask
+                             regenerated from the forward's seed; where dx's LoRA term is not
+                             the dx GEMM's (below) also dx := dropout'(dU @ A) (WRITE_DX)
+    _nf4_lora_bwd_dx_kernel  dx = dU @ A + dy @ deq(W) (LORA), or dx += dy @ deq(W); W read
+                             packed and decoded tile by tile: no [N, K] buffer.
 
-Why the LoRA term of dx is made by the dA kernel: both need the dropout mask, and Philox keeps
-several 32-bit words per element live; drawn inside the dx GEMM it spilled (hundreds of bytes
-at 128 x 128 tiles, next to the accumulator and the weight decode). Drawn once in the dA
-kernel, the GEMM holds only its accumulator and decode, and the mask costs one draw per
-element instead of two. The price: dx's LoRA term is rounded to the activation dtype once
-before the sum (plain PyTorch rounds both terms), and dx is read back once (2 * M * K bytes).
+Where dx's LoRA term is made (issue 30): for 16-bit activations without dropout and with
+K % blocksize == 0, the dx GEMM makes dU @ A before its loop over N, over the rank in chunks of LORA_CHUNK, as its
+accumulator's initial value, and writes dx once: backward activation traffic 2 MN (dy, twice)
++ 2 MK (x read, dx written). Otherwise the dA kernel writes the term and the GEMM reads it back
+as its initial value: 2 MK more (one write, one read), and the term is rounded to the
+activation dtype once before the sum (plain PyTorch rounds both terms). Why not the dropout
+mask in the GEMM too: compiled, the mask next to the 128-register accumulator spilled (104 B
+at sm_90's headline 256 x 64 x 128 tile, thousands where K % 8 != 0 draws per element), and
+the K-unaligned decode with the LoRA prologue took stack at two small tiles, as did fp32 tiles
+(8-568 B, mostly the 'ieee' FMA ones, on Triton 3.5-3.8); those routes stay on the dA kernel's
+write, as do a group's summed term and dequantize + cuBLAS's. A mixed batch
+without dropout takes the GEMM's route too (its dU is masked per row, so the term is dU @ A).
 
 Determinism: dB and dA are sums over M. Rather than atomics (whose order varies run to run),
 M is cut into a fixed number of splits; each program writes its split's fp32 partial to a
@@ -53,6 +59,9 @@ from .common import (CompileSpec, SiblingFix, by_triton, decode_tile, dropout_ke
                      SUM_ROWS, sibling_configs, sibling_specs, sum_parts)
 
 MAX_R_PAD = 256  # the rank is padded to a power of two R_PAD in [16, 256]
+# the dx GEMM's LoRA term runs over the rank in chunks this wide (tl.dot's least K): its
+# operand tiles stay small next to the GEMM's at any rank
+LORA_CHUNK = tl.constexpr(16)
 
 
 # The in-kernel sums run in functions of their own (noinline: a call in the PTX), so that
@@ -172,20 +181,25 @@ def _lora_bwd_du_db_kernel(dy_ptr, u_ptr, b_ptr, ws_du_ptr, ws_db_ptr, du_ptr, d
 
 @triton.jit
 def _nf4_lora_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                            code_ptr, dx_ptr, M, N, K, m_bucket,
+                            code_ptr, dx_ptr, du_ptr, a_ptr, M, N, K, R, m_bucket,
                             stride_dym, stride_dyn, stride_dxm, stride_dxk,
+                            stride_dum, stride_dur, stride_ar, stride_ak,
                             QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                            K_ALIGNED: tl.constexpr,
+                            K_ALIGNED: tl.constexpr, LORA: tl.constexpr,
                             DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                             LANE_TABLE: tl.constexpr):
-    """dx += dy @ deq(W), one [BLOCK_M, BLOCK_K] tile of dx per program, W read packed.
+    """dx = dU @ A + dy @ deq(W) (LORA) or dx += dy @ deq(W), one [BLOCK_M, BLOCK_K] tile of
+    dx per program, W read packed.
 
     dy_ptr fp16/bf16/fp32 [M, N]; packed_ptr .. code_ptr: the 4-bit W [N, K] (common.py);
-    dx_ptr [M, K] in dy's dtype, holding dropout'(dU @ A) on entry (_lora_bwd_da_kernel wrote
-    it): it is the accumulator's initial value, so the LoRA term and dy @ deq(W) are summed in
-    one fp32 accumulator and dx is rounded once more at the store. m_bucket: unused here, part
-    of the autotune key.
+    dx_ptr [M, K] in dy's dtype. LORA (16-bit, no dropout, K_ALIGNED: the launcher's rule): the
+    accumulator starts from dU @ A, made here before the loop over N from du_ptr [M, R] (dU,
+    scaled by s) and a_ptr [R, K] in dy's dtype, over R in chunks of LORA_CHUNK; dx is only
+    written. Not LORA: dx holds a LoRA term on entry (the dA kernel's, masked; a group's sum;
+    DoRA's with dropout) and is the accumulator's initial value (du_ptr, a_ptr, R
+    unread). Either way both terms meet in one fp32 accumulator and dx is rounded once, at the
+    store. m_bucket: unused here, part of the autotune key.
 
     The loop over N decodes each [BLOCK_N, BLOCK_K] tile of W in registers from the packed
     bytes (common.decode_tile: K_ALIGNED when K % QBLOCK == 0; otherwise per element, blocks
@@ -210,7 +224,18 @@ def _nf4_lora_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_p
     cols = offs_k.to(tl.int64)
     dx_ptrs = dx_ptr + cols[:, None] * stride_dxk + rows[None, :] * stride_dxm
     dx_mask = k_mask[:, None] & m_mask[None, :]
-    acc = tl.load(dx_ptrs, mask=dx_mask, other=0.0).to(tl.float32)  # dx^T tile
+    if LORA:  # dx^T tile = A^T @ dU^T
+        acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+        for r0 in range(0, R, LORA_CHUNK):
+            offs_r = r0 + tl.arange(0, LORA_CHUNK)
+            r_mask = offs_r < R
+            a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + cols[:, None] * stride_ak,
+                          mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            du_t = tl.load(du_ptr + offs_r[:, None] * stride_dur + rows[None, :] * stride_dum,
+                           mask=r_mask[:, None] & m_mask[None, :], other=0.0)
+            acc = tl.dot(a_t, du_t, acc, input_precision=DOT_PRECISION)
+    else:
+        acc = tl.load(dx_ptrs, mask=dx_mask, other=0.0).to(tl.float32)  # dx^T tile
     table = lane_table(code_ptr, LANE_TABLE)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -545,7 +570,8 @@ def _early_prune(configs, named_args, **kwargs):
                          kwargs.get("K_ALIGNED", True))
 
 
-_KEYS = {"dx": ["m_bucket", "N", "K", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "DOT_PRECISION"],
+_KEYS = {"dx": ["m_bucket", "N", "K", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "LORA",
+                "DOT_PRECISION"],
          "du_db": ["m_bucket", "N", "R_PAD", "COMPUTE_DU", "COMPUTE_DB", "SEGMENTED",
                    "DOT_PRECISION"],
          "da": ["m_bucket", "K", "R_PAD", "COMPUTE_DA", "WRITE_DX", "HAS_DROPOUT", "SEGMENTED",
@@ -553,10 +579,11 @@ _KEYS = {"dx": ["m_bucket", "N", "K", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "DO
 KERNELS = {"dx": _nf4_lora_bwd_dx_kernel, "du_db": _lora_bwd_du_db_kernel,
            "da": _lora_bwd_da_kernel}
 # Arguments a kernel reads as well as writes, which the autotuner must restore after each
-# timed run: dx enters _nf4_lora_bwd_dx_kernel holding the LoRA term and leaves holding
-# dx = LoRA term + dy @ deq(W); timing configs without a restore would add dy @ deq(W) once
-# per timed run. du_db adds into its workspace too, but after a plain store on its first row
-# block, so re-running it leaves the same result; da only stores.
+# timed run: without LORA, dx enters _nf4_lora_bwd_dx_kernel holding the LoRA term and leaves
+# holding dx = LoRA term + dy @ deq(W); timing configs without a restore would add dy @ deq(W)
+# once per timed run (with LORA the copy is not needed, but the autotuner takes one list).
+# du_db adds into its workspace too, but after a plain store on its first row block, so
+# re-running it leaves the same result; da only stores.
 RESTORE_VALUE = {"dx": ["dx_ptr"], "du_db": [], "da": []}
 
 
@@ -575,7 +602,7 @@ def build_autotuner(kernel: str, arch: str, fp32: bool, precision: str,
 # ----------------------------------------------------------------------------- compile specs
 
 # Contiguous last dimensions have stride 1 at a launch, which Triton specialises as a constant.
-UNIT_STRIDES = {"dx": {"stride_dyn": 1, "stride_dxk": 1},
+UNIT_STRIDES = {"dx": {"stride_dyn": 1, "stride_dxk": 1, "stride_dur": 1, "stride_ak": 1},
                 "du_db": {"stride_dyn": 1, "stride_ur": 1, "stride_br": 1},
                 "da": {"stride_xk": 1, "stride_dur": 1, "stride_ak": 1, "stride_dxk": 1}}
 # Arguments that are multiples of 16 at a real launch (CompileSpec.aligned): pointers of fresh
@@ -612,10 +639,13 @@ def _dx_spec(cfg, arch, act, k_aligned, precision=None, qblock=64):
     """A headline (large_m) config, K aligned at blocksize 64, is gated at HEADLINE_CEILING."""
     sig = {"dy_ptr": f"*{act}", "packed_ptr": "*u8", "absmax_ptr": "*u8",
            "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "offset_ptr": "*fp32",
-           "code_ptr": "*fp32", "dx_ptr": f"*{act}",
-           **_ints("M", "N", "K", "m_bucket", "stride_dym", "stride_dyn", "stride_dxm",
-                   "stride_dxk")}
-    flags = {"QBLOCK": qblock, "DOUBLE_QUANT": True, "K_ALIGNED": k_aligned, "LANE_TABLE": True}
+           "code_ptr": "*fp32", "dx_ptr": f"*{act}", "du_ptr": f"*{act}", "a_ptr": f"*{act}",
+           **_ints("M", "N", "K", "R", "m_bucket", "stride_dym", "stride_dyn", "stride_dxm",
+                   "stride_dxk", "stride_dum", "stride_dur", "stride_ar", "stride_ak")}
+    # the worst case: the LoRA term made in the GEMM where the launcher lets it (16-bit, K
+    # aligned)
+    flags = {"QBLOCK": qblock, "DOUBLE_QUANT": True, "K_ALIGNED": k_aligned, "LANE_TABLE": True,
+             "LORA": k_aligned and act != "fp32"}
     label = f"{act} k_aligned={int(k_aligned)}{f' bs{qblock}' if qblock != 64 else ''}"
     b = cfg.kwargs
     return _spec("dx", cfg, arch, act, None, sig, flags, label, {"enable_fp_fusion": False},

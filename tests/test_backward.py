@@ -14,8 +14,8 @@ import fastlora
 from fastlora import reference
 from fastlora.launch.backward import lora_backward
 from fastlora.numerics import assert_close
-from helpers import (quick_first, DEVICE, DTYPES, MATRIX, N, bnb_weight, case_id, make_case, reference_pair,
-                     run)
+from helpers import (quick_first, DEVICE, DTYPES, MATRIX, N, bnb_weight, case_id, counting,
+                     make_case, reference_pair, run)
 
 GRADS = ("dx", "dA", "dB")
 
@@ -160,6 +160,28 @@ def test_only_requested_gradients(need):
             assert torch.equal(part[name], full[name]), f"{name} differs from the full run"
         else:
             assert part[name] is None, f"{name} was not requested but returned"
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("k,p,rank,dtype,in_gemm", [
+    (256, 0.0, 20, "bf16", True), (128, 0.0, 64, "fp16", True), (256, 0.1, 20, "bf16", False),
+    (200, 0.0, 20, "bf16", False), (256, 0.0, 20, "fp32", False)],
+    ids=["bf16", "fp16-r64", "dropout", "k-unaligned", "fp32"])
+def test_where_dx_lora_term_is_made(k, p, rank, dtype, in_gemm, monkeypatch):
+    """dx's LoRA term: for 16-bit activations without dropout and with K on the blocksize the
+    fused dx GEMM makes it (over the rank in chunks of 16: r = 20 leaves a masked chunk), so
+    dx alone costs no dA pass; otherwise the dA kernel writes it and runs even when dA is not
+    wanted. dx matches float64 either way."""
+    monkeypatch.setenv("FASTLORA_BASE_PATH", "fused")
+    dt = DTYPES[dtype]
+    case = make_case(33, N, k, rank, dt, dropout_p=p, seed=4)
+    dy = grad_out(case)
+    truth, baseline = reference_pair(case, dt, dy)
+    with counting(execute=True) as launched:
+        out = backward_of(case, dt, dy, (True, False, False))
+    assert launched == {"_lora_bwd_du_db_kernel": 1, "_nf4_lora_bwd_dx_kernel": 1,
+                        **({} if in_gemm else {"_lora_bwd_da_kernel": 1})}
+    check_grads(out, truth, baseline, dt, ("dx",))
 
 
 def test_strided_x_and_explicit_config():

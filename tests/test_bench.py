@@ -87,15 +87,26 @@ def test_provider_steps_hand_checked():
         assert one.flops == m * (1024 + 256 + 32) and one.kernel == kernel
     fused_bwd = model.steps("fastlora", "backward", D)
     # dU/dB: reads dy, B, U, writes dU, dB, plus one fp32 part of dU [4, 2] and of dB [8, 2]
-    # written and read back (8 B a value); dA/dx_lora: reads dU, x, A, writes dA, dx, plus
-    # one fp32 part of dA [2, 64] written and read; dx += dy W: reads dy, W, dx and writes dx
+    # written and read back (8 B a value); dA: reads dU, x, A, writes dA, plus one fp32 part
+    # of dA [2, 64] written and read; K = 64 on the blocksize, so the dx GEMM makes the LoRA
+    # term: reads dU, A, dy, W and writes dx once
     assert [s.bytes for s in fused_bwd] == [Y + B + U + U + B + 8 * (4 + 8) * 2,
-                                            U + X + A + A + X + 8 * 2 * 64,
-                                            Y + W4 + X + X] == [352, 2576, 1356]
-    assert [s.flops for s in fused_bwd] == [2 * (2 * 4 * 2 * 8), 2 * (2 * 2 * 64 * 4),
-                                            2 * 4 * 64 * 8] == [256, 2048, 4096]
+                                            U + X + A + A + 8 * 2 * 64,
+                                            U + A + Y + W4 + X] == [352, 2064, 1116]
+    assert [s.flops for s in fused_bwd] == [2 * (2 * 4 * 2 * 8), 2 * 2 * 64 * 4,
+                                            2 * 4 * 64 * 2 + 2 * 4 * 64 * 8] \
+        == [256, 1024, 5120]
     assert [s.kernel for s in fused_bwd] == [model.DU_DB_KERNEL, model.DA_KERNEL,
                                              model.DX_KERNEL]
+    # K = 96 off the blocksize: the dA kernel writes dx's LoRA term (dx = dU A, 2*4*96*2
+    # FLOPs more) and the dx GEMM reads it back: x96 = 4*96*2 bytes once more each
+    k96 = dataclasses.replace(D, k=96)
+    x96, a96, w96 = 4 * 96 * 2, 2 * 96 * 2, 8 * 96 // 2 + 12 + 4
+    unaligned = model.steps("fastlora", "backward", k96)
+    assert [s.bytes for s in unaligned[1:]] == [U + x96 + a96 + a96 + x96 + 8 * 2 * 96,
+                                                Y + w96 + x96 + x96] == [3856, 2000]
+    assert [s.flops for s in unaligned[1:]] == [2 * (2 * 2 * 96 * 4), 2 * 4 * 96 * 8] \
+        == [3072, 6144]
     peft = model.steps("peft_bnb", "forward", D)
     # dequantize (W4 in, W16 out), matmul, PEFT's clone, lora_A, lora_B, * scaling, add
     assert [s.bytes for s in peft] == [W4 + W16, W16 + X + Y, 2 * Y, X + A + U, U + B + Y,
@@ -117,9 +128,12 @@ def test_fastlora_dequant_steps_hand_checked():
     assert [s.kernel for s in fwd] == [model.U_KERNEL, model.DEQUANT_KERNEL, None, None]
     bwd = model.steps("fastlora_dequant", "backward", D)
     fused_bwd = model.steps("fastlora", "backward", D)
-    # the LoRA-side kernels are the fused path's; then dequantize again and dx += dy W
-    # (reads dy, W16 and dx's LoRA term, writes dx)
-    assert bwd[:-2] == fused_bwd[:-1]
+    # dU/dB is the fused path's; the dA kernel writes dx's LoRA term too (reads dU, x, A,
+    # writes dA and dx); then dequantize again and dx += dy W (reads dy, W16 and dx's LoRA
+    # term, writes dx)
+    assert bwd[0] == fused_bwd[0]
+    assert (bwd[1].bytes, bwd[1].kernel) == (U + X + A + A + X + 8 * 2 * 64, model.DA_KERNEL) \
+        == (2576, model.DA_KERNEL)
     assert [s.bytes for s in bwd[-2:]] == [W4 + W16, Y + W16 + X + X] == [1292, 2112]
     assert [s.kernel for s in bwd[-2:]] == [model.DEQUANT_KERNEL, None]
 

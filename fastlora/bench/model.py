@@ -154,6 +154,7 @@ def _u_step(d: Dims, s: dict) -> Step:
 
 
 def _fastlora(d: Dims, s: dict) -> tuple[list[Step], list[Step]]:
+    """fastlora's fused path, launch by launch (dropout 0)."""
     m, n, k, r = d.m, d.n, d.k, d.r
     # fastlora/launch/forward.py: U first (_lora_u_kernel), then the fused pass: the tiled
     # GEMM, or for M <= 16 the split-K small-M kernel, whose programs write fp32 partials of
@@ -180,11 +181,26 @@ def _fastlora(d: Dims, s: dict) -> tuple[list[Step], list[Step]]:
     # of dU, dB and dA (one part each: the floor) that each tile's last program reads back
     # and sums into the gradient (e bytes), in the same launch.
     bwd = [Step("dU = s dy B, dB = s dy^T U", 2 * _mm(m, r, n),
-                s["y"] + s["b"] + s["u"] + s["u"] + s["b"] + 8 * (m + n) * r, DU_DB_KERNEL),
-           Step("dA = dU^T x, dx = dU A", _mm(r, k, m) + _mm(m, k, r),
-                s["u"] + s["x"] + s["a"] + s["a"] + s["x"] + 8 * r * k, DA_KERNEL),
-           Step("dx += dy deq(W)", _mm(m, k, n), s["y"] + s["w4"] + 2 * s["x"], DX_KERNEL)]
+                s["y"] + s["b"] + s["u"] + s["u"] + s["b"] + 8 * (m + n) * r, DU_DB_KERNEL)]
+    if k % d.blocksize == 0 and d.e < 4:  # no dropout: the dx GEMM makes dx's LoRA term
+        bwd += [_da_step(d, s, write_dx=False),
+                Step("dx = dU A + dy deq(W)", _mm(m, k, r) + _mm(m, k, n),
+                     s["u"] + s["a"] + s["y"] + s["w4"] + s["x"], DX_KERNEL)]
+    else:
+        bwd += [_da_step(d, s, write_dx=True),
+                Step("dx += dy deq(W)", _mm(m, k, n), s["y"] + s["w4"] + 2 * s["x"], DX_KERNEL)]
     return fwd, bwd
+
+
+def _da_step(d: Dims, s: dict, write_dx: bool) -> Step:
+    """The dA kernel: reads dU, x, A, writes dA (one fp32 part [r, K] written and read back);
+    write_dx: also dx := dU A (the dequantize path's, or where the dx GEMM does not make it)."""
+    m, k, r = d.m, d.k, d.r
+    if write_dx:
+        return Step("dA = dU^T x, dx = dU A", _mm(r, k, m) + _mm(m, k, r),
+                    s["u"] + s["x"] + s["a"] + s["a"] + s["x"] + 8 * r * k, DA_KERNEL)
+    return Step("dA = dU^T x", _mm(r, k, m), s["u"] + s["x"] + s["a"] + s["a"] + 8 * r * k,
+                DA_KERNEL)
 
 
 def group_forward_steps(ds: list) -> list[Step]:
@@ -213,16 +229,16 @@ def _fastlora_dequant(d: Dims, s: dict) -> tuple[list[Step], list[Step]]:
     du_db, da kernels at their ceilings, fastlora's dequantize kernel at its
     (HBM) ceiling writing W16 into the shared buffer, cuBLAS at the peer efficiency."""
     m, n, k, r = d.m, d.n, d.k, d.r
-    fused_bwd = _fastlora(d, s)[1]
+    du_db = _fastlora(d, s)[1][0]
     dequant = Step("dequantize W into the shared buffer", 0, s["w4"] + s["w16"],
                    DEQUANT_KERNEL)
     fwd = [_u_step(d, s), dequant,
            Step("y = x W^T + bias (cuBLAS addmm)", _mm(m, n, k),
                 s["w16"] + s["x"] + s["bias"] + s["y"]),
            Step("y += s U B^T (cuBLAS addmm)", _mm(m, n, r), s["u"] + s["b"] + 2 * s["y"])]
-    bwd = fused_bwd[:-1] + [
-        dataclasses.replace(dequant, name="dequantize W into the shared buffer (again)"),
-        Step("dx += dy W (cuBLAS addmm_)", _mm(m, k, n), s["y"] + s["w16"] + 2 * s["x"])]
+    bwd = [du_db, _da_step(d, s, write_dx=True),
+           dataclasses.replace(dequant, name="dequantize W into the shared buffer (again)"),
+           Step("dx += dy W (cuBLAS addmm_)", _mm(m, k, n), s["y"] + s["w16"] + 2 * s["x"])]
     return fwd, bwd
 
 
@@ -457,8 +473,10 @@ def expected_pick(mode: str, d: Dims, peak: Optional[Peak] = None,
     fused_fwd, fused_bwd = _fastlora(d, _sizes(d))
     deq_fwd, deq_bwd = _fastlora_dequant(d, _sizes(d))
     shared_u = 0 if d.m <= GEMV_MAX_M else 1  # the one-launch kernel computes U itself
+    # dx: from the dA pass on (it writes dx's LoRA term on the dequantize path, and on the
+    # fused one where the dx GEMM does not make it)
     roles = {"forward": (fused_fwd[shared_u:], deq_fwd[shared_u:]),
-             "dx": (fused_bwd[-1:], deq_bwd[len(fused_bwd) - 1:])}
+             "dx": (fused_bwd[1:], deq_bwd[1:])}
     wanted = {"forward": ("forward",), "backward": ("dx",), "full": ("forward", "dx")}[mode]
     picks = {}
     for role in wanted:

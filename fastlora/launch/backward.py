@@ -1,10 +1,13 @@
 """Launcher of csrc_triton/backward.py: the gradients of the QLoRA layer.
 
     dU = s * dy @ B      dB = s * dy^T @ U      (one pass over dy, _lora_bwd_du_db_kernel)
-    dA = dU^T @ dropout(x),  dx = dropout'(dU @ A)   (mask drawn once, _lora_bwd_da_kernel)
-    dx += dy @ deq(W)                               (W read packed, _nf4_lora_bwd_dx_kernel)
+    dA = dU^T @ dropout(x)                          (one pass over x, _lora_bwd_da_kernel)
+    dx = dropout'(dU @ A) + dy @ deq(W)             (W read packed, dx written once,
+                                                     _nf4_lora_bwd_dx_kernel)
 
-in that order (each step needs the one before): three launches. Sums over M (dB, dA) and over
+in that order (each step needs the one before): three launches. Where the dispatcher gives
+dx's base product to dequantize + cuBLAS, the dA kernel writes dx's LoRA term and cuBLAS adds
+dy @ deq(W) to it. Sums over M (dB, dA) and over
 N (dU) are cut into a fixed number of parts whose fp32 partials are added in a fixed order by
 the last program of each tile to finish, inside the same launch (csrc_triton/common.py
 last_to_arrive, with counters from common.arrival_counters): same inputs, same config ->
@@ -15,7 +18,7 @@ to pin it across processes.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -29,8 +32,8 @@ from .common import (LAUNCH_OPTIONS, arrival_counters, cached_autotuner, compile
                      decode_flags, dot_precision, kernel_entry, num_sms, seed_args,
                      weight_args)
 
-__all__ = ["lora_backward", "check_backward_args", "du_db", "da", "dx_gemm", "Configs",
-           "KERNELS"]
+__all__ = ["lora_backward", "check_backward_args", "du_db", "da", "dx_and_da", "dx_gemm",
+           "dx_path", "LoraTerm", "Configs", "KERNELS"]
 
 KERNELS = ("du_db", "da", "dx")  # the keys of `config=`
 
@@ -163,10 +166,8 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, u: Optional[torch.Tensor],
     du, dB = du_db(cfgs, dy, u, lora_B, scaling, need_du, need_dB)
     if not need_du:
         return None, None, dB
-    dx = x.new_empty(m, k) if need_dx else None
-    dA = da(cfgs, x, du, lora_A, p, seed, dx, need_dA)
-    if need_dx:
-        dx_gemm(cfgs, dy, packed, state, dx, base=base, pinned="dx" in (config or {}))
+    dx, dA = dx_and_da(cfgs, dy, x, du, lora_A, p, seed, packed, state, need_dx, need_dA,
+                       base=base, pinned="dx" in (config or {}))
     return dx, dA, dB
 
 
@@ -236,22 +237,74 @@ def da(cfgs: Configs, x, du, lora_A, p: float, seed, dx, need_dA: bool, segments
     return dA if need_dA else None
 
 
-def dx_gemm(cfgs: Configs, dy, packed, state, dx, *, base=None, pinned: bool = False) -> None:
-    """dx += dy @ deq(W), dx holding the LoRA term on entry: the fused GEMM or dequantize +
-    cuBLAS (launch/dispatch.py; `base` as in lora_forward, pinned: a "dx" config was given)."""
+def dx_and_da(cfgs: Configs, dy, x, du, lora_A, p: float, seed, packed, state, need_dx: bool,
+              need_dA: bool, *, base=None, pinned: bool = False, segments=None):
+    """(dx or None, dA or None) from dU (du_db's): dx's LoRA term is made inside the fused dx
+    GEMM for 16-bit activations without dropout and with K on the blocksize (csrc_triton/backward.py says why only
+    there), else written by the dA kernel, which then runs even when dA is not wanted.
+    segments: a mixed batch's (launch/mixed.py; dU already masked and scaled per row, so
+    without dropout its term is dU @ A_cat as well)."""
+    m, k = x.shape
+    dx = x.new_empty(m, k) if need_dx else None
+    lora = (LoraTerm(du, lora_A) if p == 0.0 and x.dtype != torch.float32
+            and decode_flags(packed, state, k)["K_ALIGNED"] else None)
+    path = dx_path(cfgs, dy, packed, state, dx, lora, base=base,
+                   pinned=pinned) if need_dx else None
+    in_gemm = path == "fused" and lora is not None
+    dA = None
+    if need_dA or (need_dx and not in_gemm):
+        dA = da(cfgs, x, du, lora_A, p, seed, dx if need_dx and not in_gemm else None, need_dA,
+                segments=segments)
+    if path == "fused":
+        _dx_launch(cfgs, dy, packed, state, dx, lora if in_gemm else None)
+    elif path == "dequant":
+        dispatch.dx_dequant(dy, packed, state, dx)
+    return dx, dA
+
+
+class LoraTerm(NamedTuple):
+    """dx's LoRA term dU @ A (no dropout) for the dx GEMM to make before its loop: dU [M, r]
+    (scaled by s) and lora_A [r, K] in dx's dtype."""
+    du: torch.Tensor
+    lora_A: torch.Tensor
+
+
+def _dx_launch(cfgs: Configs, dy, packed, state, out, lora: Optional[LoraTerm] = None) -> None:
+    """The fused dx GEMM into `out`: out = dU @ A + dy @ deq(W) when `lora` is given (16-bit,
+    K on the blocksize), else out += dy @ deq(W) (out holding the LoRA term on entry)."""
     m, n = dy.shape
-    k = dx.shape[1]
-    dispatch.run("dx", dx,
-                 lambda out: cfgs.launch(
-                     "dx", lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) *
-                                         triton.cdiv(k, meta["BLOCK_K"]),),
-                     (dy, *weight_args(packed, state), out, m, n, k, m_bucket_of(m),
-                      dy.stride(0), dy.stride(1), out.stride(0), out.stride(1)),
-                     dict(**decode_flags(packed, state, k),
-                          DOT_PRECISION=dot_precision(dy.dtype)),
-                     LAUNCH_OPTIONS),
+    k = out.shape[1]
+    du, lora_A = lora if lora is not None else (dy, dy)  # unread when off
+    cfgs.launch("dx", lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) *
+                                    triton.cdiv(k, meta["BLOCK_K"]),),
+                (dy, *weight_args(packed, state), out, du, lora_A, m, n, k,
+                 lora_A.shape[0] if lora is not None else 0, m_bucket_of(m),
+                 dy.stride(0), dy.stride(1), out.stride(0), out.stride(1),
+                 du.stride(0), du.stride(1), lora_A.stride(0), lora_A.stride(1)),
+                dict(**decode_flags(packed, state, k), LORA=lora is not None,
+                     DOT_PRECISION=dot_precision(dy.dtype)),
+                LAUNCH_OPTIONS)
+
+
+def dx_path(cfgs: Configs, dy, packed, state, dx, lora: Optional[LoraTerm], *, base=None,
+            pinned: bool = False) -> str:
+    """'fused' (the dx GEMM: out = dU @ A + dy @ deq(W) with `lora`, out += dy @ deq(W)
+    without) or 'dequant' (dequantize + cuBLAS adds dy @ deq(W) to the LoRA term the dA kernel
+    wrote), as launch/dispatch.py decides; timing there runs each candidate on a scratch dx."""
+    m, n = dy.shape
+    return dispatch.choose("dx", dx, lambda out: _dx_launch(cfgs, dy, packed, state, out, lora),
+                           lambda out: dispatch.dx_dequant(dy, packed, state, out),
+                           n=n, k=dx.shape[1], m=m, base=base, pinned=pinned, accumulates=True)
+
+
+def dx_gemm(cfgs: Configs, dy, packed, state, dx, *, base=None, pinned: bool = False) -> None:
+    """dx += dy @ deq(W), dx holding a LoRA term on entry (a group's or a mixed batch's sum,
+    DoRA's): the fused GEMM or dequantize + cuBLAS (launch/dispatch.py; `base` as in
+    lora_forward, pinned: a "dx" config was given)."""
+    m, n = dy.shape
+    dispatch.run("dx", dx, lambda out: _dx_launch(cfgs, dy, packed, state, out),
                  lambda out: dispatch.dx_dequant(dy, packed, state, out),
-                 n=n, k=k, m=m, base=base, pinned=pinned, accumulates=True)
+                 n=n, k=dx.shape[1], m=m, base=base, pinned=pinned, accumulates=True)
 
 
 def m_bucket_of(m: int) -> int:

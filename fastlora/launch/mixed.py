@@ -37,7 +37,7 @@ import torch
 
 from ..checks import MAX_FUSED_RANK
 from ..reference import dropout_threshold
-from .backward import Configs, check_backward_args, da, du_db, dx_gemm
+from .backward import Configs, check_backward_args, du_db, dx_and_da, dx_gemm
 from .common import dot_precision, kernel_entry
 from .forward import _launch_u, check_forward_args, forward_with_u
 
@@ -169,9 +169,10 @@ def mixed_backward(dy, x, u, packed, state, lora_A, lora_B, seg: Segments, seed:
         du, dB = du_db(cfgs, dy, u, lora_B, 1.0, need_du, need_dB, segments=seg)
         if not need_du:
             return None, None, dB
-        dx = x.new_empty(m, k) if need_dx else None
-        dA = da(cfgs, x, du, lora_A, 0.5 if seg.has_dropout else 0.0, seed, dx, need_dA,
-                segments=seg)
+        # p only switches dropout on (per-row thresholds come from seg)
+        dx, dA = dx_and_da(cfgs, dy, x, du, lora_A, 0.5 if seg.has_dropout else 0.0, seed,
+                           packed, state, need_dx, need_dA, base=base, segments=seg)
+        return dx, dA, dB
     if need_dx:
         dx_gemm(cfgs, dy, packed, state, dx, base=base)
     return dx, dA, dB
