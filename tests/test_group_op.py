@@ -14,9 +14,9 @@ import torch
 import fastlora
 from fastlora.launch.group import MAX_MEMBERS, group_problem
 from fastlora.numerics import assert_close
-from helpers import (DEVICE, DTYPES, group_out_grads as out_grads, group_reference_pair,
-                     grouped, make_group_case as group_case, members_one_by_one as one_by_one,
-                     run_group)
+from helpers import (DEVICE, DTYPES, bnb_weight, group_out_grads as out_grads,
+                     group_reference_pair, grouped, make_group_case as group_case,
+                     members_one_by_one as one_by_one, run_group)
 
 # (out_features, rank, dropout p, bias) per member: different N, ranks and dropout
 QKV = ((72, 8, 0.1, True), (48, 16, 0.0, False), (40, 4, 0.2, True))
@@ -95,6 +95,23 @@ def test_too_large_groups_run_member_by_member(monkeypatch):
     got = run_group(grouped, x, members, torch.float32, dys)
     truth, plain = group_reference_pair(x, members, torch.float32, dys)
     assert len(calls) == 3
+    for name in truth:
+        assert_close(name, got[name], truth[name], plain[name])
+
+
+@pytest.mark.parametrize("m", [3, 17], ids=["m3", "m17"])
+def test_members_of_both_4bit_types(m, monkeypatch):
+    """An NF4 and an FP4 member in one group: each decoded with its own code table. At M <= 16
+    the members' GEMMs share one launch whose kernel takes one code table, so such a group
+    runs them one by one (M = 3: it decoded the FP4 member with NF4's table before)."""
+    monkeypatch.setenv("FASTLORA_BASE_PATH", "fused")
+    x, members = group_case(m, 256, QKV, torch.bfloat16)
+    packed, state = bnb_weight(QKV[1][0], 256, "fp4", 64, True, torch.bfloat16, seed=9)
+    members[1] = members[1]._replace(packed=packed, state=state)
+    assert {mb.state.quant_type for mb in members} == {"nf4", "fp4"}
+    dys = out_grads(members, m)
+    truth, plain = group_reference_pair(x, members, torch.bfloat16, dys)
+    got = run_group(grouped, x, members, torch.bfloat16, dys)
     for name in truth:
         assert_close(name, got[name], truth[name], plain[name])
 

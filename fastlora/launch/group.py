@@ -155,8 +155,9 @@ def _group_gemm(x: torch.Tensor, members: list, base=None):
     for x's shape: a callable (x2, us) -> [y_g]. None where they take forward_with_u one by
     one: a single member, M outside 1..16, a member whose base product is not settled on the
     fused path (launch/dispatch.py; on a GPU the first call of a shape times each member
-    there), members whose decode differs (blocksize, double quantisation, K alignment), K not
-    aligned to the blocksize, or fp32 at full precision (FMA dots)."""
+    there), members whose decode differs (blocksize, double quantisation, K alignment, NF4 and
+    FP4 members together), K not aligned to the blocksize, or fp32 at full precision (FMA
+    dots)."""
     m, k = x.shape
     ns = [mb.lora_B.shape[0] for mb in members]
     if len(members) < 2 or not 0 < m <= SMALL_M_MAX or any(
@@ -168,6 +169,8 @@ def _group_gemm(x: torch.Tensor, members: list, base=None):
     precision = dot_precision(x.dtype)
     if any(f != flags[0] for f in flags[1:]) or not flags[0]["K_ALIGNED"] \
             or precision == "ieee":  # the compiled and checked cases (small_m.COMPILE_SPECS)
+        return None
+    if len({mb.state.quant_type for mb in members}) > 1:  # the kernel takes one code table
         return None
     sm = _small_m_kernels()
     ranks = [mb.lora_A.shape[0] for mb in members]
