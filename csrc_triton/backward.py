@@ -8,17 +8,21 @@ this order (each needs the one before):
     _nf4_lora_bwd_dx_kernel  dx = dU @ A + dy @ deq(W) (LORA), or dx += dy @ deq(W); W read
                              packed and decoded tile by tile: no [N, K] buffer.
 
+A group of layers reading one x (csrc_triton/group.py; launch/group.py) runs its members' dx
+products in one launch, _nf4_lora_bwd_dx_group_kernel: the dx kernel's loop over N once per
+member, on that member's dy and packed weight, into one accumulator; dx written once.
+
 Where dx's LoRA term is made (issue 30): for 16-bit activations without dropout and with
-K % blocksize == 0, the dx GEMM makes dU @ A before its loop over N, over the rank in chunks of LORA_CHUNK, as its
-accumulator's initial value, and writes dx once: backward activation traffic 2 MN (dy, twice)
-+ 2 MK (x read, dx written). Otherwise the dA kernel writes the term and the GEMM reads it back
-as its initial value: 2 MK more (one write, one read), and the term is rounded to the
-activation dtype once before the sum (plain PyTorch rounds both terms). Why not the dropout
-mask in the GEMM too: compiled, the mask next to the 128-register accumulator spilled (104 B
-at sm_90's headline 256 x 64 x 128 tile, thousands where K % 8 != 0 draws per element), and
-the K-unaligned decode with the LoRA prologue took stack at two small tiles, as did fp32 tiles
-(8-568 B, mostly the 'ieee' FMA ones, on Triton 3.5-3.8); those routes stay on the dA kernel's
-write, as do a group's summed term and dequantize + cuBLAS's. A mixed batch
+K % blocksize == 0, the dx GEMM makes dU @ A before its loop over N, over the rank in chunks
+of LORA_CHUNK, as its accumulator's initial value, and writes dx once: backward activation
+traffic 2 MN (dy, twice) + 2 MK (x read, dx written). Otherwise the dA kernel writes the term
+and the GEMM reads it back as its initial value: 2 MK more (one write, one read), and the term
+is rounded to the activation dtype once before the sum (plain PyTorch rounds both terms). Why
+not the dropout mask in the GEMM too: compiled, the mask next to the 128-register accumulator
+spilled (104 B at sm_90's headline 256 x 64 x 128 tile, thousands where K % 8 != 0 draws per
+element), and the K-unaligned decode with the LoRA prologue took stack at two small tiles, as
+did fp32 tiles (8-568 B, mostly the 'ieee' FMA ones, on Triton 3.5-3.8); those routes stay on
+the dA kernel's write, as do a group's summed term and dequantize + cuBLAS's. A mixed batch
 without dropout takes the GEMM's route too (its dU is masked per row, so the term is dU @ A).
 
 Determinism: dB and dA are sums over M. Rather than atomics (whose order varies run to run),
@@ -53,8 +57,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (CompileSpec, SiblingFix, by_triton, decode_tile, dropout_keep, dropout_seed,
-                     grouped_tile,
+from .common import (BOUNDED_ARGS, SM80_SIBLINGS, CompileSpec, SiblingFix, by_triton, decode_tile,
+                     dropout_keep, dropout_seed, grouped_tile,
                      lane_table, last_to_arrive, row_dropout, segment_factor, segment_of_rows,
                      SUM_ROWS, sibling_configs, sibling_specs, sum_parts)
 
@@ -180,6 +184,45 @@ def _lora_bwd_du_db_kernel(dy_ptr, u_ptr, b_ptr, ws_du_ptr, ws_db_ptr, du_ptr, d
 
 
 @triton.jit
+def _dx_tile(M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """(rows int64 [BLOCK_M], cols int64 [BLOCK_K], m_mask, k_mask, k0) of this program's dx
+    tile. GROUP_M row tiles sweep the K tiles together: a column band of W is decoded for all
+    of them while it is still in L2."""
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K),
+                                GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    return (offs_m.to(tl.int64), offs_k.to(tl.int64), offs_m < M, offs_k < K,
+            pid_k * BLOCK_K)
+
+
+@triton.jit
+def _dx_product(acc, dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                code_ptr, rows, m_mask, k0, N, K, stride_dym, stride_dyn, QBLOCK: tl.constexpr,
+                DOUBLE_QUANT: tl.constexpr, K_ALIGNED: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                LANE_TABLE: tl.constexpr):
+    """acc [BLOCK_K, BLOCK_M] fp32 + (dy @ deq(W))^T over one weight's N: the loop over N
+    decodes each [BLOCK_N, BLOCK_K] tile of W in registers from the packed bytes
+    (common.decode_tile: K_ALIGNED when K % QBLOCK == 0; otherwise per element, blocks
+    straddling rows and odd K included) and feeds its transpose to tl.dot as the first operand
+    (sm_90's wgmma reads it from registers)."""
+    act = dy_ptr.dtype.element_ty
+    table = lane_table(code_ptr, LANE_TABLE)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        dy_t = tl.load(dy_ptr + offs_n.to(tl.int64)[:, None] * stride_dyn
+                       + rows[None, :] * stride_dym,
+                       mask=n_mask[:, None] & m_mask[None, :], other=0.0)
+        w = decode_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table,
+                        offs_n, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, DOUBLE_QUANT, K_ALIGNED,
+                        LANE_TABLE)
+        acc = tl.dot(tl.trans(w.to(act)), dy_t, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _nf4_lora_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                             code_ptr, dx_ptr, du_ptr, a_ptr, M, N, K, R, m_bucket,
                             stride_dym, stride_dyn, stride_dxm, stride_dxk,
@@ -201,27 +244,12 @@ def _nf4_lora_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_p
     unread). Either way both terms meet in one fp32 accumulator and dx is rounded once, at the
     store. m_bucket: unused here, part of the autotune key.
 
-    The loop over N decodes each [BLOCK_N, BLOCK_K] tile of W in registers from the packed
-    bytes (common.decode_tile: K_ALIGNED when K % QBLOCK == 0; otherwise per element, blocks
-    straddling rows and odd K included) and feeds its transpose to tl.dot as the first operand.
+    The loop over N: _dx_product.
     """
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16,
                      "tl.dot needs every dimension >= 16")
     act = dx_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_k = tl.cdiv(K, BLOCK_K)
-    # GROUP_M row tiles sweep the K tiles together: a column band of W is decoded for all of
-    # them while it is still in L2
-    pid_m, pid_k = grouped_tile(pid, num_m, num_k, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    k_mask = offs_k < K
-    rows = offs_m.to(tl.int64)
-    k0 = pid_k * BLOCK_K
-    cols = offs_k.to(tl.int64)
+    rows, cols, m_mask, k_mask, k0 = _dx_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     dx_ptrs = dx_ptr + cols[:, None] * stride_dxk + rows[None, :] * stride_dxm
     dx_mask = k_mask[:, None] & m_mask[None, :]
     if LORA:  # dx^T tile = A^T @ dU^T
@@ -236,18 +264,61 @@ def _nf4_lora_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_p
             acc = tl.dot(a_t, du_t, acc, input_precision=DOT_PRECISION)
     else:
         acc = tl.load(dx_ptrs, mask=dx_mask, other=0.0).to(tl.float32)  # dx^T tile
-    table = lane_table(code_ptr, LANE_TABLE)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        dy_t = tl.load(dy_ptr + offs_n.to(tl.int64)[:, None] * stride_dyn
-                       + rows[None, :] * stride_dym,
-                       mask=n_mask[:, None] & m_mask[None, :], other=0.0)
-        w = decode_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table,
-                        offs_n, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, DOUBLE_QUANT, K_ALIGNED,
-                        LANE_TABLE)
-        acc = tl.dot(tl.trans(w.to(act)), dy_t, acc, input_precision=DOT_PRECISION)
+    acc = _dx_product(acc, dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                      code_ptr, rows, m_mask, k0, N, K, stride_dym, stride_dyn, QBLOCK,
+                      DOUBLE_QUANT, K_ALIGNED, DOT_PRECISION, BLOCK_N, BLOCK_K, LANE_TABLE)
     tl.store(dx_ptrs, acc.to(act), mask=dx_mask)
+
+
+@triton.jit
+def _nf4_lora_bwd_dx_group_kernel(
+        dx_ptr, M, K, m_bucket, stride_dxm, stride_dxk,
+        dy_0, packed_0, absmax_0, absmax2_0, code2_0, offset_0, code_0, N_0, stride_dym_0,
+        dy_1, packed_1, absmax_1, absmax2_1, code2_1, offset_1, code_1, N_1, stride_dym_1,
+        dy_2, packed_2, absmax_2, absmax2_2, code2_2, offset_2, code_2, N_2, stride_dym_2,
+        dy_3, packed_3, absmax_3, absmax2_3, code2_3, offset_3, code_3, N_3, stride_dym_3,
+        G: tl.constexpr, QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+        K_ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        LANE_TABLE: tl.constexpr):
+    """dx += sum_g dy_g @ deq(W_g) for a group of G (1..4) members that read the same x (a
+    q/k/v or gate/up group, issue 30): one [BLOCK_M, BLOCK_K] tile of dx per program, as
+    _nf4_lora_bwd_dx_kernel without LORA, running its loop over N once per member on that
+    member's dy_g [M, N_g] (rows contiguous) and packed weight (read in place, no concatenated
+    copy; the same blocksize, double quantisation and K alignment, each its own code table),
+    all into one fp32 accumulator; dx holds the group's summed LoRA term on entry (group.py's
+    dA kernel) and is written once. Slots past G repeat slot 0's arguments (compiled out).
+
+    The members' loops are unrolled, so each member's pointers stay kernel parameters (read
+    from the constant bank, no registers); picking them per trip of a loop over members held
+    them in registers next to the accumulator and spilled 32 B at sm_90's 256x64x128 tile.
+    That tile spills unrolled too (40-96 B, two to four members: the dx kernel itself sits at
+    250-254 registers there), so sm_90 keeps the members' own dx GEMMs (launch/group.py), as
+    does sm_120 (16-24 B at 256x16x128); sm_80, sm_86 and sm_89 compile without spills
+    (GROUP_DX_TARGETS)."""
+    tl.static_assert(G >= 1 and G <= 4, "a group has 1..4 members")
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16,
+                     "tl.dot needs every dimension >= 16")
+    rows, cols, m_mask, k_mask, k0 = _dx_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    dx_ptrs = dx_ptr + cols[:, None] * stride_dxk + rows[None, :] * stride_dxm
+    dx_mask = k_mask[:, None] & m_mask[None, :]
+    acc = tl.load(dx_ptrs, mask=dx_mask, other=0.0).to(tl.float32)  # dx^T tile
+    acc = _dx_product(acc, dy_0, packed_0, absmax_0, absmax2_0, code2_0, offset_0,
+                      code_0, rows, m_mask, k0, N_0, K, stride_dym_0, 1, QBLOCK,
+                      DOUBLE_QUANT, K_ALIGNED, DOT_PRECISION, BLOCK_N, BLOCK_K, LANE_TABLE)
+    if G > 1:
+        acc = _dx_product(acc, dy_1, packed_1, absmax_1, absmax2_1, code2_1, offset_1,
+                          code_1, rows, m_mask, k0, N_1, K, stride_dym_1, 1, QBLOCK,
+                          DOUBLE_QUANT, K_ALIGNED, DOT_PRECISION, BLOCK_N, BLOCK_K, LANE_TABLE)
+    if G > 2:
+        acc = _dx_product(acc, dy_2, packed_2, absmax_2, absmax2_2, code2_2, offset_2,
+                          code_2, rows, m_mask, k0, N_2, K, stride_dym_2, 1, QBLOCK,
+                          DOUBLE_QUANT, K_ALIGNED, DOT_PRECISION, BLOCK_N, BLOCK_K, LANE_TABLE)
+    if G > 3:
+        acc = _dx_product(acc, dy_3, packed_3, absmax_3, absmax2_3, code2_3, offset_3,
+                          code_3, rows, m_mask, k0, N_3, K, stride_dym_3, 1, QBLOCK,
+                          DOUBLE_QUANT, K_ALIGNED, DOT_PRECISION, BLOCK_N, BLOCK_K, LANE_TABLE)
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
 
 
 @triton.jit
@@ -540,7 +611,8 @@ def config_list(kernel: str, arch: str, fp32: bool, precision: str,
     arch the config family ('sm_80' / 'sm_90'), target the compile target when it is one of
     sm_80's siblings (SIBLING_FIXES)."""
     ieee = fp32 and precision == "ieee"
-    configs = IEEE_CONFIGS[kernel][arch] if ieee else CONFIGS[kernel][arch, fp32]
+    name = CONFIGS_OF.get(kernel, kernel)
+    configs = IEEE_CONFIGS[name][arch] if ieee else CONFIGS[name][arch, fp32]
     return sibling_configs(SIBLING_FIXES, KERNELS[kernel].__name__, target or arch, configs,
                            fp32, ieee)
 
@@ -551,6 +623,15 @@ INTERPRETER_CONFIGS = {
     "du_db": _cfg(4, 1, BLOCK_M=32, BLOCK_N=32),
     "da": _cfg(4, 1, BLOCK_M=32, BLOCK_K=64),
 }
+# the group's dx GEMM runs the dx kernel's loop per member: it takes the dx kernel's configs
+# (compiled for it in COMPILE_SPECS; 16-bit and tf32 only: the launcher keeps fp32 'ieee'
+# groups on the per-member GEMMs)
+CONFIGS_OF = {"dx_group": "dx"}
+# the compile targets where the group's dx GEMM runs: the sm_80 family's configs compile without
+# spills there; not sm_120 (the headline 256x16x128 spilled 16-24 B at 2-4 stages) nor sm_90
+# (the kernel's docstring says why)
+GROUP_DX_TARGETS = ("sm_80", "sm_86", "sm_89")
+INTERPRETER_CONFIGS["dx_group"] = INTERPRETER_CONFIGS["dx"]
 
 
 def prune_configs(configs, m_bucket_: int, r_pad: int, k_aligned: bool = True):
@@ -575,16 +656,19 @@ _KEYS = {"dx": ["m_bucket", "N", "K", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "LO
          "du_db": ["m_bucket", "N", "R_PAD", "COMPUTE_DU", "COMPUTE_DB", "SEGMENTED",
                    "DOT_PRECISION"],
          "da": ["m_bucket", "K", "R_PAD", "COMPUTE_DA", "WRITE_DX", "HAS_DROPOUT", "SEGMENTED",
-                "DOT_PRECISION"]}
+                "DOT_PRECISION"],
+         "dx_group": ["m_bucket", "N_0", "N_1", "N_2", "N_3", "K", "G", "QBLOCK",
+                      "DOUBLE_QUANT", "K_ALIGNED", "DOT_PRECISION"]}
 KERNELS = {"dx": _nf4_lora_bwd_dx_kernel, "du_db": _lora_bwd_du_db_kernel,
-           "da": _lora_bwd_da_kernel}
+           "da": _lora_bwd_da_kernel, "dx_group": _nf4_lora_bwd_dx_group_kernel}
 # Arguments a kernel reads as well as writes, which the autotuner must restore after each
 # timed run: without LORA, dx enters _nf4_lora_bwd_dx_kernel holding the LoRA term and leaves
 # holding dx = LoRA term + dy @ deq(W); timing configs without a restore would add dy @ deq(W)
 # once per timed run (with LORA the copy is not needed, but the autotuner takes one list).
 # du_db adds into its workspace too, but after a plain store on its first row block, so
-# re-running it leaves the same result; da only stores.
-RESTORE_VALUE = {"dx": ["dx_ptr"], "du_db": [], "da": []}
+# re-running it leaves the same result; da only stores; dx_group always adds, like dx without
+# LORA.
+RESTORE_VALUE = {"dx": ["dx_ptr"], "du_db": [], "da": [], "dx_group": ["dx_ptr"]}
 
 
 def build_autotuner(kernel: str, arch: str, fp32: bool, precision: str,
@@ -604,14 +688,18 @@ def build_autotuner(kernel: str, arch: str, fp32: bool, precision: str,
 # Contiguous last dimensions have stride 1 at a launch, which Triton specialises as a constant.
 UNIT_STRIDES = {"dx": {"stride_dyn": 1, "stride_dxk": 1, "stride_dur": 1, "stride_ak": 1},
                 "du_db": {"stride_dyn": 1, "stride_ur": 1, "stride_br": 1},
-                "da": {"stride_xk": 1, "stride_dur": 1, "stride_ak": 1, "stride_dxk": 1}}
+                "da": {"stride_xk": 1, "stride_dur": 1, "stride_ak": 1, "stride_dxk": 1},
+                "dx_group": {"stride_dxk": 1}}
 # Arguments that are multiples of 16 at a real launch (CompileSpec.aligned): pointers of fresh
 # tensors, model extents (M = tokens, N and K = 4096, 14336, ...) and the strides built of them.
 ALIGNED_ARGS = ("dy_ptr", "packed_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr", "offset_ptr",
                 "code_ptr", "dx_ptr", "u_ptr", "b_ptr", "ws_du_ptr", "ws_db_ptr", "x_ptr",
-                "du_ptr", "a_ptr", "ws_ptr", "db_ptr", "da_ptr", "M", "N", "K", "stride_dym", "stride_dxm",
-                "stride_um", "stride_bn", "stride_xm", "stride_dum", "stride_ar",
-                "rows_per_split", "cols_per_group", "m_bucket")
+                "du_ptr", "a_ptr", "ws_ptr", "db_ptr", "da_ptr", "M", "N", "K", "stride_dym",
+                "stride_dxm", "stride_um", "stride_bn", "stride_xm", "stride_dum", "stride_ar",
+                "rows_per_split", "cols_per_group", "m_bucket",
+                *(f"{name}_{g}" for g in range(4) for name in (
+                    "dy", "packed", "absmax", "absmax2", "code2", "offset", "code", "N",
+                    "stride_dym")))
 
 
 def _spec(kernel, cfg, arch, act, r_pad, sig, flags, label, options=None, precision=None,
@@ -652,6 +740,28 @@ def _dx_spec(cfg, arch, act, k_aligned, precision=None, qblock=64):
                  precision, trip_flops=2 * b["BLOCK_M"] * b["BLOCK_N"] * b["BLOCK_K"],
                  ceiling_target=HEADLINE_CEILING if cfg.large_m and k_aligned and qblock == 64
                  else 0.0)
+
+
+def _dx_group_spec(cfg, arch, act, members=4):
+    """The group's dx GEMM at its worst case: four members (the loop compiled four times), K
+    aligned (the launcher's only case); a headline (large_m) config gated as the dx kernel's.
+    """
+    sig = {"dx_ptr": f"*{act}", **_ints("M", "K", "m_bucket", "stride_dxm", "stride_dxk")}
+    for g in range(4):
+        sig.update({f"dy_{g}": f"*{act}", f"packed_{g}": "*u8", f"absmax_{g}": "*u8",
+                    f"absmax2_{g}": "*fp32", f"code2_{g}": "*fp32", f"offset_{g}": "*fp32",
+                    f"code_{g}": "*fp32", **_ints(f"N_{g}", f"stride_dym_{g}")})
+    flags = {"G": members, "QBLOCK": 64, "DOUBLE_QUANT": True, "K_ALIGNED": True,
+             "LANE_TABLE": True}
+    b = cfg.kwargs
+    return _spec("dx_group", cfg, arch, act, None, sig, flags, f"{act} G={members}",
+                 {"enable_fp_fusion": False},
+                 trip_flops=2 * b["BLOCK_M"] * b["BLOCK_N"] * b["BLOCK_K"],
+                 ceiling_target=HEADLINE_CEILING if cfg.large_m else 0.0,
+                 bounded_args=BOUNDED_ARGS + tuple(
+                     f"{name}_{g}" for g in range(4)
+                     for name in ("code", "code2", "offset", "absmax2")),
+                 not_for=tuple(a for a in SM80_SIBLINGS if a not in GROUP_DX_TARGETS))
 
 
 def _du_db_spec(cfg, arch, act, precision=None, r_pad=None, target=0.0, segmented=False):
@@ -699,6 +809,11 @@ COMPILE_SPECS = sibling_specs(SIBLING_FIXES, (
      if ka or not c.large_m]
     + [_dx_spec(c, arch, "fp16", True) for (arch, fp32), configs in CONFIGS["dx"].items()
        for c in configs if c.large_m]
+    # issue 30: a group's dx GEMM on the dx kernel's sm_80 configs (16-bit and tf32), where it
+    # runs (GROUP_DX_TARGETS)
+    + [_dx_group_spec(c, arch, "fp32" if fp32 else "bf16")
+       for (arch, fp32), configs in CONFIGS["dx"].items() if arch == "sm_80"
+       for c in configs]
     # issue 11: the large_m du_db / da configs at R_PAD 16 and their largest, bf16 and fp16
     + [spec(c, arch, act, r_pad=r, target=LORA_SIDE_CEILING)
        for name, spec in (("du_db", _du_db_spec), ("da", _da_spec))

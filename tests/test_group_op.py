@@ -14,7 +14,7 @@ import torch
 import fastlora
 from fastlora.launch.group import MAX_MEMBERS, group_problem
 from fastlora.numerics import assert_close
-from helpers import (DEVICE, DTYPES, bnb_weight, group_out_grads as out_grads,
+from helpers import (DEVICE, DTYPES, bnb_weight, counting, group_out_grads as out_grads,
                      group_reference_pair, grouped, make_group_case as group_case,
                      members_one_by_one as one_by_one, run_group)
 
@@ -97,6 +97,49 @@ def test_too_large_groups_run_member_by_member(monkeypatch):
     assert len(calls) == 3
     for name in truth:
         assert_close(name, got[name], truth[name], plain[name])
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("k,per_member", [(256, False), (200, True)], ids=["k256", "k200"])
+def test_group_dx_in_one_gemm(k, per_member, monkeypatch):
+    """Issue 30: the members' dx products in one launch (_nf4_lora_bwd_dx_group_kernel, each
+    member's packed weight read in place, dx written once) where K is on the blocksize; K off
+    it (the per-element decode) runs each member's dx GEMM. dx within the bound of float64
+    truth either way (NF4 and FP4 members together: each its own code table)."""
+    monkeypatch.setenv("FASTLORA_BASE_PATH", "fused")
+    x, members = group_case(17, k, QKV, torch.bfloat16)
+    packed, state = bnb_weight(QKV[2][0], k, "fp4", 64, True, torch.bfloat16, seed=8)
+    members[2] = members[2]._replace(packed=packed, state=state)
+    dys = out_grads(members, 17)
+    truth, plain = group_reference_pair(x, members, torch.bfloat16, dys)
+    with counting(execute=True) as launched:
+        got = run_group(grouped, x, members, torch.bfloat16, dys)
+    assert launched.get("_nf4_lora_bwd_dx_group_kernel", 0) == (0 if per_member else 1)
+    assert launched.get("_nf4_lora_bwd_dx_kernel", 0) == (len(members) if per_member else 0)
+    assert_close("dx", got["dx"], truth["dx"], plain["dx"])
+
+
+@pytest.mark.parametrize("target,one_launch", [("sm_80", True), ("sm_89", True),
+                                               ("sm_90", False), ("sm_120", False)])
+def test_group_dx_only_where_it_compiles_without_spills(target, one_launch):
+    """The group's dx GEMM runs where its configs compile without spills
+    (csrc_triton/backward.py GROUP_DX_TARGETS); on sm_90 and sm_120 the members keep their own
+    dx GEMMs (launch/group._dx_group launches nothing and says so)."""
+    from fastlora.gpus import CONFIG_FAMILY
+    from fastlora.launch import group
+    from fastlora.launch.backward import Configs
+
+    x, members = group_case(17, 256, GATE_UP, torch.bfloat16)
+    x = x.to(torch.bfloat16)
+    members = [mb._replace(lora_A=mb.lora_A.to(torch.bfloat16),
+                           lora_B=mb.lora_B.to(torch.bfloat16)) for mb in members]
+    dys = [dy.to(torch.bfloat16) for dy in out_grads(members, 17)]
+    cfgs = Configs(x, None)
+    cfgs.tuned = (CONFIG_FAMILY[target], False, "ieee", target)  # as on such a GPU
+    with counting(execute=False) as launched:
+        ran = group._dx_group(cfgs, dys, members, torch.zeros_like(x))
+    assert ran is one_launch
+    assert launched == ({"_nf4_lora_bwd_dx_group_kernel": 1} if one_launch else {})
 
 
 @pytest.mark.parametrize("m", [3, 17], ids=["m3", "m17"])

@@ -72,8 +72,9 @@ class Configs:
                 self.fixed[name] = triton.Config(
                     {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")},
                     num_warps=meta.get("num_warps", 4), num_stages=meta.get("num_stages", 2))
-            elif x.device.type != "cuda":
-                self.fixed[name] = kernels.INTERPRETER_CONFIGS[name]
+        if x.device.type != "cuda":  # every kernel's, the group's dx GEMM included
+            for name, cfg in kernels.INTERPRETER_CONFIGS.items():
+                self.fixed.setdefault(name, cfg)
         # (arch, fp32, dot precision, compile target): fp32 at precision "ieee" autotunes over
         # its own spill-free list (csrc_triton.backward.IEEE_CONFIGS), cached apart from
         # tf32's; sm_80's siblings (sm_86, sm_89, sm_120) run its lists with their fixes

@@ -8,7 +8,9 @@
     group_backward(dys, x, us, members, need_dx, need_dA, need_dB) -> (dx, dAs, dBs)
         per member dU_g, dB_g (one pass over dy_g, launch/backward.py du_db); then all dA_g and
         dx's summed LoRA term in one pass over x (_lora_bwd_da_group_kernel, dx written once);
-        then dx += dy_g @ deq(W_g) per member (launch/backward.py dx_gemm)
+        then dx += sum_g dy_g @ deq(W_g) in one launch where _dx_group allows
+        (_nf4_lora_bwd_dx_group_kernel, dx written once), else per member
+        (launch/backward.py dx_gemm)
 
 `members`: fastlora.checks.GroupMember records whose state is a fastlora QuantState, whose
 dropout_p is the effective p and whose seed is an int or a fastlora.checks.DeviceSeed
@@ -27,7 +29,8 @@ import triton
 
 from ..checks import MAX_FUSED_RANK, GroupMember
 from ..reference import dropout_threshold
-from .backward import Configs, _parallelism, _parts, check_backward_args, du_db, dx_gemm
+from .backward import (Configs, _parallelism, _parts, check_backward_args, du_db, dx_gemm,
+                       m_bucket_of)
 from . import dispatch
 from .common import (LAUNCH_OPTIONS, arrival_counters, config_target, decode_flags,
                      dot_precision, kernel_entry, prepared_entry, seed_args, weight_args)
@@ -285,10 +288,45 @@ def group_backward(dys: list, x: torch.Tensor, us: list, members: list, need_dx:
         return None, None, dBs
     dx = x.new_empty(m, k) if need_dx else None
     dAs = _da_group(x, dus, members, dx, need_dA)
-    if need_dx:
+    if need_dx and not _dx_group(cfgs, dys, members, dx, base):
         for dy, member in zip(dys, members):
             dx_gemm(cfgs, dy, member.packed, member.state, dx, base=base)
     return dx, dAs, (dBs if need_dB else None)
+
+
+def _dx_group(cfgs: Configs, dys: list, members: list, dx: torch.Tensor, base=None) -> bool:
+    """dx += sum_g dy_g @ deq(W_g) in one launch (csrc_triton/backward.py
+    _nf4_lora_bwd_dx_group_kernel, issue 30), dx holding the group's LoRA term; each member's
+    packed weight read in place. False, launching nothing, where the members take dx_gemm one
+    by one: a single member, a GPU the kernel is not compiled for (csrc_triton/backward.py
+    GROUP_DX_TARGETS: sm_80, sm_86, sm_89; on sm_90 and sm_120 its headline tile spills), a
+    member whose dx product is not settled on the fused path (launch/dispatch.py; on a GPU the
+    first call of a shape times each member there), members whose decode differs (blocksize,
+    double quantisation), K not aligned to the blocksize, or fp32 at full precision (FMA
+    dots)."""
+    from csrc_triton.backward import GROUP_DX_TARGETS
+
+    m, k = dx.shape
+    ns = [mb.lora_B.shape[0] for mb in members]
+    if len(members) < 2 or (cfgs.tuned is not None and cfgs.tuned[3] not in GROUP_DX_TARGETS):
+        return False
+    if any(dispatch.settled("dx", dx.device, dx.dtype, n=n, k=k, m=m, base=base) != "fused"
+           for n in ns):
+        return False
+    flags = [decode_flags(mb.packed, mb.state, k) for mb in members]
+    precision = dot_precision(dx.dtype)
+    if any(f != flags[0] for f in flags[1:]) or not flags[0]["K_ALIGNED"] \
+            or precision == "ieee":  # the compiled and checked cases (backward.COMPILE_SPECS)
+        return False
+    dys = [dy if dy.stride(1) == 1 else dy.contiguous() for dy in dys]  # rows contiguous
+    slots = _slot_args([(dy, *weight_args(mb.packed, mb.state), n, dy.stride(0))
+                        for dy, mb, n in zip(dys, members, ns)])
+    cfgs.launch("dx_group", lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) *
+                                          triton.cdiv(k, meta["BLOCK_K"]),),
+                (dx, m, k, m_bucket_of(m), dx.stride(0), dx.stride(1),
+                 *[a for slot in slots for a in slot]),
+                dict(**flags[0], G=len(members), DOT_PRECISION=precision), LAUNCH_OPTIONS)
+    return True
 
 
 def _da_group(x, dus, members, dx, need_dA):
