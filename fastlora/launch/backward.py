@@ -2,12 +2,12 @@
 
     dU = s * dy @ B      dB = s * dy^T @ U      (one pass over dy, _lora_bwd_du_db_kernel)
     dA = dU^T @ dropout(x)                          (one pass over x, _lora_bwd_da_kernel)
-    dx = dropout'(dU @ A) + dy @ deq(W)             (W read packed, dx written once,
-                                                     _nf4_lora_bwd_dx_kernel)
+    dx = dropout'(dU @ A) + dy @ deq(W)             (W read packed, _nf4_lora_bwd_dx_kernel)
 
-in that order (each step needs the one before): three launches. Where the dispatcher gives
-dx's base product to dequantize + cuBLAS, the dA kernel writes dx's LoRA term and cuBLAS adds
-dy @ deq(W) to it. Sums over M (dB, dA) and over
+in that order (each step needs the one before): three launches. dx's LoRA term is made in the
+dx GEMM for 16-bit activations without dropout and K on the blocksize (dx written once); else
+the dA kernel writes it and the dx GEMM, or dequantize + cuBLAS where the dispatcher gives dx's
+base product to them, adds dy @ deq(W) to it (dx_and_da). Sums over M (dB, dA) and over
 N (dU) are cut into a fixed number of parts whose fp32 partials are added in a fixed order by
 the last program of each tile to finish, inside the same launch (csrc_triton/common.py
 last_to_arrive, with counters from common.arrival_counters): same inputs, same config ->
@@ -241,8 +241,9 @@ def da(cfgs: Configs, x, du, lora_A, p: float, seed, dx, need_dA: bool, segments
 def dx_and_da(cfgs: Configs, dy, x, du, lora_A, p: float, seed, packed, state, need_dx: bool,
               need_dA: bool, *, base=None, pinned: bool = False, segments=None):
     """(dx or None, dA or None) from dU (du_db's): dx's LoRA term is made inside the fused dx
-    GEMM for 16-bit activations without dropout and with K on the blocksize (csrc_triton/backward.py says why only
-    there), else written by the dA kernel, which then runs even when dA is not wanted.
+    GEMM for 16-bit activations without dropout and with K on the blocksize
+    (csrc_triton/backward.py says why only there), else written by the dA kernel, which then
+    runs even when dA is not wanted.
     segments: a mixed batch's (launch/mixed.py; dU already masked and scaled per row, so
     without dropout its term is dU @ A_cat as well)."""
     m, k = x.shape
@@ -299,8 +300,8 @@ def dx_path(cfgs: Configs, dy, packed, state, dx, lora: Optional[LoraTerm], *, b
 
 
 def dx_gemm(cfgs: Configs, dy, packed, state, dx, *, base=None, pinned: bool = False) -> None:
-    """dx += dy @ deq(W), dx holding a LoRA term on entry (a group's or a mixed batch's sum,
-    DoRA's): the fused GEMM or dequantize + cuBLAS (launch/dispatch.py; `base` as in
+    """dx += dy @ deq(W), dx holding a LoRA term on entry (a group's sum, a wide mixed batch's,
+    DoRA's with dropout): the fused GEMM or dequantize + cuBLAS (launch/dispatch.py; `base` as in
     lora_forward, pinned: a "dx" config was given)."""
     m, n = dy.shape
     dispatch.run("dx", dx, lambda out: _dx_launch(cfgs, dy, packed, state, out),

@@ -152,6 +152,18 @@ def _members_take_gemv(x: torch.Tensor, members: list) -> bool:
         gemv_ready(decode_flags(mb.packed, mb.state, k), mb.dropout_p) for mb in members)
 
 
+def _shared_decode(members: list, k: int, dtype: torch.dtype) -> dict | None:
+    """The decoder constexprs (launch/common.decode_flags) every member shares, for a kernel
+    that runs all members in one launch; None where it cannot: members whose decode differs
+    (blocksize, double quantisation), K not aligned to the blocksize, or fp32 at full
+    precision (FMA dots), none of which the group kernels are compiled for."""
+    flags = [decode_flags(mb.packed, mb.state, k) for mb in members]
+    if any(f != flags[0] for f in flags[1:]) or not flags[0]["K_ALIGNED"] \
+            or dot_precision(dtype) == "ieee":
+        return None
+    return flags[0]
+
+
 def _group_gemm(x: torch.Tensor, members: list, base=None):
     """The members' M <= 16 products in one launch (csrc_triton/small_m.py
     _nf4_lora_fwd_small_m_group_kernel: their split-K GEMMs side by side, issue 29), prepared
@@ -168,21 +180,18 @@ def _group_gemm(x: torch.Tensor, members: list, base=None):
                              kernel="small_m") != "fused"
             for n in ns):
         return None
-    flags = [decode_flags(mb.packed, mb.state, k) for mb in members]
+    decode = _shared_decode(members, k, x.dtype)  # small_m.COMPILE_SPECS' cases
+    if decode is None or len({mb.state.quant_type for mb in members}) > 1:  # one code table
+        return None
     precision = dot_precision(x.dtype)
-    if any(f != flags[0] for f in flags[1:]) or not flags[0]["K_ALIGNED"] \
-            or precision == "ieee":  # the compiled and checked cases (small_m.COMPILE_SPECS)
-        return None
-    if len({mb.state.quant_type for mb in members}) > 1:  # the kernel takes one code table
-        return None
     sm = _small_m_kernels()
     ranks = [mb.lora_A.shape[0] for mb in members]
-    consts = {**flags[0], "PRECISION": precision, "G": len(members),
+    consts = {**decode, "PRECISION": precision, "G": len(members),
               "BLOCK_R": max(_forward_kernels().rank_block(r) for r in ranks),
               "BLOCK_M": sm.BLOCK_M, **LAUNCH_OPTIONS,
               **{f"HAS_BIAS{g}": mb.bias is not None
                  for g, mb in enumerate(_slot_args(members))}}
-    kernel, meta, k_per_split, n_slices = small_m_plan(x.device, x.dtype, flags[0], m, sum(ns),
+    kernel, meta, k_per_split, n_slices = small_m_plan(x.device, x.dtype, decode, m, sum(ns),
                                                        k, group=True)
     consts.update(meta)
     consts["SPLIT"] = split = n_slices > 1
@@ -313,10 +322,8 @@ def _dx_group(cfgs: Configs, dys: list, members: list, dx: torch.Tensor, base=No
     if any(dispatch.settled("dx", dx.device, dx.dtype, n=n, k=k, m=m, base=base) != "fused"
            for n in ns):
         return False
-    flags = [decode_flags(mb.packed, mb.state, k) for mb in members]
-    precision = dot_precision(dx.dtype)
-    if any(f != flags[0] for f in flags[1:]) or not flags[0]["K_ALIGNED"] \
-            or precision == "ieee":  # the compiled and checked cases (backward.COMPILE_SPECS)
+    decode = _shared_decode(members, k, dx.dtype)  # backward.COMPILE_SPECS' cases
+    if decode is None:
         return False
     dys = [dy if dy.stride(1) == 1 else dy.contiguous() for dy in dys]  # rows contiguous
     slots = _slot_args([(dy, *weight_args(mb.packed, mb.state), n, dy.stride(0))
@@ -325,7 +332,8 @@ def _dx_group(cfgs: Configs, dys: list, members: list, dx: torch.Tensor, base=No
                                           triton.cdiv(k, meta["BLOCK_K"]),),
                 (dx, m, k, m_bucket_of(m), dx.stride(0), dx.stride(1),
                  *[a for slot in slots for a in slot]),
-                dict(**flags[0], G=len(members), DOT_PRECISION=precision), LAUNCH_OPTIONS)
+                dict(**decode, G=len(members), DOT_PRECISION=dot_precision(dx.dtype)),
+                LAUNCH_OPTIONS)
     return True
 
 
