@@ -61,14 +61,14 @@ def _nf4_lora_fwd_small_m_kernel(x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, cod
 
 @triton.jit
 def _nf4_lora_fwd_small_m_group_kernel(
-        x_ptr, code_ptr, ws_ptr, counter_ptr, M, K, k_per_split, stride_xm, stride_xk,
-        packed0, absmax0, absmax2_0, code2_0, offset0, u0, b0, bias0, y0, N0, R0,
+        x_ptr, ws_ptr, counter_ptr, M, K, k_per_split, stride_xm, stride_xk,
+        packed0, absmax0, absmax2_0, code2_0, offset0, table0, u0, b0, bias0, y0, N0, R0,
         stride_um0, stride_ur0, stride_bn0, stride_br0, stride_ym0, stride_yn0, scaling0,
-        packed1, absmax1, absmax2_1, code2_1, offset1, u1, b1, bias1, y1, N1, R1,
+        packed1, absmax1, absmax2_1, code2_1, offset1, table1, u1, b1, bias1, y1, N1, R1,
         stride_um1, stride_ur1, stride_bn1, stride_br1, stride_ym1, stride_yn1, scaling1,
-        packed2, absmax2, absmax2_2, code2_2, offset2, u2, b2, bias2, y2, N2, R2,
+        packed2, absmax2, absmax2_2, code2_2, offset2, table2, u2, b2, bias2, y2, N2, R2,
         stride_um2, stride_ur2, stride_bn2, stride_br2, stride_ym2, stride_yn2, scaling2,
-        packed3, absmax3, absmax2_3, code2_3, offset3, u3, b3, bias3, y3, N3, R3,
+        packed3, absmax3, absmax2_3, code2_3, offset3, table3, u3, b3, bias3, y3, N3, R3,
         stride_um3, stride_ur3, stride_bn3, stride_br3, stride_ym3, stride_yn3, scaling3,
         G: tl.constexpr, QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
         K_ALIGNED: tl.constexpr, HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr,
@@ -79,28 +79,28 @@ def _nf4_lora_fwd_small_m_group_kernel(
     group, issue 29) in one launch: the members' N tiles side by side along program axis 0
     (member g's tiles after members 0..g-1's), each program running what
     _nf4_lora_fwd_small_m_kernel's program runs for its member's tile, on that member's
-    weight, U, B, bias and y (same K, quantisation blocksize and double quantisation; BLOCK_R
-    covers the largest rank). ws_ptr fp32 [n_slices, M, N0 + .. + N{G-1}]: member g's
-    partials in its own [n_slices, M, Ng] block after the blocks before it; counter_ptr
-    int32, one per tile of the whole grid. Slots past G repeat slot 0's arguments (unread)."""
+    weight, code table (NF4 or FP4: table_g, each member its own), U, B, bias and y (same K,
+    quantisation blocksize and double quantisation; BLOCK_R covers the largest rank).
+    ws_ptr fp32 [n_slices, M, N0 + .. + N{G-1}]: member g's partials in its own
+    [n_slices, M, Ng] block after the blocks before it; counter_ptr int32, one per tile of the
+    whole grid. Slots past G repeat slot 0's arguments (unread)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     n_slices = tl.num_programs(1)
-    table = lane_table(code_ptr, LANE_TABLE)
     t1 = tl.cdiv(N0, BLOCK_N)
     t2 = t1 + tl.cdiv(N1, BLOCK_N)
     t3 = t2 + tl.cdiv(N2, BLOCK_N)
     slice_rows = n_slices * M  # rows of one member's workspace block, per column
     if pid < t1:
         _small_m_tile(pid, pid_k, n_slices, x_ptr, packed0, absmax0, absmax2_0, code2_0,
-                      offset0, table, u0, b0, bias0, y0, ws_ptr, counter_ptr, M, N0, K, R0,
-                      k_per_split, stride_xm, stride_xk, stride_um0, stride_ur0, stride_bn0,
-                      stride_br0, stride_ym0, stride_yn0, scaling0, QBLOCK, DOUBLE_QUANT,
-                      K_ALIGNED, HAS_BIAS0, PRECISION, BLOCK_R, SPLIT, BLOCK_M, BLOCK_N,
-                      BLOCK_K, LANE_TABLE)
+                      offset0, lane_table(table0, LANE_TABLE), u0, b0, bias0, y0, ws_ptr,
+                      counter_ptr, M, N0, K, R0, k_per_split, stride_xm, stride_xk,
+                      stride_um0, stride_ur0, stride_bn0, stride_br0, stride_ym0, stride_yn0,
+                      scaling0, QBLOCK, DOUBLE_QUANT, K_ALIGNED, HAS_BIAS0, PRECISION,
+                      BLOCK_R, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, LANE_TABLE)
     elif pid < t2:
         _small_m_tile(pid - t1, pid_k, n_slices, x_ptr, packed1, absmax1, absmax2_1, code2_1,
-                      offset1, table, u1, b1, bias1, y1,
+                      offset1, lane_table(table1, LANE_TABLE), u1, b1, bias1, y1,
                       ws_ptr + slice_rows.to(tl.int64) * N0, counter_ptr + t1, M, N1, K, R1,
                       k_per_split, stride_xm, stride_xk, stride_um1, stride_ur1, stride_bn1,
                       stride_br1, stride_ym1, stride_yn1, scaling1, QBLOCK, DOUBLE_QUANT,
@@ -110,7 +110,8 @@ def _nf4_lora_fwd_small_m_group_kernel(
         if G > 2:
             if pid < t3:
                 _small_m_tile(pid - t2, pid_k, n_slices, x_ptr, packed2, absmax2, absmax2_2,
-                              code2_2, offset2, table, u2, b2, bias2, y2,
+                              code2_2, offset2, lane_table(table2, LANE_TABLE), u2, b2,
+                              bias2, y2,
                               ws_ptr + slice_rows.to(tl.int64) * (N0 + N1), counter_ptr + t2,
                               M, N2, K, R2, k_per_split, stride_xm, stride_xk, stride_um2,
                               stride_ur2, stride_bn2, stride_br2, stride_ym2, stride_yn2,
@@ -119,7 +120,8 @@ def _nf4_lora_fwd_small_m_group_kernel(
             else:
                 if G > 3:
                     _small_m_tile(pid - t3, pid_k, n_slices, x_ptr, packed3, absmax3,
-                                  absmax2_3, code2_3, offset3, table, u3, b3, bias3, y3,
+                                  absmax2_3, code2_3, offset3,
+                                  lane_table(table3, LANE_TABLE), u3, b3, bias3, y3,
                                   ws_ptr + slice_rows.to(tl.int64) * (N0 + N1 + N2),
                                   counter_ptr + t3, M, N3, K, R3, k_per_split, stride_xm,
                                   stride_xk, stride_um3, stride_ur3, stride_bn3, stride_br3,
@@ -303,13 +305,14 @@ def _group_spec(cfg, dtype, split, members=3, target=0.0):
     biases, padded rank 64, precision tf32: the group GEMM's only case, launch/group.py)."""
     from .forward import ALIGNED_ARGS
 
-    sig = {"x_ptr": f"*{dtype}", "code_ptr": "*fp32", "ws_ptr": "*fp32", "counter_ptr": "*i32",
+    sig = {"x_ptr": f"*{dtype}", "ws_ptr": "*fp32", "counter_ptr": "*i32",
            "M": "i32", "K": "i32", "k_per_split": "i32", "stride_xm": "i32"}
     units = {"stride_xk": 1}
     aligned = [name for name in ALIGNED_ARGS if name in sig]
     for g in range(4):
         member = {f"packed{g}": "*u8", f"absmax{g}": "*u8", f"absmax2_{g}": "*fp32",
-                  f"code2_{g}": "*fp32", f"offset{g}": "*fp32", f"u{g}": f"*{dtype}",
+                  f"code2_{g}": "*fp32", f"offset{g}": "*fp32", f"table{g}": "*fp32",
+                  f"u{g}": f"*{dtype}",
                   f"b{g}": f"*{dtype}", f"bias{g}": f"*{dtype}", f"y{g}": f"*{dtype}",
                   f"N{g}": "i32", f"R{g}": "i32", f"stride_um{g}": "i32",
                   f"stride_bn{g}": "i32", f"stride_ym{g}": "i32", f"scaling{g}": "fp32"}
@@ -328,7 +331,8 @@ def _group_spec(cfg, dtype, split, members=3, target=0.0):
                        options={"enable_fp_fusion": False}, aligned=tuple(aligned),
                        bounded_args=BOUNDED_ARGS + tuple(
                            f"{name}{g}" for g in range(4)
-                           for name in ("bias", "b", "code2_", "offset", "absmax2_")),
+                           for name in ("bias", "b", "code2_", "offset", "absmax2_",
+                                        "table")),
                        trip_bytes=cfg["BLOCK_N"] * cfg["BLOCK_K"] // 2, ceiling_target=target)
 
 

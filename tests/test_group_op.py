@@ -145,8 +145,8 @@ def test_group_dx_only_where_it_compiles_without_spills(target, one_launch):
 @pytest.mark.parametrize("m", [3, 17], ids=["m3", "m17"])
 def test_members_of_both_4bit_types(m, monkeypatch):
     """An NF4 and an FP4 member in one group: each decoded with its own code table. At M <= 16
-    the members' GEMMs share one launch whose kernel takes one code table, so such a group
-    runs them one by one (M = 3: it decoded the FP4 member with NF4's table before)."""
+    the members' GEMMs share one launch, each slot with its own table (M = 3: the kernel
+    once took slot 0's table for all, and decoded the FP4 member with NF4's)."""
     monkeypatch.setenv("FASTLORA_BASE_PATH", "fused")
     x, members = group_case(m, 256, QKV, torch.bfloat16)
     packed, state = bnb_weight(QKV[1][0], 256, "fp4", 64, True, torch.bfloat16, seed=9)
@@ -154,7 +154,10 @@ def test_members_of_both_4bit_types(m, monkeypatch):
     assert {mb.state.quant_type for mb in members} == {"nf4", "fp4"}
     dys = out_grads(members, m)
     truth, plain = group_reference_pair(x, members, torch.bfloat16, dys)
-    got = run_group(grouped, x, members, torch.bfloat16, dys)
+    with counting(execute=True) as launches:
+        got = run_group(grouped, x, members, torch.bfloat16, dys)
+    group_gemms = launches["_nf4_lora_fwd_small_m_group_kernel"]
+    assert group_gemms == (1 if m <= 16 else 0), launches
     for name in truth:
         assert_close(name, got[name], truth[name], plain[name])
 

@@ -170,9 +170,9 @@ def _group_gemm(x: torch.Tensor, members: list, base=None):
     for x's shape: a callable (x2, us) -> [y_g]. None where they take forward_with_u one by
     one: a single member, M outside 1..16, a member whose base product is not settled on the
     fused path (launch/dispatch.py; on a GPU the first call of a shape times each member
-    there), members whose decode differs (blocksize, double quantisation, K alignment, NF4 and
-    FP4 members together), K not aligned to the blocksize, or fp32 at full precision (FMA
-    dots)."""
+    there), members whose decode differs (blocksize, double quantisation), K not aligned to
+    the blocksize, or fp32 at full precision (FMA dots). NF4 and FP4 members share a launch:
+    each slot takes its own code table."""
     m, k = x.shape
     ns = [mb.lora_B.shape[0] for mb in members]
     if len(members) < 2 or not 0 < m <= SMALL_M_MAX or any(
@@ -181,7 +181,7 @@ def _group_gemm(x: torch.Tensor, members: list, base=None):
             for n in ns):
         return None
     decode = _shared_decode(members, k, x.dtype)  # small_m.COMPILE_SPECS' cases
-    if decode is None or len({mb.state.quant_type for mb in members}) > 1:  # one code table
+    if decode is None:
         return None
     precision = dot_precision(x.dtype)
     sm = _small_m_kernels()
@@ -201,7 +201,6 @@ def _group_gemm(x: torch.Tensor, members: list, base=None):
                                    n_slices)]
     weights = [weight_args(mb.packed, mb.state) for mb in members]
     biases = [mb.bias.contiguous() if mb.bias is not None else None for mb in members]
-    code = weights[0][5]
     device, dtype = x.device, x.dtype
 
     def run(x2, us):
@@ -210,11 +209,11 @@ def _group_gemm(x: torch.Tensor, members: list, base=None):
             if split else ys[0]
         counters = arrival_counters(device, n_counters) if split else ws
         slots = _slot_args([
-            (*w[:5], u, mb.lora_B, bias if bias is not None else y, y, n, r, u.stride(0),
+            (*w, u, mb.lora_B, bias if bias is not None else y, y, n, r, u.stride(0),
              u.stride(1), mb.lora_B.stride(0), mb.lora_B.stride(1), y.stride(0), y.stride(1),
              float(mb.scaling))
             for w, u, mb, bias, y, n, r in zip(weights, us, members, biases, ys, ns, ranks)])
-        launch(x2, code, ws, counters, m, k, k_per_split, x2.stride(0), x2.stride(1),
+        launch(x2, ws, counters, m, k, k_per_split, x2.stride(0), x2.stride(1),
                *[a for slot in slots for a in slot], **consts)
         return ys
     return run
