@@ -8,9 +8,11 @@ this order (each needs the one before):
     _nf4_lora_bwd_dx_kernel  dx = dU @ A + dy @ deq(W) (LORA), or dx += dy @ deq(W); W read
                              packed and decoded tile by tile: no [N, K] buffer.
 
-A group of layers reading one x (csrc_triton/group.py; launch/group.py) runs its members' dx
-products in one launch, _nf4_lora_bwd_dx_group_kernel: the dx kernel's loop over N once per
-member, on that member's dy and packed weight, into one accumulator; dx written once.
+A group of layers reading one x (csrc_triton/group.py; launch/group.py) runs its members' dU
+and dB in one launch, _lora_bwd_du_db_group_kernel (the members' column groups side by side,
+each program du_db's program for its member), and its members' dx products in one launch,
+_nf4_lora_bwd_dx_group_kernel: the dx kernel's loop over N once per member, on that member's
+dy and packed weight, into one accumulator; dx written once.
 
 Where dx's LoRA term is made (issue 30): for 16-bit activations without dropout and with
 K % blocksize == 0, the dx GEMM makes dU @ A before its loop over N, over the rank in chunks
@@ -102,38 +104,15 @@ def _finish_cols(ws_ptr, out_ptr, counter_ptr, parts, k0, K, R, R_PAD: tl.conste
 
 
 @triton.jit
-def _lora_bwd_du_db_kernel(dy_ptr, u_ptr, b_ptr, ws_du_ptr, ws_db_ptr, du_ptr, db_ptr,
-                           counter_ptr, M, N, R, rows_per_split, cols_per_group, m_bucket,
-                           scaling,
-                           stride_dym, stride_dyn, stride_um, stride_ur, stride_bn, stride_br,
-                           row_seg_ptr, col_seg_ptr, col_scale_ptr,
-                           COMPUTE_DU: tl.constexpr, COMPUTE_DB: tl.constexpr,
-                           SEGMENTED: tl.constexpr,
-                           R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dU = s * dy @ B and dB = s * dy^T @ U, over a grid of (row split, column group) programs.
-
-    dy_ptr  fp16/bf16/fp32 [M, N]      u_ptr [M, R], b_ptr [N, R], both in dy's dtype
-    ws_du_ptr fp32 [G, M, R]  ws_du[g] = dy[:, cols of group g] @ B[cols of group g]
-    ws_db_ptr fp32 [S, N, R]  ws_db[s] = dy[rows of split s]^T @ U[rows of split s]
-    du_ptr [M, R] in dy's dtype, db_ptr [N, R] in B's dtype (contiguous): the results
-    counter_ptr int32 [S + G], zero: arrivals per row split (dU), then per column group (dB)
-    Program (s, g) walks its rows block by block (outer) and its columns (inner): the dU tile
-    stays in registers across the inner loop; the dB tile of each column block is added into
-    ws_db[s], which only this program touches, in row order (first row block: plain store).
-    Then the last of split s's G programs to finish adds ws_du[0..G-1] over the split's rows
-    into dU, and the last of group g's S programs adds ws_db[0..S-1] over the group's columns
-    into dB (common.last_to_arrive, common.sum_parts: fixed order, so deterministic; no
-    reduction launch). m_bucket: unused here, part of the autotune key.
-    SEGMENTED (a mixed batch, fastlora/launch/mixed.py): B holds several adapters side by side
-    and ws_du[g][m, r] is kept (times col_scale[r]) only where column r is row m's adapter's
-    (csrc_triton.common.segment_factor; row_seg_ptr int32 [M], col_seg_ptr int32 [R],
-    col_scale_ptr fp32 [R]); U arrives already masked and scaled, so dB needs nothing more.
-    """
-    tl.static_assert(R_PAD >= 16, "tl.dot needs every dimension >= 16: pad the rank")
-    tl.static_assert(BLOCK_M >= 16, "BLOCK_M is dU's dot M and dB's dot K: >= 16")
-    pid_s = tl.program_id(0)
-    pid_g = tl.program_id(1)
+def _du_db_program(pid_s, pid_g, dy_ptr, u_ptr, b_ptr, ws_du_ptr, ws_db_ptr, du_ptr, db_ptr,
+                   counter_ptr, M, N, R, rows_per_split, cols_per_group, scaling, stride_dym,
+                   stride_dyn, stride_um, stride_ur, stride_bn, stride_br, row_seg_ptr,
+                   col_seg_ptr, col_scale_ptr, COMPUTE_DU: tl.constexpr,
+                   COMPUTE_DB: tl.constexpr, SEGMENTED: tl.constexpr, R_PAD: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (row split pid_s, column group pid_g) of one layer's dU / dB
+    (_lora_bwd_du_db_kernel's docstring says the arguments): counter_ptr holds the layer's
+    S + G arrival counters."""
     row_start = pid_s * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, M)
     col_start = pid_g * cols_per_group
@@ -181,6 +160,109 @@ def _lora_bwd_du_db_kernel(dy_ptr, u_ptr, b_ptr, ws_du_ptr, ws_db_ptr, du_ptr, d
     if COMPUTE_DB:  # dB columns of group g: the S row splits' partials
         _finish_rows(ws_db_ptr, db_ptr, counter_ptr + num_splits + pid_g, num_splits, N * R,
                      col_start, col_end, R, scaling, R_PAD)
+
+
+@triton.jit
+def _lora_bwd_du_db_kernel(dy_ptr, u_ptr, b_ptr, ws_du_ptr, ws_db_ptr, du_ptr, db_ptr,
+                           counter_ptr, M, N, R, rows_per_split, cols_per_group, m_bucket,
+                           scaling,
+                           stride_dym, stride_dyn, stride_um, stride_ur, stride_bn, stride_br,
+                           row_seg_ptr, col_seg_ptr, col_scale_ptr,
+                           COMPUTE_DU: tl.constexpr, COMPUTE_DB: tl.constexpr,
+                           SEGMENTED: tl.constexpr,
+                           R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dU = s * dy @ B and dB = s * dy^T @ U, over a grid of (row split, column group) programs.
+
+    dy_ptr  fp16/bf16/fp32 [M, N]      u_ptr [M, R], b_ptr [N, R], both in dy's dtype
+    ws_du_ptr fp32 [G, M, R]  ws_du[g] = dy[:, cols of group g] @ B[cols of group g]
+    ws_db_ptr fp32 [S, N, R]  ws_db[s] = dy[rows of split s]^T @ U[rows of split s]
+    du_ptr [M, R] in dy's dtype, db_ptr [N, R] in B's dtype (contiguous): the results
+    counter_ptr int32 [S + G], zero: arrivals per row split (dU), then per column group (dB)
+    Program (s, g) walks its rows block by block (outer) and its columns (inner): the dU tile
+    stays in registers across the inner loop; the dB tile of each column block is added into
+    ws_db[s], which only this program touches, in row order (first row block: plain store).
+    Then the last of split s's G programs to finish adds ws_du[0..G-1] over the split's rows
+    into dU, and the last of group g's S programs adds ws_db[0..S-1] over the group's columns
+    into dB (common.last_to_arrive, common.sum_parts: fixed order, so deterministic; no
+    reduction launch). m_bucket: unused here, part of the autotune key.
+    SEGMENTED (a mixed batch, fastlora/launch/mixed.py): B holds several adapters side by side
+    and ws_du[g][m, r] is kept (times col_scale[r]) only where column r is row m's adapter's
+    (csrc_triton.common.segment_factor; row_seg_ptr int32 [M], col_seg_ptr int32 [R],
+    col_scale_ptr fp32 [R]); U arrives already masked and scaled, so dB needs nothing more.
+    """
+    tl.static_assert(R_PAD >= 16, "tl.dot needs every dimension >= 16: pad the rank")
+    tl.static_assert(BLOCK_M >= 16, "BLOCK_M is dU's dot M and dB's dot K: >= 16")
+    _du_db_program(tl.program_id(0), tl.program_id(1), dy_ptr, u_ptr, b_ptr, ws_du_ptr,
+                   ws_db_ptr, du_ptr, db_ptr, counter_ptr, M, N, R, rows_per_split,
+                   cols_per_group, scaling, stride_dym, stride_dyn, stride_um, stride_ur,
+                   stride_bn, stride_br, row_seg_ptr, col_seg_ptr, col_scale_ptr, COMPUTE_DU,
+                   COMPUTE_DB, SEGMENTED, R_PAD, DOT_PRECISION, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _lora_bwd_du_db_group_kernel(
+        M, rows_per_split, cols_per_group, m_bucket,
+        dy_0, u_0, b_0, ws_du_0, ws_db_0, du_0, db_0, N_0, R_0, scaling_0, stride_dym_0,
+        stride_dyn_0, stride_um_0, stride_bn_0, stride_br_0,
+        dy_1, u_1, b_1, ws_du_1, ws_db_1, du_1, db_1, N_1, R_1, scaling_1, stride_dym_1,
+        stride_dyn_1, stride_um_1, stride_bn_1, stride_br_1,
+        dy_2, u_2, b_2, ws_du_2, ws_db_2, du_2, db_2, N_2, R_2, scaling_2, stride_dym_2,
+        stride_dyn_2, stride_um_2, stride_bn_2, stride_br_2,
+        dy_3, u_3, b_3, ws_du_3, ws_db_3, du_3, db_3, N_3, R_3, scaling_3, stride_dym_3,
+        stride_dyn_3, stride_um_3, stride_bn_3, stride_br_3,
+        counter_ptr, G: tl.constexpr, COMPUTE_DU: tl.constexpr, COMPUTE_DB: tl.constexpr,
+        R_PAD_0: tl.constexpr, R_PAD_1: tl.constexpr, R_PAD_2: tl.constexpr,
+        R_PAD_3: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr):
+    """dU_g = s_g * dy_g @ B_g and dB_g = s_g * dy_g^T @ U_g for a group of G (2..4) members
+    (a q/k/v or gate/up group, issue 30) in one launch: the members' column groups side by
+    side along program axis 1 (member g's after members 0..g-1's, each member's N_g cut into
+    cdiv(N_g, cols_per_group) of them), each program running _lora_bwd_du_db_kernel's program
+    on its member's dy_g [M, N_g], U_g [M, R_g] (rows contiguous), B_g [N_g, R_g] and
+    workspaces ws_du_g fp32 [cdiv(N_g, cols_per_group), M, R_g], ws_db_g fp32 [S, N_g, R_g],
+    into dU_g [M, R_g] and dB_g [N_g, R_g] (contiguous). counter_ptr int32, zero: member g's
+    S + cdiv(N_g, cols_per_group) arrival counters after members 0..g-1's. One member's code
+    runs per program (a runtime branch; registers: CONFIGS["du_db_group"] says which tiles
+    fit); slots past G repeat slot 0's arguments (compiled out). m_bucket: unused, part of the autotune
+    key. No SEGMENTED form (a mixed batch is one layer)."""
+    tl.static_assert(G >= 1 and G <= 4, "a group has 1..4 members")
+    tl.static_assert(BLOCK_M >= 16, "BLOCK_M is dU's dot M and dB's dot K: >= 16")
+    pid_s = tl.program_id(0)
+    pid = tl.program_id(1)
+    num_splits = tl.cdiv(M, rows_per_split)
+    t1 = tl.cdiv(N_0, cols_per_group)
+    t2 = t1 + tl.cdiv(N_1, cols_per_group)
+    t3 = t2 + tl.cdiv(N_2, cols_per_group)
+    if pid < t1:
+        _du_db_program(pid_s, pid, dy_0, u_0, b_0, ws_du_0, ws_db_0, du_0, db_0, counter_ptr,
+                       M, N_0, R_0, rows_per_split, cols_per_group, scaling_0, stride_dym_0,
+                       stride_dyn_0, stride_um_0, 1, stride_bn_0, stride_br_0, counter_ptr,
+                       counter_ptr, ws_du_0, COMPUTE_DU, COMPUTE_DB, False, R_PAD_0,
+                       DOT_PRECISION, BLOCK_M, BLOCK_N)
+    elif pid < t2:
+        _du_db_program(pid_s, pid - t1, dy_1, u_1, b_1, ws_du_1, ws_db_1, du_1, db_1,
+                       counter_ptr + num_splits + t1, M, N_1, R_1, rows_per_split,
+                       cols_per_group, scaling_1, stride_dym_1, stride_dyn_1, stride_um_1, 1,
+                       stride_bn_1, stride_br_1, counter_ptr, counter_ptr, ws_du_1, COMPUTE_DU,
+                       COMPUTE_DB, False, R_PAD_1, DOT_PRECISION, BLOCK_M, BLOCK_N)
+    else:
+        if G > 2:
+            if pid < t3:
+                _du_db_program(pid_s, pid - t2, dy_2, u_2, b_2, ws_du_2, ws_db_2, du_2, db_2,
+                               counter_ptr + 2 * num_splits + t2, M, N_2, R_2, rows_per_split,
+                               cols_per_group, scaling_2, stride_dym_2, stride_dyn_2,
+                               stride_um_2, 1, stride_bn_2, stride_br_2, counter_ptr,
+                               counter_ptr, ws_du_2, COMPUTE_DU, COMPUTE_DB, False, R_PAD_2,
+                               DOT_PRECISION, BLOCK_M, BLOCK_N)
+            else:
+                if G > 3:
+                    _du_db_program(pid_s, pid - t3, dy_3, u_3, b_3, ws_du_3, ws_db_3, du_3,
+                                   db_3, counter_ptr + 3 * num_splits + t3, M, N_3, R_3,
+                                   rows_per_split, cols_per_group, scaling_3, stride_dym_3,
+                                   stride_dyn_3, stride_um_3, 1, stride_bn_3, stride_br_3,
+                                   counter_ptr, counter_ptr, ws_du_3, COMPUTE_DU, COMPUTE_DB,
+                                   False, R_PAD_3, DOT_PRECISION, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -634,6 +716,23 @@ CONFIGS_OF = {"dx_group": "dx"}
 # (the kernel's docstring says why)
 GROUP_DX_TARGETS = ("sm_80", "sm_86", "sm_89")
 INTERPRETER_CONFIGS["dx_group"] = INTERPRETER_CONFIGS["dx"]
+INTERPRETER_CONFIGS["du_db_group"] = INTERPRETER_CONFIGS["du_db"]
+# A group's dU/dB pass (issue 30) runs du_db's program per member: du_db's 16-bit configs (the
+# launcher keeps fp32 groups on each member's du_db), compiled for 2, 3 and 4 members at their
+# largest padded ranks (64 + 64, 64 + 32 + 32, 64 + 16 + 16 + 16), without those that spilled
+# there on a Triton release 3.5-3.9: on sm_80's family 64x64 w4 s3 (80 B on sm_80 at 64 + 64),
+# 32x32 w8 s2 (8-24 B on sm_80, sm_86 and sm_120), 16x32 w4 s2 (8 B on sm_86) and 32x64 w4 s3
+# (16 B on sm_86 / sm_89); on sm_90 32x32 w8 s2 (8-24 B on 3.5-3.7) and 16x32 w4 s2 (16 B).
+# ptxas held several of them at 128 registers, where du_db alone takes 150-255, with or
+# without the sums' noinline calls (and with each member's program a noinline function of its
+# own). fp32 (tf32) tiles spilled 8-56 B on one release or another (sm_90 64x64 w4 and
+# 32x64 w4, sm_80 16x32 w4 and 16x16 w8).
+_GROUP_SPILLED = {"sm_80": {(64, 64, 4), (32, 32, 8), (16, 32, 4), (32, 64, 4)},
+                  "sm_90": {(32, 32, 8), (16, 32, 4)}}
+CONFIGS["du_db_group"] = {
+    (arch, False): [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
+                    not in _GROUP_SPILLED[arch]]
+    for (arch, fp32), configs in CONFIGS["du_db"].items() if not fp32}
 
 
 def prune_configs(configs, m_bucket_: int, r_pad: int, k_aligned: bool = True):
@@ -649,7 +748,8 @@ def prune_configs(configs, m_bucket_: int, r_pad: int, k_aligned: bool = True):
 
 
 def _early_prune(configs, named_args, **kwargs):
-    return prune_configs(configs, named_args["m_bucket"], kwargs.get("R_PAD", 16),
+    r_pads = [v for name, v in kwargs.items() if name.startswith("R_PAD")]  # a group: R_PAD_g
+    return prune_configs(configs, named_args["m_bucket"], max(r_pads, default=16),
                          kwargs.get("K_ALIGNED", True))
 
 
@@ -660,17 +760,21 @@ _KEYS = {"dx": ["m_bucket", "N", "K", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "LO
          "da": ["m_bucket", "K", "R_PAD", "COMPUTE_DA", "WRITE_DX", "HAS_DROPOUT", "SEGMENTED",
                 "DOT_PRECISION"],
          "dx_group": ["m_bucket", "N_0", "N_1", "N_2", "N_3", "K", "G", "QBLOCK",
-                      "DOUBLE_QUANT", "K_ALIGNED", "DOT_PRECISION"]}
+                      "DOUBLE_QUANT", "K_ALIGNED", "DOT_PRECISION"],
+         "du_db_group": ["m_bucket", "N_0", "N_1", "N_2", "N_3", "G", "R_PAD_0", "R_PAD_1",
+                         "R_PAD_2", "R_PAD_3", "COMPUTE_DU", "COMPUTE_DB", "DOT_PRECISION"]}
 KERNELS = {"dx": _nf4_lora_bwd_dx_kernel, "du_db": _lora_bwd_du_db_kernel,
-           "da": _lora_bwd_da_kernel, "dx_group": _nf4_lora_bwd_dx_group_kernel}
+           "da": _lora_bwd_da_kernel, "dx_group": _nf4_lora_bwd_dx_group_kernel,
+           "du_db_group": _lora_bwd_du_db_group_kernel}
 # Arguments a kernel reads as well as writes, which the autotuner must restore after each
 # timed run: without LORA, dx enters _nf4_lora_bwd_dx_kernel holding the LoRA term and leaves
 # holding dx = LoRA term + dy @ deq(W); timing configs without a restore would add dy @ deq(W)
 # once per timed run (with LORA the copy is not needed, but the autotuner takes one list).
 # du_db adds into its workspace too, but after a plain store on its first row block, so
 # re-running it leaves the same result; da only stores; dx_group always adds, like dx without
-# LORA.
-RESTORE_VALUE = {"dx": ["dx_ptr"], "du_db": [], "da": [], "dx_group": ["dx_ptr"]}
+# LORA; du_db_group stores and adds as du_db does.
+RESTORE_VALUE = {"dx": ["dx_ptr"], "du_db": [], "da": [], "dx_group": ["dx_ptr"],
+                 "du_db_group": []}
 
 
 def build_autotuner(kernel: str, arch: str, fp32: bool, precision: str,
@@ -691,7 +795,9 @@ def build_autotuner(kernel: str, arch: str, fp32: bool, precision: str,
 UNIT_STRIDES = {"dx": {"stride_dyn": 1, "stride_dxk": 1, "stride_dur": 1, "stride_ak": 1},
                 "du_db": {"stride_dyn": 1, "stride_ur": 1, "stride_br": 1},
                 "da": {"stride_xk": 1, "stride_dur": 1, "stride_ak": 1, "stride_dxk": 1},
-                "dx_group": {"stride_dxk": 1}}
+                "dx_group": {"stride_dxk": 1},
+                "du_db_group": {name: 1 for g in range(4)
+                                for name in (f"stride_dyn_{g}", f"stride_br_{g}")}}
 # Arguments that are multiples of 16 at a real launch (CompileSpec.aligned): pointers of fresh
 # tensors, model extents (M = tokens, N and K = 4096, 14336, ...) and the strides built of them.
 ALIGNED_ARGS = ("dy_ptr", "packed_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr", "offset_ptr",
@@ -701,7 +807,8 @@ ALIGNED_ARGS = ("dy_ptr", "packed_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr"
                 "rows_per_split", "cols_per_group", "m_bucket",
                 *(f"{name}_{g}" for g in range(4) for name in (
                     "dy", "packed", "absmax", "absmax2", "code2", "offset", "code", "N",
-                    "stride_dym")))
+                    "stride_dym", "u", "b", "ws_du", "ws_db", "du", "db", "stride_um",
+                    "stride_bn")))
 
 
 def _spec(kernel, cfg, arch, act, r_pad, sig, flags, label, options=None, precision=None,
@@ -784,6 +891,34 @@ def _du_db_spec(cfg, arch, act, precision=None, r_pad=None, target=0.0, segmente
                  trip_bytes=cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] * elt)  # dy tile
 
 
+# a group's members at their largest padded ranks (their sum pads to 128 at most:
+# launch/group.py MAX_TOTAL_R_PAD), per member count
+GROUP_R_PADS = {2: (64, 64), 3: (64, 32, 32), 4: (64, 16, 16, 16)}
+
+
+def _du_db_group_spec(cfg, arch, act, members):
+    """A group's dU/dB pass for `members` members at GROUP_R_PADS (capped at the padded rank
+    the config ships for); a large_m config gated as du_db's."""
+    r_pads = [min(cfg.max_r_pad, r) for r in GROUP_R_PADS[members]]
+    r_pads += [r_pads[0]] * (4 - members)  # unread slots
+    sig = {**_ints("M", "rows_per_split", "cols_per_group", "m_bucket"), "counter_ptr": "*i32"}
+    for g in range(4):
+        sig.update({f"dy_{g}": f"*{act}", f"u_{g}": f"*{act}", f"b_{g}": f"*{act}",
+                    f"ws_du_{g}": "*fp32", f"ws_db_{g}": "*fp32", f"du_{g}": f"*{act}",
+                    f"db_{g}": f"*{act}", **_ints(f"N_{g}", f"R_{g}"), f"scaling_{g}": "fp32",
+                    **_ints(f"stride_dym_{g}", f"stride_dyn_{g}", f"stride_um_{g}",
+                            f"stride_bn_{g}", f"stride_br_{g}")})
+    flags = {"G": members, "COMPUTE_DU": True, "COMPUTE_DB": True,
+             **{f"R_PAD_{g}": r for g, r in enumerate(r_pads)}}
+    elt = 4 if act == "fp32" else 2
+    return _spec("du_db_group", cfg, arch, act, None, sig, flags,
+                 f"{act} R_PAD={'+'.join(map(str, r_pads[:members]))}",
+                 ceiling_target=LORA_SIDE_CEILING if cfg.large_m else 0.0,
+                 trip_bytes=cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] * elt,  # dy tile
+                 bounded_args=BOUNDED_ARGS + tuple(f"{name}_{g}" for g in range(4)
+                                                   for name in ("b", "db")))
+
+
 def _da_spec(cfg, arch, act, precision=None, r_pad=None, target=0.0, segmented=False):
     sig = {"x_ptr": f"*{act}", "du_ptr": f"*{act}", "a_ptr": f"*{act}", "ws_ptr": "*fp32",
            "da_ptr": f"*{act}", "counter_ptr": "*i32", "dx_ptr": f"*{act}",
@@ -816,6 +951,10 @@ COMPILE_SPECS = sibling_specs(SIBLING_FIXES, (
     + [_dx_group_spec(c, arch, "fp32" if fp32 else "bf16")
        for (arch, fp32), configs in CONFIGS["dx"].items() if arch == "sm_80"
        for c in configs]
+    # issue 30: a group's dU/dB pass (16-bit), 2 to 4 members
+    + [_du_db_group_spec(c, arch, "bf16", g)
+       for (arch, _), configs in CONFIGS["du_db_group"].items() for c in configs
+       for g in GROUP_R_PADS]
     # issue 11: the large_m du_db / da configs at R_PAD 16 and their largest, bf16 and fp16
     + [spec(c, arch, act, r_pad=r, target=LORA_SIDE_CEILING)
        for name, spec in (("du_db", _du_db_spec), ("da", _da_spec))

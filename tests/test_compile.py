@@ -215,9 +215,11 @@ def test_atomic_ops_counts_ttir_and_ptx_atomics():
 # Kernels whose sums over splits must be deterministic. The first three finish them in-kernel:
 # the last program of a tile to arrive at an integer counter adds the partials in order.
 ARRIVING_KERNELS = {"_lora_bwd_du_db_kernel", "_lora_bwd_da_kernel",
-                    "_lora_bwd_da_group_kernel", "_nf4_lora_fwd_small_m_kernel"}
+                    "_lora_bwd_da_group_kernel", "_nf4_lora_fwd_small_m_kernel",
+                    "_lora_bwd_du_db_group_kernel"}
 BACKWARD_KERNELS = {"_lora_bwd_du_db_kernel", "_nf4_lora_bwd_dx_kernel", "_lora_bwd_da_kernel",
-                    "_lora_bwd_da_group_kernel", "_nf4_lora_fwd_small_m_kernel"}
+                    "_lora_bwd_da_group_kernel", "_nf4_lora_fwd_small_m_kernel",
+                    "_lora_bwd_du_db_group_kernel"}
 
 
 def test_backward_kernels_have_no_float_atomics(report):
@@ -316,7 +318,8 @@ def test_code_table_loads_counts_loads_of_the_code_table_only():
 HEADLINE = {"_nf4_lora_fwd_kernel": 0.85, "_nf4_lora_bwd_dx_kernel": 0.85,
             "_dequant_4bit_kernel": 0.80, "_nf4_lora_fwd_small_m_kernel": 0.35,
             "_nf4_lora_fwd_small_m_group_kernel": 0.35, "_nf4_lora_gemv_kernel": (0.70, 0.45),
-            "_lora_u_kernel": 0.75, "_lora_bwd_du_db_kernel": 0.75, "_lora_bwd_da_kernel": 0.75}
+            "_lora_u_kernel": 0.75, "_lora_bwd_du_db_kernel": 0.75, "_lora_bwd_da_kernel": 0.75,
+            "_lora_bwd_du_db_group_kernel": 0.75}
 # headline kernels compiled for sm_80 only: a group's dx GEMM runs on sm_80/86/89
 # (csrc_triton/backward.py GROUP_DX_TARGETS)
 HEADLINE_SM80 = {"_nf4_lora_bwd_dx_group_kernel": 0.85}

@@ -119,6 +119,40 @@ def test_group_dx_in_one_gemm(k, per_member, monkeypatch):
     assert_close("dx", got["dx"], truth["dx"], plain["dx"])
 
 
+@pytest.mark.parametrize("frozen", ["none", "B", "A-and-x"])
+def test_group_du_db_in_one_launch(frozen):
+    """Issue 30: every member's dU and dB in one launch (_lora_bwd_du_db_group_kernel, the
+    members' column groups side by side), at a shape cut into 2 row splits and 1 + 2 column
+    groups (the in-kernel sums of both members, each with its own counters). With the Bs
+    frozen only dU is made, with the As and x frozen only dB; every gradient asked for within
+    the bound of float64 truth."""
+    spec = ((24, 8, 0.1, True), (40, 16, 0.0, False))
+    dt = torch.bfloat16
+    x, members = group_case(80, 128, spec, dt)
+    dys = out_grads(members, 80)
+    truth, plain = group_reference_pair(x, members, dt, dys)
+
+    def leaf(t, grad):
+        return None if t is None else t.detach().to(dt).to(DEVICE).requires_grad_(grad)
+    train_a, train_b = frozen != "A-and-x", frozen != "B"
+    xl = leaf(x, train_a)
+    cast = [mb._replace(lora_A=leaf(mb.lora_A, train_a), lora_B=leaf(mb.lora_B, train_b),
+                        bias=leaf(mb.bias, False)) for mb in members]
+    with counting(execute=True) as launched:
+        ys = grouped(xl, cast)
+        sum((y.double() * dy.to(y.device).double()).sum() for y, dy in zip(ys, dys)).backward()
+    assert launched["_lora_bwd_du_db_group_kernel"] == 1, launched
+    assert "_lora_bwd_du_db_kernel" not in launched, launched
+    got = {"dx": xl.grad}
+    for g, mb in enumerate(cast):
+        got.update({f"dA{g}": mb.lora_A.grad, f"dB{g}": mb.lora_B.grad})
+    for name, value in got.items():
+        wanted = train_b if name.startswith("dB") else train_a
+        assert (value is not None) == wanted, name
+        if wanted:
+            assert_close(name, value, truth[name], plain[name])
+
+
 @pytest.mark.parametrize("target,one_launch", [("sm_80", True), ("sm_89", True),
                                                ("sm_90", False), ("sm_120", False)])
 def test_group_dx_only_where_it_compiles_without_spills(target, one_launch):

@@ -19,7 +19,7 @@ What the counts are made of (fastlora/launch):
   a group of G:        one U pass for all; per member the GEMM as above, except at M <= 16
                        on the fused path: all members' split-K GEMMs in one launch; at
                        M <= 2 without dropout each member's one launch
-                       per member dU/dB; one dA pass; on the fused path (K on the
+                       one dU/dB pass for all; one dA pass; on the fused path (K on the
                        blocksize; sm_80/86/89 and the interpreter) one dx GEMM for all
                        members, else per member the dx step
 """
@@ -72,7 +72,8 @@ def expected(m: int, grouped: bool, base: str, dropout: float) -> tuple[int, int
             fwd += size
         else:
             fwd += 1 + (1 if base == "fused" and m <= 16 else size)
-        bwd += size + 1 + (1 if base == "fused" else size)  # the group's dx GEMM (issue 30)
+        # one dU/dB pass and the group's dx GEMM for all members (issue 30)
+        bwd += 1 + 1 + (1 if base == "fused" else size)
     return fwd, bwd
 
 
@@ -103,12 +104,14 @@ def test_launches_per_decoder_layer(model_dir, m, dropout, base, monkeypatch):
             assert fwd["_lora_u_group_kernel"] == (0 if single_fwd(m, base, dropout) == 1
                                                    else 2 * layers)
             assert bwd["_lora_bwd_da_group_kernel"] == 2 * layers
+            assert bwd["_lora_bwd_du_db_group_kernel"] == 2 * layers
     assert counted == {False: expected(m, False, base, dropout),
                        True: expected(m, True, base, dropout)}
-    # fused: per layer and grouped 7 + 21 / 7 + 15 at M=1 (the one-launch gemv: grouped 8 + 18
+    # fused: per layer and grouped 7 + 21 / 7 + 12 at M=1 (the one-launch gemv: grouped 8 + 18
     # with the group GEMM before it, 11 + 18 before that), per layer 14 + 21 and grouped
-    # 11 + 15 at M=4096 (18 backward before the group's dx GEMM; before the in-kernel sums: per
-    # layer M=1 21 + 42, M=4096 14 + 42; grouped M=1 18 + 39, M=4096 11 + 39)
+    # 11 + 12 at M=4096 (15 backward before the group's dU/dB pass, 18 before its dx GEMM;
+    # before the in-kernel sums: per layer M=1 21 + 42, M=4096 14 + 42; grouped M=1 18 + 39,
+    # M=4096 11 + 39)
     assert counted[True][0] <= counted[False][0] and counted[True][1] < counted[False][1]
 
 

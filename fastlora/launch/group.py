@@ -6,7 +6,7 @@
         (launch/forward.py forward_with_u: the tiled or small-M kernel, or dequantize + cuBLAS;
         at M <= 16 on the fused path all members' split-K GEMMs in one launch, _group_gemm)
     group_backward(dys, x, us, members, need_dx, need_dA, need_dB) -> (dx, dAs, dBs)
-        per member dU_g, dB_g (one pass over dy_g, launch/backward.py du_db); then all dA_g and
+        all dU_g, dB_g in one launch (one pass over each dy_g, _du_db_group); then all dA_g and
         dx's summed LoRA term in one pass over x (_lora_bwd_da_group_kernel, dx written once);
         then dx += sum_g dy_g @ deq(W_g) in one launch where _dx_group allows
         (_nf4_lora_bwd_dx_group_kernel, dx written once), else per member
@@ -23,6 +23,8 @@ activation class (the group kernels are not autotuned), in the interpreter too.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -287,11 +289,7 @@ def group_backward(dys: list, x: torch.Tensor, us: list, members: list, need_dx:
                 [torch.zeros_like(mb.lora_A) for mb in members] if need_dA else None,
                 [torch.zeros_like(mb.lora_B) for mb in members] if need_dB else None)
     cfgs = Configs(x, None)
-    dus, dBs = [], []
-    for dy, u, member in zip(dys, us, members):
-        du, dB = du_db(cfgs, dy, u, member.lora_B, member.scaling, need_du, need_dB)
-        dus.append(du)
-        dBs.append(dB)
+    dus, dBs = _du_db_group(cfgs, dys, us, members, need_du, need_dB)
     if not need_du:
         return None, None, dBs
     dx = x.new_empty(m, k) if need_dx else None
@@ -300,6 +298,52 @@ def group_backward(dys: list, x: torch.Tensor, us: list, members: list, need_dx:
         for dy, member in zip(dys, members):
             dx_gemm(cfgs, dy, member.packed, member.state, dx, base=base)
     return dx, dAs, (dBs if need_dB else None)
+
+
+def _du_db_group(cfgs: Configs, dys: list, us: list, members: list, need_du: bool,
+                 need_dB: bool) -> tuple[list, list]:
+    """([dU_g] or [None]s, [dB_g] or [None]s) of every member: dU_g = s_g * dy_g @ B_g,
+    dB_g = s_g * dy_g^T @ U_g, in one launch (csrc_triton/backward.py
+    _lora_bwd_du_db_group_kernel, issue 30: the members' column groups side by side, one row
+    split plan for all), or per member (launch/backward.py du_db) for a single member or fp32
+    activations (the group kernel ships 16-bit configs only: csrc_triton/backward.py says
+    why)."""
+    if len(members) < 2 or dys[0].dtype == torch.float32:
+        outs = [du_db(cfgs, dy, u, mb.lora_B, mb.scaling, need_du, need_dB)
+                for dy, u, mb in zip(dys, us, members)]
+        return [du for du, _ in outs], [dB for _, dB in outs]
+    device = dys[0].device
+    m = dys[0].shape[0]
+    ns = [mb.lora_B.shape[0] for mb in members]
+    ranks = [mb.lora_A.shape[0] for mb in members]
+    width = _parallelism(device)
+    rows_per_split, splits = _parts(m, cfgs.largest("du_db_group", "BLOCK_M"),
+                                    round(math.sqrt(width * m / sum(ns))))
+    cols_per_group, _ = _parts(sum(ns), cfgs.largest("du_db_group", "BLOCK_N"),
+                               triton.cdiv(width, splits))
+    groups = [triton.cdiv(n, cols_per_group) for n in ns]
+    f32 = dict(dtype=torch.float32, device=device)
+    unused = torch.empty(0, **f32)  # stands for a workspace a flag switches off
+    dus = [dy.new_empty(m, r) if need_du else None for dy, r in zip(dys, ranks)]
+    dBs = [mb.lora_B.new_empty(n, r) if need_dB else None
+           for mb, n, r in zip(members, ns, ranks)]
+    slots = []
+    for dy, u, mb, n, r, g, du, dB in zip(dys, us, members, ns, ranks, groups, dus, dBs):
+        b = mb.lora_B
+        u = (u if u.stride(1) == 1 else u.contiguous()) if need_dB else b  # unread without dB
+        slots.append((dy, u, b, torch.empty((g, m, r), **f32) if need_du else unused,
+                      torch.empty((splits, n, r), **f32) if need_dB else unused,
+                      du if du is not None else dy, dB if dB is not None else b, n, r,
+                      float(mb.scaling), dy.stride(0), dy.stride(1), u.stride(0),
+                      b.stride(0), b.stride(1)))
+    counters = arrival_counters(device, splits * len(members) + sum(groups))
+    consts = {f"R_PAD_{g}": _kernels().r_pad(r) for g, r in enumerate(_slot_args(ranks))}
+    cfgs.launch("du_db_group", lambda meta: (splits, sum(groups)),
+                (m, rows_per_split, cols_per_group, m_bucket_of(m),
+                 *[a for slot in _slot_args(slots) for a in slot], counters),
+                dict(G=len(members), COMPUTE_DU=need_du, COMPUTE_DB=bool(need_dB), **consts,
+                     DOT_PRECISION=dot_precision(dys[0].dtype)))
+    return dus, dBs
 
 
 def _dx_group(cfgs: Configs, dys: list, members: list, dx: torch.Tensor, base=None) -> bool:
