@@ -177,14 +177,18 @@ FORWARD_CONFIGS = [
 @pytest.mark.quick
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_results_do_not_depend_on_the_config(dtype):
-    """Two configs (tile shapes, orientation, split-K) give outputs within one rounding of the
-    output dtype of each other: fp32 accumulation order is all that differs."""
+    """Configs (tile shapes, orientation, split-K) give outputs within one rounding of the
+    output dtype of each other, fp32 accumulation order being all that differs; the split-K
+    config within two: it adds its 3 slices' fp32 partials, then the LoRA term and the bias,
+    after the K loops, 4 more fp32 additions at the output's scale than a tiled config makes
+    (half an ulp each; fp32 outputs came 1.47 ulps apart on an AVX2 EPYC, where numpy's fp32
+    matmul, the interpreter's dot, orders its sums otherwise than where 1.0 was first met)."""
     dtype = DTYPES[dtype]
     case = make_case(16, 72, 256, 8, dtype, "nf4", 64, True, True, 0.1)
     args = (*case.args(dtype), case.dropout_p, case.seed)
     ys = [lora_forward(*args, path=path, config=cfg)[0] for path, cfg in FORWARD_CONFIGS]
-    for other in ys[1:]:
-        assert _ulps_apart(ys[0], other) <= 1.0
+    for (path, _), other in zip(FORWARD_CONFIGS[1:], ys[1:]):
+        assert _ulps_apart(ys[0], other) <= (2.0 if path == "small_m" else 1.0), path
     dy = torch.randn(16, 72, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
     u = lora_forward(*args)[1]
     grads = [lora_backward(dy, case.x.to(dtype), u, case.packed, case.state,
