@@ -2,6 +2,9 @@
 
     U = dropout(x) @ A^T                       _lora_u_kernel
     y = x @ deq(W)^T + s * U @ B^T + bias      _nf4_lora_fwd_kernel
+    both, one pass over x (no dropout)         _nf4_lora_fwd_one_pass_kernel (issue 30, part
+                                               4: faster on narrow layers and short launches
+                                               only; a GPU times it; ONE_PASS_CONFIGS)
 
 The main kernel never materialises deq(W): each K step loads the packed bytes of a
 [BLOCK_N, BLOCK_K] weight tile, decodes them in registers (code[nibble] * absmax, double-quant
@@ -22,6 +25,8 @@ M <= 16 goes to csrc_triton/small_m.py (split-K, reads each packed byte once).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import triton
 import triton.language as tl
@@ -193,6 +198,79 @@ def _nf4_lora_fwd_kernel(x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, 
     store_y(acc, offs_m, offs_n, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS, W_FIRST)
 
 
+@triton.jit
+def _nf4_lora_fwd_one_pass_kernel(x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
+                                  offset_ptr, code_ptr, a_ptr, u_ptr, b_ptr, bias_ptr, y_ptr,
+                                  M, N, K, R, M_BUCKET,
+                                  stride_xm, stride_xk, stride_ar, stride_ak, stride_um,
+                                  stride_ur, stride_bn, stride_br, stride_ym, stride_yn,
+                                  scaling,
+                                  QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                                  K_ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                  PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                                  W_FIRST: tl.constexpr, LANE_TABLE: tl.constexpr):
+    """U = x @ A^T and y = x @ deq(W)^T + scaling * U @ B^T + bias in ONE pass over x (issue 30,
+    part 4; no dropout): each program also makes its rows' U = x @ A^T from the x tiles its K
+    loop loads anyway (r / BLOCK_N more MMA work, and x read from shared memory a second time
+    for that product), adds scaling * U @ B_tile^T after the loop (U rounded to x's dtype
+    first, as the two-launch path's stored U), and the programs of the first N tile store U
+    (every program of a row block makes the same U, bit for bit). Arguments as
+    _nf4_lora_fwd_kernel's, plus a_ptr [R, K] (lora_A, x's dtype); u_ptr [M, R] is written.
+
+    Where it pays: the loop's second read of x costs more than the U kernel's pass over x unless
+    N is small (the U kernel's share of the layer goes as 1 / N; fastlora.bench.model
+    .one_pass_pays), so on a GPU the dispatcher times it against the two-launch path at a
+    shape's first call (fastlora/launch/forward.py)."""
+    tl.static_assert(QBLOCK >= 32, "bitsandbytes blocksizes start at 32")
+    tl.static_assert(BLOCK_R >= 16, "tl.dot needs the padded rank >= 16")
+    act = x_ptr.dtype.element_ty
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N),
+                                GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    table = lane_table(code_ptr, LANE_TABLE)
+    if W_FIRST:  # y^T and U^T tiles: the decoded W and A are the first dot operands
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        u = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = load_x_tile(x_ptr, offs_m, k0, M, K, stride_xm, stride_xk, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=r_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        w = decode_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table,
+                        offs_n, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, DOUBLE_QUANT, K_ALIGNED,
+                        LANE_TABLE)
+        w = w.to(act)  # one rounding of code * absmax, as bitsandbytes
+        if W_FIRST:
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+            u = tl.dot(a, tl.trans(x), u, input_precision=PRECISION)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+            u = tl.dot(x, tl.trans(a), u, input_precision=PRECISION)
+    u = u.to(act)
+    b = tl.load(b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                mask=(offs_n < N)[:, None] & r_ok[None, :], other=0.0)
+    rows = offs_m.to(tl.int64)
+    if W_FIRST:
+        acc += tl.dot(b, u, input_precision=PRECISION) * scaling
+        if pid_n == 0:
+            tl.store(u_ptr + rows[None, :] * stride_um + offs_r[:, None] * stride_ur, u,
+                     mask=r_ok[:, None] & (offs_m < M)[None, :])
+    else:
+        acc += tl.dot(u, tl.trans(b), input_precision=PRECISION) * scaling
+        if pid_n == 0:
+            tl.store(u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur, u,
+                     mask=(offs_m < M)[:, None] & r_ok[None, :])
+    store_y(acc, offs_m, offs_n, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, HAS_BIAS, W_FIRST)
+
+
 # ----------------------------------------------------------------------------- configs
 
 def rank_block(rank: int) -> int:
@@ -343,6 +421,27 @@ UNALIGNED_IEEE_CONFIGS = {"sm_90": UNALIGNED_CONFIGS["sm_90"],
 INTERPRETER_CONFIG = _cfg(32, 32, 32, 4, 1, True, group_m=4)
 
 
+# The one-pass forward (_nf4_lora_fwd_one_pass_kernel: 16-bit activations, K % QBLOCK == 0, no
+# dropout). Its loop holds a second accumulator (U, [BLOCK_M, R_PAD] fp32) and reads x a second
+# time from shared memory for U's product, so the 256-row headline tiles spill there (600 B on
+# sm_90, 224 B on sm_80 at r 16) and what fits is modelled well below the two-launch path's
+# headline tiles (0.67 sm_90, 1.00 sm_80): the base product's share of tensor-core peak, bf16,
+# r 16 / 32 / 64,
+#   sm_90 128x128x64 w8 0.37 / 0.34 / 0.35 (193 / 196 / 231 registers), 128x64x64 w8 0.25 /
+#         0.22 / 0.23;
+#   sm_80 128x128x32 w8 y^T 0.45 / 0.43 / 0.38 (220 / 232 / 255), 128x64x32 w8 0.31 / 0.29 /
+#         0.25 (128 / 158 / 219).
+# Measured and dropped: sm_80 128x64x32 w4 (8 B spilled at r 64), 128x128x64 w8 (192 B).
+ONE_PASS_CONFIGS = {"sm_90": [_cfg(128, 128, 64, 8, 3, True), _cfg(128, 64, 64, 8, 3, True)],
+                    "sm_80": [_cfg(128, 128, 32, 8, 3, True), _cfg(128, 64, 32, 8, 3, False)]}
+
+
+def one_pass_configs(arch: str) -> list[dict]:
+    """The one-pass forward's autotune list for a compile target (sm_90's, or sm_80's for
+    every mma.sync GPU)."""
+    return ONE_PASS_CONFIGS["sm_90" if arch == "sm_90" else "sm_80"]
+
+
 def tiled_configs(arch: str, fp32: bool, k_aligned: bool = True,
                   precision: str = "tf32") -> list[dict]:
     """The autotune list for an arch ('sm_90': compute capability 9.x, else 'sm_80'); fp32
@@ -452,6 +551,18 @@ def _fwd_spec(cfg, arch, dtype="bf16", k_aligned=True, rank=16, precision="tf32"
                        ceiling_target=target)
 
 
+def _one_pass_spec(cfg, arch, dtype="bf16", rank=16):
+    """The one-pass forward's spec: the tiled kernel's arguments plus lora_A. A trip's work is
+    counted as the tiled kernel's (the base product's FLOPs), so its ceiling is the share of
+    tensor-core peak left to the base product once U's product has taken its cut: the two
+    forwards' ceilings compare directly (fastlora.bench.model.one_pass_pays)."""
+    base = _fwd_spec(cfg, arch, dtype, True, rank)
+    return dataclasses.replace(
+        base, kernel="_nf4_lora_fwd_one_pass_kernel", fn=_nf4_lora_fwd_one_pass_kernel,
+        signature={**base.signature, "a_ptr": f"*{dtype}", "stride_ar": "i32"},
+        constexprs={**base.constexprs, "stride_ak": 1}, aligned=ALIGNED_ARGS)
+
+
 # the mixed-batch tables (SEGMENTED; unread otherwise)
 SEGMENT_SIGNATURE = {"row_seg_ptr": "*i32", "col_seg_ptr": "*i32", "col_scale_ptr": "*fp32",
                      "seg_thr_ptr": "*i32", "seg_keep_ptr": "*fp32"}
@@ -509,6 +620,10 @@ COMPILE_SPECS = sibling_specs(SIBLING_FIXES, (
     + [_u_spec(r, "fp32", True, "ieee") for r in (16, 32, 64, 128, 256)]
     # issue 14: a mixed batch's U (4 or 16 adapters of rank 16 side by side), masked per row
     + [_u_spec(r, "bf16", drop, segmented=True) for r in (64, 256) for drop in (True, False)]
+    # issue 30 part 4: the one-pass forward at the ranks LoRA uses (fp16 at r 16)
+    + [_one_pass_spec(c, arch, dtype, r) for arch, configs in ONE_PASS_CONFIGS.items()
+       for c in configs for r in (16, 32, 64) for dtype in ("bf16", "fp16")
+       if dtype == "bf16" or r == 16]
     # blocksize 32 (bnb >= 0.49.2): a BLOCK_K of 64 or 128 decodes 2 or 4 absmax sub-blocks per
     # tile row in the vectorised path, more scale registers than at blocksize 64
     + [_fwd_spec(c, arch, dtype, True, 16, precision, qblock=32)

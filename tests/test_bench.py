@@ -161,6 +161,51 @@ def test_expected_pick_hand_checked():
             {"forward": want}
 
 
+@pytest.mark.quick
+def test_one_pass_pays_hand_checked():
+    """The one-pass forward (issue 30 part 4) against U + the tiled GEMM on the hand-checked
+    layer DT (M = 32) at 1 FLOP / 1 byte per us: the two-launch path takes 8964 + 135172 us at
+    U / GEMM ceilings 0.5 / 0.25 (test_fastlora_time_at_injected_ceilings_hand_checked). The
+    one-pass step counts the GEMM's FLOPs (33792; U's product is priced in its ceiling) and
+    reads x once: x 4096 + W 268 + A 256 + U 128 + B 32 + y 512 = 5292 bytes. At c it takes
+    max(33792 / c, 5292) + 4 us, so it pays above c = 33792 / 144132 = 0.2345."""
+    (step,) = model.one_pass_steps(DT)
+    assert (step.flops, step.bytes, step.kernel) == (33792, 5292, model.one_pass_kernel(2))
+    two = {model.U_KERNEL: 0.5, model.FWD_KERNEL: 0.25}
+    one_pass = model.one_pass_kernel(DT.r)
+    assert model.step_seconds(step, SLOW, {one_pass: 0.24}) == pytest.approx(140804e-6)
+    assert model.one_pass_pays(DT, SLOW, {**two, one_pass: 0.24})
+    assert not model.one_pass_pays(DT, SLOW, {**two, one_pass: 0.23})
+    # the ceiling is read per padded rank, as compiled
+    assert [model.one_pass_kernel(r) for r in (2, 16, 17, 64)] == [
+        f"{model.ONE_PASS_KERNEL}[r={p}]" for p in (16, 16, 32, 64)]
+    assert model.model_kernel(model.ONE_PASS_KERNEL, "BLOCK_R=32,BLOCK_M=128 w8 s3 bf16") == \
+        model.one_pass_kernel(32)
+    with pytest.raises(ValueError, match="ranks up to 64"):
+        model.one_pass_kernel(65)
+    with pytest.raises(ValueError, match="no ceiling"):
+        model.one_pass_pays(DT, SLOW, two)
+    with pytest.raises(ValueError, match="M > 16"):
+        model.one_pass_pays(D, SLOW, {**two, one_pass: 0.3})
+
+
+@pytest.mark.parametrize("gpu,arch", [("H100 SXM", "sm_90"), ("A100 SXM 80GB", "sm_80")])
+def test_one_pass_pays_only_for_narrow_layers_by_the_record(gpu, arch):
+    """From the committed compile record: the one-pass forward's loop (x read a second time
+    from shared memory for U's product, the 256-row tiles out of reach) costs more than the U
+    kernel's pass over x on Llama-3-8B's layers at training M, and less on a 128-wide layer
+    (the U kernel's share of the layer goes as 1 / N), at r = 16 and 64."""
+    ceilings = model.one_pass_ceilings(arch)
+    assert {model.FWD_KERNEL, model.U_KERNEL, *model.ONE_PASS_KERNEL_BOUND} <= set(ceilings)
+    assert all(ceilings[k] < ceilings[model.FWD_KERNEL] for k in model.ONE_PASS_KERNEL_BOUND)
+    peak = peaks.peak_named(gpu)
+    for n, k, pays in ((4096, 4096, False), (14336, 4096, False), (4096, 14336, False),
+                       (1024, 4096, False), (128, 4096, True)):
+        for r in (16, 64):
+            assert model.one_pass_pays(model.Dims(4096, n, k, r), peak, ceilings) is pays, \
+                (n, k, r)
+
+
 @pytest.mark.parametrize("mode", shapes.MODES)
 @pytest.mark.parametrize("provider", list(model.PROVIDER_STEPS))
 def test_every_provider_counts_the_layer_flops(provider, mode):

@@ -247,10 +247,11 @@ def test_dequantize_out_argument():
 
 @pytest.fixture
 def timer(monkeypatch):
-    """The dispatcher as on a GPU (auto times both paths), with do_bench replaced: each
-    candidate runs once per timing and takes the time `times[(role, path)]`."""
+    """The dispatcher as on a GPU (auto times both paths, and the one-pass forward where it
+    can serve the call), with do_bench replaced: each candidate runs once per timing and takes
+    the time `times[(role, path)]`."""
     times = {("forward", "fused"): 2.0, ("forward", "dequant"): 1.0,
-             ("dx", "fused"): 1.0, ("dx", "dequant"): 3.0}
+             ("forward", "one_pass"): 3.0, ("dx", "fused"): 1.0, ("dx", "dequant"): 3.0}
     timed = []
 
     def fake_time(fn):
@@ -261,13 +262,14 @@ def timer(monkeypatch):
     timed_as = []
     real_choose = dispatch.choose
 
-    def choose(role, out, fused, dequant, **kwargs):
+    def choose(role, out, fused, dequant, others=None, **kwargs):
         def tag(path, fn):
             def tagged(t):
                 timed_as[:] = [(role, path)]
                 return fn(t)
             return tagged
-        return real_choose(role, out, tag("fused", fused), tag("dequant", dequant), **kwargs)
+        return real_choose(role, out, tag("fused", fused), tag("dequant", dequant),
+                           others={k: tag(k, v) for k, v in (others or {}).items()}, **kwargs)
     monkeypatch.setattr(dispatch, "choose", choose)
     monkeypatch.setattr(dispatch, "_time_ms", fake_time)
     monkeypatch.setattr(dispatch, "_can_time", lambda device: True)
@@ -280,11 +282,12 @@ def test_dispatcher_times_both_once_and_keeps_the_pick(timer, ran):
     truth, baseline = reference_pair(case, DTYPE)
     y, _ = forward(case)
     assert_close("y (dispatched)", y, truth["y"], baseline["y"])
-    assert timed == [("forward", "fused"), ("forward", "dequant")]
+    # bf16, no dropout, K on the blocksize: the one-pass forward is timed too (issue 30)
+    assert timed == [("forward", "fused"), ("forward", "dequant"), ("forward", "one_pass")]
     # warm-up of both (autotuning first), the timing, then the pick on the real output
     assert ran == [("forward", "fused"), ("forward", "dequant")] * 2 + [("forward", "dequant")]
     dx = dx_of(case)
-    assert timed[2:] == [("dx", "fused"), ("dx", "dequant")]
+    assert timed[3:] == [("dx", "fused"), ("dx", "dequant")]
     assert ran[-1] == ("dx", "fused")
     # a dx timed into a scratch copy: the result is the plain fused one (not accumulated 3x)
     assert torch.equal(dx, dx_of(case, base="fused"))
@@ -292,18 +295,19 @@ def test_dispatcher_times_both_once_and_keeps_the_pick(timer, ran):
     forward(case)
     forward(layer_case(m=25, seed=4))  # same M bucket (32): the kept pick, no timing
     dx_of(case)
-    assert len(timed) == 4
+    assert len(timed) == 5
     assert ran == [("forward", "dequant"), ("forward", "dequant"), ("dx", "fused")]
     picks = dispatch.picks()
     assert len(picks) == 2
-    assert dispatch.pick_for("forward", DEVICE, DTYPE, N, 128, 20) == "dequant"
+    assert dispatch.pick_for("forward", DEVICE, DTYPE, N, 128, 20, "one_pass") == "dequant"
     assert dispatch.pick_for("dx", DEVICE, DTYPE, N, 128, 31) == "fused"
-    assert dispatch.pick_for("forward", DEVICE, DTYPE, N, 128, 100) is None
-    assert all(set(t) == {"fused", "dequant"} for t in dispatch.timings().values())
+    assert dispatch.pick_for("forward", DEVICE, DTYPE, N, 128, 100, "one_pass") is None
+    assert sorted(sorted(t) for t in dispatch.timings().values()) == [
+        ["dequant", "fused"], ["dequant", "fused", "one_pass"]]
     # another M bucket, another dtype: timed anew
     forward(layer_case(m=40, seed=5))
     launch_forward.lora_forward(*case.args(torch.float16), 0.0, 0)
-    assert len(timed) == 8 and len(dispatch.picks()) == 4
+    assert len(timed) == 11 and len(dispatch.picks()) == 4
 
 
 @pytest.mark.quick

@@ -15,8 +15,8 @@ import fastlora
 from fastlora import reference
 from fastlora.launch import forward as launch
 from fastlora.numerics import assert_close
-from helpers import (quick_first, AXES, DEVICE, DTYPES, MATRIX, N, bnb_weight, case_id, make_case,
-                     reference_pair)
+from helpers import (quick_first, AXES, DEVICE, DTYPES, MATRIX, N, bnb_weight, case_id, counting,
+                     make_case, reference_pair, run)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -104,6 +104,101 @@ def test_choose_path():
         launch.choose_path(17, "small_m")
     with pytest.raises(ValueError, match="path"):
         launch.choose_path(3, "fast")
+
+
+# ----------------------------------------------------------------------------- the one-pass forward
+
+def one_pass_config(w_first, block_k=32):
+    return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": block_k, "GROUP_M": 2, "W_FIRST": w_first,
+            "num_warps": 4, "num_stages": 1}
+
+
+@pytest.mark.parametrize("w_first", [True, False], ids=["yT", "y"])
+@pytest.mark.parametrize("dtype,quant,rank,bias,k,block_k", [
+    (torch.bfloat16, "nf4", 12, True, 256, 32),
+    (torch.float16, "fp4", 40, False, 192, 128),
+], ids=["bf16-nf4-r12-bias", "fp16-fp4-r40-k192-bk128"])
+def test_one_pass_forward(w_first, dtype, quant, rank, bias, k, block_k):
+    """U and y in one launch (issue 30 part 4), both tile orientations, against float64: M = 40
+    and N = 72 end mid-tile, rank 12 / 40 pad to 16 / 64, K = 192 with BLOCK_K 128 ends
+    mid-tile (blocksize 64: every K tile still starts on a block). U comes from the programs of
+    the first N tile alone; the other two N tiles make the same U and only use it."""
+    case = make_case(40, N, k, rank, dtype, quant, 64, True, bias, 0.0, seed=13)
+    with counting(execute=True) as launches:
+        check_forward(case, dtype, path="one_pass", config=one_pass_config(w_first, block_k))
+    assert launches == {"_nf4_lora_fwd_one_pass_kernel": 1}
+
+
+def test_one_pass_interpreter_default_and_refusals():
+    """path='one_pass' with the interpreter's config; auto never takes it off a GPU; it refuses
+    what it cannot serve (dropout, fp32, a rank past 64, K off the blocksize)."""
+    case = make_case(20, N, 128, 8, torch.bfloat16, "nf4", 64, True, True, 0.0, seed=3)
+    with counting(execute=True) as launches:
+        check_forward(case, torch.bfloat16, path="one_pass")
+    assert launches == {"_nf4_lora_fwd_one_pass_kernel": 1}
+    with counting(execute=True) as launches:
+        check_forward(case, torch.bfloat16)
+    assert launches == {"_lora_u_kernel": 1, "_nf4_lora_fwd_kernel": 1}
+    for why, c, dtype in [
+            ("dropout", make_case(20, N, 128, 8, torch.bfloat16, dropout_p=0.1, seed=3),
+             torch.bfloat16),
+            ("fp32", make_case(20, N, 128, 8, torch.float32, seed=3), torch.float32),
+            ("rank 72", make_case(20, N, 128, 72, torch.bfloat16, seed=3), torch.bfloat16),
+            ("K 200", make_case(20, N, 200, 8, torch.bfloat16, seed=3), torch.bfloat16)]:
+        with pytest.raises(ValueError, match="one_pass"):
+            launch.lora_forward(*c.args(dtype), c.dropout_p, c.seed, path="one_pass")
+
+
+@pytest.mark.parametrize("fastest", ["one_pass", "fused", "dequant"])
+def test_one_pass_timed_by_the_dispatcher(fastest, monkeypatch):
+    """Where the one-pass forward can serve a call, auto on a GPU times it next to U + the
+    tiled GEMM ('fused') and the dequantize path and keeps the fastest (the timer mocked here:
+    candidates in that order, the chosen one fastest). The public op's next call runs the
+    pick's launches; y and the gradients (the backward reads the stored U) match float64."""
+    from fastlora.launch import dispatch
+
+    order = [("forward", path) for path in ("fused", "dequant", "one_pass")]
+    timed, running = [], []
+    real_choose = dispatch.choose
+
+    def choose(role, out, fused, dequant, others=None, **kwargs):
+        def tag(path, fn):
+            def tagged(t):
+                running[:] = [(role, path)]
+                return fn(t)
+            return tagged
+        return real_choose(role, out, tag("fused", fused), tag("dequant", dequant),
+                           others={k: tag(k, v) for k, v in (others or {}).items()}, **kwargs)
+
+    def fake_time(fn):
+        fn()
+        timed.append(running[0])
+        return 1.0 if running[0] in (("forward", fastest), ("dx", "fused")) else 2.0
+    dispatch.clear_picks()
+    monkeypatch.setattr(dispatch, "choose", choose)
+    monkeypatch.setattr(dispatch, "_can_time", lambda device: True)
+    monkeypatch.setattr(dispatch, "_time_ms", fake_time)
+    try:
+        case = make_case(24, N, 128, 8, torch.bfloat16, "nf4", 64, True, True, 0.0, seed=21)
+        fastlora.lora_linear_4bit(*case.args(torch.bfloat16), **case.kwargs())
+        assert timed == order
+        assert dispatch.pick_for("forward", DEVICE, torch.bfloat16, N, 128, 24,
+                                 "one_pass") == fastest
+        grad = torch.randn(24, N, generator=torch.Generator().manual_seed(5))
+        with counting(execute=True) as launches:
+            got = run(fastlora.lora_linear_4bit, case, torch.bfloat16, grad)
+        assert timed == order + [("dx", "fused"), ("dx", "dequant")]  # forward kept
+        forward = {"one_pass": {"_nf4_lora_fwd_one_pass_kernel": 1},
+                   "fused": {"_lora_u_kernel": 1, "_nf4_lora_fwd_kernel": 1},
+                   "dequant": {"_lora_u_kernel": 1, "_dequant_4bit_kernel": 1}}[fastest]
+        assert all(launches[name] >= count for name, count in forward.items())
+        other = {"_nf4_lora_fwd_one_pass_kernel", "_nf4_lora_fwd_kernel"} - set(forward)
+        assert not other & set(launches), launches
+        truth, baseline = reference_pair(case, torch.bfloat16, grad)
+        for name in ("y", "dx", "dA", "dB", "dbias"):
+            assert_close(name, got[name], truth[name], baseline[name])
+    finally:
+        dispatch.clear_picks()
 
 
 # ----------------------------------------------------------------------------- shapes, views, formats

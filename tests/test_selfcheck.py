@@ -65,7 +65,7 @@ def test_check_passes_on_the_real_kernels(monkeypatch, quant_type):
         warnings.simplefilter("error")
         assert selfcheck.decode_ok(DEVICE, quant_type, force=True) is True
     # every decoding path ran, through the K-aligned word path
-    assert calls == ["dequantize_4bit_triton", "tiled", "small_m"] + ["gemv"] * 8
+    assert calls == ["dequantize_4bit_triton", "tiled", "one_pass", "small_m"] + ["gemv"] * 8
     cols = selfcheck.SMALL_M_COLUMNS
     assert selfcheck.K % selfcheck.BLOCKSIZE == 0 and selfcheck.K % 8 == 0
     assert len(set(cols)) == 16 and max(cols) < selfcheck.K
@@ -84,8 +84,8 @@ def test_gpu_configs_are_valid_explicit_configs(monkeypatch, arch):
     monkeypatch.setattr(selfcheck.backend, "interpreter_active", lambda: False)
     monkeypatch.setattr(common, "compile_arch", lambda device: arch)
     monkeypatch.setattr(common, "arch", lambda device: CONFIG_FAMILY[arch])
-    tiled, small, gemv = selfcheck._configs(torch.device("cuda", 0))
-    assert set(tiled) == set(forward_launch.TILED_KEYS)
+    tiled, small, gemv, one_pass = selfcheck._configs(torch.device("cuda", 0))
+    assert set(tiled) == set(one_pass) == set(forward_launch.TILED_KEYS)
     for cfg, keys in ((small, forward_launch.SMALL_M_KEYS), (gemv, forward_launch.GEMV_KEYS)):
         assert set(cfg) == set(keys) and cfg["SPLIT_K"] == 2
         assert selfcheck.K % cfg["BLOCK_K"] == 0 and selfcheck.K // cfg["BLOCK_K"] >= 2
@@ -99,7 +99,7 @@ def test_no_work_off_gpu_unless_forced(monkeypatch):
     assert selfcheck._RESULTS == {}
 
 
-@pytest.mark.parametrize("broken", ["dequant", "tiled", "small_m", "gemv"])
+@pytest.mark.parametrize("broken", ["dequant", "tiled", "one_pass", "small_m", "gemv"])
 def test_mismatch_warns_once_and_dispatch_runs_the_reference(monkeypatch, broken):
     calls = []
     _counting(monkeypatch, dequant_launch, "dequantize_4bit_triton", calls,
@@ -112,13 +112,14 @@ def test_mismatch_warns_once_and_dispatch_runs_the_reference(monkeypatch, broken
         assert selfcheck.decode_ok(DEVICE, "nf4", force=True) is False  # cached: no second run
     finally:
         rec.__exit__(None, None, None)
-    ran = {"dequant": 1, "tiled": 2, "small_m": 3, "gemv": 4}[broken]
+    ran = {"dequant": 1, "tiled": 2, "one_pass": 3, "small_m": 4, "gemv": 5}[broken]
     assert len(calls) == ran, calls
     assert len(caught) == 1, [str(w.message) for w in caught]
     msg = str(caught[0].message)
     assert caught[0].category is RuntimeWarning
     what = {"dequant": "dequant kernel", "tiled": "tiled forward",
-            "small_m": "small-M forward", "gemv": "M <= 2 (CUDA-core) forward"}[broken]
+            "one_pass": "one-pass forward", "small_m": "small-M forward",
+            "gemv": "M <= 2 (CUDA-core) forward"}[broken]
     assert f"({HERE})" in msg and "'nf4'" in msg and what in msg, msg
     assert "falls back to the PyTorch reference path" in msg, msg
 

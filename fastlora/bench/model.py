@@ -81,6 +81,12 @@ KERNEL_BOUND = {FWD_KERNEL: "mma", DX_KERNEL: "mma", U_KERNEL: "hbm", SMALL_M_KE
 # the DoRA layer's own kernels (csrc_triton/dora.py), modelled by `dora_steps` only
 DORA_KERNEL_BOUND = {DORA_NORM_KERNEL: "hbm", DORA_SCALES_KERNEL: "hbm", DORA_COMBINE_KERNEL: "hbm",
                      COL_DOT_KERNEL: "hbm"}
+# the one-pass forward (csrc_triton/forward.py _nf4_lora_fwd_one_pass_kernel, issue 30 part 4):
+# its ceiling falls with the rank (U's product and accumulator grow), so the model reads it per
+# padded rank, as compiled (model_kernel)
+ONE_PASS_KERNEL = "_nf4_lora_fwd_one_pass_kernel"
+ONE_PASS_RANKS = (16, 32, 64)
+ONE_PASS_KERNEL_BOUND = {f"{ONE_PASS_KERNEL}[r={r}]": "mma" for r in ONE_PASS_RANKS}
 SMALL_M_MAX = 16  # fastlora/launch/forward.py: M <= 16 takes the split-K small-M kernel
 GEMV_MAX_M = 2  # fastlora/launch/forward.py: M <= 2 (no dropout) U and y in one launch
 
@@ -190,6 +196,44 @@ def _fastlora(d: Dims, s: dict) -> tuple[list[Step], list[Step]]:
         bwd += [_da_step(d, s, write_dx=True),
                 Step("dx += dy deq(W)", _mm(m, k, n), s["y"] + s["w4"] + 2 * s["x"], DX_KERNEL)]
     return fwd, bwd
+
+
+def one_pass_kernel(r: int) -> str:
+    """The model's name of the one-pass forward at rank r (its padded rank's compiled rows)."""
+    pad = next((p for p in ONE_PASS_RANKS if r <= p), None)
+    if pad is None:
+        raise ValueError(f"the one-pass forward serves ranks up to {ONE_PASS_RANKS[-1]}, got {r}")
+    return f"{ONE_PASS_KERNEL}[r={pad}]"
+
+
+def one_pass_steps(d: Dims) -> list[Step]:
+    """fastlora's one-pass forward at M > 16 (fastlora/launch/forward.py, path 'one_pass'): U and
+    y in one launch, x read once. FLOPs counted as the tiled GEMM's (the base product and
+    U @ B^T): U's own product is priced in the kernel's ceiling, which is the base product's
+    share of tensor-core peak once U's product has taken its cut (csrc_triton/forward.py
+    _one_pass_spec)."""
+    s = _sizes(d)
+    return [Step("U = x A^T and y = x deq(W)^T + s U B^T + bias (one pass over x)",
+                 _mm(d.m, d.n, d.k) + _mm(d.m, d.n, d.r),
+                 s["x"] + s["w4"] + s["a"] + s["u"] + s["b"] + s["bias"] + s["y"],
+                 one_pass_kernel(d.r))]
+
+
+def one_pass_pays(d: Dims, peak: Peak, ceilings: Mapping[str, float]) -> bool:
+    """Whether the one-pass forward (`one_pass_steps`) is modelled faster than the two-launch
+    tiled path (U kernel, then the tiled GEMM) at M > 16: the second read of x in its loop
+    against the U kernel's pass over x, whose share of the layer goes as 1 / N. `ceilings`
+    must hold the tiled GEMM's, the U kernel's and the one-pass kernel's at d's rank
+    (one_pass_ceilings): a missing one would be modelled at 1.0 and decide nothing honestly."""
+    if d.m <= SMALL_M_MAX:
+        raise ValueError(f"the one-pass forward serves M > {SMALL_M_MAX}, got {d.m}")
+    one_pass = one_pass_steps(d)
+    two_launch = _fastlora(d, _sizes(d))[0]
+    missing = [st.kernel for st in one_pass + two_launch if st.kernel not in ceilings]
+    if missing:
+        raise ValueError(f"no ceiling for {missing}: the comparison needs both paths' kernels")
+    return modelled_seconds(one_pass, peak, ceilings) < modelled_seconds(two_launch, peak,
+                                                                         ceilings)
 
 
 def _da_step(d: Dims, s: dict, write_dx: bool) -> Step:
@@ -445,7 +489,7 @@ def step_seconds(step: Step, peak: Peak, ceilings: Mapping[str, float]) -> float
         ceiling = ceilings.get(step.kernel, 1.0)
         if not ceiling or ceiling <= 0:
             raise ValueError(f"ceiling of {step.kernel} must be > 0, got {ceiling!r}")
-        if {**KERNEL_BOUND, **DORA_KERNEL_BOUND}[step.kernel] == "mma":
+        if {**KERNEL_BOUND, **DORA_KERNEL_BOUND, **ONE_PASS_KERNEL_BOUND}[step.kernel] == "mma":
             flops_per_s *= ceiling
         else:
             bytes_per_s *= ceiling
@@ -512,10 +556,13 @@ def _config_dtype_class(config: str) -> str:
 
 def model_kernel(kernel: str, config: str) -> str:
     """The model's name of a compiled config's kernel: the kernel's own, or for the CUDA-core
-    M <= 2 kernel its name with the rows the config serves (GEMV_M1_KERNEL, GEMV_M2_KERNEL)."""
+    M <= 2 kernel its name with the rows the config serves (GEMV_M1_KERNEL, GEMV_M2_KERNEL), for
+    the one-pass forward its name with the padded rank (one_pass_kernel)."""
     if kernel == GEMV_KERNEL:
         rows = re.search(r"BLOCK_M=(\d+)", config).group(1)
         return f"{kernel}[m={rows}]"
+    if kernel == ONE_PASS_KERNEL:
+        return one_pass_kernel(int(re.search(r"BLOCK_R=(\d+)", config).group(1)))
     return kernel
 
 
@@ -581,6 +628,15 @@ def dora_kernel_ceilings(arch: str, klass: str = "16bit", rows=None) -> dict:
     if rows is not None:
         return ceilings_from_rows(rows, arch, klass)
     return dict(_compiled_ceilings(arch, klass, fastlora_kernels() + tuple(DORA_KERNEL_BOUND)))
+
+
+def one_pass_ceilings(arch: str, rows=None) -> dict:
+    """kernel_ceilings (16-bit) for the plain layer's kernels and the one-pass forward at each
+    padded rank together: what `one_pass_pays` reads."""
+    if rows is not None:
+        return ceilings_from_rows(rows, arch, "16bit")
+    return dict(_compiled_ceilings(arch, "16bit",
+                                   fastlora_kernels() + tuple(ONE_PASS_KERNEL_BOUND)))
 
 
 def kernel_ceilings(arch: str, klass: str = "16bit", rows=None) -> dict:

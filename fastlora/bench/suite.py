@@ -156,7 +156,7 @@ MODE_ROLES = {"forward": ("forward",), "backward": ("dx",), "full": ("forward", 
 def base_path_of(built, name: str, shape, m: int, mode: str, dtype) -> str:
     """What a row's base product ran on: the forced path of fastlora_fused / fastlora_dequant,
     or for the dispatched fastlora the dispatcher's kept pick per role ('auto: forward=fused
-    dx=dequant'; '?' for a role not picked, e.g. a shape past the buffer cap runs fused
+    dx=dequant', forward=one_pass where that won; '?' for a role not picked, e.g. a shape past the buffer cap runs fused
     without timing); '' for the peers."""
     forced = getattr(built, "base_path", None)
     if forced is not None:
@@ -167,9 +167,13 @@ def base_path_of(built, name: str, shape, m: int, mode: str, dtype) -> str:
 
     if not buffer.fits(shape.n, shape.k, dtype):
         return "fused (past the buffer cap)"
+    def pick(role):  # an eligible forward's pick sits under the one-pass key (launch/forward.py)
+        return (dispatch.pick_for(role, 'cuda', dtype, shape.n, shape.k, m)
+                or (role == "forward" and m > dispatch.SMALL_M_MAX
+                    and dispatch.pick_for(role, 'cuda', dtype, shape.n, shape.k, m, "one_pass"))
+                or '?')
     try:
-        picks = [f"{role}={dispatch.pick_for(role, 'cuda', dtype, shape.n, shape.k, m) or '?'}"
-                 for role in MODE_ROLES[mode]]
+        picks = [f"{role}={pick(role)}" for role in MODE_ROLES[mode]]
     except Exception:  # no CUDA device to name (the faked-timing tests): the pick is unknown
         return "auto"
     return "auto: " + " ".join(picks)

@@ -14,8 +14,10 @@ term in a second rounding (as plain PyTorch does), inside the same 2 x baseline 
 
 The choice (`run`), per role ('forward', 'dx') and key (GPU name, dtype, N, K, M bucket of
 csrc_triton.common.m_bucket, and the fused kernel that serves the call, `kernel`: 'gemv' for
-the forward at M <= 2 without dropout, 'small_m' at M <= 16, 'tiled' above; a pick timed for
-one fused kernel never serves another):
+the forward at M <= 2 without dropout, 'small_m' at M <= 16, 'tiled' above, or 'one_pass'
+for a forward above M = 16 that the one-pass kernel can serve (16-bit, no dropout, K on the
+blocksize, r <= 64: launch/forward.py one_pass_ready); a pick timed for one fused kernel never
+serves another):
   1. an explicit fused config / fused sub-path at the launcher pins the fused path;
   2. a shape whose buffer would pass the cap (FASTLORA_DEQUANT_BUFFER_MB) takes the fused path;
   3. `base=` at the launcher, else set_base_path(), else FASTLORA_BASE_PATH = auto | fused |
@@ -25,6 +27,11 @@ one fused kernel never serves another):
      faster for the process (one thread times, the others wait; picks are per process, never
      written to disk). On the CPU / in the interpreter, and while a CUDA graph is being
      captured with no pick yet, the fused path runs (tests force either path).
+     A 'one_pass' key times a third candidate (`choose`'s others): U and y in one launch of
+     the one-pass forward (issue 30 part 4), against 'fused' (the U kernel, then the tiled
+     GEMM) and 'dequant' (the U kernel, then dequantize + cuBLAS); its pick may be
+     'one_pass'. fastlora.bench.model.one_pass_pays says where the model expects it to win
+     (narrow layers, short launches).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 
@@ -47,7 +54,7 @@ PATHS = ("auto", "fused", "dequant")
 ROLES = ("forward", "dx")
 SMALL_M_MAX = 16  # launch/forward.py SMALL_M_MAX (a test keeps them equal)
 GEMV_MAX_M = 2    # csrc_triton/gemv.py GEMV_MAX_M (a test keeps them equal)
-KERNELS = ("gemv", "small_m", "tiled")
+KERNELS = ("gemv", "small_m", "tiled", "one_pass")
 _ENV = "FASTLORA_BASE_PATH"
 # timing of one candidate (do_bench, ms): short, it runs once per key and process
 WARMUP_MS, REP_MS = 5, 25
@@ -179,11 +186,14 @@ def _capturing(device: torch.device) -> bool:
 
 def choose(role: str, out: torch.Tensor, fused: Callable, dequant: Callable, *, n: int, k: int,
            m: int, base: Optional[str] = None, pinned: bool = False,
-           accumulates: bool = False, kernel: Optional[str] = None) -> str:
+           accumulates: bool = False, kernel: Optional[str] = None,
+           others: Optional[Mapping[str, Callable]] = None) -> str:
     """'fused' or 'dequant' for this call (module doc). fused(t) / dequant(t) compute the base
     product (and what the launcher fuses around it) into t, shaped like `out`; when timing,
     they run on `out` itself, or on a zeroed scratch copy when they accumulate into it;
-    kernel: the fused kernel `fused` runs (key)."""
+    kernel: the fused kernel `fused` runs (key). others: more fused candidates by name (the
+    one-pass forward), timed with the two where auto times, and picked by name when fastest;
+    everywhere else (pinned, forced, off a GPU, in a capture) the answer is one of the two."""
     if base is not None and _check(base, "base") == "dequant" and pinned:
         raise ValueError("base='dequant' cannot run with an explicit fused config or path")
     if pinned or not buffer.fits(n, k, out.dtype):
@@ -204,7 +214,7 @@ def choose(role: str, out: torch.Tensor, fused: Callable, dequant: Callable, *, 
         pick = _PICKS.get(the_key)
         if pick is None:
             target = torch.zeros_like(out) if accumulates else out
-            candidates = {"fused": fused, "dequant": dequant}
+            candidates = {"fused": fused, "dequant": dequant, **(others or {})}
             for fn in candidates.values():  # compile, autotune, allocate the buffer
                 fn(target)
             times = {name: _time_ms(lambda fn=fn: fn(target))
@@ -242,20 +252,20 @@ def settings() -> tuple:
 def run(role: str, out: torch.Tensor, fused: Callable, dequant: Callable, **kwargs) -> str:
     """choose(...), then run the chosen path on `out`; returns its name."""
     pick = choose(role, out, fused, dequant, **kwargs)
-    (fused if pick == "fused" else dequant)(out)
+    {"fused": fused, "dequant": dequant, **(kwargs.get("others") or {})}[pick](out)
     return pick
 
 
 # ----------------------------------------------------------------------------- what was picked
 
 def picks() -> dict:
-    """{key: 'fused' | 'dequant'} of this process (a copy)."""
+    """{key: 'fused' | 'dequant' | 'one_pass'} of this process (a copy)."""
     with _LOCK:
         return dict(_PICKS)
 
 
 def timings() -> dict:
-    """{key: {'fused': ms, 'dequant': ms}} measured for each pick (a copy)."""
+    """{key: {'fused': ms, 'dequant': ms, ...}} measured for each pick (a copy)."""
     with _LOCK:
         return {k: dict(v) for k, v in _TIMINGS.items()}
 

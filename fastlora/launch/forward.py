@@ -7,7 +7,11 @@ runs `U = dropout(x) @ A^T` (forward._lora_u_kernel), then `y = x @ deq(W)^T + s
 bias` with the tiled kernel, or with the split-K small-M kernel when M <= SMALL_M_MAX (whose
 last program per N tile sums the K slices in-kernel): two launches on either path. At
 M <= GEMV_MAX_M without dropout and with K block-aligned, csrc_triton/gemv.py computes U and y
-on the CUDA cores in one launch.
+on the CUDA cores in one launch. Above SMALL_M_MAX, where the one-pass forward can serve the call
+(one_pass_ready), forward._nf4_lora_fwd_one_pass_kernel makes U and y in one launch, reading x
+once (issue 30, part 4): the dispatcher times it on a GPU next to U + the tiled GEMM and the
+dequantize path at the first call of a shape and keeps the fastest (launch/dispatch.py; the
+model, fastlora.bench.model.one_pass_pays, has it win on narrow layers and short launches only).
 `config=None` picks the configuration automatically (autotuned over the pruned per-arch list on a
 GPU, one fixed small config in the interpreter); an explicit dict is the debug/benchmark entry
 point (keys: see TILED_KEYS / SMALL_M_KEYS).
@@ -28,7 +32,8 @@ from .common import (LAUNCH_OPTIONS, arch, arrival_counters, cached_autotuner, c
 
 SMALL_M_MAX = 16
 GEMV_MAX_M = 2  # csrc_triton/gemv.py GEMV_MAX_M (a test keeps them equal)
-PATHS = ("auto", "tiled", "small_m", "gemv")
+PATHS = ("auto", "tiled", "small_m", "gemv", "one_pass")
+ONE_PASS_MAX_RANK = 64  # the one-pass forward's compiled ranks (csrc_triton/forward.py)
 TILED_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "W_FIRST", "num_warps", "num_stages")
 SMALL_M_KEYS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
 GEMV_KEYS = SMALL_M_KEYS
@@ -46,11 +51,18 @@ def check_forward_args(x, packed, state, lora_A, lora_B, scaling, bias, p, seed)
     check_fused_rank(lora_A)
 
 
-def choose_path(m: int, path: str = "auto", gemv_ok: bool = False) -> str:
+def choose_path(m: int, path: str = "auto", gemv_ok: bool = False,
+                one_pass_ok: bool = False) -> str:
     """'gemv' for M <= GEMV_MAX_M where gemv_ok (no dropout, K block-aligned: gemv_ready),
-    else 'small_m' for M <= SMALL_M_MAX, else 'tiled'; `path` forces one ('auto' decides)."""
+    else 'small_m' for M <= SMALL_M_MAX, else 'tiled'; `path` forces one ('auto' decides),
+    'one_pass' only where one_pass_ok (one_pass_ready). Auto never answers 'one_pass': where it
+    can serve a 'tiled' call, the dispatcher times it against the two-launch path."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if path == "one_pass" and not one_pass_ok:
+        raise ValueError("path='one_pass' needs fp16/bf16 activations, no dropout, K a multiple "
+                         f"of the blocksize and a rank of at most {ONE_PASS_MAX_RANK}, and the "
+                         "call does not have them all")
     if path == "small_m" and m > SMALL_M_MAX:
         raise ValueError(f"path='small_m' handles at most {SMALL_M_MAX} rows, x has {m}")
     if path == "gemv" and (m > GEMV_MAX_M or not gemv_ok):
@@ -69,6 +81,14 @@ def gemv_ready(flags: dict, p: float) -> bool:
     computes U itself, from x as it is) and a block-aligned K read as 32-bit words (decode_flags
     K_ALIGNED; bitsandbytes' blocksizes are all >= 32, gemv.py's tile width)."""
     return p == 0.0 and flags["K_ALIGNED"]
+
+
+def one_pass_ready(flags: dict, p: float, dtype: torch.dtype, rank: int) -> bool:
+    """Whether the one-pass forward can serve a call: 16-bit activations, no dropout (its U and
+    its base product read the same x), K block-aligned (decode_flags K_ALIGNED) and a rank it
+    was compiled for."""
+    return (p == 0.0 and flags["K_ALIGNED"] and dtype in (torch.float16, torch.bfloat16)
+            and rank <= ONE_PASS_MAX_RANK)
 
 
 def _check_config(config: dict, keys: tuple, path: str) -> dict:
@@ -99,13 +119,19 @@ def lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, seed, *, co
     m, k = x.shape
     n, rank = lora_B.shape
     u = torch.empty((m, rank), dtype=x.dtype, device=x.device)
-    gemv_ok = m <= GEMV_MAX_M and gemv_ready(decode_flags(packed, state, k), float(p))
-    which = choose_path(m, path, gemv_ok)
+    flags = decode_flags(packed, state, k)
+    gemv_ok = m <= GEMV_MAX_M and gemv_ready(flags, float(p))
+    one_pass_ok = one_pass_ready(flags, float(p), x.dtype, rank)
+    which = choose_path(m, path, gemv_ok, one_pass_ok)
     if m == 0:
         return torch.empty((m, n), dtype=x.dtype, device=x.device), u
     if which == "gemv":
         return _forward_gemv(x, packed, state, lora_A, lora_B, scaling, bias, u, config, base,
                              config is not None or path != "auto"), u
+    if which == "one_pass" or (which == "tiled" and one_pass_ok and path == "auto"
+                               and config is None):
+        return _forward_one_pass(x, packed, state, lora_A, lora_B, scaling, bias, u, config,
+                                 base, pinned=which == "one_pass"), u
     _launch_u(x, lora_A, u, float(p), seed, dot_precision(x.dtype))
     return forward_with_u(x, packed, state, u, lora_B, scaling, bias, config=config,
                           path=which, base=base, pinned=config is not None or path != "auto"), u
@@ -121,12 +147,10 @@ def forward_with_u(x, packed, state, u, lora_B, scaling, bias, *, config=None, p
     n, rank = lora_B.shape
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     which = choose_path(m, path)
-    precision = dot_precision(x.dtype)
     # the kernels read bias[n] at bias_ptr + n: a strided view (bias[::2]) is copied, N values
     bias_arg = bias.contiguous() if bias is not None else y  # y: unread when HAS_BIAS is off
     args = (x, *weight_args(packed, state), u, lora_B, bias_arg, y)
-    flags = {**decode_flags(packed, state, k), "HAS_BIAS": bias is not None,
-             "PRECISION": precision, "BLOCK_R": _forward_kernels().rank_block(rank)}
+    flags = _gemm_flags(x, packed, state, rank, bias)
     launch_fused = _launch_small_m if which == "small_m" else _launch_tiled
     dispatch.run("forward", y,
                  lambda out: launch_fused((*args[:-1], out), flags, m, n, k, rank,
@@ -151,6 +175,59 @@ def _forward_gemv(x, packed, state, lora_a, lora_b, scaling, bias, u, config, ba
         dispatch.forward_dequant(x, packed, state, u, lora_b, float(scaling), bias, out)
     dispatch.run("forward", y, lambda out: launch(x, out, u), dequant, n=n, k=k, m=m,
                  base=base, pinned=pinned, kernel="gemv")
+    return y
+
+
+def _gemm_flags(x, packed, state, rank, bias) -> dict:
+    """The constexpr flags the tiled and one-pass forwards share."""
+    return {**decode_flags(packed, state, x.shape[1]), "HAS_BIAS": bias is not None,
+            "PRECISION": dot_precision(x.dtype),
+            "BLOCK_R": _forward_kernels().rank_block(rank)}
+
+
+def _forward_one_pass(x, packed, state, lora_a, lora_b, scaling, bias, u, config, base, pinned):
+    """y of lora_forward where the one-pass forward can serve it (one_pass_ready, M > 16), u
+    written too. pinned (path='one_pass'): the one-pass kernel, `config` or the autotuned list.
+    Else the dispatcher picks among U + the tiled GEMM ('fused', what runs off a GPU), the
+    one-pass kernel ('one_pass': timed on a GPU only) and U + dequantize + matmul."""
+    m, k = x.shape
+    n, rank = lora_b.shape
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    fwd = _forward_kernels()
+    flags = _gemm_flags(x, packed, state, rank, bias)
+    if config is None and not backend.interpreter_active():
+        kernel, meta = _autotuned_one_pass(x.device), {}
+    else:
+        kernel = fwd._nf4_lora_fwd_one_pass_kernel
+        meta = dict(_check_config(config, TILED_KEYS, "one_pass") if config is not None
+                    else fwd.INTERPRETER_CONFIG)
+    weight = weight_args(packed, state)
+    bias_arg = bias.contiguous() if bias is not None else y  # unread without HAS_BIAS
+    from csrc_triton.common import m_bucket
+
+    def grid(meta_):
+        return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)
+
+    def one_pass(out):
+        kernel[grid](x, *weight, lora_a, u, lora_b, bias_arg, out, m, n, k, rank, m_bucket(m),
+                     x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), u.stride(0),
+                     u.stride(1), lora_b.stride(0), lora_b.stride(1), out.stride(0),
+                     out.stride(1), float(scaling), **flags, **meta, **LAUNCH_OPTIONS)
+
+    def two_launch(out):
+        _launch_u(x, lora_a, u, 0.0, 0, flags["PRECISION"])
+        _launch_tiled((x, *weight, u, lora_b, bias_arg, out), flags, m, n, k, rank,
+                      float(scaling), None)
+
+    def dequant(out):
+        _launch_u(x, lora_a, u, 0.0, 0, flags["PRECISION"])
+        dispatch.forward_dequant(x, packed, state, u, lora_b, float(scaling), bias, out)
+    if pinned:
+        dispatch.run("forward", y, one_pass, dequant, n=n, k=k, m=m, base=base, pinned=True,
+                     kernel="one_pass")
+    else:
+        dispatch.run("forward", y, two_launch, dequant, n=n, k=k, m=m, base=base,
+                     kernel="one_pass", others={"one_pass": one_pass})
     return y
 
 
@@ -423,6 +500,16 @@ def _autotuned_tiled(device: torch.device, fp32: bool, k_aligned: bool, precisio
         configs=fwd.triton_configs(fwd.tiled_configs(key[1], fp32, k_aligned, precision)),
         key=_TILED_KEY, prune_configs_by={"early_config_prune": fwd.prune_configs},
     )(fwd._nf4_lora_fwd_kernel))
+
+
+def _autotuned_one_pass(device: torch.device):
+    """The one-pass forward autotuned over its list for the device's config family."""
+    fwd = _forward_kernels()
+    key = ("one_pass", arch(device))
+    return cached_autotuner(key, lambda: triton.autotune(
+        configs=fwd.triton_configs(fwd.one_pass_configs(key[1])), key=_TILED_KEY,
+        prune_configs_by={"early_config_prune": fwd.prune_configs},
+    )(fwd._nf4_lora_fwd_one_pass_kernel))
 
 
 def _autotuned_gemv(device: torch.device, block_m: int, block_r: int, fp32: bool):

@@ -10,11 +10,13 @@ PyTorch decoder (fastlora.quant.dequantize_4bit_torch):
   (b) the tiled fused forward with x = I_K and lora_B = 0: y = deq(W)^T exactly (each output is
       one product with 1.0 plus exact zeros, rounded once, as the decoder rounds once);
   (c) the small-M forward with x = 16 rows of I_K, spread over all of K (every quantisation
-      block, both nibbles of a byte, two split-K slices): y = deq(W)[:, cols]^T exactly.
+      block, both nibbles of a byte, two split-K slices): y = deq(W)[:, cols]^T exactly;
+  (d) the one-pass forward (U and y in one launch) as (b);
+  (e) the M <= 2 CUDA-core forward, the columns of (c) two at a time.
 
-On a GPU (b) and (c) run one explicit config each, the first of the arch's autotune list (the
-decode is the same code in every config), so the check compiles two kernels rather than
-autotuning for its own shapes; the interpreter runs its fixed configs.
+On a GPU (b)-(e) run one explicit config each, the first of the arch's autotune list (the
+decode is the same code in every config), so the check compiles one kernel per path rather
+than autotuning for its own shapes; the interpreter runs its fixed configs.
 
 W is [64, 128] in bf16, double-quantised at blocksize 64, so K % 64 == 0 and the K-aligned
 word path of the decoder runs. On a mismatch or an exception the answer is False, one
@@ -122,12 +124,12 @@ def _mismatch(what: str, got: torch.Tensor, want: torch.Tensor) -> Optional[str]
             f"values (first at {first})")
 
 
-def _configs(device: torch.device) -> tuple[Optional[dict], Optional[dict], Optional[dict]]:
-    """(tiled, small_m, gemv) configs of the check's forward launches: None (the fixed ones)
-    in the interpreter; on a GPU the first bf16, K-aligned config of each autotune list, as the
+def _configs(device: torch.device) -> tuple[Optional[dict], ...]:
+    """(tiled, small_m, gemv, one_pass) configs of the check's forward launches: None (the
+    fixed ones) in the interpreter; on a GPU the first bf16, K-aligned config of each autotune list, as the
     device's compile target has it (sm_86, sm_89 and sm_120: sm_80's with their fixes)."""
     if backend.interpreter_active():
-        return None, None, None
+        return None, None, None, None
     from csrc_triton import forward as fwd_kernels, gemv as gemv_kernels
     from csrc_triton import small_m as small_m_kernels
     from .common import arch, compile_arch
@@ -135,7 +137,8 @@ def _configs(device: torch.device) -> tuple[Optional[dict], Optional[dict], Opti
     tiled = dict(fwd_kernels.tiled_configs(arch(device), False, True)[0])
     small = small_m_kernels.small_m_configs(False, True, "tf32", compile_arch(device))[0]
     return (tiled, {**small, "SPLIT_K": 2},
-            {**gemv_kernels.gemv_configs(2, 16, False)[0], "SPLIT_K": 2})
+            {**gemv_kernels.gemv_configs(2, 16, False)[0], "SPLIT_K": 2},
+            dict(fwd_kernels.one_pass_configs(arch(device))[0]))
 
 
 def _check(device: torch.device, quant_type: str) -> Optional[str]:
@@ -152,13 +155,18 @@ def _check(device: torch.device, quant_type: str) -> Optional[str]:
                             dequant.dequantize_4bit_triton(packed, state, DTYPE), want)
         if problem:
             return problem
-        tiled, small, gemv = _configs(device)
+        tiled, small, gemv, one_pass = _configs(device)
         eye = torch.eye(K, dtype=DTYPE, device=device)
         lora_a = torch.zeros(RANK, K, dtype=DTYPE, device=device)
         lora_b = torch.zeros(N, RANK, dtype=DTYPE, device=device)
         y, _ = forward.lora_forward(eye, packed, state, lora_a, lora_b, 1.0, None, 0.0, 0,
                                     config=tiled, path="tiled")
         problem = _mismatch("the tiled forward", y, want.t())
+        if problem:
+            return problem
+        y, _ = forward.lora_forward(eye, packed, state, lora_a, lora_b, 1.0, None, 0.0, 0,
+                                    config=one_pass, path="one_pass")
+        problem = _mismatch("the one-pass forward", y, want.t())
         if problem:
             return problem
         cols = torch.tensor(SMALL_M_COLUMNS, device=device)
