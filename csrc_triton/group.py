@@ -366,10 +366,11 @@ def _da_config(ranks, fp32: bool, precision: str) -> triton.Config:
     total = total_r_pad(ranks)
     if fp32 and precision == "ieee":
         _check_ieee(total)
-        # Triton 3.6, 3.7: 16x64 w8 s1 spills 8 B on sm_80 at 16+16 since the dA sum
-        # moved in-kernel (caught by CI's support-range rotation); 16x32 w4 s1 is spill-free
-        # there at 16+16, 16+16+16 and 32+32 on both archs (96-150 registers)
-        block_k, warps = by_triton((64, 8), **dict.fromkeys(("v3_6", "v3_7"), (32, 4)))
+        # Triton 3.6, 3.7: 16x64 w8 s1 spills 8 B on sm_80 at 16+16+16, and 16x32 w4 s1
+        # (shipped for them before) 8 B on sm_80 at 16+16 (caught by CI's support-range
+        # rotation); 16x16 w8 s1 is spill-free there at every served total (16+16, 16+16+16,
+        # 32+32, 32+16+16, 16+16+16+16) on both archs (60-128 registers)
+        block_k, warps = by_triton((64, 8), **dict.fromkeys(("v3_6", "v3_7"), (16, 8)))
         return triton.Config({"BLOCK_M": 16, "BLOCK_K": block_k}, num_warps=warps,
                              num_stages=1)
     wide = total > 128 or (fp32 and total > 64)

@@ -82,3 +82,24 @@ class RecordCreated(TorchDispatchMode):
                 self.created.append((str(func), tuple(t.shape), t.dtype))
         return out
 
+
+
+# ----------------------------------------------------------------------------- the dispatcher
+
+def tag_dispatch_candidates(monkeypatch, running: list) -> None:
+    """Wraps fastlora.launch.dispatch.choose so that each candidate it is handed (fused,
+    dequant and every `others` entry) sets running[:] = [(role, path)] before it runs: a
+    mocked timer then knows which candidate it is timing."""
+    from fastlora.launch import dispatch
+
+    real_choose = dispatch.choose
+
+    def choose(role, out, fused, dequant, others=None, **kwargs):
+        def tag(path, fn):
+            def tagged(t):
+                running[:] = [(role, path)]
+                return fn(t)
+            return tagged
+        return real_choose(role, out, tag("fused", fused), tag("dequant", dequant),
+                           others={k: tag(k, v) for k, v in (others or {}).items()}, **kwargs)
+    monkeypatch.setattr(dispatch, "choose", choose)

@@ -20,7 +20,7 @@ from fastlora.launch import forward as launch_forward
 from fastlora.launch.dequant import dequantize_4bit_triton
 from fastlora.numerics import assert_close
 from fastlora.quant import dequantize_4bit_torch
-from helpers import DEVICE, N, make_case, reference_pair
+from helpers import DEVICE, N, make_case, reference_pair, tag_dispatch_candidates
 
 DTYPE = torch.bfloat16
 
@@ -260,17 +260,7 @@ def timer(monkeypatch):
         timed.append((role, path))
         return times[(role, path)]
     timed_as = []
-    real_choose = dispatch.choose
-
-    def choose(role, out, fused, dequant, others=None, **kwargs):
-        def tag(path, fn):
-            def tagged(t):
-                timed_as[:] = [(role, path)]
-                return fn(t)
-            return tagged
-        return real_choose(role, out, tag("fused", fused), tag("dequant", dequant),
-                           others={k: tag(k, v) for k, v in (others or {}).items()}, **kwargs)
-    monkeypatch.setattr(dispatch, "choose", choose)
+    tag_dispatch_candidates(monkeypatch, timed_as)
     monkeypatch.setattr(dispatch, "_time_ms", fake_time)
     monkeypatch.setattr(dispatch, "_can_time", lambda device: True)
     return times, timed

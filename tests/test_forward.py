@@ -16,7 +16,7 @@ from fastlora import reference
 from fastlora.launch import forward as launch
 from fastlora.numerics import assert_close
 from helpers import (quick_first, AXES, DEVICE, DTYPES, MATRIX, N, bnb_weight, case_id, counting,
-                     make_case, reference_pair, run)
+                     make_case, reference_pair, run, tag_dispatch_candidates)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -159,23 +159,13 @@ def test_one_pass_timed_by_the_dispatcher(fastest, monkeypatch):
 
     order = [("forward", path) for path in ("fused", "dequant", "one_pass")]
     timed, running = [], []
-    real_choose = dispatch.choose
-
-    def choose(role, out, fused, dequant, others=None, **kwargs):
-        def tag(path, fn):
-            def tagged(t):
-                running[:] = [(role, path)]
-                return fn(t)
-            return tagged
-        return real_choose(role, out, tag("fused", fused), tag("dequant", dequant),
-                           others={k: tag(k, v) for k, v in (others or {}).items()}, **kwargs)
+    tag_dispatch_candidates(monkeypatch, running)
 
     def fake_time(fn):
         fn()
         timed.append(running[0])
         return 1.0 if running[0] in (("forward", fastest), ("dx", "fused")) else 2.0
     dispatch.clear_picks()
-    monkeypatch.setattr(dispatch, "choose", choose)
     monkeypatch.setattr(dispatch, "_can_time", lambda device: True)
     monkeypatch.setattr(dispatch, "_time_ms", fake_time)
     try:

@@ -131,7 +131,7 @@ def lora_forward(x, packed, state, lora_A, lora_B, scaling, bias, p, seed, *, co
     if which == "one_pass" or (which == "tiled" and one_pass_ok and path == "auto"
                                and config is None):
         return _forward_one_pass(x, packed, state, lora_A, lora_B, scaling, bias, u, config,
-                                 base, pinned=which == "one_pass"), u
+                                 base, which == "one_pass", flags), u
     _launch_u(x, lora_A, u, float(p), seed, dot_precision(x.dtype))
     return forward_with_u(x, packed, state, u, lora_B, scaling, bias, config=config,
                           path=which, base=base, pinned=config is not None or path != "auto"), u
@@ -150,7 +150,7 @@ def forward_with_u(x, packed, state, u, lora_B, scaling, bias, *, config=None, p
     # the kernels read bias[n] at bias_ptr + n: a strided view (bias[::2]) is copied, N values
     bias_arg = bias.contiguous() if bias is not None else y  # y: unread when HAS_BIAS is off
     args = (x, *weight_args(packed, state), u, lora_B, bias_arg, y)
-    flags = _gemm_flags(x, packed, state, rank, bias)
+    flags = _gemm_flags(decode_flags(packed, state, k), x, rank, bias)
     launch_fused = _launch_small_m if which == "small_m" else _launch_tiled
     dispatch.run("forward", y,
                  lambda out: launch_fused((*args[:-1], out), flags, m, n, k, rank,
@@ -178,23 +178,26 @@ def _forward_gemv(x, packed, state, lora_a, lora_b, scaling, bias, u, config, ba
     return y
 
 
-def _gemm_flags(x, packed, state, rank, bias) -> dict:
-    """The constexpr flags the tiled and one-pass forwards share."""
-    return {**decode_flags(packed, state, x.shape[1]), "HAS_BIAS": bias is not None,
+def _gemm_flags(decoded, x, rank, bias) -> dict:
+    """The constexpr flags the tiled and one-pass forwards share: decode_flags' (`decoded`) and
+    those of x's dtype, the rank and the bias."""
+    return {**decoded, "HAS_BIAS": bias is not None,
             "PRECISION": dot_precision(x.dtype),
             "BLOCK_R": _forward_kernels().rank_block(rank)}
 
 
-def _forward_one_pass(x, packed, state, lora_a, lora_b, scaling, bias, u, config, base, pinned):
+def _forward_one_pass(x, packed, state, lora_a, lora_b, scaling, bias, u, config, base, pinned,
+                      decoded):
     """y of lora_forward where the one-pass forward can serve it (one_pass_ready, M > 16), u
     written too. pinned (path='one_pass'): the one-pass kernel, `config` or the autotuned list.
     Else the dispatcher picks among U + the tiled GEMM ('fused', what runs off a GPU), the
-    one-pass kernel ('one_pass': timed on a GPU only) and U + dequantize + matmul."""
+    one-pass kernel ('one_pass': timed on a GPU only) and U + dequantize + matmul. decoded:
+    decode_flags(packed, state, K), as lora_forward made them."""
     m, k = x.shape
     n, rank = lora_b.shape
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     fwd = _forward_kernels()
-    flags = _gemm_flags(x, packed, state, rank, bias)
+    flags = _gemm_flags(decoded, x, rank, bias)
     if config is None and not backend.interpreter_active():
         kernel, meta = _autotuned_one_pass(x.device), {}
     else:
