@@ -678,13 +678,32 @@ IEEE_CONFIGS = {
 # On sm_80's siblings (common.SM80_SIBLINGS; Triton 3.9): dx 128x32x32 w8 at full precision
 # spills 16 B on sm_86 / sm_89 with 2 stages, K unaligned (3 stages: 146 registers, none); on
 # sm_120 du_db 128x128 w8 (16-bit, the r <= 16 large-M tile) spills 24 B at any stage count in
-# a mixed batch: that GPU times the other du_db tiles.
+# a mixed batch: that GPU times the other du_db tiles. On sm_100 (B200) the du_db and du_db
+# group 64x128 w8 tiles at 3 stages spill at R_PAD 64 (16-224 B) and fp32 (80 B): 1 stage holds
+# them (163-216 registers); du_db 128x128 w8 spills in a mixed batch at R_PAD 64 at 3 stages
+# (200 B, and 245,792 B of shared memory) and at R_PAD 16 at 1 (8 B): dropped there as on
+# sm_120; the full-precision du_db 16x32 tile takes 4 warps (16 B at 8), dA 64x64 w4 s3 8 warps
+# and 2 stages (8 B at 3 stages in a mixed batch at R_PAD 64, 8 B at 2 stages without; w8 s2
+# holds R_PAD 16, 64 and mixed, 66-100 registers) and the fp32 dx 128x32x64 tile 2 stages (8 B
+# at 3, blocksize 32).
+_DU_DB_KERNELS = ("_lora_bwd_du_db_kernel", "_lora_bwd_du_db_group_kernel")
 SIBLING_FIXES = (
     SiblingFix("_nf4_lora_bwd_dx_kernel", ("sm_86", "sm_89"),
                {"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
                {"num_stages": 3}, ieee=True),
-    SiblingFix("_lora_bwd_du_db_kernel", ("sm_120",),
+    SiblingFix("_lora_bwd_du_db_kernel", ("sm_100", "sm_120"),
                {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8}, None, fp32=False),
+    SiblingFix(_DU_DB_KERNELS, ("sm_100",),
+               {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+               {"num_stages": 1}),
+    SiblingFix("_lora_bwd_du_db_kernel", ("sm_100",),
+               {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 8}, {"num_warps": 4}, ieee=True),
+    SiblingFix("_lora_bwd_da_kernel", ("sm_100",),
+               {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+               {"num_warps": 8, "num_stages": 2}, fp32=False),
+    SiblingFix("_nf4_lora_bwd_dx_kernel", ("sm_100",),
+               {"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+               {"num_stages": 2}, fp32=True, ieee=False),
 )
 
 

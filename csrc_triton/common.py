@@ -40,12 +40,12 @@ def by_triton(default, **older):
             raise ValueError(f"by_triton: {name!r} is not a release like v3_5")
     return older.get(key, default)
 
-# The mma.sync GPUs besides sm_80 (fastlora.gpus.CONFIG_FAMILY): RTX 3090 / A10 (sm_86),
-# RTX 4090 / L40S (sm_89), RTX 5090 / RTX PRO 6000 (sm_120). They run sm_80's configs with 99 KB
-# of shared memory a block, except where one of them spills or overflows there: SIBLING_FIXES
-# (each kernel file's) replace or drop that config on that arch, at launch (sibling_configs) and
-# in the compile report (sibling_specs).
-SM80_SIBLINGS = ("sm_86", "sm_89", "sm_120")
+# The GPUs besides sm_80 that run its config lists (fastlora.gpus.CONFIG_FAMILY): the mma.sync
+# RTX 3090 / A10 (sm_86), RTX 4090 / L40S (sm_89), RTX 5090 / RTX PRO 6000 (sm_120), with 99 KB
+# of shared memory a block, and B200 (sm_100: tcgen05, 227 KB), except where one of them spills
+# or overflows there: SIBLING_FIXES (each kernel file's) replace or drop that config on that
+# arch, at launch (sibling_configs) and in the compile report (sibling_specs).
+SM80_SIBLINGS = ("sm_86", "sm_89", "sm_100", "sm_120")
 
 
 @dataclass(frozen=True)

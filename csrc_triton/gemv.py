@@ -32,8 +32,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (CompileSpec, block_scales, code_lookup, lane_table, last_to_arrive,
-                     weight_signature, word_nibbles)
+from .common import (CompileSpec, SiblingFix, block_scales, code_lookup, lane_table,
+                     last_to_arrive, sibling_configs, sibling_specs, weight_signature,
+                     word_nibbles)
 
 GEMV_MAX_M = 2  # the most rows this path serves (tests/test_gemv.py; launch/forward.py)
 R_CHUNK = tl.constexpr(16)  # rank columns the epilogue's s * U @ B^T takes at a time
@@ -217,10 +218,22 @@ SMALLEST_BLOCK_N = min(c["BLOCK_N"] for cs in GEMV_CONFIGS.values() for c in cs)
 # 0.49-0.65.
 HBM_FLOOR = {1: 0.70, 2: 0.45}
 
+# On sm_100 (B200; Triton 3.9) 4 warps spill 8 B at 512 rows (16-bit, M = 1, r = 16, no split)
+# and at 256 rows in fp32 (M = 2, r = 16, no split): 8 warps hold both (80 / 102 registers).
+_KERNEL = "_nf4_lora_gemv_kernel"
+SIBLING_FIXES = (
+    SiblingFix(_KERNEL, ("sm_100",), {"BLOCK_N": 512, "num_warps": 4}, {"num_warps": 8},
+               fp32=False),
+    SiblingFix(_KERNEL, ("sm_100",), {"BLOCK_N": 256, "num_warps": 4}, {"num_warps": 8},
+               fp32=True),
+)
 
-def gemv_configs(bm: int, block_r: int, fp32: bool) -> list[dict]:
-    """The autotune list for BLOCK_M bm, padded rank block_r, fp32 activations or not."""
-    return GEMV_CONFIGS[bm, block_r >= 64 or fp32]
+
+def gemv_configs(bm: int, block_r: int, fp32: bool, arch: str = "sm_80") -> list[dict]:
+    """The autotune list for BLOCK_M bm, padded rank block_r, fp32 activations or not, as
+    compile target `arch` runs it (sm_80's siblings take SIBLING_FIXES)."""
+    return sibling_configs(SIBLING_FIXES, _KERNEL, arch, GEMV_CONFIGS[bm, block_r >= 64 or fp32],
+                           fp32)
 
 
 def split_k(n: int, k: int, num_sms: int) -> int:
@@ -254,10 +267,10 @@ def _spec(cfg, dtype, bm, split, rank=16, target=0.0):
                        ceiling_target=target)
 
 
-COMPILE_SPECS = (
+COMPILE_SPECS = sibling_specs(SIBLING_FIXES, (
     [_spec(c, dt, bm, split, r, target=HBM_FLOOR[bm] if i == 0 else 0.0)
      for bm in (1, 2) for r in (16, 64) for i, c in enumerate(gemv_configs(bm, r, False))
      for dt in ("bf16", "fp16") for split in (True, False) if dt == "bf16" or i == 0]
     + [_spec(c, "fp32", bm, split, r) for bm in (1, 2) for r in (16, 64)
        for c in gemv_configs(bm, r, True) for split in (True, False)]
-)
+))

@@ -317,8 +317,13 @@ def _check_ieee(total: int) -> None:
 # Since the dropout seed comes from the device (issue 30; one more live register), Triton 3.9:
 # the full-precision U group tile also takes 32 rows on sm_86 / sm_89 (64 at 1 stage: 8 B
 # spilled), the full-precision dA group tile BLOCK_K 32 there (16 B at 64), and the 16-bit dA
-# group tile 8 warps on sm_120 (16 B at 4 warps, 32+32+32).
+# group tile 8 warps on sm_120 (16 B at 4 warps, 32+32+32). On sm_100 the dA group tile 16x64
+# w4 s2 spills 8-16 B (16-bit 16+16 without dropout, fp32 16+16+16 with): 1 stage holds them
+# (40-96 registers), up to a summed 96 as on sm_86 / sm_89.
 SIBLING_FIXES = (
+    SiblingFix("_lora_bwd_da_group_kernel", ("sm_100",),
+               {"BLOCK_M": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+               {"num_stages": 1}, max_rank=96),
     SiblingFix("_lora_u_group_kernel", ("sm_86", "sm_89"),
                {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
                {"num_stages": 1, "BLOCK_M": 32}, ieee=True),

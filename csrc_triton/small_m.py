@@ -245,13 +245,16 @@ SMALLEST_BLOCK_N = min(c["BLOCK_N"] for c in (*SMALL_M_CONFIGS, *SMALL_M_FP32_CO
 # On sm_80's siblings (common.SM80_SIBLINGS; Triton 3.9), the lists above without what spills
 # there: 64x64 w4 s4 (the group kernel, 16-bit, no split: 8 B on sm_86 and sm_89); on sm_120
 # 64x128 w4 at 3 stages (8 B, 16-bit, no split; 2 stages hold it) and at full precision the
-# 64x64 w4 tiles (8 B at blocksize 32; 128x32 and 32x128 cover it).
+# 64x64 w4 tiles (8 B at blocksize 32; 128x32 and 32x128 cover it). On sm_100 the same
+# full-precision tiles (8 B at r 64, split) and, 16-bit, 64x64 w4 s3 (8 B at blocksize 32,
+# no split; the s4 entry covers the tile).
 _KERNELS = ("_nf4_lora_fwd_small_m_kernel", "_nf4_lora_fwd_small_m_group_kernel")
 SIBLING_FIXES = (
     SiblingFix(_KERNELS, ("sm_86", "sm_89"), _cfg(64, 64, 4, 4), None, fp32=False),
+    SiblingFix(_KERNELS, ("sm_100",), _cfg(64, 64, 4, 3), None, fp32=False),
     SiblingFix(_KERNELS, ("sm_120",), _cfg(64, 128, 4, 3), {"num_stages": 2}, fp32=False),
-    SiblingFix(_KERNELS, ("sm_120",), {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}, None,
-               ieee=True),
+    SiblingFix(_KERNELS, ("sm_100", "sm_120"), {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4},
+               None, ieee=True),
 )
 
 

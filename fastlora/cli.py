@@ -291,7 +291,8 @@ def _parser() -> argparse.ArgumentParser:
                             "MMA or shared memory past the arch's limit")
     report.add_argument("--archs", default="sm_80,sm_90",
                         help="comma-separated compile targets (sm_80, sm_86, sm_89, sm_90, "
-                        "sm_120) or 'all'; sm_86/sm_89/sm_120 compile the sm_80 config lists")
+                        "sm_100, sm_120) or 'all'; sm_86/sm_89/sm_100/sm_120 compile the sm_80 "
+                        "config lists")
     report.add_argument("--kernels", default=None,
                         help="only these kernels (comma-separated names, e.g. "
                         "_dequant_4bit_kernel); default: all")

@@ -1,11 +1,13 @@
 """Ahead-of-time compile check: every shipped kernel config, compiled for sm_80 and sm_90 (and
-sm_86, sm_89, sm_120: ARCHS) on this machine (no GPU needed), with its register / spill /
+sm_86, sm_89, sm_100, sm_120: ARCHS) on this machine (no GPU needed), with its register / spill /
 shared-memory use and tensor-core instruction count.
 
 Triton compiles for a GPU it does not have: `triton.compile(ASTSource(...), target=
 GPUTarget("cuda", 90, 32))` yields a cubin, and the wheel ships `cuobjdump`, which reads the
 cubin's resource usage (REG, STACK, SHARED, LOCAL) and disassembles it (SASS), where sm_80
-tensor-core instructions are HMMA and sm_90's warpgroup ones HGMMA. STACK or LOCAL > 0 means
+tensor-core instructions are HMMA, sm_90's warpgroup ones HGMMA and sm_100's tcgen05 ones
+UTCHMMA (16-bit and tf32 operands, issued by one thread for the whole block; A from shared or
+tensor memory, B from shared memory, the accumulator in tensor memory). STACK or LOCAL > 0 means
 register spills. The specs come from each kernel file's COMPILE_SPECS (csrc_triton).
 
 Large-index safety: every load and store of a tensor that can pass 2^31 elements (x, y, dy,
@@ -15,14 +17,20 @@ tt.store back to the pointer argument), so a 32-bit row offset anywhere is a rep
 
 Hot-loop model (`hot_loop`, `hot_loop_model`): a first-order static bound on how fast the
 kernel's main loop can run, read off its SASS. The main loop is the back-branch region
-[target, BRA] holding the most HMMA/HGMMA instructions (if none holds any: the most global-memory
+[target, BRA] holding the most tensor-core instructions (if none holds any: the most global-memory
 instructions; a kernel without a back branch counts its whole body). Per trip of that loop, per
 SM and clock (DESIGN.md "Performance by construction"):
     loop_instructions  SASS instructions in the region (per warp, counted statically)
     issue_clocks       loop_instructions * num_warps / 4 schedulers
     mio_clocks         the shared-memory / L1 / shuffle pipe at 128 B per clock: each LDS, STS,
                        LDSM, SHFL, LDG, STG, LDGSTS, atomic... costs max(1, 32 lanes x bytes per
-                       lane / 128) clocks (LDSM .x1/.x2/.x4: 1/2/4), times num_warps
+                       lane / 128) clocks (LDSM .x1/.x2/.x4: 1/2/4), times num_warps; plus the
+                       tensor cores' own operand reads from shared memory: sm_90 wgmma per
+                       warpgroup (wgmma_smem_bytes), sm_100 tcgen05 once per block
+                       (tcgen05_shape). sm_100's moves between registers and tensor memory
+                       (STTM / LDTM: the decoded weight tile stored as an MMA operand, the
+                       accumulator read back) are counted on the same pipe at 128 B per clock:
+                       an assumption (no published tensor-memory bandwidth), on the slow side
     mma_clocks         the spec's trip_flops / the dense tensor-core rate (bf16/fp16 FLOP per
                        clock per SM of the arch's reference GPU, fastlora/gpus.py; half that
                        where the loop's MMAs are tf32)
@@ -54,10 +62,13 @@ from .gpus import CONFIG_FAMILY, reference, smem_per_block_bytes
 
 # the compile targets (issue 31): the two config families (sm_80: mma.sync, sm_90: wgmma) and
 # the mma.sync GPUs that run sm_80's lists with 99 KB of shared memory a block (RTX 3090 / A10,
-# RTX 4090 / L40S, RTX 5090 / RTX PRO 6000). sm_100 (tcgen05) is not compiled yet.
-ARCHS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90, "sm_120": 120}
+# RTX 4090 / L40S, RTX 5090 / RTX PRO 6000), and B200 (sm_100: tcgen05, running sm_80's lists
+# with 227 KB of shared memory a block; Triton stages each tl.dot operand through shared or
+# tensor memory there).
+ARCHS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90, "sm_100": 100, "sm_120": 120}
 _RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
-_MMA = re.compile(r"\b(HGMMA|HMMA)\b")
+_MMA_OPS = ("HMMA", "HGMMA", "UTCHMMA")
+_MMA = re.compile(r"\b(HGMMA|HMMA|UTCHMMA)\b")
 # sm_90 wgmma whose A operand comes from registers: `HGMMA.64x128x16.F32.BF16 R88, R32, gdesc..`
 # (the shared-memory form reads `HGMMA... R88, gdesc[UR8], ...`)
 _HGMMA_REGISTER_A = re.compile(r"\bHGMMA\.\S+\s+R\d+,\s*R\d+,")
@@ -88,7 +99,7 @@ HBM_BYTES_PER_CLOCK = {arch: round(reference(arch).dram_gbs, -1) * 1e9 / referen
 # `/*57a0*/   @!P5 BRA 0x3810 ;` -> address, predicate, opcode, operands
 _SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(@!?U?P(?:T|\d+)\s+)?([A-Z][\w.]*)([^;]*);",
                         re.MULTILINE)
-_MIO_OPS = {"LDS", "STS", "LDSM", "STSM", "SHFL", "LDG", "STG", "LDGSTS", "LDL", "STL", "LD", "ST",
+_MIO_OPS = {"LDS", "STS", "LDSM", "STSM", "STTM", "LDTM", "SHFL", "LDG", "STG", "LDGSTS", "LDL", "STL", "LD", "ST",
             "ATOM", "ATOMS", "ATOMG", "RED"}
 _GLOBAL_OPS = {"LDG", "STG", "LDGSTS", "LD", "ST", "ATOM", "ATOMG", "RED", "UTMALDG", "UTMASTG",
                "UTMAREDG", "UBLKCP"}
@@ -180,26 +191,58 @@ def _mio_clocks(opcode: str) -> int:
         return 0
     if base in ("LDSM", "STSM"):  # LDSM.16.M88.4: four 8x8 b16 matrices, 128 B each
         return int(mods[-1]) if mods and mods[-1] in ("1", "2", "4") else 1
+    if base in ("STTM", "LDTM"):  # sm_100 tensor memory (module docstring: an assumption)
+        return _tmem_clocks(opcode)
     lane_bytes = 16 if "128" in mods else 8 if "64" in mods else 4
     return max(1, LANES * lane_bytes // MIO_BYTES_PER_CLOCK)
+
+
+# sm_100 moves between registers and tensor memory, as SASS writes them: `STTM.x8` (PTX
+# tcgen05.st .32x32b.x8: 32 lanes, 8 32-bit registers each) and `LDTM.16dp32bit_t0_t15.x32`
+# (half of a PTX .16x32bx2.x32: lanes 0-15, 32 registers each; lanes 16-31 in a second one)
+_TMEM_MOVE = re.compile(r"(?:16dp32bit_t(\d+)_t(\d+)\.)?x(\d+)")
+
+
+def _tmem_clocks(opcode: str) -> int:
+    """Clocks one sm_100 STTM / LDTM holds the pipe at 128 B per clock: lanes x registers x
+    4 B (STTM.x8: 32 x 8 x 4 = 1 KB, 8 clocks). Any other form is refused: its bytes would need
+    reading off the PTX ISA first."""
+    base, _, mods = opcode.partition(".")
+    found = _TMEM_MOVE.fullmatch(mods)
+    if found is None:
+        raise ValueError(f"unknown tensor-memory move {opcode}: only {base}.xN (32x32b) and "
+                         f"{base}.16dp32bit_tA_tB.xN are modelled")
+    first, last, registers = found.groups()
+    lanes = int(last) - int(first) + 1 if first is not None else LANES
+    return max(1, lanes * int(registers) * 4 // MIO_BYTES_PER_CLOCK)
 
 
 def hot_loop(sass: str) -> dict:
     """The main loop of a cuobjdump -sass listing: instructions and MIO clocks per warp per trip.
 
     Each backward branch (BRA to a lower address, predicated or not) closes a loop [target,
-    branch]; branches to one target form one loop. The main loop holds the most HMMA/HGMMA
-    instructions, or, where none holds any, the most global-memory instructions; among equals
-    an enclosing loop gives way to the loop inside it (there the work is), then the larger
-    wins. Without a back branch the whole body counts, up to the first unpredicated EXIT.
+    branch], except an unpredicated one from past the last unpredicated EXIT into the body
+    (an out-of-line block's return); branches to one target form one loop. The main loop
+    holds the most tensor-core instructions (HMMA, HGMMA, UTCHMMA), or, where none holds any,
+    the most global-memory instructions; among equals an enclosing loop gives way to the loop
+    inside it (there the work is), then the larger wins. Without a back branch the whole body counts, up to the first unpredicated EXIT.
     Returns start, end (addresses), instructions, mio_clocks, mma, tf32 (the loop's MMAs are),
-    shuffles (SHFL instructions: the register-table code lookups)."""
+    shuffles (SHFL instructions: the register-table code lookups), the tensor cores' operand
+    bytes from shared memory (wgmma_smem_bytes per warpgroup, tcgen05_smem_bytes per block)
+    and tma_loads."""
     code = [(int(a, 16), bool(pred), op, args) for a, pred, op, args in _SASS_LINE.findall(sass)]
+    # past the body's last unpredicated EXIT lie out-of-line blocks (sm_100's mbarrier waits:
+    # try again, then branch back into the body unconditionally), whose return closes no loop
+    body_end = max((a for a, pred, op, _ in code if op == "EXIT" and not pred),
+                   default=code[-1][0] if code else 0)
     ends = {}
-    for addr, _, op, args in code:
+    for addr, pred, op, args in code:
         targets = re.findall(r"0x[0-9a-f]+", args)
-        if op.split(".")[0] == "BRA" and targets and int(targets[-1], 16) < addr:
-            head = int(targets[-1], 16)
+        if op.split(".")[0] != "BRA" or not targets:
+            continue
+        head = int(targets[-1], 16)
+        returns = addr > body_end and not pred and head <= body_end
+        if head < addr and not returns:
             ends[head] = max(addr, ends.get(head, 0))
     if not ends:
         last = next((a for a, pred, op, _ in code if op == "EXIT" and not pred),
@@ -211,7 +254,7 @@ def hot_loop(sass: str) -> dict:
 
     def weight(region):
         ops = body(*region)
-        return (sum(op.split(".")[0] in ("HMMA", "HGMMA") for op in ops),
+        return (sum(op.split(".")[0] in _MMA_OPS for op in ops),
                 sum(op.split(".")[0] in _GLOBAL_OPS for op in ops))
 
     regions = list(ends.items())
@@ -223,12 +266,15 @@ def hot_loop(sass: str) -> dict:
     start, end = max(innermost, key=lambda r: r[1] - r[0])
     region = [(op, args) for a, _, op, args in code if start <= a <= end]
     ops = [op for op, _ in region]
-    mma = [op for op in ops if op.split(".")[0] in ("HMMA", "HGMMA")]
+    mma = [op for op in ops if op.split(".")[0] in _MMA_OPS]
+    tcgen05 = [tcgen05_shape(code, i) for i, (a, _, op, _) in enumerate(code)
+               if start <= a <= end and op.split(".")[0] == "UTCHMMA"]
     return {"start": start, "end": end, "instructions": len(ops),
             "mio_clocks": sum(_mio_clocks(op) for op in ops), "mma": len(mma),
-            "tf32": any(".TF32" in op for op in mma),
+            "tf32": any(".TF32" in op for op in mma) or any(t["tf32"] for t in tcgen05),
             "shuffles": sum(op.split(".")[0] == "SHFL" for op in ops),
             "wgmma_smem_bytes": sum(wgmma_smem_bytes(op, args) for op, args in region),
+            "tcgen05_smem_bytes": sum(t["smem_bytes"] for t in tcgen05),
             "tma_loads": sum(op.split(".")[0] in _TMA_OPS for op in ops)}
 
 
@@ -257,15 +303,56 @@ def wgmma_smem_bytes(opcode: str, operands: str) -> int:
     return (n * k + (0 if a_in_registers else m * k)) * element
 
 
+# sm_100 tcgen05.mma instruction descriptor (PTX ISA, "Instruction descriptor" of .kind::f16 /
+# .kind::tf32): A's type in bits 7-9 (f16 0, bf16 1, tf32 2), N >> 3 in bits 17-22, M >> 4 in
+# bits 24-28. One instruction reduces over 32 bytes of K (16 16-bit or 8 tf32 elements).
+_TCGEN05_A_TYPE_BYTES = {0: 2, 1: 2, 2: 4}
+_UMOV_IMMEDIATE = re.compile(r"^\s*(UR\d+),\s*(0x[0-9a-f]+|\d+)\s*$")
+
+
+def tcgen05_shape(code: list, index: int) -> dict:
+    """M, N, K, tf32 and smem_bytes of the sm_100 `UTCHMMA a, b, d, ..., idesc[URn], ...` at
+    code[index] (hot_loop's parsed listing: address, predicated, opcode, operands). The shape
+    and A's type come from the instruction descriptor: the immediate of the last `UMOV URn,
+    imm` above it in the listing (Triton sets it next to the MMA, or once before the loop).
+    smem_bytes: the operand bytes the tensor core reads from shared memory, once for the whole
+    block: B (N x K) always, A (M x K) when it is a descriptor (`gdesc[..]`) rather than tensor
+    memory (`tmem[..]`)."""
+    operands = [o.strip() for o in code[index][3].split(",")]
+    idesc = next((re.fullmatch(r"idesc\[(UR\d+)\]", o) for o in operands
+                  if o.startswith("idesc[")), None)
+    if idesc is None:
+        raise ValueError(f"no idesc[URn] operand in UTCHMMA {code[index][3].strip()}")
+    value = None
+    for _, _, op, args in reversed(code[:index]):
+        found = _UMOV_IMMEDIATE.match(args) if op == "UMOV" else None
+        if found and found.group(1) == idesc.group(1):
+            value = int(found.group(2), 0)
+            break
+    if value is None:
+        raise ValueError(f"no UMOV {idesc.group(1)}, imm above the UTCHMMA at "
+                         f"{code[index][0]:#x}: its shape is not static")
+    a_type = (value >> 7) & 0x7
+    if a_type not in _TCGEN05_A_TYPE_BYTES:
+        raise ValueError(f"tcgen05 descriptor {value:#x}: unknown A type {a_type}")
+    element = _TCGEN05_A_TYPE_BYTES[a_type]
+    m, n, k = ((value >> 24) & 0x1F) << 4, ((value >> 17) & 0x3F) << 3, 32 // element
+    a_in_smem = operands[0].startswith("gdesc[")
+    return {"m": m, "n": n, "k": k, "tf32": a_type == 2,
+            "smem_bytes": (n * k + (m * k if a_in_smem else 0)) * element}
+
+
 def hot_loop_model(loop: dict, arch: str, num_warps: int, trip_flops: int = 0,
                    trip_bytes: int = 0, fma_dot: bool = False) -> dict:
     """The compile report's HOT_LOOP_FIELDS for one trip of `loop` (hot_loop's answer) run by
     num_warps warps on one SM of `arch` (module docstring: a first-order static bound)."""
     issue = loop["instructions"] * num_warps / SCHEDULERS
-    # the loop's own shared-memory / L1 / shuffle traffic, per warp, and the wgmma operand
-    # reads, per warpgroup (num_warps / 4 of them), which take the same 128 B per clock
+    # the loop's own shared-memory / L1 / shuffle traffic, per warp, and the tensor cores'
+    # operand reads, which take the same 128 B per clock: wgmma's per warpgroup (num_warps / 4
+    # of them), tcgen05's once per block (one thread issues it for all warps)
     mio_loop = loop["mio_clocks"] * num_warps
-    mio_mma = loop.get("wgmma_smem_bytes", 0) * (num_warps / WARPGROUP) / MIO_BYTES_PER_CLOCK
+    mio_mma = (loop.get("wgmma_smem_bytes", 0) * (num_warps / WARPGROUP)
+               + loop.get("tcgen05_smem_bytes", 0)) / MIO_BYTES_PER_CLOCK
     mio = mio_loop + mio_mma
     rate = DENSE_MMA_FLOPS[arch] / (2 if loop["tf32"] else 1)
     mma = None if fma_dot else trip_flops / rate
@@ -396,8 +483,8 @@ def report_jobs(archs, kernels=None, configs=None) -> list[tuple]:
 
 def compiles_for(spec, arch: str) -> bool:
     """Whether `spec` is compiled for `arch`: an arch it names, or one whose config family
-    (fastlora.gpus.CONFIG_FAMILY: sm_86, sm_89 and sm_120 run sm_80's lists) it names unless
-    that arch runs another config in its place (CompileSpec.not_for: csrc_triton's
+    (fastlora.gpus.CONFIG_FAMILY: sm_86, sm_89, sm_100 and sm_120 run sm_80's lists) it names
+    unless that arch runs another config in its place (CompileSpec.not_for: csrc_triton's
     SIBLING_FIXES)."""
     return arch in spec.archs or (arch not in CONFIG_FAMILY.values()
                                   and CONFIG_FAMILY.get(arch) in spec.archs
@@ -434,8 +521,17 @@ def _report_in_child(archs, kernels, workers, configs) -> list[dict]:
 # plain GEMM of their tile), the dU/dB kernel at R_PAD 64 0.65 of HBM. Per Triton release
 # where codegen differs: 3.8 compiles the sm_90 fused GEMMs to 0.60 (their loop's own traffic
 # 1184 clocks against 3.9's 1024; 3.5-3.7: 0.68-0.70).
+# sm_100 (B200, issue 31 item 3, open): sm_80's lists, compiled for tcgen05 (Triton 3.9 only),
+# sit far below every target: its tensor cores run twice sm_90's FLOP per clock and its HBM
+# gives 29 B per SM clock (H100: 13.9) against the same 128 B per clock of shared memory, so the
+# decode's own traffic bounds the GEMMs (forward 0.43, dx 0.33) and the memory-bound kernels
+# (small-M 0.23-0.26, M = 1 0.34-0.37, M = 2 0.23-0.30, U / dA / dU-dB 0.28-0.46, dequantize
+# 0.65). Floors under those until sm_100 has its own configs.
 OPEN_FLOORS = {("sm_90", 0.85): {"default": 0.65, "v3_8": 0.55},
-               ("sm_90", 0.75): {"default": 0.60}}
+               ("sm_90", 0.75): {"default": 0.60},
+               ("sm_100", 0.85): {"default": 0.30}, ("sm_100", 0.8): {"default": 0.60},
+               ("sm_100", 0.75): {"default": 0.25}, ("sm_100", 0.7): {"default": 0.30},
+               ("sm_100", 0.45): {"default": 0.20}, ("sm_100", 0.35): {"default": 0.20}}
 
 
 def ceiling_gate(row: dict) -> float:
@@ -459,7 +555,7 @@ def problems(rows: list[dict]) -> list[str]:
 
     fp32 dots at full precision ('ieee', rows with fma_dot) are the one exception, and the
     reverse holds for them: tensor cores have no fp32 x fp32 form, so such a kernel runs on
-    the FMA units and an HMMA/HGMMA there would mean its dots were rounded to tf32."""
+    the FMA units and a tensor-core instruction there would mean its dots were rounded to tf32."""
     found = []
     for row in rows:
         where = f"{row['kernel']} [{row['config']}] on {row['arch']}"
@@ -472,9 +568,9 @@ def problems(rows: list[dict]) -> list[str]:
         if row.get("fma_dot"):
             if row["mma_instructions"]:
                 found.append(f"{where} is a full-precision fp32 (ieee) config but has "
-                             f"{row['mma_instructions']} HMMA/HGMMA instructions (tf32)")
+                             f"{row['mma_instructions']} tensor-core instructions (tf32)")
         elif row.get("uses_dot") and row["mma_instructions"] == 0:
-            found.append(f"{where} calls tl.dot but has no HMMA/HGMMA instruction")
+            found.append(f"{where} calls tl.dot but has no tensor-core instruction")
         if row.get("i32_addressed"):
             found.append(f"{where} addresses {', '.join(row['i32_addressed'])} with 32-bit "
                          "offsets only (overflows past 2^31 elements)")

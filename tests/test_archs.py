@@ -1,7 +1,8 @@
-"""The mma.sync GPUs beyond A100 (issue 31): RTX 3090 / A10 (sm_86), RTX 4090 / L40S (sm_89),
-RTX 5090 / RTX PRO 6000 (sm_120). They run the sm_80 config lists (fastlora.gpus.CONFIG_FAMILY)
-with 99 KB of shared memory a block, except where a config spills or overflows there: each
-kernel file's SIBLING_FIXES replace or drop it for that arch (csrc_triton/common.py). Every
+"""The GPUs beyond A100 that run its config lists (issue 31; fastlora.gpus.CONFIG_FAMILY): the
+mma.sync RTX 3090 / A10 (sm_86), RTX 4090 / L40S (sm_89) and RTX 5090 / RTX PRO 6000 (sm_120)
+with 99 KB of shared memory a block, and B200 (sm_100: tcgen05, 227 KB), except where a config
+spills or overflows there: each kernel file's SIBLING_FIXES replace or drop it for that arch
+(csrc_triton/common.py). Every
 config they run is compiled for them (the committed compile record, a rotating slice recompiled
 and compared) with no spill, tensor-core instructions wherever tl.dot is called, shared memory
 within the arch's limit and, for the headline configs, its modelled ceiling at or above its
@@ -16,8 +17,8 @@ from fastlora.compilecheck import ARCHS as COMPILED, format_table, problems, rep
 from fastlora.compilerecord import load_record, recorded_report, spec_key
 from fastlora.gpus import CONFIG_FAMILY
 
-ARCHS = ("sm_86", "sm_89", "sm_120")
-RECHECK_SLICES = 48  # each run recompiles ~1/48 of these ~860 recorded rows
+ARCHS = ("sm_86", "sm_89", "sm_100", "sm_120")
+RECHECK_SLICES = 64  # each run recompiles ~1/64 of these ~1,200 recorded rows
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def test_a_launch_there_runs_what_was_compiled_there(arch):
     assert not missing, "\n".join(missing)
 
 
-def test_every_sm80_config_is_compiled_for_the_mma_sync_archs():
+def test_every_sm80_config_is_compiled_for_its_siblings():
     """Each sm_80 spec is compiled for each sibling, or that sibling's fix replaces or drops
     it (CompileSpec.not_for); nothing for sm_90 alone is."""
     sm80 = _compiled("sm_80")

@@ -104,7 +104,7 @@ def test_problems_flags_spills_and_missing_mma():
     row = {"kernel": "k", "config": "c", "arch": "sm_90", "registers": 255, "stack_bytes": 16,
            "local_bytes": 0, "shared_bytes": 0, "mma_instructions": 0, "uses_dot": True}
     found = problems([row])
-    assert len(found) == 2 and "spills" in found[0] and "HMMA/HGMMA" in found[1]
+    assert len(found) == 2 and "spills" in found[0] and "tensor-core" in found[1]
 
 
 def test_problems_flags_shared_memory_past_the_arch_limit():
@@ -128,7 +128,7 @@ def test_problems_expects_no_mma_in_full_precision_fp32_configs():
     assert problems([row]) == []
     found = problems([{**row, "mma_instructions": 4}])
     assert len(found) == 1 and "tf32" in found[0]
-    assert "HMMA/HGMMA" in problems([{**row, "fma_dot": False}])[0]
+    assert "tensor-core" in problems([{**row, "fma_dot": False}])[0]
 
 
 def test_full_precision_fp32_configs_are_in_the_report(report):

@@ -304,3 +304,84 @@ def test_tma_copies_in_the_loop_are_counted_and_reported():
            **hot_loop_model(loop, "sm_90", 4, trip_flops=2 * 64 * 128 * 16)}
     assert row["mio_mma_clocks"] == 6144 / 128
     assert any("TMA" in p for p in problems([row]))
+
+
+# sm_100 (issue 31): a trip of the tiled forward as Triton 3.9 compiles it for B200, cut down.
+# The decoded weight tile goes to tensor memory (STTM.x8: 32 lanes x 8 registers x 4 B = 1 KB,
+# 8 clocks), two UTCHMMAs take it as A from tensor memory and x as B by descriptor; their
+# descriptor 0x8400490 (set by the UMOV above them) reads A type 1 (bf16), N >> 3 = 32, M >> 4
+# = 8: 128 x 256 x 16, so B = 256 x 16 x 2 = 8192 B from shared memory each, once per block.
+# Past the EXIT, the out-of-line mbarrier wait branches back into the body (to 0x110): no
+# loop, else [0x110, 0x1b0] would enclose the real one [0x120, 0x180] and, with the peeled
+# first trip's UTCHMMA at 0x110, hold more MMAs than it.
+SM100_LOOP = """
+        /*0100*/                   UMOV UR13, 0x8400490 ;
+        /*0110*/                   UTCHMMA tmem[UR18], gdesc[UR4], tmem[UR8], tmem[UR14], idesc[UR13], UPT ;
+        /*0120*/                   LDSM.16.M88 R38, [R8+0xd000] ;
+        /*0130*/                   SHFL.IDX PT, R55, R150, R6, 0x1f ;
+        /*0140*/                   STTM.x8 tmem[UR9+0x100], R4 ;
+        /*0150*/                   UTCHMMA tmem[UR18], gdesc[UR10], tmem[UR8], tmem[UR14], idesc[UR13], UPT ;
+        /*0160*/                   UTCHMMA tmem[UR6], gdesc[UR12], tmem[UR8], tmem[UR14], idesc[UR13], UPT ;
+        /*0170*/                   UTCBAR [UR16], URZ ;
+        /*0180*/              @!P4 BRA 0x120 ;
+        /*0190*/                   EXIT ;
+        /*01a0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P4, [UR16], R20 ;
+        /*01b0*/                   BRA 0x110 ;
+        /*01c0*/                   BRA 0x1c0;
+"""
+
+
+@pytest.mark.quick
+def test_sm100_tcgen05_loop_by_hand():
+    loop = hot_loop(SM100_LOOP)
+    assert (loop["start"], loop["end"]) == (0x120, 0x180)
+    assert loop["instructions"] == 7 and loop["mma"] == 2 and not loop["tf32"]
+    assert loop["mio_clocks"] == 1 + 1 + 8  # LDSM, SHFL, STTM.x8
+    assert loop["tcgen05_smem_bytes"] == 2 * 8192 and loop["wgmma_smem_bytes"] == 0
+    # 8 warps: own traffic 10 x 8 = 80 clocks; operands once per block 16384 / 128 = 128;
+    # the trip's 2 x 128 x 256 x 32 FLOP at B200's 8192 per clock: 256 clocks
+    row = hot_loop_model(loop, "sm_100", 8, trip_flops=2 * 128 * 256 * 32)
+    assert (row["mio_loop_clocks"], row["mio_mma_clocks"], row["mio_clocks"]) == (80, 128, 208)
+    assert row["issue_clocks"] == 14 and row["mma_clocks"] == 256 and row["ceiling"] == 1.0
+    row = hot_loop_model({**loop, "mio_clocks": 60}, "sm_100", 8, trip_flops=2 * 128 * 256 * 32)
+    assert row["ceiling"] == pytest.approx(256 / (480 + 128))
+
+
+# A tf32 descriptor, by hand: D f32 (bit 4), A and B tf32 (type 2 in bits 7-9 and 10-12),
+# N = 64 (8 << 17), M = 64 (4 << 24) = 0x4100910; K = 32 B / 4 B = 8; A by descriptor too:
+# (64 x 8 + 64 x 8) x 4 B = 4096 B. Hoisted out of the loop, the UMOV still names it.
+SM100_TF32 = """
+        /*0000*/                   UMOV UR15, 0x4100910 ;
+        /*0010*/                   UMOV UR16, 0x8400490 ;
+        /*0020*/                   UTCHMMA gdesc[UR4], gdesc[UR10], tmem[UR8], tmem[UR14], idesc[UR15], UPT ;
+        /*0030*/                   LDTM.16dp32bit_t0_t15.x32 R4, tmem[UR22] ;
+        /*0040*/               @P0 BRA 0x20 ;
+        /*0050*/                   EXIT ;
+"""
+
+
+@pytest.mark.quick
+def test_sm100_descriptor_shape_and_type_by_hand():
+    from fastlora.compilecheck import _SASS_LINE, tcgen05_shape
+
+    loop = hot_loop(SM100_TF32)
+    assert loop["tf32"] and loop["tcgen05_smem_bytes"] == 4096
+    assert loop["mio_clocks"] == 16  # 16 lanes x 32 registers x 4 B / 128
+    code = [(int(a, 16), bool(p), op, args) for a, p, op, args in _SASS_LINE.findall(SM100_TF32)]
+    assert tcgen05_shape(code, 2) == {"m": 64, "n": 64, "k": 8, "tf32": True,
+                                      "smem_bytes": 4096}
+    # no UMOV for its idesc register: the shape is not static, refused
+    with pytest.raises(ValueError, match="UMOV UR15"):
+        hot_loop(SM100_TF32.replace("UMOV UR15", "UMOV UR17"))
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("opcode, clocks", [
+    ("STTM.x8", 8), ("LDTM.x128", 128), ("LDTM.16dp32bit_t16_t31.x32", 16),
+    ("STTM.16dp32bit_t0_t15.x2", 1), ("STTM.16dp256bit.x4", None)])
+def test_sm100_tensor_memory_moves(opcode, clocks):
+    if clocks is None:
+        with pytest.raises(ValueError, match="unknown tensor-memory move"):
+            _mio_clocks(opcode)
+    else:
+        assert _mio_clocks(opcode) == clocks

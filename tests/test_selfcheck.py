@@ -74,7 +74,7 @@ def test_check_passes_on_the_real_kernels(monkeypatch, quant_type):
     assert selfcheck._RESULTS == {(str(HERE), quant_type): True}
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_89", "sm_90", "sm_120"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120"])
 def test_gpu_configs_are_valid_explicit_configs(monkeypatch, arch):
     """On a GPU the check launches one explicit config per path (no autotuning for its own
     shapes): they must be what lora_forward accepts, on every compile target."""

@@ -77,7 +77,7 @@ class Configs:
                 self.fixed.setdefault(name, cfg)
         # (arch, fp32, dot precision, compile target): fp32 at precision "ieee" autotunes over
         # its own spill-free list (csrc_triton.backward.IEEE_CONFIGS), cached apart from
-        # tf32's; sm_80's siblings (sm_86, sm_89, sm_120) run its lists with their fixes
+        # tf32's; sm_80's siblings (sm_86, sm_89, sm_100, sm_120) run its lists with their fixes
         target = compile_arch(x.device) if x.device.type == "cuda" else None
         self.tuned = (CONFIG_FAMILY[target], x.dtype == torch.float32, dot_precision(x.dtype),
                       target) if target is not None else None

@@ -518,9 +518,10 @@ def _autotuned_one_pass(device: torch.device):
 def _autotuned_gemv(device: torch.device, block_m: int, block_r: int, fp32: bool):
     """The one-launch CUDA-core kernel autotuned over its list for BLOCK_M rows (gemv.py)."""
     gv = _gemv_kernels()
-    key = ("gemv", arch(device), block_m, block_r, fp32)
+    key = ("gemv", compile_arch(device), block_m, block_r, fp32)
     return cached_autotuner(key, lambda: triton.autotune(
-        configs=_forward_kernels().triton_configs(gv.gemv_configs(block_m, block_r, fp32)),
+        configs=_forward_kernels().triton_configs(gv.gemv_configs(block_m, block_r, fp32,
+                                                                  key[1])),
         key=_GEMV_KEY)(gv._nf4_lora_gemv_kernel))
 
 

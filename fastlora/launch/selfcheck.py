@@ -127,7 +127,7 @@ def _mismatch(what: str, got: torch.Tensor, want: torch.Tensor) -> Optional[str]
 def _configs(device: torch.device) -> tuple[Optional[dict], ...]:
     """(tiled, small_m, gemv, one_pass) configs of the check's forward launches: None (the
     fixed ones) in the interpreter; on a GPU the first bf16, K-aligned config of each autotune list, as the
-    device's compile target has it (sm_86, sm_89 and sm_120: sm_80's with their fixes)."""
+    device's compile target has it (sm_86, sm_89, sm_100 and sm_120: sm_80's with their fixes)."""
     if backend.interpreter_active():
         return None, None, None, None
     from csrc_triton import forward as fwd_kernels, gemv as gemv_kernels
@@ -137,7 +137,7 @@ def _configs(device: torch.device) -> tuple[Optional[dict], ...]:
     tiled = dict(fwd_kernels.tiled_configs(arch(device), False, True)[0])
     small = small_m_kernels.small_m_configs(False, True, "tf32", compile_arch(device))[0]
     return (tiled, {**small, "SPLIT_K": 2},
-            {**gemv_kernels.gemv_configs(2, 16, False)[0], "SPLIT_K": 2},
+            {**gemv_kernels.gemv_configs(2, 16, False, compile_arch(device))[0], "SPLIT_K": 2},
             dict(fwd_kernels.one_pass_configs(arch(device))[0]))
 
 
