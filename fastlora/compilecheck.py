@@ -1,14 +1,14 @@
 """Ahead-of-time compile check: every shipped kernel config, compiled for sm_80 and sm_90 (and
-sm_86, sm_89, sm_100, sm_120: ARCHS) on this machine (no GPU needed), with its register / spill /
-shared-memory use and tensor-core instruction count.
+sm_86, sm_89, sm_100, sm_120: ARCHS) on this machine (no GPU needed), with its register /
+spill / shared-memory use and tensor-core instruction count.
 
 Triton compiles for a GPU it does not have: `triton.compile(ASTSource(...), target=
 GPUTarget("cuda", 90, 32))` yields a cubin, and the wheel ships `cuobjdump`, which reads the
 cubin's resource usage (REG, STACK, SHARED, LOCAL) and disassembles it (SASS), where sm_80
 tensor-core instructions are HMMA, sm_90's warpgroup ones HGMMA and sm_100's tcgen05 ones
 UTCHMMA (16-bit and tf32 operands, issued by one thread for the whole block; A from shared or
-tensor memory, B from shared memory, the accumulator in tensor memory). STACK or LOCAL > 0 means
-register spills. The specs come from each kernel file's COMPILE_SPECS (csrc_triton).
+tensor memory, B from shared memory, the accumulator in tensor memory). STACK or LOCAL > 0
+means register spills. The specs come from each kernel file's COMPILE_SPECS (csrc_triton).
 
 Large-index safety: every load and store of a tensor that can pass 2^31 elements (x, y, dy,
 dx, U, the packed weight, absmax, workspaces) must reach its pointer through at least one 64-bit
@@ -17,8 +17,8 @@ tt.store back to the pointer argument), so a 32-bit row offset anywhere is a rep
 
 Hot-loop model (`hot_loop`, `hot_loop_model`): a first-order static bound on how fast the
 kernel's main loop can run, read off its SASS. The main loop is the back-branch region
-[target, BRA] holding the most tensor-core instructions (if none holds any: the most global-memory
-instructions; a kernel without a back branch counts its whole body). Per trip of that loop, per
+[target, BRA] holding the most tensor-core instructions (if none holds any: the most
+global-memory instructions; a kernel without a back branch counts its whole body). Per trip of that loop, per
 SM and clock (DESIGN.md "Performance by construction"):
     loop_instructions  SASS instructions in the region (per warp, counted statically)
     issue_clocks       loop_instructions * num_warps / 4 schedulers
@@ -99,8 +99,8 @@ HBM_BYTES_PER_CLOCK = {arch: round(reference(arch).dram_gbs, -1) * 1e9 / referen
 # `/*57a0*/   @!P5 BRA 0x3810 ;` -> address, predicate, opcode, operands
 _SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(@!?U?P(?:T|\d+)\s+)?([A-Z][\w.]*)([^;]*);",
                         re.MULTILINE)
-_MIO_OPS = {"LDS", "STS", "LDSM", "STSM", "STTM", "LDTM", "SHFL", "LDG", "STG", "LDGSTS", "LDL", "STL", "LD", "ST",
-            "ATOM", "ATOMS", "ATOMG", "RED"}
+_MIO_OPS = {"LDS", "STS", "LDSM", "STSM", "STTM", "LDTM", "SHFL", "LDG", "STG", "LDGSTS", "LDL",
+            "STL", "LD", "ST", "ATOM", "ATOMS", "ATOMG", "RED"}
 _GLOBAL_OPS = {"LDG", "STG", "LDGSTS", "LD", "ST", "ATOM", "ATOMG", "RED", "UTMALDG", "UTMASTG",
                "UTMAREDG", "UBLKCP"}
 _DEF = re.compile(r"^\s*(%[\w#]+)(?::(\d+))?\s*=\s*([\w.]+)\s+(.*)$")
@@ -225,7 +225,8 @@ def hot_loop(sass: str) -> dict:
     (an out-of-line block's return); branches to one target form one loop. The main loop
     holds the most tensor-core instructions (HMMA, HGMMA, UTCHMMA), or, where none holds any,
     the most global-memory instructions; among equals an enclosing loop gives way to the loop
-    inside it (there the work is), then the larger wins. Without a back branch the whole body counts, up to the first unpredicated EXIT.
+    inside it (there the work is), then the larger wins. Without a back branch the whole body
+    counts, up to the first unpredicated EXIT.
     Returns start, end (addresses), instructions, mio_clocks, mma, tf32 (the loop's MMAs are),
     shuffles (SHFL instructions: the register-table code lookups), the tensor cores' operand
     bytes from shared memory (wgmma_smem_bytes per warpgroup, tcgen05_smem_bytes per block)
@@ -525,7 +526,7 @@ def _report_in_child(archs, kernels, workers, configs) -> list[dict]:
 # sit far below every target: its tensor cores run twice sm_90's FLOP per clock and its HBM
 # gives 29 B per SM clock (H100: 13.9) against the same 128 B per clock of shared memory, so the
 # decode's own traffic bounds the GEMMs (forward 0.43, dx 0.33) and the memory-bound kernels
-# (small-M 0.23-0.26, M = 1 0.34-0.37, M = 2 0.23-0.30, U / dA / dU-dB 0.28-0.46, dequantize
+# (small-M 0.23-0.26, M = 1 0.33-0.35, M = 2 0.23-0.28, U / dA / dU-dB 0.28-0.46, dequantize
 # 0.65). Floors under those until sm_100 has its own configs.
 OPEN_FLOORS = {("sm_90", 0.85): {"default": 0.65, "v3_8": 0.55},
                ("sm_90", 0.75): {"default": 0.60},
