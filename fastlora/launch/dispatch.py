@@ -25,8 +25,11 @@ serves another):
   4. auto: on a CUDA device, the first call of a key runs each path once (the fused path's
      autotuning happens there), times both (triton.testing.do_bench, median) and keeps the
      faster for the process (one thread times, the others wait; picks are per process, never
-     written to disk). On the CPU / in the interpreter, and while a CUDA graph is being
-     captured with no pick yet, the fused path runs (tests force either path).
+     written to disk). On the CPU / in the interpreter the fused path runs (tests force either
+     path). While a CUDA graph is being captured with no pick yet, nothing is timed: the path
+     the model expects to be faster runs (`modelled_pick`: the GPU table's row of the device
+     and the break-even M modelled for the nearest of fastlora.bench.picks' shapes, read from
+     fastlora/data/modelled_picks.json; on a B200, dequantize + cuBLAS from M = 512-4096).
      A 'one_pass' key times a third candidate (`choose`'s others): U and y in one launch of
      the one-pass forward (issue 30 part 4), against 'fused' (the U kernel, then the tiled
      GEMM) and 'dequant' (the U kernel, then dequantize + cuBLAS); its pick may be
@@ -37,18 +40,21 @@ serves another):
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
+import math
 import os
 import threading
 from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 
-from .. import backend
+from .. import backend, gpus
 from . import buffer
 
 __all__ = ["run", "choose", "settled", "settings", "requested", "set_base_path", "forced",
            "picks", "timings", "pick_for", "clear_picks", "forward_dequant", "dx_dequant",
-           "PATHS", "ROLES"]
+           "modelled_pick", "PATHS", "ROLES"]
 
 PATHS = ("auto", "fused", "dequant")
 ROLES = ("forward", "dx")
@@ -58,6 +64,10 @@ KERNELS = ("gemv", "small_m", "tiled", "one_pass")
 _ENV = "FASTLORA_BASE_PATH"
 # timing of one candidate (do_bench, ms): short, it runs once per key and process
 WARMUP_MS, REP_MS = 5, 25
+# the model's picks per GPU (written by fastlora.bench.picks; tests/test_modelled_picks.py
+# keeps it equal to what the model computes from the committed compile record)
+MODELLED_PICKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "data", "modelled_picks.json")
 
 _override: Optional[str] = None
 _PICKS: dict = {}      # key -> "fused" | "dequant"
@@ -167,6 +177,47 @@ def key(role: str, device: torch.device, dtype: torch.dtype, n: int, k: int, m: 
             kernel, role)
 
 
+@functools.lru_cache(maxsize=None)
+def _modelled_table() -> dict:
+    with open(MODELLED_PICKS, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _table_gpu(device: torch.device) -> Optional[str]:
+    """The GPU table's row that models `device`: its own (by name), else its compute
+    capability's reference GPU; None off CUDA or below sm_80."""
+    if device.type != "cuda":
+        return None
+    found = gpus.gpu_for_device(_gpu_name(device))
+    if found is None:
+        try:
+            found = gpus.reference(gpus.capability_arch(
+                *torch.cuda.get_device_capability(device)))
+        except (KeyError, ValueError):
+            return None
+    return found.name
+
+
+def modelled_pick(role: str, device: torch.device, dtype: torch.dtype, *, n: int, k: int,
+                  m: int) -> str:
+    """'fused' or 'dequant': the path the model expects to be faster for this call (modelled,
+    not measured; fastlora.bench.picks): 'dequant' where M reaches the break-even modelled
+    for the device's GPU, dtype class and role at the nearest of the table's (N, K) shapes
+    (nearest in log N + log K). 'fused' off CUDA and for a GPU the table cannot place."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    table = _modelled_table()
+    entry = table["gpus"].get(_table_gpu(device) or "")
+    if entry is None:
+        return "fused"
+    klass = "16bit" if dtype in (torch.bfloat16, torch.float16) else "fp32"
+    shapes = table["shapes"]
+    nearest = min(range(len(shapes)), key=lambda i: abs(math.log2(n / shapes[i][0]))
+                  + abs(math.log2(k / shapes[i][1])))
+    start = entry[klass][role][nearest]
+    return "dequant" if start is not None and m >= start else "fused"
+
+
 def _time_ms(fn: Callable[[], None]) -> float:
     """Median ms of fn() (do_bench: CUDA events, L2 flushed between calls). Tests mock it."""
     from triton.testing import do_bench
@@ -209,7 +260,8 @@ def choose(role: str, out: torch.Tensor, fused: Callable, dequant: Callable, *, 
     if pick is not None:
         return pick
     if _capturing(device):
-        return "fused"  # no timing inside a graph capture; the pick comes on an eager call
+        # no timing inside a graph capture: the model's pick; the timed one comes on an eager call
+        return modelled_pick(role, device, out.dtype, n=n, k=k, m=m)
     with _LOCK:
         pick = _PICKS.get(the_key)
         if pick is None:
