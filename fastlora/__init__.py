@@ -7,6 +7,7 @@ Public contract (../shared/DESIGN.md):
     lora_group_4bit, GroupMember                      layers that share an input, one op
     prepare_lora_group_4bit                           its no-grad M <= 16 call, prepared once
     dora_linear_4bit                                  a DoRA layer over a 4-bit base (QDoRA)
+    prepare_dora_linear_4bit                          its no-grad M <= 16 call, prepared once
     mixed_linear_4bit, MixedAdapter                   several adapters in one batch, one per row
     adapter_batch                                     train several PEFT adapters in one batch
     reference                                         the pure-PyTorch reference path
@@ -25,8 +26,8 @@ import importlib
 
 from . import reference  # noqa: F401
 from .ops import (GroupMember, MixedAdapter, dequantize_4bit, dora_linear_4bit, lora_group_4bit,
-                  lora_linear_4bit, mixed_linear_4bit, prepare_lora_group_4bit,
-                  prepare_lora_linear_4bit)
+                  lora_linear_4bit, mixed_linear_4bit, prepare_dora_linear_4bit,
+                  prepare_lora_group_4bit, prepare_lora_linear_4bit)
 from .quant import QuantState, quantize_4bit
 
 __version__ = "0.1.0"
@@ -46,7 +47,7 @@ _LAZY = {
 
 __all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "lora_linear_4bit",
            "prepare_lora_linear_4bit", "prepare_lora_group_4bit",
-           "lora_group_4bit", "dora_linear_4bit", "mixed_linear_4bit", "GroupMember",
+           "lora_group_4bit", "dora_linear_4bit", "prepare_dora_linear_4bit", "mixed_linear_4bit", "GroupMember",
            "MixedAdapter", "reference", *_LAZY]
 
 

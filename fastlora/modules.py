@@ -28,8 +28,8 @@ from .checks import ACTIVATION_DTYPES
 from . import backend
 from .launch import dispatch
 from .launch.common import dot_precision
-from .ops import (dora_linear_4bit, lora_group_4bit, lora_linear_4bit, prepare_lora_group_4bit,
-                  prepare_lora_linear_4bit)
+from .ops import (dora_linear_4bit, lora_group_4bit, lora_linear_4bit, prepare_dora_linear_4bit,
+                  prepare_lora_group_4bit, prepare_lora_linear_4bit)
 from .quant import QuantState, quantize_4bit
 
 __all__ = ["LoRALinear4bit", "fused_lora_forward", "fused_dora_forward", "fused_group_forward",
@@ -82,6 +82,26 @@ def fused_lora_forward(x: torch.Tensor, base_layer: nn.Module, lora_A: nn.Linear
 # Weak keys: a layer that goes away takes its entries with it; nothing here is pickled.
 _PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
+# Optimizer steps taken, by any torch.optim.Optimizer (a global post-step hook, registered at
+# the first prepared call). A parameter's version counter does not see every write:
+# bitsandbytes' 8-bit and paged optimizers (QLoRA's usual paged_adamw_8bit) update it in their
+# own kernel, leaving _version as it was. A prepared call holds the adapter cast to the
+# compute dtype (and a DoRA layer its weight norm), so every step makes them all again.
+_STEPS = [0]
+_STEP_HOOK: list = []
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _STEPS[0] += 1
+
+
+def _optimizer_steps() -> int:
+    if not _STEP_HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _STEP_HOOK.append(register_optimizer_step_post_hook(_count_step))
+    return _STEPS[0]
+
 
 def _tensor_stamp(t: Optional[torch.Tensor]):
     """What changes when a tensor is replaced, written in place or given new storage."""
@@ -106,16 +126,20 @@ def _layer_stamp(base_layer: nn.Module, lora_A: nn.Linear, lora_B: nn.Linear, sc
                 _tensor_stamp(b.get("bias")), base_layer.compute_dtype)
 
 
-def _prepared(x: torch.Tensor, layers: list):
-    """The output of fused_lora_forward (one layer) or fused_group_forward (several; a list)
-    through a prepared call (fastlora.prepare_lora_linear_4bit / prepare_lora_group_4bit)
+def _prepared(x: torch.Tensor, layers: list, magnitude: Optional[torch.Tensor] = None):
+    """The output of fused_lora_forward (one layer), fused_dora_forward (one layer and its
+    `magnitude`) or fused_group_forward (several; a list) through a prepared call
+    (fastlora.prepare_lora_linear_4bit / prepare_dora_linear_4bit / prepare_lora_group_4bit)
     where one applies: no autograd (torch.no_grad / inference_mode: generation, evaluation),
     no active dropout, M <= 16 rows, one compute dtype, not under torch.compile or
     torch.autocast. layers: (base_layer, lora_A, lora_B, scaling, dropout) each. The cast
     adapter weights and the launch arguments are kept per (first) layer and (device, dtype,
     input shape, the layers) and rebuilt, every check with them, when a weight, bias, quant
-    state, scaling or compute dtype changes (replaced, written in place, new storage), or
-    FASTLORA_BACKEND or the dispatcher's settings do. None: the call takes the general path."""
+    state, scaling, DoRA magnitude or compute dtype changes (replaced, written in place, new
+    storage), an optimizer steps (_STEPS: not every optimizer's write shows in a version
+    counter), or FASTLORA_BACKEND or the dispatcher's settings do. Not seen: a write through
+    `param.data` (a tensor with a version counter of its own) outside an optimizer step.
+    None: the call takes the general path."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or x.dim() < 1 \
             or x.device.type not in ("cuda", "cpu") or torch.is_autocast_enabled(x.device.type):
         return None
@@ -131,12 +155,16 @@ def _prepared(x: torch.Tensor, layers: list):
         if layer_stamp is None:
             return None
         stamp.append(layer_stamp)
-    dtypes = {layer_stamp[-1] or x.dtype for layer_stamp in stamp}
+    if magnitude is not None:
+        stamp.append(_tensor_stamp(magnitude))
+    stamp.append(_optimizer_steps())
+    dtypes = {layer_stamp[-1] or x.dtype for layer_stamp in stamp[:len(layers)]}
     if len(dtypes) != 1:
         return None
     dtype = dtypes.pop()
     key = (x.device, dtype, tuple(x.shape), tuple(id(layer[1]) for layer in layers[1:]),
-           backend.requested(), dispatch.settings(), dot_precision(dtype))
+           magnitude is not None, backend.requested(), dispatch.settings(),
+           dot_precision(dtype))
     first = layers[0][1]
     plans = _PREPARED.get(first)
     if plans is None:
@@ -147,8 +175,12 @@ def _prepared(x: torch.Tensor, layers: list):
             plans.clear()
         members = [_member(x, *layer)[1] for layer in layers]
         xc = x.to(dtype)
-        call = (prepare_lora_linear_4bit(xc, *members[0][:6]) if len(layers) == 1
-                else prepare_lora_group_4bit(xc, members))
+        if magnitude is not None:
+            call = prepare_dora_linear_4bit(xc, *members[0][:5], magnitude, members[0].bias)
+        elif len(layers) == 1:
+            call = prepare_lora_linear_4bit(xc, *members[0][:6])
+        else:
+            call = prepare_lora_group_4bit(xc, members)
         entry = plans[key] = (stamp, call)
     call = entry[1]
     if call is None:
@@ -166,6 +198,9 @@ def fused_dora_forward(x: torch.Tensor, base_layer: nn.Module, lora_A: nn.Linear
     if lora_B.bias is not None:
         raise ValueError("DoRA with a bias on lora_B (lora_bias=True) is not defined (PEFT "
                          "refuses that config)")
+    y = _prepared(x, [(base_layer, lora_A, lora_B, scaling, dropout)], magnitude)
+    if y is not None:
+        return y
     dtype, mb = _member(x, base_layer, lora_A, lora_B, scaling, dropout)
     y = dora_linear_4bit(x.to(dtype), mb.packed, mb.state, mb.lora_A, mb.lora_B, scaling,
                          magnitude, mb.bias, dropout_p=mb.dropout_p, training=True)

@@ -17,6 +17,7 @@ from torch import nn
 
 import fastlora
 from fastlora import modules, reference
+from fastlora.numerics import assert_close
 from fastlora.ops import linear as linear_op
 from helpers import counting
 
@@ -130,6 +131,32 @@ def test_changes_reach_the_next_call(monkeypatch):
     assert "_nf4_lora_fwd_small_m_kernel" not in launches and launches, launches
 
 
+@pytest.mark.parametrize("optimizer", ["AdamW8bit", "PagedAdamW8bit", "torch AdamW"])
+def test_an_optimizer_step_reaches_the_next_call(optimizer):
+    """Generation between training steps (TRL's GRPO, online DPO): a prepared call holds the
+    fp32 adapter cast to bf16; after a training step its output must be the new adapter's.
+    bitsandbytes' 8-bit optimizers write the parameters without bumping their version
+    counters, so only the optimizer-step hook can see the change."""
+    import bitsandbytes as bnb
+
+    layer = _layer(bias=False)
+    params = [layer.lora_A.weight, layer.lora_B.weight]
+    opt = (torch.optim.AdamW(params, lr=0.05) if optimizer == "torch AdamW"
+           else getattr(bnb.optim, optimizer)(params, lr=0.05, min_8bit_size=1))
+    x = torch.randn(2, K)
+    with torch.no_grad():
+        before = layer(x)  # prepared
+    versions = [p._version for p in params]
+    layer(torch.randn(8, K)).square().sum().backward()
+    opt.step()
+    if optimizer != "torch AdamW":  # the write the version counter misses
+        assert [p._version for p in params] == versions
+    with torch.no_grad():
+        after = layer(x)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, _general(layer, x))
+
+
 @pytest.mark.parametrize("case", ["grad", "dropout", "m17", "autocast"])
 def test_other_calls_take_the_general_path(case):
     layer = _layer(dropout=0.2 if case == "dropout" else 0.0)
@@ -229,6 +256,109 @@ def test_patched_decode_step_uses_prepared_calls(tmp_path, grouped):
                for _, call in modules._PREPARED[module].values()]
     layers = len(model.base_model.model.model.layers)
     assert len(entries) == layers * (4 if grouped else 7) and all(entries)
+
+
+def test_patched_dora_decode_step_reads_each_weight_once(tmp_path):
+    """A patched tiny Llama with PEFT DoRA on all seven projections, M = 1 under no_grad: the
+    logits of the general path (autograd on), every layer's call prepared, and no weight-norm
+    pass in a decode step once prepared (the general path makes one a layer a call)."""
+    import tiny_models as tm
+
+    model = tm.add_lora(tm.load_4bit(tm.save_tiny_llama(tmp_path)), use_dora=True)
+    fastlora.patch(model)
+    ids, _ = tm.token_batch(1, 1)
+    with torch.enable_grad(), counting(execute=True) as general:
+        want = model(ids).logits.detach()
+    layers = len(model.base_model.model.model.layers)
+    assert general["_dora_norm_kernel"] == 7 * layers, general
+    with torch.no_grad():
+        model(ids)  # prepares
+        with counting(execute=True) as prepared:
+            got = model(ids).logits
+    assert torch.equal(got, want)
+    assert "_dora_norm_kernel" not in prepared and "_dora_scales_kernel" not in prepared
+    entries = [call for module in model.modules() if module in modules._PREPARED
+               for _, call in modules._PREPARED[module].values()]
+    assert len(entries) == 7 * layers and all(entries)
+
+
+def _dora(bias: bool, dtype=torch.bfloat16):
+    """A layer and a DoRA magnitude for it (the row norms of its weight, perturbed, fp32 as
+    PEFT keeps it): (layer, magnitude, x -> fused_dora_forward)."""
+    layer = _layer(dtype, bias)
+    torch.manual_seed(1)
+    magnitude = nn.Parameter(torch.rand(N) + 0.5)
+
+    def call(x):
+        return modules.fused_dora_forward(x, layer.base_layer, layer.lora_A, layer.lora_B,
+                                          layer.scaling, layer.lora_dropout, magnitude)
+    return layer, magnitude, call
+
+
+@pytest.mark.parametrize("bias,m", [(False, 1), (False, 5), (True, 3)],
+                         ids=["scaled-m1", "scaled-m5", "bias-m3"])
+def test_prepared_dora_equals_the_general_path(bias, m):
+    """A DoRA layer's no-grad call at M <= 16 runs prepared (fastlora.prepare_dora_linear_4bit):
+    bit for bit the op's output, with the weight norm (a pass over the whole packed weight)
+    made once for all calls instead of once a call, and every change to the magnitude or
+    the adapter reaching the next call."""
+    layer, magnitude, call = _dora(bias)
+    x = torch.randn(m, K)
+    with torch.enable_grad(), counting(execute=True) as general:
+        want = call(x).detach()
+    assert general["_dora_norm_kernel"] == 1, general
+    with torch.no_grad(), counting(execute=True) as launches:
+        got = [call(x) for _ in range(3)]
+    assert all(torch.equal(y, want) for y in got)
+    assert _prepared_entries(layer), "the prepared path did not serve"
+    assert launches["_dora_norm_kernel"] == 1 and launches["_dora_scales_kernel"] == 1, \
+        launches
+    forward = {name: n for name, n in general.items() if name not in
+               ("_dora_norm_kernel", "_dora_scales_kernel")}
+    # each call: the plain layer's forward launches (with a bias, and the combine)
+    assert {name: launches[name] for name in forward} == {name: 3 * n
+                                                           for name, n in forward.items()}
+    for change in (lambda: magnitude.mul_(1.5), lambda: layer.lora_B.weight.mul_(-0.5),
+                   lambda: layer.lora_A.weight.add_(0.01)):
+        with torch.no_grad():
+            before = call(x)
+            change()
+            after = call(x)
+        assert not torch.equal(after, before)
+        with torch.enable_grad():
+            assert torch.equal(after, call(x).detach())
+    # against float64 truth on the inputs the layer computes with (cast to bf16), plain
+    # PyTorch in bf16 setting the bound
+    truth, plain = (_dora_reference(layer, magnitude, x, bias, dtype)
+                    for dtype in (torch.float64, torch.bfloat16))
+    assert_close("y", after, truth, plain, torch.bfloat16)
+
+
+def _dora_reference(layer, magnitude, x, bias, dtype):
+    """fastlora.reference's DoRA layer on the layer's bf16 inputs, computed in `dtype`."""
+    def cast(t):
+        return t.detach().to(torch.bfloat16).to(dtype)
+    return reference.dora_linear_4bit(
+        cast(x), layer.base_layer.weight.data, modules.bnb_quant_state(layer.base_layer),
+        cast(layer.lora_A.weight), cast(layer.lora_B.weight), layer.scaling,
+        magnitude.detach().to(dtype), cast(layer.base_layer.bias) if bias else None)
+
+
+def test_prepare_dora_returns_none_where_the_general_path_decides():
+    layer, magnitude, _ = _dora(False)
+    state = modules.bnb_quant_state(layer.base_layer)
+    a = layer.lora_A.weight.to(torch.bfloat16)
+    b = layer.lora_B.weight.to(torch.bfloat16)
+    packed = layer.base_layer.weight.data
+    with counting(execute=True) as launches:
+        for m in (0, 17):
+            x = torch.randn(m, K, dtype=torch.bfloat16)
+            assert fastlora.prepare_dora_linear_4bit(x, packed, state, a, b, 2.0,
+                                                     magnitude) is None
+    assert not launches  # no norm pass made for a call that cannot be prepared
+    with pytest.raises(ValueError, match="magnitude"):
+        fastlora.prepare_dora_linear_4bit(torch.randn(1, K, dtype=torch.bfloat16), packed,
+                                          state, a, b, 2.0, magnitude[:-1])
 
 
 class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):

@@ -35,13 +35,14 @@ from typing import Optional
 
 import torch
 
-from ..checks import (as_quant_state, check_fused_rank, check_inputs, check_magnitude,
-                      dora_fused_problem, DeviceSeed, seed_high, seed_tensor)
+from ..checks import (ACTIVATION_DTYPES, MAX_FUSED_RANK, as_quant_state, check_fused_rank,
+                      check_inputs, check_magnitude, dora_fused_problem, DeviceSeed, seed_high,
+                      seed_tensor)
 from ..launch.selfcheck import use_kernels
 from ..quant import QuantState
 from .linear import _autocast_inputs, _state_from_args, _state_to_args
 
-__all__ = ["dora_linear_4bit"]
+__all__ = ["dora_linear_4bit", "prepare_dora_linear_4bit"]
 
 
 _TINY = 2.0**-64  # stands for mns = 0 on the scaled path (see _dora_fwd)
@@ -235,3 +236,51 @@ def dora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
                   seed_tensor(seed, p, x.device), seed_high(seed), state.blocksize, state.quant_type,
                   state.shape[0])[0]
     return y.reshape(*lead, y.shape[-1])
+
+
+def prepare_dora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
+                             lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                             magnitude: torch.Tensor, bias: Optional[torch.Tensor] = None):
+    """dora_linear_4bit(x, packed, state, lora_A, lora_B, scaling, magnitude, bias) without
+    dropout and without autograd, at generation sizes (M <= 16 rows), prepared once (issue
+    29), as fastlora.prepare_lora_linear_4bit: a callable (x) -> y for inputs of x's shape,
+    dtype and device, its result equal to dora_linear_4bit's bit for bit.
+
+    The general path makes the weight norm || W + s B A ||_row at every call: a pass over the
+    whole packed weight, as many bytes as the forward's own GEMM reads at these sizes. Here it
+    is made once, with mns = magnitude / norm and (without a bias) the row-scaled weight and
+    diag(mns) B the forward runs on; each call is then the plain layer's prepared launches
+    (and, with a bias, dora_linear_4bit's combine y = mns * z + bias).
+
+    None where dora_linear_4bit decides for itself (the reference backend or fp64, M = 0 or
+    M > 16, a weight or rank the fused path cannot serve, no dispatcher pick yet, the
+    dequantize path picked). The callable checks nothing when it runs: keep it only while the
+    arguments, magnitude included, are the same tensors, unchanged (fastlora.modules does)."""
+    from ..launch import dora
+    from ..launch.forward import SMALL_M_MAX, prepare_small_m
+
+    state = as_quant_state(state)
+    check_inputs(x, packed, state, lora_A, lora_B, scaling, bias, 0.0, False, None,
+                 allowed_dtypes=ACTIVATION_DTYPES)
+    check_magnitude(magnitude, x, state.shape[0])
+    k, lead = x.shape[-1], x.shape[:-1]
+    m = x.numel() // k if k else 0
+    if not 0 < m <= SMALL_M_MAX or lora_A.shape[0] > MAX_FUSED_RANK \
+            or dora_fused_problem(state) is not None or not use_kernels(x, state.quant_type):
+        return None
+    x2 = x.reshape(m, k)
+    ws = dora.norm_partials(packed, state, lora_A, lora_B, scaling)
+    if bias is None:  # as _forward's scaled path: the plain forward on diag(mns) W, diag(mns) B
+        _, mns, state_m, b_m, _ = dora.scales(state, lora_B, ws=ws, magnitude=magnitude,
+                                              tiny=_TINY)
+        run = prepare_small_m(x2, packed, state_m, lora_A, b_m, scaling, None)
+    else:
+        _, mns = dora.scales(state, lora_B, ws=ws, magnitude=magnitude, scale_weight=False,
+                             scale_b=False)[:2]
+        run = prepare_small_m(x2, packed, state, lora_A, lora_B, scaling, None)
+    if run is None:
+        return None
+    n = state.shape[0]
+    if bias is None:
+        return lambda x_: run(x_.reshape(m, k)).reshape(*lead, n)
+    return lambda x_: dora.combine(run(x_.reshape(m, k)), mns, bias=bias).reshape(*lead, n)
