@@ -760,14 +760,16 @@ def test_mixed_gpu_path_with_faked_timings(tmp_path, monkeypatch):
     assert (tmp_path / "mixed.csv").read_text().count("\n") == 1 + 2 * 24
 
 
-def test_host_time_mode_measures_both_layers(monkeypatch):
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_host_time_mode_measures_both_layers(monkeypatch, dora):
     """`fastlora bench --modes host` (fastlora/bench/hosttime.py): the patched layer's call
-    reaches exactly its one launch at M = 1 (U and y: csrc_triton/gemv.py), recorded not run;
-    PEFT's call reaches bitsandbytes' product (recorded); both give a positive time."""
+    reaches exactly its one launch at M = 1 (U and y: csrc_triton/gemv.py), recorded not run
+    (a DoRA layer's too: its norm made once, when the call was prepared); PEFT's call reaches
+    bitsandbytes' product (recorded); both give a positive time."""
     from fastlora.bench import hosttime
 
     monkeypatch.setattr(hosttime, "ROUNDS", 3)
-    got = hosttime.measure("cuda" if torch.cuda.is_available() else "cpu", 1)
+    got = hosttime.measure("cuda" if torch.cuda.is_available() else "cpu", 1, dora=dora)
     assert set(got) == set(hosttime.PROVIDERS)
     assert got["fastlora"][1] == 1.0, got
     assert all(us > 0 for us, _ in got.values()), got

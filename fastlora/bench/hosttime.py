@@ -10,10 +10,10 @@ involved):
                and launches, so that binding is left out; on a GPU the autotuner's lookup
                before it stays in);
     peft_bnb   the same layer unpatched, bitsandbytes' 4-bit product (bnb.matmul_4bit)
-               replaced by a recorder that returns an empty output; PEFT's LoRA matmuls run
-               (on a GPU: their launches). bitsandbytes' own dispatch to its kernel is left out,
+               and dequantization replaced by recorders that return an empty output; PEFT's
+               LoRA matmuls (and DoRA's norm) run (on a GPU: their launches). bitsandbytes' own dispatch to its kernel is left out,
                so this is a lower bound of PEFT's host time.
-A second row times a whole decode step of fastlora.demo's small 4-bit Llama (one token;
+A second row times PEFT's DoRA layer (use_dora=True) the same way; a third a whole decode step of fastlora.demo's small 4-bit Llama (one token;
 patched with groups), launches counted per decoder layer (measure_decode_step).
 At M = 1 (generation's decode step), both under torch.no_grad, eval mode, one warm call
 first (compiling, autotuning and the fused/dequantize pick happen there, with real
@@ -77,25 +77,31 @@ def recorded_launches(execute: bool = False):
 
 @contextlib.contextmanager
 def recorded_bnb_product():
-    """bitsandbytes' 4-bit product (bnb.matmul_4bit, what its Linear4bit calls) replaced by a
-    recorder returning an empty output of the right shape; yields the call count (a list)."""
+    """bitsandbytes' 4-bit product (bnb.matmul_4bit, what its Linear4bit calls) and its
+    dequantization (bnb.functional.dequantize_4bit, what PEFT's DoRA calls for the weight
+    norm) replaced by recorders returning an empty output of the right shape; yields the
+    product's call count (a list)."""
     import bitsandbytes as bnb
 
-    real, calls = bnb.matmul_4bit, []
+    real, real_deq, calls = bnb.matmul_4bit, bnb.functional.dequantize_4bit, []
 
     def recorder(A, B, quant_state=None, out=None, bias=None):
         calls.append(1)
         return torch.empty(*A.shape[:-1], quant_state.shape[0], dtype=A.dtype, device=A.device)
-    bnb.matmul_4bit = recorder
+
+    def dequantize(A, quant_state=None, *args, **kwargs):
+        return torch.empty(*quant_state.shape, dtype=quant_state.dtype, device=A.device)
+    bnb.matmul_4bit, bnb.functional.dequantize_4bit = recorder, dequantize
     try:
         yield calls
     finally:
-        bnb.matmul_4bit = real
+        bnb.matmul_4bit, bnb.functional.dequantize_4bit = real, real_deq
 
 
-def layer(device: str, dtype: torch.dtype = torch.bfloat16):
-    """A PEFT LoRA layer (r = RANK, lora_B non-zero) over a bitsandbytes NF4 Linear4bit [N, K]
-    on `device`, in eval mode; inside a parent module, as PEFT's layers are."""
+def layer(device: str, dtype: torch.dtype = torch.bfloat16, dora: bool = False):
+    """A PEFT LoRA layer (r = RANK, lora_B non-zero; with `dora`, PEFT's DoRA) over a
+    bitsandbytes NF4 Linear4bit [N, K] on `device`, in eval mode; inside a parent module, as
+    PEFT's layers are."""
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
@@ -108,7 +114,8 @@ def layer(device: str, dtype: torch.dtype = torch.bfloat16):
     base = base.to(device)
     base[0].support_avx512bf16_for_cpu = False  # keep bnb's CPU repack off (tiny_models)
     base.is_loaded_in_4bit = True  # what PEFT reads to wrap a Linear4bit as its lora.Linear4bit
-    model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["0"]))
+    model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["0"],
+                                            use_dora=dora))
     with torch.no_grad():
         model.base_model.model[0].lora_B["default"].weight.normal_(0, 0.05)
     return model.eval(), model.base_model.model[0]
@@ -124,11 +131,15 @@ def _per_call_us(fn) -> float:
     return best * 1e6
 
 
-def measure(device: str, m: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """{provider: (us per call, launches per call)} at M = m (see the module doc)."""
+def measure(device: str, m: int, dtype: torch.dtype = torch.bfloat16,
+            dora: bool = False) -> dict:
+    """{provider: (us per call, launches per call)} at M = m (see the module doc); `dora`:
+    PEFT's DoRA layer, whose call also makes the weight norm (PEFT: from the dequantized
+    weight, the dequantization recorded, its own small torch ops run; fastlora: once, when
+    the call is prepared)."""
     import fastlora
 
-    model, lora_layer = layer(device, dtype)
+    model, lora_layer = layer(device, dtype, dora)
     x = torch.randn(1, m, K, dtype=dtype, device=device)
     out = {}
     with torch.no_grad():
@@ -187,7 +198,8 @@ def measure_decode_step(device: str) -> dict:
 def rows(device: str) -> list[dict]:
     table = []
     for what, got in [(f"layer, M = {m}", measure(device, m)) for m in MS] \
-            + [("decode step (M = 1)", measure_decode_step(device))]:
+            + [("DoRA layer, M = 1", measure(device, 1, dora=True)),
+               ("decode step (M = 1)", measure_decode_step(device))]:
         for provider in PROVIDERS:
             us, launches = got[provider]
             table.append({"provider": provider, "what": what, "us_per_call": us,
