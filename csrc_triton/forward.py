@@ -33,8 +33,8 @@ import triton.language as tl
 
 from .common import (CompileSpec, SiblingFix, SM80_SIBLINGS, by_triton, decode_tile,
                      dropout_keep, dropout_seed, grouped_tile, row_dropout, sibling_config,
-                     sibling_specs, segment_factor, segment_of_rows, lane_table, load_x_tile,
-                     weight_signature)
+                     sibling_configs, sibling_specs, segment_factor, segment_of_rows,
+                     lane_table, load_x_tile, weight_signature)
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -283,11 +283,22 @@ def rank_block(rank: int) -> int:
 # spills 16 B on sm_86 / sm_89, where BLOCK_K 64 fits in 90,112 B). On sm_120 the
 # r = 64 tiles spill 8-24 B at 3 stages (16-bit with or without dropout, fp32 with); 2 stages
 # hold them (143-180 registers).
+# sm_100 (B200, issue 31): its tcgen05 MMA reads the decoded weight tile from tensor memory
+# (STTM) and x by descriptor, both through the 128 B/clock shared-memory pipe, so a trip's
+# pipe clocks go as ~128 / BLOCK_N + 192 / BLOCK_M per MMA clock and the decode per value is
+# what is left to amortise: a deeper K step halves the trip's fixed costs. Modelled (Triton
+# 3.9, bf16 / fp16, r 16 / 64): sm_80's 16-bit headline 256x128x32 w8 0.43 of tensor peak,
+# 256x128x64 w8 (s3 / s4) 0.48 at 190 registers, no spill, 108-150 KB of shared memory;
+# tried and left: 256x128x32 w4 0.48 at 255 registers, 128x256 tiles 0.34-0.37, 256x256
+# (its accumulator needs all 512 columns of tensor memory) 0.47 at 255 registers.
 SIBLING_FIXES = (
     SiblingFix("_lora_u_kernel", SM80_SIBLINGS, {"BLOCK_R": 256, "BLOCK_K": 64},
                {"BLOCK_K": 32}, fp32=True, ieee=False),
     SiblingFix("_lora_u_kernel", ("sm_120",), {"BLOCK_R": 64, "num_stages": 3},
                {"num_stages": 2}, ieee=False),
+    SiblingFix("_nf4_lora_fwd_kernel", ("sm_100",),
+               {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8},
+               {"BLOCK_K": 64}, fp32=False),
 )
 
 
@@ -444,18 +455,22 @@ def one_pass_configs(arch: str) -> list[dict]:
 
 def tiled_configs(arch: str, fp32: bool, k_aligned: bool = True,
                   precision: str = "tf32") -> list[dict]:
-    """The autotune list for an arch ('sm_90': compute capability 9.x, else 'sm_80'); fp32
-    activations at precision 'ieee' (fastlora.launch.common.dot_precision) get the *_IEEE
-    lists."""
-    if fp32 and precision == "ieee":
+    """The autotune list for a compile target ('sm_90', else sm_80's lists, which its
+    siblings run with SIBLING_FIXES applied); fp32 activations at precision 'ieee'
+    (fastlora.launch.common.dot_precision) get the *_IEEE lists."""
+    family = "sm_90" if arch == "sm_90" else "sm_80"
+    ieee = fp32 and precision == "ieee"
+    if ieee:
         if not k_aligned:
-            return [UNALIGNED_IEEE_CONFIGS[arch]]
-        return SM90_IEEE_CONFIGS if arch == "sm_90" else SM80_IEEE_CONFIGS
-    if not k_aligned:
-        return [UNALIGNED_CONFIGS[arch]]
-    if arch == "sm_90":
-        return SM90_FP32_CONFIGS if fp32 else SM90_CONFIGS
-    return SM80_FP32_CONFIGS if fp32 else SM80_CONFIGS
+            return [UNALIGNED_IEEE_CONFIGS[family]]
+        configs = SM90_IEEE_CONFIGS if family == "sm_90" else SM80_IEEE_CONFIGS
+    elif not k_aligned:
+        return [UNALIGNED_CONFIGS[family]]
+    elif family == "sm_90":
+        configs = SM90_FP32_CONFIGS if fp32 else SM90_CONFIGS
+    else:
+        configs = SM80_FP32_CONFIGS if fp32 else SM80_CONFIGS
+    return sibling_configs(SIBLING_FIXES, "_nf4_lora_fwd_kernel", arch, configs, fp32, ieee)
 
 
 def shared_bytes(cfg: dict, elt: int) -> int:
@@ -481,7 +496,9 @@ def _tile(cfg: dict) -> tuple:
             cfg["num_stages"])
 
 
-_LARGE_M_TILES = {_tile(c) for c in SM90_LARGE_M_CONFIGS + SM80_LARGE_M_CONFIGS}
+_LARGE_M_TILES = {_tile(c) for c in SM90_LARGE_M_CONFIGS + SM80_LARGE_M_CONFIGS
+                  + sibling_configs(SIBLING_FIXES, "_nf4_lora_fwd_kernel", "sm_100",
+                                    SM80_LARGE_M_CONFIGS, False)}
 
 
 def prefer_large_m(cfgs: list[dict], m_bucket_: int) -> list[dict]:
@@ -594,7 +611,23 @@ def _u_spec(rank, dtype, dropout, precision="tf32", target=0.0, segmented=False)
 HEADLINE_CEILING = 0.85
 LORA_SIDE_CEILING = 0.75
 
-COMPILE_SPECS = sibling_specs(SIBLING_FIXES, (
+def _trip_from_blocks(spec):
+    """A spec whose trip work follows its own block sizes: sibling_specs copies a replaced
+    spec's trip_flops / trip_bytes, which a fix of BLOCK_K (sm_100's forward headline, the
+    siblings' fp32 U tile at r 256) would leave at the old tile's, halving or doubling the
+    modelled ceiling. The tiled forward's trip is 2 BM BN BK FLOPs, the U kernel's BM BK
+    activation elements."""
+    c = spec.constexprs
+    if spec.kernel == "_nf4_lora_fwd_kernel":
+        return dataclasses.replace(spec,
+                                   trip_flops=2 * c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"])
+    if spec.kernel == "_lora_u_kernel":
+        elt = 4 if spec.label.startswith("fp32") else 2
+        return dataclasses.replace(spec, trip_bytes=c["BLOCK_M"] * c["BLOCK_K"] * elt)
+    return spec
+
+
+COMPILE_SPECS = [_trip_from_blocks(spec) for spec in sibling_specs(SIBLING_FIXES, (
     [_fwd_spec(c, arch, dtype, True, r,
                target=HEADLINE_CEILING if c in large else 0.0)
      for arch, configs, large in (("sm_90", SM90_CONFIGS, SM90_LARGE_M_CONFIGS),
@@ -634,4 +667,4 @@ COMPILE_SPECS = sibling_specs(SIBLING_FIXES, (
            ("sm_90", "fp32", "ieee", SM90_IEEE_CONFIGS),
            ("sm_80", "fp32", "ieee", SM80_IEEE_CONFIGS))
        for c in configs if c["BLOCK_K"] > 32]
-))
+))]

@@ -348,14 +348,21 @@ def test_config_pruning_rules():
     assert kernels.keep_config(wide_k, 8192, 4096, 64, 2, 232448)
     assert not kernels.keep_config(wide_k, 8192, 4096, 32, 2, 232448)  # BLOCK_K > 4 x 32
     assert not kernels.keep_config(wide_k, 8192, 100, 64, 2, 232448)  # BLOCK_K past K
-    large = kernels.SM90_LARGE_M_CONFIGS + kernels.SM80_LARGE_M_CONFIGS
-    for arch in ("sm_80", "sm_90"):
+    # sm_100 (B200) runs sm_80's lists with its 16-bit headline at BLOCK_K 64 (SIBLING_FIXES)
+    b200 = [c for c in kernels.tiled_configs("sm_100", False) if c["BLOCK_M"] == 256
+            and c["BLOCK_N"] == 128]
+    assert [(c["BLOCK_K"], c["num_stages"]) for c in b200] == [(64, 3), (64, 4)]
+    assert kernels.tiled_configs("sm_100", False)[len(b200):] \
+        == kernels.tiled_configs("sm_80", False)[len(b200):]
+    assert kernels.tiled_configs("sm_100", True) == kernels.tiled_configs("sm_80", True)
+    large = kernels.SM90_LARGE_M_CONFIGS + kernels.SM80_LARGE_M_CONFIGS + b200
+    for arch in ("sm_80", "sm_90", "sm_100"):
         for fp32 in (False, True):
             for cfg in kernels.tiled_configs(arch, fp32):
                 # y^T tiles on sm_90, and for sm_80's 256-row headline tiles
                 assert cfg["W_FIRST"] == (arch == "sm_90" or cfg in large), cfg
     # from M = 4096 on only the headline (LARGE_M) tiles are timed, where the list has them
-    for arch in ("sm_80", "sm_90"):
+    for arch in ("sm_80", "sm_90", "sm_100"):
         full = kernels.tiled_configs(arch, False)
         assert kernels.prefer_large_m(full, 2048) == full
         picked = kernels.prefer_large_m(full, 4096)

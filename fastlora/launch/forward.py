@@ -498,7 +498,7 @@ _SMALL_M_GROUP_KEY = ["N0", "N1", "N2", "N3", "K", "k_per_split", "QBLOCK", "DOU
 
 def _autotuned_tiled(device: torch.device, fp32: bool, k_aligned: bool, precision: str):
     fwd = _forward_kernels()
-    key = ("tiled", arch(device), fp32, k_aligned, precision)
+    key = ("tiled", compile_arch(device), fp32, k_aligned, precision)
     return cached_autotuner(key, lambda: triton.autotune(
         configs=fwd.triton_configs(fwd.tiled_configs(key[1], fp32, k_aligned, precision)),
         key=_TILED_KEY, prune_configs_by={"early_config_prune": fwd.prune_configs},

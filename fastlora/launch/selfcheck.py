@@ -134,7 +134,7 @@ def _configs(device: torch.device) -> tuple[Optional[dict], ...]:
     from csrc_triton import small_m as small_m_kernels
     from .common import arch, compile_arch
 
-    tiled = dict(fwd_kernels.tiled_configs(arch(device), False, True)[0])
+    tiled = dict(fwd_kernels.tiled_configs(compile_arch(device), False, True)[0])
     small = small_m_kernels.small_m_configs(False, True, "tf32", compile_arch(device))[0]
     return (tiled, {**small, "SPLIT_K": 2},
             {**gemv_kernels.gemv_configs(2, 16, False, compile_arch(device))[0], "SPLIT_K": 2},
