@@ -47,7 +47,8 @@ _LAZY = {
 
 __all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "lora_linear_4bit",
            "prepare_lora_linear_4bit", "prepare_lora_group_4bit",
-           "lora_group_4bit", "dora_linear_4bit", "prepare_dora_linear_4bit", "mixed_linear_4bit", "GroupMember",
+           "lora_group_4bit", "dora_linear_4bit", "prepare_dora_linear_4bit",
+           "mixed_linear_4bit", "GroupMember",
            "MixedAdapter", "reference", *_LAZY]
 
 

@@ -11,10 +11,12 @@ involved):
                before it stays in);
     peft_bnb   the same layer unpatched, bitsandbytes' 4-bit product (bnb.matmul_4bit)
                and dequantization replaced by recorders that return an empty output; PEFT's
-               LoRA matmuls (and DoRA's norm) run (on a GPU: their launches). bitsandbytes' own dispatch to its kernel is left out,
-               so this is a lower bound of PEFT's host time.
-A second row times PEFT's DoRA layer (use_dora=True) the same way; a third a whole decode step of fastlora.demo's small 4-bit Llama (one token;
-patched with groups), launches counted per decoder layer (measure_decode_step).
+               LoRA matmuls (and DoRA's norm) run (on a GPU: their launches). bitsandbytes'
+               own dispatch to its kernel is left out, so this is a lower bound of PEFT's
+               host time.
+A second row times PEFT's DoRA layer (use_dora=True) the same way; a third a whole decode
+step of fastlora.demo's small 4-bit Llama (one token; patched with groups), launches counted
+per decoder layer (measure_decode_step).
 At M = 1 (generation's decode step), both under torch.no_grad, eval mode, one warm call
 first (compiling, autotuning and the fused/dequantize pick happen there, with real
 launches). The layer is small (K = N =

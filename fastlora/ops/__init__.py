@@ -15,5 +15,6 @@ from .linear import lora_linear_4bit, prepare_lora_linear_4bit
 from .mixed import MixedAdapter, mixed_linear_4bit
 
 __all__ = ["lora_linear_4bit", "prepare_lora_linear_4bit", "lora_group_4bit",
-           "prepare_lora_group_4bit", "dora_linear_4bit", "prepare_dora_linear_4bit", "mixed_linear_4bit", "GroupMember",
+           "prepare_lora_group_4bit", "dora_linear_4bit", "prepare_dora_linear_4bit",
+           "mixed_linear_4bit", "GroupMember",
            "MixedAdapter", "dequantize_4bit"]
