@@ -155,13 +155,13 @@ def _prepared(x: torch.Tensor, layers: list, magnitude: Optional[torch.Tensor] =
         if layer_stamp is None:
             return None
         stamp.append(layer_stamp)
-    if magnitude is not None:
-        stamp.append(_tensor_stamp(magnitude))
-    stamp.append(_optimizer_steps())
-    dtypes = {layer_stamp[-1] or x.dtype for layer_stamp in stamp[:len(layers)]}
+    dtypes = {layer_stamp[-1] or x.dtype for layer_stamp in stamp}
     if len(dtypes) != 1:
         return None
     dtype = dtypes.pop()
+    if magnitude is not None:
+        stamp.append(_tensor_stamp(magnitude))
+    stamp.append(_optimizer_steps())
     key = (x.device, dtype, tuple(x.shape), tuple(id(layer[1]) for layer in layers[1:]),
            magnitude is not None, backend.requested(), dispatch.settings(),
            dot_precision(dtype))

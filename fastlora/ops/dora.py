@@ -271,8 +271,8 @@ def prepare_dora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: Quant
     x2 = x.reshape(m, k)
     ws = dora.norm_partials(packed, state, lora_A, lora_B, scaling)
     if bias is None:  # as _forward's scaled path: the plain forward on diag(mns) W, diag(mns) B
-        _, mns, state_m, b_m, _ = dora.scales(state, lora_B, ws=ws, magnitude=magnitude,
-                                              tiny=_TINY)
+        _, _, state_m, b_m, _ = dora.scales(state, lora_B, ws=ws, magnitude=magnitude,
+                                            tiny=_TINY)
         run = prepare_small_m(x2, packed, state_m, lora_A, b_m, scaling, None)
     else:
         _, mns = dora.scales(state, lora_B, ws=ws, magnitude=magnitude, scale_weight=False,
