@@ -9,6 +9,7 @@ Public contract (../shared/DESIGN.md):
     dora_linear_4bit                                  a DoRA layer over a 4-bit base (QDoRA)
     prepare_dora_linear_4bit                          its no-grad M <= 16 call, prepared once
     mixed_linear_4bit, MixedAdapter                   several adapters in one batch, one per row
+    prepare_mixed_linear_4bit                         its no-grad M <= 16 call, prepared once
     adapter_batch                                     train several PEFT adapters in one batch
     reference                                         the pure-PyTorch reference path
     LoRALinear4bit                                    drop-in module
@@ -27,7 +28,7 @@ import importlib
 from . import reference  # noqa: F401
 from .ops import (GroupMember, MixedAdapter, dequantize_4bit, dora_linear_4bit, lora_group_4bit,
                   lora_linear_4bit, mixed_linear_4bit, prepare_dora_linear_4bit,
-                  prepare_lora_group_4bit, prepare_lora_linear_4bit)
+                  prepare_lora_group_4bit, prepare_lora_linear_4bit, prepare_mixed_linear_4bit)
 from .quant import QuantState, quantize_4bit
 
 __version__ = "0.1.0"
@@ -48,7 +49,7 @@ _LAZY = {
 __all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "lora_linear_4bit",
            "prepare_lora_linear_4bit", "prepare_lora_group_4bit",
            "lora_group_4bit", "dora_linear_4bit", "prepare_dora_linear_4bit",
-           "mixed_linear_4bit", "GroupMember",
+           "mixed_linear_4bit", "prepare_mixed_linear_4bit", "GroupMember",
            "MixedAdapter", "reference", *_LAZY]
 
 

@@ -24,12 +24,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .checks import ACTIVATION_DTYPES
+from .checks import ACTIVATION_DTYPES, MixedAdapter
 from . import backend
 from .launch import dispatch
 from .launch.common import dot_precision
 from .ops import (dora_linear_4bit, lora_group_4bit, lora_linear_4bit, prepare_dora_linear_4bit,
-                  prepare_lora_group_4bit, prepare_lora_linear_4bit)
+                  prepare_lora_group_4bit, prepare_lora_linear_4bit, prepare_mixed_linear_4bit)
 from .quant import QuantState, quantize_4bit
 
 __all__ = ["LoRALinear4bit", "fused_lora_forward", "fused_dora_forward", "fused_group_forward",
@@ -126,11 +126,13 @@ def _layer_stamp(base_layer: nn.Module, lora_A: nn.Linear, lora_B: nn.Linear, sc
                 _tensor_stamp(b.get("bias")), base_layer.compute_dtype)
 
 
-def _prepared(x: torch.Tensor, layers: list, magnitude: Optional[torch.Tensor] = None):
+def _prepared(x: torch.Tensor, layers: list, magnitude: Optional[torch.Tensor] = None,
+              slots: Optional[tuple] = None):
     """The output of fused_lora_forward (one layer), fused_dora_forward (one layer and its
-    `magnitude`) or fused_group_forward (several; a list) through a prepared call
-    (fastlora.prepare_lora_linear_4bit / prepare_dora_linear_4bit / prepare_lora_group_4bit)
-    where one applies: no autograd (torch.no_grad / inference_mode: generation, evaluation),
+    `magnitude`), fused_group_forward (several; a list) or fused_mixed_forward (one base layer's
+    adapters, one per slot, and the samples' `slots`) through a prepared call
+    (fastlora.prepare_lora_linear_4bit / prepare_dora_linear_4bit / prepare_lora_group_4bit /
+    prepare_mixed_linear_4bit) where one applies: no autograd (torch.no_grad / inference_mode: generation, evaluation),
     no active dropout, M <= 16 rows, one compute dtype, not under torch.compile or
     torch.autocast. layers: (base_layer, lora_A, lora_B, scaling, dropout) each. The cast
     adapter weights and the launch arguments are kept per (first) layer and (device, dtype,
@@ -163,7 +165,7 @@ def _prepared(x: torch.Tensor, layers: list, magnitude: Optional[torch.Tensor] =
         stamp.append(_tensor_stamp(magnitude))
     stamp.append(_optimizer_steps())
     key = (x.device, dtype, tuple(x.shape), tuple(id(layer[1]) for layer in layers[1:]),
-           magnitude is not None, backend.requested(), dispatch.settings(),
+           magnitude is not None, slots, backend.requested(), dispatch.settings(),
            dot_precision(dtype))
     first = layers[0][1]
     plans = _PREPARED.get(first)
@@ -177,6 +179,11 @@ def _prepared(x: torch.Tensor, layers: list, magnitude: Optional[torch.Tensor] =
         xc = x.to(dtype)
         if magnitude is not None:
             call = prepare_dora_linear_4bit(xc, *members[0][:5], magnitude, members[0].bias)
+        elif slots is not None:
+            call = prepare_mixed_linear_4bit(
+                xc, members[0].packed, members[0].state,
+                [MixedAdapter(mb.lora_A, mb.lora_B, mb.scaling) for mb in members],
+                _routing(slots, x.device), members[0].bias)
         elif len(layers) == 1:
             call = prepare_lora_linear_4bit(xc, *members[0][:6])
         else:
@@ -186,7 +193,9 @@ def _prepared(x: torch.Tensor, layers: list, magnitude: Optional[torch.Tensor] =
     if call is None:
         return None
     ys = call(x.to(dtype))
-    return ys.to(x.dtype) if len(layers) == 1 else [y.to(x.dtype) for y in ys]
+    if len(layers) == 1 or slots is not None:
+        return ys.to(x.dtype)
+    return [y.to(x.dtype) for y in ys]
 
 
 def fused_dora_forward(x: torch.Tensor, base_layer: nn.Module, lora_A: nn.Linear,
@@ -229,10 +238,13 @@ def fused_mixed_forward(x: torch.Tensor, base_layer: nn.Module, adapters, slots:
     adapters holds (lora_A, lora_B, scaling, dropout) per slot, slots one slot index per
     sample of x (x.shape[0]; -1: the base alone). Dtypes and dropout as fused_lora_forward;
     the adapters' lora_B carry no bias (the caller checks). The routing tensor is built once
-    per slots and device (cached), so a call makes no host-to-device copy."""
-    from .checks import MixedAdapter
+    per slots and device (cached), so a call makes no host-to-device copy; a no-grad call of
+    M <= 16 rows takes a prepared call (_prepared: the adapters joined and cast once)."""
     from .ops.mixed import mixed_linear_4bit
 
+    y = _prepared(x, [(base_layer, *adapter) for adapter in adapters], slots=slots)
+    if y is not None:
+        return y
     dtype = x.dtype if base_layer.compute_dtype is None else base_layer.compute_dtype
     bias = base_layer.bias.to(dtype) if base_layer.bias is not None else None
     mixed = [MixedAdapter(lora_A.weight.to(dtype), lora_B.weight.to(dtype), scaling,

@@ -361,6 +361,76 @@ def test_prepare_dora_returns_none_where_the_general_path_decides():
                                           state, a, b, 2.0, magnitude[:-1])
 
 
+def _mixed(ranks, seed=0):
+    """A bf16 base layer and adapters (lora_A, lora_B, scaling, dropout) of these ranks for
+    fused_mixed_forward; the adapters' weights fp32, as PEFT keeps them."""
+    layer = _layer(torch.bfloat16, bias=True)
+    torch.manual_seed(seed)
+    adapters = []
+    for i, rank in enumerate(ranks):
+        lora_A, lora_B = nn.Linear(K, rank, bias=False), nn.Linear(rank, N, bias=False)
+        with torch.no_grad():
+            lora_B.weight.normal_(0, 0.1)
+        adapters.append((lora_A, lora_B, 0.5 + i, nn.Dropout(0.1).eval()))
+    return layer, adapters
+
+
+@pytest.mark.parametrize("ranks,launched", [
+    ((8, 8, 16), {"_lora_u_kernel": 3, "_nf4_lora_fwd_small_m_kernel": 3}),
+    ((32, 32, 16), {"_nf4_lora_fwd_small_m_kernel": 3})],  # wide: U by one matmul
+    ids=["kernels", "wide"])
+def test_prepared_mixed_equals_the_general_path(monkeypatch, ranks, launched):
+    """A mixed batch's no-grad call at M <= 16 (fused_mixed_forward, PEFT's adapter_names at a
+    decode step; dropout modules in eval) runs prepared (fastlora.prepare_mixed_linear_4bit):
+    bit for bit the op's output, the arguments and routing checked once and the adapters
+    joined and cast once, the same launches; an in-place change of an adapter and another
+    routing reach the next call."""
+    from fastlora import checks
+    from fastlora.ops import mixed as mixed_op
+
+    layer, adapters = _mixed(ranks)
+    x = torch.randn(4, 1, K)  # four samples of one token: M = 4
+    slots = (2, -1, 0, 2)
+
+    def call(slots_=slots):
+        return modules.fused_mixed_forward(x, layer.base_layer, adapters, slots_)
+    with torch.enable_grad():
+        want = call().detach()
+    checked, joined = [], []
+    real_check, real_cat = mixed_op.check_mixed, torch.cat
+    monkeypatch.setattr(mixed_op, "check_mixed", lambda *a, **kw: checked.append(1) or
+                        real_check(*a, **kw))
+    monkeypatch.setattr(torch, "cat", lambda *a, **kw: joined.append(1) or real_cat(*a, **kw))
+    with torch.no_grad(), counting(execute=True) as launches:
+        got = [call() for _ in range(3)]
+    monkeypatch.setattr(torch, "cat", real_cat)
+    assert all(torch.equal(y, want) and y.dtype == x.dtype for y in got)
+    assert len(checked) == 1 and len(joined) == 2  # A's and B's, once
+    assert launches == launched, launches
+    assert [call for _, call in modules._PREPARED[adapters[0][0]].values()] != [None]
+    with torch.no_grad():
+        before = call()
+        adapters[2][1].weight.mul_(-1.0)
+        after = call()
+        other = call((1, 1, 0, -1))
+    assert len(checked) == 3  # prepared again for the change, and for the other routing
+    assert not torch.equal(after, before)
+    with torch.enable_grad():
+        assert torch.equal(after, call().detach())
+        assert torch.equal(other, call((1, 1, 0, -1)).detach())
+    # against float64 truth on the bf16 inputs the layer computes with
+    rows = torch.tensor(slots)
+    truth, plain = (reference.mixed_linear_4bit(
+        x.to(torch.bfloat16).to(dtype), layer.base_layer.weight.data,
+        modules.bnb_quant_state(layer.base_layer),
+        [checks.MixedAdapter(a.weight.to(torch.bfloat16).to(dtype),
+                             b.weight.to(torch.bfloat16).to(dtype), s)
+         for a, b, s, _ in adapters], rows,
+        layer.base_layer.bias.to(torch.bfloat16).to(dtype))
+        for dtype in (torch.float64, torch.bfloat16))
+    assert_close("y", after, truth, plain, torch.bfloat16)
+
+
 class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()

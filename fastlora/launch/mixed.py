@@ -38,11 +38,12 @@ import torch
 from ..checks import MAX_FUSED_RANK
 from ..reference import dropout_threshold
 from .backward import Configs, check_backward_args, du_db, dx_and_da, dx_gemm
-from .common import dot_precision, kernel_entry
-from .forward import _launch_u, check_forward_args, forward_with_u
+from .common import dot_precision, kernel_entry, prepared_entry
+from .forward import (_launch_u, _u_launcher, check_forward_args, forward_with_u,
+                      prepare_small_m_with_u)
 
 __all__ = ["Segments", "segments", "mixed_forward", "mixed_backward", "mixed_problem",
-           "wide", "WIDE_RANK"]
+           "prepare_mixed_small_m", "wide", "WIDE_RANK"]
 
 # summed padded ranks above this (without dropout) take matmuls for the LoRA-side products
 WIDE_RANK = 64
@@ -143,6 +144,40 @@ def mixed_forward(x, packed, state, lora_A, lora_B, bias, seg: Segments, seed: i
         _launch_u(x, lora_A, u, 0.5 if seg.has_dropout else 0.0, seed,
                   dot_precision(x.dtype), segments=seg)
     return forward_with_u(x, packed, state, u, lora_B, 1.0, bias, base=base), u
+
+
+def prepare_mixed_small_m(x, packed, state, lora_A, lora_B, bias, seg: Segments):
+    """mixed_forward's y at M <= SMALL_M_MAX without dropout for inputs shaped like x [M, K],
+    its launch arguments prepared once (issue 29, as launch/forward.py prepare_small_m): a
+    callable (x2) -> y [M, N] running the same launches on the same arguments as
+    mixed_forward(x2, ...)[0] (U masked and scaled per row, then the small-M GEMM from it;
+    a wide batch's U by one matmul and the cached per-row factor). None when a call would
+    not take that path without deciding something first (prepare_small_m_with_u says when)
+    or `seg` has dropout. The caller has checked the arguments and keeps the callable only
+    while they stay what they were."""
+    _check(x, packed, state, lora_A, lora_B, bias, seg, 0)
+    if seg.has_dropout:
+        return None
+    y_launch = prepare_small_m_with_u(x, packed, state, lora_B, 1.0, bias)
+    if y_launch is None:
+        return None
+    m, rank = x.shape[0], lora_A.shape[0]
+    device, dtype = x.device, x.dtype
+    if wide(seg, rank):
+        factor, a_t = seg.factor(), lora_A.t()
+
+        @prepared_entry
+        def run(x2):
+            return y_launch(x2, (x2 @ a_t).float().mul_(factor).to(dtype))
+        return run
+    u_launch = _u_launcher(lora_A, m, dtype, 0.0, 0, dot_precision(dtype), segments=seg)
+
+    @prepared_entry
+    def run(x2):
+        u = torch.empty((m, rank), dtype=dtype, device=device)
+        u_launch(x2, u)
+        return y_launch(x2, u)
+    return run
 
 
 @kernel_entry

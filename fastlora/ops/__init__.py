@@ -12,9 +12,9 @@ from .dequant import dequantize_4bit
 from .dora import dora_linear_4bit, prepare_dora_linear_4bit
 from .group import GroupMember, lora_group_4bit, prepare_lora_group_4bit
 from .linear import lora_linear_4bit, prepare_lora_linear_4bit
-from .mixed import MixedAdapter, mixed_linear_4bit
+from .mixed import MixedAdapter, mixed_linear_4bit, prepare_mixed_linear_4bit
 
 __all__ = ["lora_linear_4bit", "prepare_lora_linear_4bit", "lora_group_4bit",
            "prepare_lora_group_4bit", "dora_linear_4bit", "prepare_dora_linear_4bit",
-           "mixed_linear_4bit", "GroupMember",
+           "mixed_linear_4bit", "prepare_mixed_linear_4bit", "GroupMember",
            "MixedAdapter", "dequantize_4bit"]

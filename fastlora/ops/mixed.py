@@ -24,12 +24,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..checks import (DeviceSeed, MixedAdapter, as_quant_state, check_mixed, seed_high,
-                      seed_tensor)
+from ..checks import (ACTIVATION_DTYPES, DeviceSeed, MixedAdapter, as_quant_state, check_mixed,
+                      seed_high, seed_tensor)
 from ..launch.selfcheck import use_kernels
 from .linear import _autocast_inputs, _state_from_args, _state_to_args
 
-__all__ = ["mixed_linear_4bit", "MixedAdapter"]
+__all__ = ["mixed_linear_4bit", "prepare_mixed_linear_4bit", "MixedAdapter"]
 
 logger = logging.getLogger("fastlora")
 _logged: set = set()
@@ -145,6 +145,43 @@ def mixed_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state, adapters: Se
     adapters, index, seed = check_mixed(x, packed, state, adapters, row_adapter, bias,
                                         training, seed, check_values=not _checked_rows)
     return run_mixed(x, packed, state, adapters, index, bias, seed)
+
+
+def prepare_mixed_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state, adapters: Sequence,
+                              row_adapter, bias: Optional[torch.Tensor] = None):
+    """mixed_linear_4bit(x, packed, state, adapters, row_adapter, bias) without dropout and
+    without autograd, at generation sizes (M <= 16 rows), made cheap on the host (issue 29, as
+    fastlora.prepare_lora_linear_4bit): a callable (x) -> y for inputs of x's shape, dtype and
+    device with this routing. The arguments and the routing's values are checked here, once;
+    the adapters are joined along the rank and the routing tables built once, where
+    mixed_linear_4bit concatenates every adapter's A and B at each call. Its result equals
+    mixed_linear_4bit's bit for bit (the same launches on the same arguments).
+
+    Dropout is off (mixed_linear_4bit with training=False). None where such calls take
+    mixed_linear_4bit's own path: the reference backend (or fp64), M = 0 or M > 16, summed
+    ranks past the fused rank, no dispatcher pick yet for this shape, the dequantize path
+    picked. Not for torch.autocast or
+    torch.compile (the caller checks). Keep the callable only while the arguments are the same
+    tensors, unchanged (fastlora.modules does)."""
+    from ..launch.mixed import mixed_problem, prepare_mixed_small_m
+
+    state = as_quant_state(state)
+    adapters, index, _ = check_mixed(x, packed, state, adapters, row_adapter, bias, False, None,
+                                     allowed_dtypes=ACTIVATION_DTYPES)
+    ranks = [a.lora_A.shape[0] for a in adapters]
+    if x.numel() == 0 or mixed_problem(ranks) is not None \
+            or not use_kernels(x, state.quant_type):
+        return None
+    lora_A = torch.cat([a.lora_A for a in adapters]).contiguous()
+    lora_B = torch.cat([a.lora_B for a in adapters], dim=1).contiguous()
+    seg = _segments(index.to(torch.int32), ranks, [a.scaling for a in adapters],
+                    [0.0] * len(adapters))
+    k, lead = x.shape[-1], x.shape[:-1]
+    run = prepare_mixed_small_m(x.reshape(-1, k), packed, state, lora_A, lora_B, bias, seg)
+    if run is None:
+        return None
+    n = lora_B.shape[0]
+    return lambda x_: run(x_.reshape(-1, k)).reshape(*lead, n)
 
 
 def _autocast_adapter(x: torch.Tensor, adapter):
