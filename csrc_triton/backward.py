@@ -685,7 +685,13 @@ IEEE_CONFIGS = {
 # sm_120; the full-precision du_db 16x32 tile takes 4 warps (16 B at 8), dA 64x64 w4 s3 8 warps
 # and 2 stages (8 B at 3 stages in a mixed batch at R_PAD 64, 8 B at 2 stages without; w8 s2
 # holds R_PAD 16, 64 and mixed, 66-100 registers) and the fp32 dx 128x32x64 tile 2 stages (8 B
-# at 3, blocksize 32).
+# at 3, blocksize 32). sm_100's 16-bit dx headline is 256x64x128 w8 s3 (sm_90's tile), not
+# sm_80's 256x16x128: tcgen05 reads the decoded tile from shared memory, so per trip the decode
+# (shuffles, stores, operand reads) weighs against 4x the MMA work. Modelled (bf16, Triton 3.9):
+# 256x16x128 0.33, 256x32x128 0.39, 256x64x128 s2/s3 0.42 (166-170 registers, 87/125 KB of
+# shared memory), 256x128x128 s2 0.44 (174 KB: one block per SM), 256x*x64 0.28-0.31; BLOCK_K
+# 256 reached 0.43-0.47 but spilled 24 B (the accumulator's 256 columns read out of tensor
+# memory at the store).
 _DU_DB_KERNELS = ("_lora_bwd_du_db_kernel", "_lora_bwd_du_db_group_kernel")
 SIBLING_FIXES = (
     SiblingFix("_nf4_lora_bwd_dx_kernel", ("sm_86", "sm_89"),
@@ -704,6 +710,9 @@ SIBLING_FIXES = (
     SiblingFix("_nf4_lora_bwd_dx_kernel", ("sm_100",),
                {"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
                {"num_stages": 2}, fp32=True, ieee=False),
+    SiblingFix("_nf4_lora_bwd_dx_kernel", ("sm_100",),
+               {"BLOCK_M": 256, "BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 8},
+               {"BLOCK_N": 64}, fp32=False),
 )
 
 
@@ -866,7 +875,7 @@ def _dx_spec(cfg, arch, act, k_aligned, precision=None, qblock=64):
     b = cfg.kwargs
     return _spec("dx", cfg, arch, act, None, sig, flags, label, {"enable_fp_fusion": False},
                  precision, trip_flops=2 * b["BLOCK_M"] * b["BLOCK_N"] * b["BLOCK_K"],
-                 ceiling_target=HEADLINE_CEILING if cfg.large_m and k_aligned and qblock == 64
+                 trip_blocks=("BLOCK_M", "BLOCK_N", "BLOCK_K"), ceiling_target=HEADLINE_CEILING if cfg.large_m and k_aligned and qblock == 64
                  else 0.0)
 
 
@@ -885,6 +894,7 @@ def _dx_group_spec(cfg, arch, act, members=4):
     return _spec("dx_group", cfg, arch, act, None, sig, flags, f"{act} G={members}",
                  {"enable_fp_fusion": False},
                  trip_flops=2 * b["BLOCK_M"] * b["BLOCK_N"] * b["BLOCK_K"],
+                 trip_blocks=("BLOCK_M", "BLOCK_N", "BLOCK_K"),
                  ceiling_target=HEADLINE_CEILING if cfg.large_m else 0.0,
                  bounded_args=BOUNDED_ARGS + tuple(
                      f"{name}_{g}" for g in range(4)
@@ -907,7 +917,8 @@ def _du_db_spec(cfg, arch, act, precision=None, r_pad=None, target=0.0, segmente
     return _spec("du_db", cfg, arch, act, r_pad, sig, flags,
                  f"{act} R_PAD={r_pad}{' mixed' * segmented}",
                  precision=precision, ceiling_target=target,
-                 trip_bytes=cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] * elt)  # dy tile
+                 trip_bytes=cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] * elt,  # dy tile
+                 trip_blocks=("BLOCK_M", "BLOCK_N"))
 
 
 # a group's members at their largest padded ranks (their sum pads to 128 at most:
@@ -934,7 +945,7 @@ def _du_db_group_spec(cfg, arch, act, members):
                  f"{act} R_PAD={'+'.join(map(str, r_pads[:members]))}",
                  ceiling_target=LORA_SIDE_CEILING if cfg.large_m else 0.0,
                  trip_bytes=cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] * elt,  # dy tile
-                 bounded_args=BOUNDED_ARGS + tuple(f"{name}_{g}" for g in range(4)
+                 trip_blocks=("BLOCK_M", "BLOCK_N"), bounded_args=BOUNDED_ARGS + tuple(f"{name}_{g}" for g in range(4)
                                                    for name in ("b", "db")))
 
 
@@ -953,7 +964,8 @@ def _da_spec(cfg, arch, act, precision=None, r_pad=None, target=0.0, segmented=F
     return _spec("da", cfg, arch, act, r_pad, sig, flags,
                  f"{act} R_PAD={r_pad}{' mixed' * segmented}",
                  precision=precision, ceiling_target=target,  # x read, dx written
-                 trip_bytes=2 * cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"] * elt)
+                 trip_bytes=2 * cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"] * elt,
+                 trip_blocks=("BLOCK_M", "BLOCK_K"))
 
 
 # Every shipped config x arch x activation class (fp16 compiles as bf16), each at its worst

@@ -133,7 +133,8 @@ def spec_class(spec) -> tuple:
 def sibling_specs(fixes, specs: list) -> list:
     """`specs` with the fixes applied for the compile report: an sm_80 spec a fix matches is
     not compiled for that sibling (CompileSpec.not_for), and its replacement is, as its own
-    spec (archs: the siblings that run it)."""
+    spec (archs: the siblings that run it), its trip work rescaled by the changed block sizes
+    it is the product of (CompileSpec.trip_blocks)."""
     out = []
     for spec in specs:
         if "sm_80" not in spec.archs:
@@ -153,10 +154,16 @@ def sibling_specs(fixes, specs: list) -> list:
         for change, archs in replaced.values():
             if change is not None:
                 blocks = {k: v for k, v in change.items() if not k.startswith("num_")}
+                new, old = 1, 1
+                for name in spec.trip_blocks:
+                    new *= blocks.get(name, spec.constexprs[name])
+                    old *= spec.constexprs[name]
                 out.append(dataclasses.replace(
                     spec, constexprs={**spec.constexprs, **blocks}, archs=tuple(archs),
                     num_warps=change.get("num_warps", spec.num_warps),
-                    num_stages=change.get("num_stages", spec.num_stages)))
+                    num_stages=change.get("num_stages", spec.num_stages),
+                    trip_flops=spec.trip_flops * new // old,
+                    trip_bytes=spec.trip_bytes * new // old))
     return out
 
 
@@ -190,7 +197,8 @@ class CompileSpec:
     trip_flops / trip_bytes: the unavoidable work of one trip of the kernel's main loop, for the
     compile report's hot-loop model (fastlora.compilecheck): tensor-core FLOPs of a GEMM trip
     (2 * BLOCK_M * BLOCK_N * BLOCK_K), or the HBM bytes a memory-bound trip must move; 0 where
-    it does not apply.
+    it does not apply. trip_blocks: the block sizes that work is the product of (with a
+    constant), so a sibling fix that changes one of them rescales it (sibling_specs).
     ceiling_target: a headline config (what the GPU autotuner picks for Llama-3-8B's layers at
     M >= 4096): the modelled hot-loop ceiling it must reach; tests/test_ceilings.py fails below
     it, or when its SASS does not read the code table by warp shuffle. 0: not gated."""
@@ -210,6 +218,7 @@ class CompileSpec:
     fma_dot: bool = False
     trip_flops: int = 0
     trip_bytes: int = 0
+    trip_blocks: tuple = ()
     ceiling_target: float = 0.0
     not_for: tuple = ()  # sm_80 siblings that run another config instead (sibling_specs)
 

@@ -565,7 +565,7 @@ def _fwd_spec(cfg, arch, dtype="bf16", k_aligned=True, rank=16, precision="tf32"
                              f"{f' bs{qblock}' if qblock != 64 else ''}",
                        options={"enable_fp_fusion": False}, aligned=ALIGNED_ARGS, fma_dot=fma,
                        trip_flops=2 * blocks["BLOCK_M"] * blocks["BLOCK_N"] * blocks["BLOCK_K"],
-                       ceiling_target=target)
+                       trip_blocks=("BLOCK_M", "BLOCK_N", "BLOCK_K"), ceiling_target=target)
 
 
 def _one_pass_spec(cfg, arch, dtype="bf16", rank=16):
@@ -603,7 +603,7 @@ def _u_spec(rank, dtype, dropout, precision="tf32", target=0.0, segmented=False)
                              f"{' mixed' * segmented}",
                        aligned=ALIGNED_ARGS, fma_dot=fma,
                        trip_bytes=cfg["BLOCK_M"] * cfg["BLOCK_K"] * (4 if dtype == "fp32" else 2),
-                       ceiling_target=target)
+                       trip_blocks=("BLOCK_M", "BLOCK_K"), ceiling_target=target)
 
 
 # The modelled tensor-core share a headline (LARGE_M) config must reach (issue 10), and the
@@ -611,23 +611,7 @@ def _u_spec(rank, dtype, dropout, precision="tf32", target=0.0, segmented=False)
 HEADLINE_CEILING = 0.85
 LORA_SIDE_CEILING = 0.75
 
-def _trip_from_blocks(spec):
-    """A spec whose trip work follows its own block sizes: sibling_specs copies a replaced
-    spec's trip_flops / trip_bytes, which a fix of BLOCK_K (sm_100's forward headline, the
-    siblings' fp32 U tile at r 256) would leave at the old tile's, halving or doubling the
-    modelled ceiling. The tiled forward's trip is 2 BM BN BK FLOPs, the U kernel's BM BK
-    activation elements."""
-    c = spec.constexprs
-    if spec.kernel == "_nf4_lora_fwd_kernel":
-        return dataclasses.replace(spec,
-                                   trip_flops=2 * c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"])
-    if spec.kernel == "_lora_u_kernel":
-        elt = 4 if spec.label.startswith("fp32") else 2
-        return dataclasses.replace(spec, trip_bytes=c["BLOCK_M"] * c["BLOCK_K"] * elt)
-    return spec
-
-
-COMPILE_SPECS = [_trip_from_blocks(spec) for spec in sibling_specs(SIBLING_FIXES, (
+COMPILE_SPECS = sibling_specs(SIBLING_FIXES, (
     [_fwd_spec(c, arch, dtype, True, r,
                target=HEADLINE_CEILING if c in large else 0.0)
      for arch, configs, large in (("sm_90", SM90_CONFIGS, SM90_LARGE_M_CONFIGS),
@@ -667,4 +651,4 @@ COMPILE_SPECS = [_trip_from_blocks(spec) for spec in sibling_specs(SIBLING_FIXES
            ("sm_90", "fp32", "ieee", SM90_IEEE_CONFIGS),
            ("sm_80", "fp32", "ieee", SM80_IEEE_CONFIGS))
        for c in configs if c["BLOCK_K"] > 32]
-))]
+))

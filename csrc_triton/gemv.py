@@ -264,7 +264,7 @@ def _spec(cfg, dtype, bm, split, rank=16, target=0.0):
                        options=OPTIONS,
                        aligned=ALIGNED_ARGS + ("wsu_ptr", "K_WORDS"),
                        trip_bytes=cfg["BLOCK_N"] * cfg["BLOCK_K"] // 2,  # the packed weight
-                       ceiling_target=target)
+                       trip_blocks=("BLOCK_N", "BLOCK_K"), ceiling_target=target)
 
 
 COMPILE_SPECS = sibling_specs(SIBLING_FIXES, (

@@ -434,7 +434,7 @@ def _u_group_spec(ranks, arch, act, precision="tf32", target=0.0, dropout=True, 
                              f"{' ieee' * fma}",
                        aligned=ALIGNED_ARGS, bounded_args=BOUNDED_ARGS, fma_dot=fma,
                        trip_bytes=cfg["BLOCK_M"] * cfg["BLOCK_K"] * (4 if fp32 else 2),
-                       ceiling_target=target)
+                       trip_blocks=("BLOCK_M", "BLOCK_K"), ceiling_target=target)
 
 
 def _da_group_spec(ranks, arch, act, precision="tf32", target=0.0, dropout=True, cfg=None):
@@ -458,7 +458,7 @@ def _da_group_spec(ranks, arch, act, precision="tf32", target=0.0, dropout=True,
                              f"{' ieee' * fma}",
                        aligned=ALIGNED_ARGS, bounded_args=BOUNDED_ARGS, fma_dot=fma,
                        trip_bytes=2 * cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"] * elt,
-                       ceiling_target=target)
+                       trip_blocks=("BLOCK_M", "BLOCK_K"), ceiling_target=target)
 
 
 # The groups of a Llama decoder layer: q/k/v (3 members) and gate/up (2) at r = 16, q/k/v at

@@ -300,7 +300,7 @@ def _spec(cfg, dtype, k_aligned, split, precision="tf32", qblock=64, target=0.0)
                              f"{' ieee' * fma}{f' bs{qblock}' if qblock != 64 else ''}",
                        options={"enable_fp_fusion": False}, aligned=ALIGNED_ARGS, fma_dot=fma,
                        trip_bytes=cfg["BLOCK_N"] * cfg["BLOCK_K"] // 2,  # the packed weight
-                       ceiling_target=target)
+                       trip_blocks=("BLOCK_N", "BLOCK_K"), ceiling_target=target)
 
 
 def _group_spec(cfg, dtype, split, members=3, target=0.0):
@@ -336,7 +336,8 @@ def _group_spec(cfg, dtype, split, members=3, target=0.0):
                            f"{name}{g}" for g in range(4)
                            for name in ("bias", "b", "code2_", "offset", "absmax2_",
                                         "table")),
-                       trip_bytes=cfg["BLOCK_N"] * cfg["BLOCK_K"] // 2, ceiling_target=target)
+                       trip_bytes=cfg["BLOCK_N"] * cfg["BLOCK_K"] // 2,
+                       trip_blocks=("BLOCK_N", "BLOCK_K"), ceiling_target=target)
 
 
 COMPILE_SPECS = sibling_specs(SIBLING_FIXES, (

@@ -12,7 +12,8 @@ import pytest
 import triton
 
 from csrc_triton import backward, forward, group, small_m
-from csrc_triton.common import SM80_SIBLINGS, SiblingFix, sibling_config, sibling_configs
+from csrc_triton.common import (SM80_SIBLINGS, CompileSpec, SiblingFix, sibling_config,
+                                sibling_configs, sibling_specs)
 from fastlora.compilecheck import ARCHS as COMPILED, format_table, problems, report_jobs
 from fastlora.compilerecord import load_record, recorded_report, spec_key
 from fastlora.gpus import CONFIG_FAMILY
@@ -62,6 +63,29 @@ def test_sibling_fixes_replace_or_drop_only_where_they_match():
     assert sibling_config(fixes, "k", "sm_120", b, False, rank=48) == b
     with pytest.raises(ValueError, match="drops k's only config on sm_120"):
         sibling_config(fixes, "k", "sm_120", b, False, rank=32)
+
+
+@pytest.mark.quick
+def test_a_sibling_fix_rescales_the_trip_work_by_its_blocks():
+    """A replacement spec's trip work is its own tile's, not the replaced one's: scaled by the
+    changed block sizes it is the product of (trip_blocks), unchanged by the others."""
+    gemm = CompileSpec(kernel="k", fn=None, signature={}, num_warps=8, num_stages=3,
+                       constexprs={"BLOCK_M": 256, "BLOCK_N": 16, "BLOCK_K": 128, "G": 8},
+                       trip_flops=2 * 256 * 16 * 128,
+                       trip_blocks=("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    memory = CompileSpec(kernel="u", fn=None, signature={}, num_warps=4, num_stages=2,
+                         constexprs={"BLOCK_M": 64, "BLOCK_R": 64, "BLOCK_K": 64},
+                         trip_bytes=64 * 64 * 2, trip_blocks=("BLOCK_M", "BLOCK_K"))
+    fixes = (SiblingFix("k", ("sm_100",), {"BLOCK_N": 16}, {"BLOCK_N": 64, "num_stages": 2}),
+             SiblingFix("u", ("sm_120",), {"BLOCK_K": 64}, {"BLOCK_K": 32, "BLOCK_R": 32}),
+             SiblingFix("u", ("sm_86",), {"BLOCK_K": 64}, {"num_warps": 8}))
+    out = {(s.kernel, s.archs): s for s in sibling_specs(fixes, [gemm, memory])}
+    assert out["k", ("sm_100",)].trip_flops == 2 * 256 * 64 * 128
+    assert out["k", ("sm_100",)].num_stages == 2
+    assert out["u", ("sm_120",)].trip_bytes == 64 * 32 * 2  # BLOCK_R is not in its trip
+    assert out["u", ("sm_86",)].trip_bytes == 64 * 64 * 2
+    assert out["k", ("sm_80", "sm_90")].trip_flops == gemm.trip_flops
+    assert out["k", ("sm_80", "sm_90")].not_for == ("sm_100",)
 
 
 def _compiled(arch):
