@@ -760,18 +760,22 @@ def test_mixed_gpu_path_with_faked_timings(tmp_path, monkeypatch):
     assert (tmp_path / "mixed.csv").read_text().count("\n") == 1 + 2 * 24
 
 
-@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_host_time_mode_measures_both_layers(monkeypatch, dora):
+@pytest.mark.parametrize("kind", ["lora", "dora", "mixed"])
+def test_host_time_mode_measures_both_layers(monkeypatch, kind):
     """`fastlora bench --modes host` (fastlora/bench/hosttime.py): the patched layer's call
     reaches exactly its one launch at M = 1 (U and y: csrc_triton/gemv.py), recorded not run
-    (a DoRA layer's too: its norm made once, when the call was prepared); PEFT's call reaches
-    bitsandbytes' product (recorded); both give a positive time."""
+    (a DoRA layer's too: its norm made once, when the call was prepared; a mixed batch of
+    four one-token samples over three adapters: the segmented U and the small-M GEMM, its
+    adapters joined once); PEFT's call reaches bitsandbytes' product (recorded); both give a
+    positive time."""
     from fastlora.bench import hosttime
 
     monkeypatch.setattr(hosttime, "ROUNDS", 3)
-    got = hosttime.measure("cuda" if torch.cuda.is_available() else "cpu", 1, dora=dora)
+    got = hosttime.measure("cuda" if torch.cuda.is_available() else "cpu", 1,
+                           dora=kind == "dora",
+                           names=hosttime.MIXED_NAMES if kind == "mixed" else None)
     assert set(got) == set(hosttime.PROVIDERS)
-    assert got["fastlora"][1] == 1.0, got
+    assert got["fastlora"][1] == (2.0 if kind == "mixed" else 1.0), got
     assert all(us > 0 for us, _ in got.values()), got
 
 

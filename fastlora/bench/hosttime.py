@@ -14,9 +14,10 @@ involved):
                LoRA matmuls (and DoRA's norm) run (on a GPU: their launches). bitsandbytes'
                own dispatch to its kernel is left out, so this is a lower bound of PEFT's
                host time.
-A second row times PEFT's DoRA layer (use_dora=True) the same way; a third a whole decode
-step of fastlora.demo's small 4-bit Llama (one token; patched with groups), launches counted
-per decoder layer (measure_decode_step).
+A second row times PEFT's DoRA layer (use_dora=True) the same way; a third a mixed batch
+(three adapters, PEFT's adapter_names: MIXED_NAMES, one token per sample, M = 4); a fourth a
+whole decode step of fastlora.demo's small 4-bit Llama (one token; patched with groups),
+launches counted per decoder layer (measure_decode_step).
 At M = 1 (generation's decode step), both under torch.no_grad, eval mode, one warm call
 first (compiling, autotuning and the fused/dequantize pick happen there, with real
 launches). The layer is small (K = N =
@@ -41,6 +42,7 @@ RANK = 16
 ROUNDS = 300
 MS = (1,)  # at M = 16 PEFT's real LoRA matmuls already cost CPU time a GPU would not
 PROVIDERS = ("fastlora", "peft_bnb")
+MIXED_NAMES = ["default", "a1", "__base__", "a2"]  # one adapter name per sample
 _COLUMNS = [("provider", "provider"), ("what", "call"), ("us_per_call", "host us / call"),
             ("launches", "Triton launches / call (a step: / decoder layer)"),
             ("vs_peft", "x of PEFT")]
@@ -100,10 +102,11 @@ def recorded_bnb_product():
         bnb.matmul_4bit, bnb.functional.dequantize_4bit = real, real_deq
 
 
-def layer(device: str, dtype: torch.dtype = torch.bfloat16, dora: bool = False):
+def layer(device: str, dtype: torch.dtype = torch.bfloat16, dora: bool = False,
+          adapters: int = 1):
     """A PEFT LoRA layer (r = RANK, lora_B non-zero; with `dora`, PEFT's DoRA) over a
     bitsandbytes NF4 Linear4bit [N, K] on `device`, in eval mode; inside a parent module, as
-    PEFT's layers are."""
+    PEFT's layers are. adapters > 1: that many ("default", "a1", ...), "default" active."""
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
@@ -116,10 +119,14 @@ def layer(device: str, dtype: torch.dtype = torch.bfloat16, dora: bool = False):
     base = base.to(device)
     base[0].support_avx512bf16_for_cpu = False  # keep bnb's CPU repack off (tiny_models)
     base.is_loaded_in_4bit = True  # what PEFT reads to wrap a Linear4bit as its lora.Linear4bit
-    model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["0"],
-                                            use_dora=dora))
+    def config():
+        return LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["0"], use_dora=dora)
+    model = get_peft_model(base, config())
+    for i in range(1, adapters):
+        model.add_adapter(f"a{i}", config())
     with torch.no_grad():
-        model.base_model.model[0].lora_B["default"].weight.normal_(0, 0.05)
+        for lora_B in model.base_model.model[0].lora_B.values():
+            lora_B.weight.normal_(0, 0.05)
     return model.eval(), model.base_model.model[0]
 
 
@@ -134,28 +141,34 @@ def _per_call_us(fn) -> float:
 
 
 def measure(device: str, m: int, dtype: torch.dtype = torch.bfloat16,
-            dora: bool = False) -> dict:
+            dora: bool = False, names: list | None = None) -> dict:
     """{provider: (us per call, launches per call)} at M = m (see the module doc); `dora`:
     PEFT's DoRA layer, whose call also makes the weight norm (PEFT: from the dequantized
     weight, the dequantization recorded, its own small torch ops run; fastlora: once, when
-    the call is prepared)."""
+    the call is prepared); `names`: a mixed batch, one sample of m tokens per adapter name
+    (PEFT: the base product once, then each adapter's gather, matmuls and scatter)."""
     import fastlora
 
-    model, lora_layer = layer(device, dtype, dora)
-    x = torch.randn(1, m, K, dtype=dtype, device=device)
+    model, lora_layer = layer(device, dtype, dora,
+                              adapters=len({n for n in names or () if n != "__base__"}) or 1)
+    x = torch.randn(len(names or (1,)), m, K, dtype=dtype, device=device)
+    kwargs = {"adapter_names": names} if names else {}
+
+    def call():
+        return lora_layer(x, **kwargs)
     out = {}
     with torch.no_grad():
-        lora_layer(x)  # warm: bnb's own first call
+        call()  # warm: bnb's own first call
         with recorded_bnb_product() as calls:
-            us = _per_call_us(lambda: lora_layer(x))
+            us = _per_call_us(call)
         if not calls:
             raise RuntimeError("bnb.matmul_4bit was not called: the PEFT layer did not run "
                                "bitsandbytes' product, so nothing of it was measured")
         out["peft_bnb"] = (us, 0.0)
         fastlora.patch(model)
-        lora_layer(x)  # warm: compile, autotune, the fused/dequantize pick, with real launches
+        call()  # warm: compile, autotune, the fused/dequantize pick, with real launches
         with recorded_launches() as counts:
-            us = _per_call_us(lambda: lora_layer(x))
+            us = _per_call_us(call)
         out["fastlora"] = (us, sum(counts.values()) / (5 * ROUNDS))
         fastlora.unpatch(model)
     return out
@@ -201,6 +214,8 @@ def rows(device: str) -> list[dict]:
     table = []
     for what, got in [(f"layer, M = {m}", measure(device, m)) for m in MS] \
             + [("DoRA layer, M = 1", measure(device, 1, dora=True)),
+               (f"mixed batch, 3 adapters, M = {len(MIXED_NAMES)}",
+                measure(device, 1, names=MIXED_NAMES)),
                ("decode step (M = 1)", measure_decode_step(device))]:
         for provider in PROVIDERS:
             us, launches = got[provider]
