@@ -875,7 +875,8 @@ def _dx_spec(cfg, arch, act, k_aligned, precision=None, qblock=64):
     b = cfg.kwargs
     return _spec("dx", cfg, arch, act, None, sig, flags, label, {"enable_fp_fusion": False},
                  precision, trip_flops=2 * b["BLOCK_M"] * b["BLOCK_N"] * b["BLOCK_K"],
-                 trip_blocks=("BLOCK_M", "BLOCK_N", "BLOCK_K"), ceiling_target=HEADLINE_CEILING if cfg.large_m and k_aligned and qblock == 64
+                 trip_blocks=("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+                 ceiling_target=HEADLINE_CEILING if cfg.large_m and k_aligned and qblock == 64
                  else 0.0)
 
 
@@ -945,7 +946,8 @@ def _du_db_group_spec(cfg, arch, act, members):
                  f"{act} R_PAD={'+'.join(map(str, r_pads[:members]))}",
                  ceiling_target=LORA_SIDE_CEILING if cfg.large_m else 0.0,
                  trip_bytes=cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] * elt,  # dy tile
-                 trip_blocks=("BLOCK_M", "BLOCK_N"), bounded_args=BOUNDED_ARGS + tuple(f"{name}_{g}" for g in range(4)
+                 trip_blocks=("BLOCK_M", "BLOCK_N"),
+                 bounded_args=BOUNDED_ARGS + tuple(f"{name}_{g}" for g in range(4)
                                                    for name in ("b", "db")))
 
 

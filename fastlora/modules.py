@@ -129,19 +129,19 @@ def _layer_stamp(base_layer: nn.Module, lora_A: nn.Linear, lora_B: nn.Linear, sc
 def _prepared(x: torch.Tensor, layers: list, magnitude: Optional[torch.Tensor] = None,
               slots: Optional[tuple] = None):
     """The output of fused_lora_forward (one layer), fused_dora_forward (one layer and its
-    `magnitude`), fused_group_forward (several; a list) or fused_mixed_forward (one base layer's
-    adapters, one per slot, and the samples' `slots`) through a prepared call
+    `magnitude`), fused_group_forward (several; a list) or fused_mixed_forward (one base
+    layer's adapters, one per slot, and the samples' `slots`) through a prepared call
     (fastlora.prepare_lora_linear_4bit / prepare_dora_linear_4bit / prepare_lora_group_4bit /
-    prepare_mixed_linear_4bit) where one applies: no autograd (torch.no_grad / inference_mode: generation, evaluation),
-    no active dropout, M <= 16 rows, one compute dtype, not under torch.compile or
-    torch.autocast. layers: (base_layer, lora_A, lora_B, scaling, dropout) each. The cast
-    adapter weights and the launch arguments are kept per (first) layer and (device, dtype,
-    input shape, the layers) and rebuilt, every check with them, when a weight, bias, quant
-    state, scaling, DoRA magnitude or compute dtype changes (replaced, written in place, new
-    storage), an optimizer steps (_STEPS: not every optimizer's write shows in a version
-    counter), or FASTLORA_BACKEND or the dispatcher's settings do. Not seen: a write through
-    `param.data` (a tensor with a version counter of its own) outside an optimizer step.
-    None: the call takes the general path."""
+    prepare_mixed_linear_4bit) where one applies: no autograd (torch.no_grad /
+    inference_mode: generation, evaluation), no active dropout, M <= 16 rows, one compute
+    dtype, not under torch.compile or torch.autocast. layers: (base_layer, lora_A, lora_B,
+    scaling, dropout) each. The cast adapter weights and the launch arguments are kept per
+    (first) layer and (device, dtype, input shape, the layers, the slots) and rebuilt, every
+    check with them, when a weight, bias, quant state, scaling, DoRA magnitude or compute
+    dtype changes (replaced, written in place, new storage), an optimizer steps (_STEPS: not
+    every optimizer's write shows in a version counter), or FASTLORA_BACKEND or the
+    dispatcher's settings do. Not seen: a write through `param.data` (a tensor with a version
+    counter of its own) outside an optimizer step. None: the call takes the general path."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or x.dim() < 1 \
             or x.device.type not in ("cuda", "cpu") or torch.is_autocast_enabled(x.device.type):
         return None

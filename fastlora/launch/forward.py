@@ -428,9 +428,14 @@ def prepare_small_m(x, packed, state, lora_A, lora_B, scaling, bias):
     y_launch = prepare_small_m_with_u(x, packed, state, lora_B, scaling, bias)
     if y_launch is None:
         return None
-    rank = lora_A.shape[0]
     u_launch = _u_launcher(lora_A, m, x.dtype, 0.0, 0, dot_precision(x.dtype))
-    device, dtype = x.device, x.dtype
+    return prepared_u_then_y(u_launch, y_launch, x, lora_A.shape[0])
+
+
+def prepared_u_then_y(u_launch, y_launch, x, rank: int):
+    """The prepared call (x2) -> y of a U launch (x2, u) then a GEMM launch (x2, u) -> y, for
+    inputs shaped like x [M, K]: u [M, rank] in x's dtype made at each call."""
+    m, device, dtype = x.shape[0], x.device, x.dtype
 
     @prepared_entry
     def run(x2):

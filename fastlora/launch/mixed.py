@@ -40,7 +40,7 @@ from ..reference import dropout_threshold
 from .backward import Configs, check_backward_args, du_db, dx_and_da, dx_gemm
 from .common import dot_precision, kernel_entry, prepared_entry
 from .forward import (_launch_u, _u_launcher, check_forward_args, forward_with_u,
-                      prepare_small_m_with_u)
+                      prepare_small_m_with_u, prepared_u_then_y)
 
 __all__ = ["Segments", "segments", "mixed_forward", "mixed_backward", "mixed_problem",
            "prepare_mixed_small_m", "wide", "WIDE_RANK"]
@@ -161,8 +161,7 @@ def prepare_mixed_small_m(x, packed, state, lora_A, lora_B, bias, seg: Segments)
     y_launch = prepare_small_m_with_u(x, packed, state, lora_B, 1.0, bias)
     if y_launch is None:
         return None
-    m, rank = x.shape[0], lora_A.shape[0]
-    device, dtype = x.device, x.dtype
+    m, rank, dtype = x.shape[0], lora_A.shape[0], x.dtype
     if wide(seg, rank):
         factor, a_t = seg.factor(), lora_A.t()
 
@@ -171,13 +170,7 @@ def prepare_mixed_small_m(x, packed, state, lora_A, lora_B, bias, seg: Segments)
             return y_launch(x2, (x2 @ a_t).float().mul_(factor).to(dtype))
         return run
     u_launch = _u_launcher(lora_A, m, dtype, 0.0, 0, dot_precision(dtype), segments=seg)
-
-    @prepared_entry
-    def run(x2):
-        u = torch.empty((m, rank), dtype=dtype, device=device)
-        u_launch(x2, u)
-        return y_launch(x2, u)
-    return run
+    return prepared_u_then_y(u_launch, y_launch, x, rank)
 
 
 @kernel_entry

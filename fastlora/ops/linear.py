@@ -203,9 +203,15 @@ def prepare_lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: Quant
     if x.numel() == 0 or lora_A.shape[0] > MAX_FUSED_RANK \
             or not use_kernels(x, state.quant_type):
         return None
+    return over_rows(x, lora_B.shape[0], lambda x2: prepare_small_m(
+        x2, packed, state, lora_A, lora_B, scaling, bias))
+
+
+def over_rows(x: torch.Tensor, n: int, prepare):
+    """A prepared call (x) -> y [..., n] for inputs shaped like x [..., K], from `prepare`
+    (x2 [M, K]) -> a prepared call on x's rows or None (then None)."""
     k, lead = x.shape[-1], x.shape[:-1]
-    run = prepare_small_m(x.reshape(-1, k), packed, state, lora_A, lora_B, scaling, bias)
+    run = prepare(x.reshape(-1, k))
     if run is None:
         return None
-    n = lora_B.shape[0]
     return lambda x_: run(x_.reshape(-1, k)).reshape(*lead, n)

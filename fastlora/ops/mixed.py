@@ -27,7 +27,7 @@ import torch
 from ..checks import (ACTIVATION_DTYPES, DeviceSeed, MixedAdapter, as_quant_state, check_mixed,
                       seed_high, seed_tensor)
 from ..launch.selfcheck import use_kernels
-from .linear import _autocast_inputs, _state_from_args, _state_to_args
+from .linear import _autocast_inputs, _state_from_args, _state_to_args, over_rows
 
 __all__ = ["mixed_linear_4bit", "prepare_mixed_linear_4bit", "MixedAdapter"]
 
@@ -176,12 +176,8 @@ def prepare_mixed_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state, adap
     lora_B = torch.cat([a.lora_B for a in adapters], dim=1).contiguous()
     seg = _segments(index.to(torch.int32), ranks, [a.scaling for a in adapters],
                     [0.0] * len(adapters))
-    k, lead = x.shape[-1], x.shape[:-1]
-    run = prepare_mixed_small_m(x.reshape(-1, k), packed, state, lora_A, lora_B, bias, seg)
-    if run is None:
-        return None
-    n = lora_B.shape[0]
-    return lambda x_: run(x_.reshape(-1, k)).reshape(*lead, n)
+    return over_rows(x, lora_B.shape[0], lambda x2: prepare_mixed_small_m(
+        x2, packed, state, lora_A, lora_B, bias, seg))
 
 
 def _autocast_adapter(x: torch.Tensor, adapter):
