@@ -76,6 +76,12 @@ class Segments(NamedTuple):
         return (self.row_seg[:, None] == self.col_seg[None, :]) * self.col_scale[None, :]
 
 
+def _factored(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """The wide route's mask-and-scale pass: t [M, R] times Segments.factor() in fp32, back in
+    t's dtype."""
+    return t.float().mul_(factor).to(t.dtype)
+
+
 def wide(seg: Segments, rank: int) -> bool:
     """Whether a mixed batch of summed rank `rank` takes the matmul route (module docstring)."""
     from csrc_triton.forward import rank_block
@@ -139,7 +145,7 @@ def mixed_forward(x, packed, state, lora_A, lora_B, bias, seg: Segments, seed: i
     if m == 0:
         return torch.empty((m, lora_B.shape[0]), dtype=x.dtype, device=x.device), u
     if wide(seg, lora_A.shape[0]):
-        u = (x @ lora_A.t()).float().mul_(seg.factor()).to(x.dtype)
+        u = _factored(x @ lora_A.t(), seg.factor())
     else:  # p only switches dropout on: each slot's threshold and scale come from seg
         _launch_u(x, lora_A, u, 0.5 if seg.has_dropout else 0.0, seed,
                   dot_precision(x.dtype), segments=seg)
@@ -167,7 +173,7 @@ def prepare_mixed_small_m(x, packed, state, lora_A, lora_B, bias, seg: Segments)
 
         @prepared_entry
         def run(x2):
-            return y_launch(x2, (x2 @ a_t).float().mul_(factor).to(dtype))
+            return y_launch(x2, _factored(x2 @ a_t, factor))
         return run
     u_launch = _u_launcher(lora_A, m, dtype, 0.0, 0, dot_precision(dtype), segments=seg)
     return prepared_u_then_y(u_launch, y_launch, x, rank)
@@ -190,7 +196,7 @@ def mixed_backward(dy, x, u, packed, state, lora_A, lora_B, seg: Segments, seed:
     cfgs = Configs(x, None)
     if wide(seg, lora_A.shape[0]):
         dB = (dy.t() @ u) if need_dB else None
-        du = (dy @ lora_B).float().mul_(seg.factor()).to(dy.dtype) if need_du else None
+        du = _factored(dy @ lora_B, seg.factor()) if need_du else None
         dx = (du @ lora_A) if need_dx else None
         dA = (du.t() @ x) if need_dA else None
     else:
