@@ -376,8 +376,8 @@ def _nf4_lora_bwd_dx_group_kernel(
     them in registers next to the accumulator and spilled 32 B at sm_90's 256x64x128 tile.
     That tile spills unrolled too (40-96 B, two to four members: the dx kernel itself sits at
     250-254 registers there), so sm_90 keeps the members' own dx GEMMs (launch/group.py);
-    sm_80, sm_86, sm_89 and sm_120 (its headline at 128 rows: SIBLING_FIXES) compile without
-    spills (GROUP_DX_TARGETS)."""
+    sm_80, sm_86, sm_89, sm_100 (its headline at 2 stages) and sm_120 (its headline at 128
+    rows: SIBLING_FIXES) compile without spills (GROUP_DX_TARGETS)."""
     tl.static_assert(G >= 1 and G <= 4, "a group has 1..4 members")
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16,
                      "tl.dot needs every dimension >= 16")
@@ -716,6 +716,9 @@ SIBLING_FIXES = (
     SiblingFix("_nf4_lora_bwd_dx_group_kernel", ("sm_120",),
                {"BLOCK_M": 256, "BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 8},
                {"BLOCK_M": 128}, fp32=False),
+    SiblingFix("_nf4_lora_bwd_dx_group_kernel", ("sm_100",),
+               {"BLOCK_M": 256, "BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 8},
+               {"BLOCK_N": 64, "num_stages": 2}, fp32=False),
 )
 
 
@@ -745,9 +748,12 @@ CONFIGS_OF = {"dx_group": "dx"}
 # the compile targets where the group's dx GEMM runs: the sm_80 family's configs compile without
 # spills there, sm_120's 16-bit headline as 128x16x128 (SIBLING_FIXES: 256x16x128 spilled
 # 16-24 B at 2-4 stages and 4 members; 128x16x128 w8 s3 180 registers, 256x32x64 238, both
-# modelled 1.00 at 2-4 members, every other entry of the list spill-free at 4 members); not
-# sm_90 (the kernel's docstring says why) nor sm_100 (not compiled for it)
-GROUP_DX_TARGETS = ("sm_80", "sm_86", "sm_89", "sm_120")
+# modelled 1.00 at 2-4 members, every other entry of the list spill-free at 4 members), sm_100's
+# as its dx headline 256x64x128 at 2 stages (SIBLING_FIXES: 8 B spilled at 3 stages, 255
+# registers; at 2 250 registers for 2-4 members, 87 KB of shared memory, modelled 0.42 as the
+# dx kernel's; the list's other entries as sm_80's, spill-free at 4 members, 80-216 registers:
+# tcgen05's accumulator lives in tensor memory); not sm_90 (the kernel's docstring says why)
+GROUP_DX_TARGETS = ("sm_80", "sm_86", "sm_89", "sm_100", "sm_120")
 INTERPRETER_CONFIGS["dx_group"] = INTERPRETER_CONFIGS["dx"]
 INTERPRETER_CONFIGS["du_db_group"] = INTERPRETER_CONFIGS["du_db"]
 # A group's dU/dB pass (issue 30) runs du_db's program per member: du_db's 16-bit configs (the

@@ -320,8 +320,8 @@ HEADLINE = {"_nf4_lora_fwd_kernel": 0.85, "_nf4_lora_bwd_dx_kernel": 0.85,
             "_nf4_lora_fwd_small_m_group_kernel": 0.35, "_nf4_lora_gemv_kernel": (0.70, 0.45),
             "_lora_u_kernel": 0.75, "_lora_bwd_du_db_kernel": 0.75, "_lora_bwd_da_kernel": 0.75,
             "_lora_bwd_du_db_group_kernel": 0.75}
-# headline kernels compiled for sm_80 only: a group's dx GEMM runs on sm_80/86/89
-# (csrc_triton/backward.py GROUP_DX_TARGETS)
+# headline kernels compiled for sm_80 (of the two archs gated here) only: a group's dx GEMM
+# runs on sm_80's family, not sm_90 (csrc_triton/backward.py GROUP_DX_TARGETS)
 HEADLINE_SM80 = {"_nf4_lora_bwd_dx_group_kernel": 0.85}
 
 

@@ -20,7 +20,7 @@ What the counts are made of (fastlora/launch):
                        on the fused path: all members' split-K GEMMs in one launch; at
                        M <= 2 without dropout each member's one launch
                        one dU/dB pass for all; one dA pass; on the fused path (K on the
-                       blocksize; sm_80/86/89 and the interpreter) one dx GEMM for all
+                       blocksize; GROUP_DX_TARGETS and the interpreter) one dx GEMM for all
                        members, else per member the dx step
 """
 

@@ -351,7 +351,7 @@ def _dx_group(cfgs: Configs, dys: list, members: list, dx: torch.Tensor, base=No
     _nf4_lora_bwd_dx_group_kernel, issue 30), dx holding the group's LoRA term; each member's
     packed weight read in place. False, launching nothing, where the members take dx_gemm one
     by one: a single member, a GPU the kernel is not compiled for (csrc_triton/backward.py
-    GROUP_DX_TARGETS: sm_80, sm_86, sm_89, sm_120; on sm_90 its headline tile spills), a
+    GROUP_DX_TARGETS: sm_80, sm_86, sm_89, sm_100, sm_120; on sm_90 its headline tile spills), a
     member whose dx product is not settled on the fused path (launch/dispatch.py; on a GPU the
     first call of a shape times each member there), members whose decode differs (blocksize,
     double quantisation), K not aligned to the blocksize, or fp32 at full precision (FMA
