@@ -4,9 +4,10 @@ this order (each needs the one before):
     _lora_bwd_du_db_kernel   dU = s * dy @ B  and  dB = s * dy^T @ U, one pass over dy
     _lora_bwd_da_kernel      dA = dU^T @ dropout(x), one pass over x, the dropout mask
                              regenerated from the forward's seed; where dx's LoRA term is not
-                             the dx GEMM's (below) also dx := dropout'(dU @ A) (WRITE_DX)
-    _nf4_lora_bwd_dx_kernel  dx = dU @ A + dy @ deq(W) (LORA), or dx += dy @ deq(W); W read
-                             packed and decoded tile by tile: no [N, K] buffer.
+                             the dx GEMM's (below) also dx := dropout'(dU @ A) (WRITE_DX);
+                             where the GEMM applies the mask, the mask as bits (WRITE_BITS)
+    _nf4_lora_bwd_dx_kernel  dx = dropout'(dU @ A) + dy @ deq(W) (LORA), or dx += dy @ deq(W);
+                             W read packed and decoded tile by tile: no [N, K] buffer.
 
 A group of layers reading one x (csrc_triton/group.py; launch/group.py) runs its members' dU
 and dB in one launch, _lora_bwd_du_db_group_kernel (the members' column groups side by side,
@@ -14,18 +15,22 @@ each program du_db's program for its member), and its members' dx products in on
 _nf4_lora_bwd_dx_group_kernel: the dx kernel's loop over N once per member, on that member's
 dy and packed weight, into one accumulator; dx written once.
 
-Where dx's LoRA term is made (issue 30): for 16-bit activations without dropout and with
-K % blocksize == 0, the dx GEMM makes dU @ A before its loop over N, over the rank in chunks
-of LORA_CHUNK, as its accumulator's initial value, and writes dx once: backward activation
-traffic 2 MN (dy, twice) + 2 MK (x read, dx written). Otherwise the dA kernel writes the term
-and the GEMM reads it back as its initial value: 2 MK more (one write, one read), and the term
-is rounded to the activation dtype once before the sum (plain PyTorch rounds both terms). Why
-not the dropout mask in the GEMM too: compiled, the mask next to the 128-register accumulator
-spilled (104 B at sm_90's headline 256 x 64 x 128 tile, thousands where K % 8 != 0 draws per
-element), and the K-unaligned decode with the LoRA prologue took stack at two small tiles, as
-did fp32 tiles (8-568 B, mostly the 'ieee' FMA ones, on Triton 3.5-3.8); those routes stay on
-the dA kernel's write, as do a group's summed term and dequantize + cuBLAS's. A mixed batch
-without dropout takes the GEMM's route too (its dU is masked per row, so the term is dU @ A).
+Where dx's LoRA term is made (issue 30): for 16-bit activations with K % blocksize == 0, the
+dx GEMM makes dU @ A before its loop over N, over the rank in chunks of LORA_CHUNK, as its
+accumulator's initial value, and writes dx once: backward activation traffic 2 MN (dy, twice)
++ 2 MK (x read, dx written). With dropout it does so where DROPOUT_BITS_TARGETS says: the dA
+kernel, which draws the mask anyway, stores it as bits (MK / 8 bytes) and the GEMM's prologue
+applies them (+ MK / 8 in 16-bit activation units: written once, read once). Otherwise the dA
+kernel writes the term and the GEMM reads it back as its initial value: 2 MK more (one write,
+one read), and the term is rounded to the activation dtype once before the sum (plain PyTorch
+rounds both terms). Why not everywhere: compiled, the mask next to sm_90's 128-register wgmma
+accumulator spills (104 B drawn by Philox in the prologue, 120 B loaded as bits, at its
+headline 256 x 64 x 128 tile), as does sm_80's headline with the bits on Triton 3.5 / 3.6
+(224-280 B; drawn by Philox 56-128 B on 3.9); the K-unaligned decode with the LoRA prologue
+took stack at two small tiles, as did fp32 tiles (8-568 B, mostly the 'ieee' FMA ones, on
+Triton 3.5-3.8); those routes stay on the dA kernel's write, as do a group's summed term, a
+mixed batch's per-row dropout and dequantize + cuBLAS's. A mixed batch without dropout takes
+the GEMM's route too (its dU is masked per row, so the term is dU @ A).
 
 Determinism: dB and dA are sums over M. Rather than atomics (whose order varies run to run),
 M is cut into a fixed number of splits; each program writes its split's fp32 partial to a
@@ -306,11 +311,13 @@ def _dx_product(acc, dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, off
 
 @triton.jit
 def _nf4_lora_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                            code_ptr, dx_ptr, du_ptr, a_ptr, M, N, K, R, m_bucket,
+                            code_ptr, dx_ptr, du_ptr, a_ptr, bits_ptr, M, N, K, R, m_bucket,
                             stride_dym, stride_dyn, stride_dxm, stride_dxk,
-                            stride_dum, stride_dur, stride_ar, stride_ak,
+                            stride_dum, stride_dur, stride_ar, stride_ak, stride_bm,
+                            keep_scale,
                             QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                             K_ALIGNED: tl.constexpr, LORA: tl.constexpr,
+                            DROPOUT_BITS: tl.constexpr,
                             DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                             LANE_TABLE: tl.constexpr):
@@ -318,9 +325,11 @@ def _nf4_lora_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_p
     dx per program, W read packed.
 
     dy_ptr fp16/bf16/fp32 [M, N]; packed_ptr .. code_ptr: the 4-bit W [N, K] (common.py);
-    dx_ptr [M, K] in dy's dtype. LORA (16-bit, no dropout, K_ALIGNED: the launcher's rule): the
-    accumulator starts from dU @ A, made here before the loop over N from du_ptr [M, R] (dU,
-    scaled by s) and a_ptr [R, K] in dy's dtype, over R in chunks of LORA_CHUNK; dx is only
+    dx_ptr [M, K] in dy's dtype. LORA (16-bit, K_ALIGNED, without dropout or with DROPOUT_BITS:
+    the launcher's rule): the accumulator starts from dU @ A, made here before the loop over N
+    from du_ptr [M, R] (dU, scaled by s) and a_ptr [R, K] in dy's dtype, over R in chunks of
+    LORA_CHUNK; with DROPOUT_BITS, dropout'(dU @ A): the dA kernel's keep bits bits_ptr int32
+    [M, K / 32] (row stride stride_bm) applied with keep_scale = 1 / (1 - p); dx is only
     written. Not LORA: dx holds a LoRA term on entry (the dA kernel's, masked; a group's sum;
     DoRA's with dropout) and is the accumulator's initial value (du_ptr, a_ptr, R
     unread). Either way both terms meet in one fp32 accumulator and dx is rounded once, at the
@@ -344,6 +353,11 @@ def _nf4_lora_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_p
             du_t = tl.load(du_ptr + offs_r[:, None] * stride_dur + rows[None, :] * stride_dum,
                            mask=r_mask[:, None] & m_mask[None, :], other=0.0)
             acc = tl.dot(a_t, du_t, acc, input_precision=DOT_PRECISION)
+        if DROPOUT_BITS:  # element (m, k): bit k % 32 of word k // 32 of row m
+            word = tl.load(bits_ptr + rows[None, :] * stride_bm + (cols // 32)[:, None],
+                           mask=dx_mask, other=0)
+            kept = ((word >> (cols % 32)[:, None]) & 1) != 0
+            acc = tl.where(kept, acc * keep_scale, 0.0)
     else:
         acc = tl.load(dx_ptrs, mask=dx_mask, other=0.0).to(tl.float32)  # dx^T tile
     acc = _dx_product(acc, dy_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
@@ -408,8 +422,9 @@ def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, da_ptr, counter_ptr, dx_pt
                         seed_ptr, seed_hi, threshold,
                         keep_scale, rows_per_split, m_bucket, stride_xm, stride_xk, stride_dum,
                         stride_dur, stride_ar, stride_ak, stride_dxm, stride_dxk,
-                        row_seg_ptr, seg_thr_ptr, seg_keep_ptr,
+                        row_seg_ptr, seg_thr_ptr, seg_keep_ptr, bits_ptr, stride_bm,
                         COMPUTE_DA: tl.constexpr, WRITE_DX: tl.constexpr,
+                        WRITE_BITS: tl.constexpr,
                         HAS_DROPOUT: tl.constexpr, DROPOUT_GROUPED: tl.constexpr,
                         SEGMENTED: tl.constexpr,
                         R_PAD: tl.constexpr,
@@ -417,7 +432,8 @@ def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, da_ptr, counter_ptr, dx_pt
                         BLOCK_K: tl.constexpr):
     """The two products that need the dropout mask, which is drawn here once for both:
     the fp32 partial of dA = dU^T @ dropout(x) over one row split (COMPUTE_DA), and dx's LoRA
-    term dropout'(dU @ A) (WRITE_DX), for one column tile.
+    term dropout'(dU @ A) (WRITE_DX) or the mask itself as bits for the dx GEMM to apply to
+    the term it makes (WRITE_BITS), for one column tile.
 
     x_ptr fp16/bf16/fp32 [M, K] (any strides); du_ptr [M, R] (scaled by s), a_ptr [R, K], in
     x's dtype; ws_ptr fp32 [S, R, K]: ws[s] = dU[rows of s]^T @ dropout(x)[rows of s];
@@ -426,6 +442,9 @@ def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, da_ptr, counter_ptr, dx_pt
     common.last_to_arrive);
     dx_ptr [M, K] in x's dtype: receives dropout'(dU @ A), which _nf4_lora_bwd_dx_kernel then
     takes as its accumulator's initial value.
+    bits_ptr int32 [M, K / 32] (row stride stride_bm; WRITE_BITS, with dropout, K and BLOCK_K
+    multiples of 32, not SEGMENTED): bit j of word w of row m is 1 where element (m, 32 w + j)
+    is kept (MK / 8 bytes where the term takes 2 MK written and 2 MK read back).
     The mask is regenerated from (seed, m * K + k), as the forward drew it (seed_ptr, seed_hi:
     the forward's seed, common.dropout_seed; common.dropout_keep;
     DROPOUT_GROUPED: K % 8 == 0, one Philox call per 8 elements); the masked x tile is
@@ -437,6 +456,8 @@ def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, da_ptr, counter_ptr, dx_pt
     """
     tl.static_assert(R_PAD >= 16 and BLOCK_M >= 16 and BLOCK_K >= 16,
                      "tl.dot needs every dimension >= 16")
+    tl.static_assert(not WRITE_BITS or (HAS_DROPOUT and BLOCK_K % 32 == 0 and not SEGMENTED),
+                     "bits: a mask of one keep scale, whole 32-bit words a tile")
     act = x_ptr.dtype.element_ty
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -479,6 +500,12 @@ def _lora_bwd_da_kernel(x_ptr, du_ptr, a_ptr, ws_ptr, da_ptr, counter_ptr, dx_pt
                 lora = tl.where(keep, lora * scale, 0.0)
             tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
                      lora.to(act), mask=tile_mask)
+        if WRITE_BITS:  # distinct powers of two: the sum is their OR, no carry
+            words = tl.sum(tl.reshape(keep.to(tl.int32), (BLOCK_M, BLOCK_K // 32, 32))
+                           << tl.arange(0, 32)[None, None, :], axis=2)
+            offs_w = pid_k * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+            tl.store(bits_ptr + rows[:, None] * stride_bm + offs_w[None, :], words,
+                     mask=m_mask[:, None] & (offs_w < K // 32)[None, :])
     if COMPUTE_DA:
         ws = ws_ptr + (pid_s.to(tl.int64) * R + offs_r[None, :]) * K + offs_k[:, None]
         tl.store(ws, acc, mask=k_mask[:, None] & r_mask[None, :])
@@ -754,6 +781,12 @@ CONFIGS_OF = {"dx_group": "dx"}
 # dx kernel's; the list's other entries as sm_80's, spill-free at 4 members, 80-216 registers:
 # tcgen05's accumulator lives in tensor memory); not sm_90 (the kernel's docstring says why)
 GROUP_DX_TARGETS = ("sm_80", "sm_86", "sm_89", "sm_100", "sm_120")
+# the compile targets where dropout's mask enters the dx GEMM as the dA kernel's bits (module
+# docstring): sm_80's config family, whose lists compile spill-free with them (headlines: sm_80
+# 256x16x128 228 registers, sm_86 / sm_89 230, sm_120 235, sm_100's 256x64x128 242; modelled
+# ceilings as without), on Triton 3.7 and newer (3.5 / 3.6: 224-280 B at sm_80's headline);
+# not sm_90 (120 B at its headline; its other tiles model 0.49 and less)
+DROPOUT_BITS_TARGETS = by_triton(("sm_80",) + SM80_SIBLINGS, v3_5=(), v3_6=())
 INTERPRETER_CONFIGS["dx_group"] = INTERPRETER_CONFIGS["dx"]
 INTERPRETER_CONFIGS["du_db_group"] = INTERPRETER_CONFIGS["du_db"]
 # A group's dU/dB pass (issue 30) runs du_db's program per member: du_db's 16-bit configs (the
@@ -793,11 +826,11 @@ def _early_prune(configs, named_args, **kwargs):
 
 
 _KEYS = {"dx": ["m_bucket", "N", "K", "QBLOCK", "DOUBLE_QUANT", "K_ALIGNED", "LORA",
-                "DOT_PRECISION"],
+                "DROPOUT_BITS", "DOT_PRECISION"],
          "du_db": ["m_bucket", "N", "R_PAD", "COMPUTE_DU", "COMPUTE_DB", "SEGMENTED",
                    "DOT_PRECISION"],
-         "da": ["m_bucket", "K", "R_PAD", "COMPUTE_DA", "WRITE_DX", "HAS_DROPOUT", "SEGMENTED",
-                "DOT_PRECISION"],
+         "da": ["m_bucket", "K", "R_PAD", "COMPUTE_DA", "WRITE_DX", "WRITE_BITS", "HAS_DROPOUT",
+                "SEGMENTED", "DOT_PRECISION"],
          "dx_group": ["m_bucket", "N_0", "N_1", "N_2", "N_3", "K", "G", "QBLOCK",
                       "DOUBLE_QUANT", "K_ALIGNED", "DOT_PRECISION"],
          "du_db_group": ["m_bucket", "N_0", "N_1", "N_2", "N_3", "G", "R_PAD_0", "R_PAD_1",
@@ -841,8 +874,9 @@ UNIT_STRIDES = {"dx": {"stride_dyn": 1, "stride_dxk": 1, "stride_dur": 1, "strid
 # tensors, model extents (M = tokens, N and K = 4096, 14336, ...) and the strides built of them.
 ALIGNED_ARGS = ("dy_ptr", "packed_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr", "offset_ptr",
                 "code_ptr", "dx_ptr", "u_ptr", "b_ptr", "ws_du_ptr", "ws_db_ptr", "x_ptr",
-                "du_ptr", "a_ptr", "ws_ptr", "db_ptr", "da_ptr", "M", "N", "K", "stride_dym",
-                "stride_dxm", "stride_um", "stride_bn", "stride_xm", "stride_dum", "stride_ar",
+                "du_ptr", "a_ptr", "ws_ptr", "db_ptr", "da_ptr", "bits_ptr", "M", "N", "K",
+                "stride_dym", "stride_dxm", "stride_um", "stride_bn", "stride_xm", "stride_dum",
+                "stride_ar", "stride_bm",
                 "rows_per_split", "cols_per_group", "m_bucket",
                 *(f"{name}_{g}" for g in range(4) for name in (
                     "dy", "packed", "absmax", "absmax2", "code2", "offset", "code", "N",
@@ -876,12 +910,15 @@ def _dx_spec(cfg, arch, act, k_aligned, precision=None, qblock=64):
     sig = {"dy_ptr": f"*{act}", "packed_ptr": "*u8", "absmax_ptr": "*u8",
            "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "offset_ptr": "*fp32",
            "code_ptr": "*fp32", "dx_ptr": f"*{act}", "du_ptr": f"*{act}", "a_ptr": f"*{act}",
+           "bits_ptr": "*i32",
            **_ints("M", "N", "K", "R", "m_bucket", "stride_dym", "stride_dyn", "stride_dxm",
-                   "stride_dxk", "stride_dum", "stride_dur", "stride_ar", "stride_ak")}
+                   "stride_dxk", "stride_dum", "stride_dur", "stride_ar", "stride_ak",
+                   "stride_bm"), "keep_scale": "fp32"}
     # the worst case: the LoRA term made in the GEMM where the launcher lets it (16-bit, K
-    # aligned)
+    # aligned), with dropout's bits where it takes them (sm_80's family)
+    lora = k_aligned and act != "fp32"
     flags = {"QBLOCK": qblock, "DOUBLE_QUANT": True, "K_ALIGNED": k_aligned, "LANE_TABLE": True,
-             "LORA": k_aligned and act != "fp32"}
+             "LORA": lora, "DROPOUT_BITS": lora and arch in DROPOUT_BITS_TARGETS}
     label = f"{act} k_aligned={int(k_aligned)}{f' bs{qblock}' if qblock != 64 else ''}"
     b = cfg.kwargs
     return _spec("dx", cfg, arch, act, None, sig, flags, label, {"enable_fp_fusion": False},
@@ -962,22 +999,26 @@ def _du_db_group_spec(cfg, arch, act, members):
                                                    for name in ("b", "db")))
 
 
-def _da_spec(cfg, arch, act, precision=None, r_pad=None, target=0.0, segmented=False):
+def _da_spec(cfg, arch, act, precision=None, r_pad=None, target=0.0, segmented=False,
+             bits=False):
+    """bits: the mask stored as bits for the dx GEMM (WRITE_BITS) instead of dx's term."""
     sig = {"x_ptr": f"*{act}", "du_ptr": f"*{act}", "a_ptr": f"*{act}", "ws_ptr": "*fp32",
            "da_ptr": f"*{act}", "counter_ptr": "*i32", "dx_ptr": f"*{act}",
            **_ints("M", "K", "R"), "seed_ptr": "*i64", "seed_hi": "i32", "threshold": "i64",
            "keep_scale": "fp32",
            **_ints("rows_per_split", "m_bucket", "stride_xm", "stride_xk", "stride_dum",
                    "stride_dur", "stride_ar", "stride_ak", "stride_dxm", "stride_dxk"),
-           "row_seg_ptr": "*i32", "seg_thr_ptr": "*i32", "seg_keep_ptr": "*fp32"}
-    flags = {"COMPUTE_DA": True, "WRITE_DX": True, "HAS_DROPOUT": True, "DROPOUT_GROUPED": True,
-             "SEGMENTED": segmented}
+           "row_seg_ptr": "*i32", "seg_thr_ptr": "*i32", "seg_keep_ptr": "*fp32",
+           "bits_ptr": "*i32", "stride_bm": "i32"}
+    flags = {"COMPUTE_DA": True, "WRITE_DX": not bits, "WRITE_BITS": bits, "HAS_DROPOUT": True,
+             "DROPOUT_GROUPED": True, "SEGMENTED": segmented}
     elt = 4 if act == "fp32" else 2
+    tile = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"]
     r_pad = r_pad or cfg.max_r_pad
     return _spec("da", cfg, arch, act, r_pad, sig, flags,
-                 f"{act} R_PAD={r_pad}{' mixed' * segmented}",
-                 precision=precision, ceiling_target=target,  # x read, dx written
-                 trip_bytes=2 * cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"] * elt,
+                 f"{act} R_PAD={r_pad}{' mixed' * segmented}{' bits' * bits}",
+                 precision=precision, ceiling_target=target,  # x read, dx (or bits) written
+                 trip_bytes=tile * elt + (tile // 8 if bits else tile * elt),
                  trip_blocks=("BLOCK_M", "BLOCK_K"))
 
 
@@ -1011,6 +1052,10 @@ COMPILE_SPECS = sibling_specs(SIBLING_FIXES, (
     + [_da_spec(c, arch, "fp32" if fp32 else "bf16")
        for (arch, fp32), configs in CONFIGS["da"].items() for c in configs
        if fp32 or not c.large_m]
+    # dropout's mask as bits for the dx GEMM, where it takes them (DROPOUT_BITS_TARGETS)
+    + [_da_spec(c, arch, "bf16", bits=True)
+       for (arch, fp32), configs in CONFIGS["da"].items() for c in configs
+       if not fp32 and arch in DROPOUT_BITS_TARGETS]
     # issue 14: a mixed batch's masked dU and per-row dropout (4 or 16 adapters of rank 16)
     + [spec(c, arch, "bf16", r_pad=r, segmented=True)
        for name, spec in (("du_db", _du_db_spec), ("da", _da_spec))

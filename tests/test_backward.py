@@ -164,15 +164,22 @@ def test_only_requested_gradients(need):
 
 @pytest.mark.quick
 @pytest.mark.parametrize("k,p,rank,dtype,in_gemm", [
-    (256, 0.0, 20, "bf16", True), (128, 0.0, 64, "fp16", True), (256, 0.1, 20, "bf16", False),
-    (200, 0.0, 20, "bf16", False), (256, 0.0, 20, "fp32", False)],
-    ids=["bf16", "fp16-r64", "dropout", "k-unaligned", "fp32"])
+    (256, 0.0, 20, "bf16", True), (128, 0.0, 64, "fp16", True), (256, 0.1, 20, "bf16", True),
+    (128, 0.3, 64, "fp16", True), (200, 0.0, 20, "bf16", False), (256, 0.0, 20, "fp32", False),
+    (200, 0.1, 20, "bf16", False)],
+    ids=["bf16", "fp16-r64", "dropout", "dropout-fp16-r64", "k-unaligned", "fp32",
+         "dropout-k-unaligned"])
 def test_where_dx_lora_term_is_made(k, p, rank, dtype, in_gemm, monkeypatch):
-    """dx's LoRA term: for 16-bit activations without dropout and with K on the blocksize the
-    fused dx GEMM makes it (over the rank in chunks of 16: r = 20 leaves a masked chunk), so
-    dx alone costs no dA pass; otherwise the dA kernel writes it and runs even when dA is not
-    wanted. dx matches float64 either way."""
+    """dx's LoRA term: for 16-bit activations with K on the blocksize the fused dx GEMM makes
+    it (over the rank in chunks of 16: r = 20 leaves a masked chunk), so without dropout dx
+    alone costs no dA pass; with dropout the dA kernel runs to store the mask as bits, which
+    the GEMM applies (the interpreter takes that route where any GPU does:
+    csrc_triton/backward.py DROPOUT_BITS_TARGETS); otherwise the dA kernel writes the term
+    and runs even when dA is not wanted. dx matches float64 either way."""
+    from csrc_triton.backward import DROPOUT_BITS_TARGETS
+
     monkeypatch.setenv("FASTLORA_BASE_PATH", "fused")
+    in_gemm = in_gemm and (p == 0.0 or bool(DROPOUT_BITS_TARGETS))  # none on Triton 3.5 / 3.6
     dt = DTYPES[dtype]
     case = make_case(33, N, k, rank, dt, dropout_p=p, seed=4)
     dy = grad_out(case)
@@ -180,8 +187,75 @@ def test_where_dx_lora_term_is_made(k, p, rank, dtype, in_gemm, monkeypatch):
     with counting(execute=True) as launched:
         out = backward_of(case, dt, dy, (True, False, False))
     assert launched == {"_lora_bwd_du_db_kernel": 1, "_nf4_lora_bwd_dx_kernel": 1,
-                        **({} if in_gemm else {"_lora_bwd_da_kernel": 1})}
+                        **({} if in_gemm and p == 0.0 else {"_lora_bwd_da_kernel": 1})}
     check_grads(out, truth, baseline, dt, ("dx",))
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("m,k,p", [(33, 256, 0.1), (70, 96, 0.5)], ids=["m33", "m70-k96"])
+def test_dropout_bits_are_the_reference_mask(m, k, p):
+    """The dA kernel's mask bits for the dx GEMM (WRITE_BITS): bit j of word w of row m is
+    fastlora.reference.dropout_mask's element (m, 32 w + j), drawn from the same seed (row
+    splits and column tiles each write their own words)."""
+    from fastlora.launch.backward import Configs, da
+
+    case = make_case(m, N, k, 16, torch.bfloat16, dropout_p=p, seed=11)
+    x = case.x.to(torch.bfloat16)
+    du = torch.randn(m, 16).to(x)
+    bits = torch.full((m, k // 32), 0x5A5A5A5A, dtype=torch.int32, device=DEVICE)
+    da(Configs(x, None), x, du, case.lora_A.to(x), p, case.seed, None, False, bits=bits)
+    unpacked = (bits.unsqueeze(-1) >> torch.arange(32, device=DEVICE)) & 1
+    keep = reference.dropout_mask(case.seed, m, k, p, DEVICE)
+    assert torch.equal(unpacked.view(m, k).bool(), keep)
+
+
+@pytest.mark.parametrize("block_k,bits", [(16, False), (32, True)])
+def test_dropout_bits_with_a_pinned_da_tile(block_k, bits, monkeypatch):
+    """A pinned dA config of 16 columns (not whole 32-bit words of mask bits) keeps dx's
+    dropout term on the dA kernel's write; 32 columns take the bits; dx matches float64."""
+    from csrc_triton.backward import DROPOUT_BITS_TARGETS
+    from fastlora.launch import backward as launch_bw
+
+    bits = bits and bool(DROPOUT_BITS_TARGETS)  # none on Triton 3.5 / 3.6
+    real, seen = launch_bw.da, []
+    monkeypatch.setattr(launch_bw, "da", lambda *a, **kw: seen.append(kw["bits"]) or real(*a, **kw))
+    case = make_case(33, N, 256, 8, torch.bfloat16, dropout_p=0.2, seed=6)
+    dy = grad_out(case)
+    truth, baseline = reference_pair(case, torch.bfloat16, dy)
+    config = {"da": {"BLOCK_M": 16, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 1}}
+    out = backward_of(case, torch.bfloat16, dy, (True, False, False), config=config,
+                      base="fused")
+    assert len(seen) == 1 and (seen[0] is not None) == bits
+    check_grads(out, truth, baseline, torch.bfloat16, ("dx",))
+
+
+@pytest.mark.parametrize("target,bits", [("sm_80", True), ("sm_89", True), ("sm_100", True),
+                                         ("sm_120", True), ("sm_90", False)])
+def test_dropout_bits_only_where_they_compile_without_spills(target, bits, monkeypatch):
+    """With dropout, the dx GEMM applies the mask bits only on the compile targets where its
+    configs take them without spills (csrc_triton/backward.py DROPOUT_BITS_TARGETS); on sm_90
+    the dA kernel writes the masked term, as before (launches counted, not run)."""
+    from csrc_triton.backward import DROPOUT_BITS_TARGETS
+    from fastlora.gpus import CONFIG_FAMILY
+    from fastlora.launch import backward as launch_bw
+
+    bits = bits and target in DROPOUT_BITS_TARGETS  # none on Triton 3.5 / 3.6
+    case = make_case(33, N, 256, 16, torch.bfloat16, dropout_p=0.1, seed=4)
+    x = case.x.to(torch.bfloat16)
+    du = torch.randn(33, 16).to(x)
+    cfgs = launch_bw.Configs(x, None)
+    cfgs.tuned = (CONFIG_FAMILY[target], False, "ieee", target)  # as on such a GPU
+    cfgs.fixed.update(cfgs.kernels.INTERPRETER_CONFIGS)  # no autotuner off a GPU
+    monkeypatch.setattr(launch_bw, "dx_path", lambda *a, **kw: "fused")
+    seen = {}
+    monkeypatch.setattr(launch_bw, "da", lambda *a, **kw: seen.update(kw))
+    monkeypatch.setattr(launch_bw, "_dx_launch", lambda *a: seen.update(lora=a[5]))
+    launch_bw.dx_and_da(cfgs, grad_out(case).to(x), x, du, case.lora_A.to(x), 0.1, case.seed,
+                        case.packed, case.state, True, False)
+    assert (seen["bits"] is not None) == bits
+    assert (seen["lora"] is not None) == bits
+    if bits:
+        assert seen["lora"].bits is seen["bits"] and seen["lora"].keep_scale == 1 / 0.9
 
 
 def test_strided_x_and_explicit_config():

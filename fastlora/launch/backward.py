@@ -5,9 +5,10 @@
     dx = dropout'(dU @ A) + dy @ deq(W)             (W read packed, _nf4_lora_bwd_dx_kernel)
 
 in that order (each step needs the one before): three launches. dx's LoRA term is made in the
-dx GEMM for 16-bit activations without dropout and K on the blocksize (dx written once); else
-the dA kernel writes it and the dx GEMM, or dequantize + cuBLAS where the dispatcher gives dx's
-base product to them, adds dy @ deq(W) to it (dx_and_da). Sums over M (dB, dA) and over
+dx GEMM for 16-bit activations with K on the blocksize (dx written once), with dropout from the
+dA kernel's mask bits where the GPU takes them (csrc_triton/backward.py DROPOUT_BITS_TARGETS);
+else the dA kernel writes it and the dx GEMM, or dequantize + cuBLAS where the dispatcher gives
+dx's base product to them, adds dy @ deq(W) to it (dx_and_da). Sums over M (dB, dA) and over
 N (dU) are cut into a fixed number of parts whose fp32 partials are added in a fixed order by
 the last program of each tile to finish, inside the same launch (csrc_triton/common.py
 last_to_arrive, with counters from common.arrival_counters): same inputs, same config ->
@@ -209,9 +210,11 @@ def du_db(cfgs: Configs, dy, u, lora_B, scaling: float, need_du: bool, need_dB: 
     return (du if need_du else None), (dB if need_dB else None)
 
 
-def da(cfgs: Configs, x, du, lora_A, p: float, seed, dx, need_dA: bool, segments=None):
+def da(cfgs: Configs, x, du, lora_A, p: float, seed, dx, need_dA: bool, segments=None,
+       bits: Optional[torch.Tensor] = None):
     """dA = dU^T @ dropout(x) (returned, or None) and dx := dropout'(dU @ A) (when dx is a
-    tensor): one pass over x, split over M (for dA), the splits summed inside the launch.
+    tensor) or bits := the dropout mask (int32 [M, K / 32], for the dx GEMM: LoraTerm): one
+    pass over x, split over M (for dA), the splits summed inside the launch.
     segments (a mixed batch): each row's
     dropout is its adapter's (p: whether any adapter has dropout)."""
     m, k = x.shape
@@ -231,8 +234,11 @@ def da(cfgs: Configs, x, du, lora_A, p: float, seed, dx, need_dA: bool, segments
                  1.0 / (1.0 - p), rows_per_split, m_bucket_of(m), x.stride(0), x.stride(1),
                  du.stride(0), du.stride(1), lora_A.stride(0), lora_A.stride(1),
                  dx_arg.stride(0), dx_arg.stride(1),
-                 *(segments.da_tables() if segments is not None else (ws_da,) * 3)),
-                dict(COMPUTE_DA=bool(need_dA), WRITE_DX=dx is not None, HAS_DROPOUT=p > 0.0,
+                 *(segments.da_tables() if segments is not None else (ws_da,) * 3),
+                 bits if bits is not None else counters,  # unread without bits
+                 bits.stride(0) if bits is not None else 0),
+                dict(COMPUTE_DA=bool(need_dA), WRITE_DX=dx is not None,
+                     WRITE_BITS=bits is not None, HAS_DROPOUT=p > 0.0,
                      DROPOUT_GROUPED=k % 8 == 0, SEGMENTED=segments is not None,
                      R_PAD=r_pad, DOT_PRECISION=dot_precision(x.dtype)))
     return dA if need_dA else None
@@ -241,22 +247,29 @@ def da(cfgs: Configs, x, du, lora_A, p: float, seed, dx, need_dA: bool, segments
 def dx_and_da(cfgs: Configs, dy, x, du, lora_A, p: float, seed, packed, state, need_dx: bool,
               need_dA: bool, *, base=None, pinned: bool = False, segments=None):
     """(dx or None, dA or None) from dU (du_db's): dx's LoRA term is made inside the fused dx
-    GEMM for 16-bit activations without dropout and with K on the blocksize
-    (csrc_triton/backward.py says why only there), else written by the dA kernel, which then
-    runs even when dA is not wanted.
+    GEMM for 16-bit activations with K on the blocksize, without dropout or with the dA
+    kernel's mask bits where the GPU takes them (csrc_triton/backward.py
+    DROPOUT_BITS_TARGETS; not a mixed batch's per-row dropout), else written by the dA kernel;
+    the dA kernel runs even when dA is not wanted where the term or the bits are its.
     segments: a mixed batch's (launch/mixed.py; dU already masked and scaled per row, so
     without dropout its term is dU @ A_cat as well)."""
     m, k = x.shape
     dx = x.new_empty(m, k) if need_dx else None
-    lora = (LoraTerm(du, lora_A) if p == 0.0 and x.dtype != torch.float32
-            and decode_flags(packed, state, k)["K_ALIGNED"] else None)
+    lora = None
+    if x.dtype != torch.float32 and decode_flags(packed, state, k)["K_ALIGNED"]:
+        if p == 0.0:
+            lora = LoraTerm(du, lora_A)
+        elif segments is None and k % 32 == 0 and _bits_here(cfgs):
+            lora = LoraTerm(du, lora_A, torch.empty((m, k // 32), dtype=torch.int32,
+                                                    device=x.device), 1.0 / (1.0 - p))
     path = dx_path(cfgs, dy, packed, state, dx, lora, base=base,
                    pinned=pinned) if need_dx else None
     in_gemm = path == "fused" and lora is not None
+    bits = lora.bits if in_gemm else None  # filled by the dA kernel, before the GEMM reads it
     dA = None
-    if need_dA or (need_dx and not in_gemm):
+    if need_dA or (need_dx and not in_gemm) or bits is not None:
         dA = da(cfgs, x, du, lora_A, p, seed, dx if need_dx and not in_gemm else None, need_dA,
-                segments=segments)
+                segments=segments, bits=bits)
     if path == "fused":
         _dx_launch(cfgs, dy, packed, state, dx, lora if in_gemm else None)
     elif path == "dequant":
@@ -265,26 +278,42 @@ def dx_and_da(cfgs: Configs, dy, x, du, lora_A, p: float, seed, packed, state, n
 
 
 class LoraTerm(NamedTuple):
-    """dx's LoRA term dU @ A (no dropout) for the dx GEMM to make before its loop: dU [M, r]
-    (scaled by s) and lora_A [r, K] in dx's dtype."""
+    """dx's LoRA term dropout'(dU @ A) for the dx GEMM to make before its loop: dU [M, r]
+    (scaled by s) and lora_A [r, K] in dx's dtype; with dropout the dA kernel's mask bits
+    (int32 [M, K / 32]) and keep_scale = 1 / (1 - p)."""
     du: torch.Tensor
     lora_A: torch.Tensor
+    bits: Optional[torch.Tensor] = None
+    keep_scale: float = 1.0
+
+
+def _bits_here(cfgs: Configs) -> bool:
+    """Whether dropout's mask enters the dx GEMM as bits on this device: the compile targets
+    of csrc_triton/backward.py DROPOUT_BITS_TARGETS (none on Triton 3.5 / 3.6), and the
+    interpreter wherever any GPU takes them; and the dA kernel's column tiles are whole 32-bit
+    words (every shipped config; a pinned BLOCK_K of 16 is not)."""
+    targets = cfgs.kernels.DROPOUT_BITS_TARGETS
+    return (bool(targets) and (cfgs.tuned is None or cfgs.tuned[3] in targets)
+            and cfgs.smallest("da", "BLOCK_K") >= 32)
 
 
 def _dx_launch(cfgs: Configs, dy, packed, state, out, lora: Optional[LoraTerm] = None) -> None:
-    """The fused dx GEMM into `out`: out = dU @ A + dy @ deq(W) when `lora` is given (16-bit,
-    K on the blocksize), else out += dy @ deq(W) (out holding the LoRA term on entry)."""
+    """The fused dx GEMM into `out`: out = dropout'(dU @ A) + dy @ deq(W) when `lora` is given
+    (16-bit, K on the blocksize), else out += dy @ deq(W) (out holding the LoRA term on
+    entry)."""
     m, n = dy.shape
     k = out.shape[1]
-    du, lora_A = lora if lora is not None else (dy, dy)  # unread when off
+    du, lora_A, bits, keep_scale = lora if lora is not None else (dy, dy, None, 1.0)
+    bits_arg = bits if bits is not None else out  # unread without bits
     cfgs.launch("dx", lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) *
                                     triton.cdiv(k, meta["BLOCK_K"]),),
-                (dy, *weight_args(packed, state), out, du, lora_A, m, n, k,
+                (dy, *weight_args(packed, state), out, du, lora_A, bits_arg, m, n, k,
                  lora_A.shape[0] if lora is not None else 0, m_bucket_of(m),
                  dy.stride(0), dy.stride(1), out.stride(0), out.stride(1),
-                 du.stride(0), du.stride(1), lora_A.stride(0), lora_A.stride(1)),
+                 du.stride(0), du.stride(1), lora_A.stride(0), lora_A.stride(1),
+                 bits.stride(0) if bits is not None else 0, keep_scale),
                 dict(**decode_flags(packed, state, k), LORA=lora is not None,
-                     DOT_PRECISION=dot_precision(dy.dtype)),
+                     DROPOUT_BITS=bits is not None, DOT_PRECISION=dot_precision(dy.dtype)),
                 LAUNCH_OPTIONS)
 
 
