@@ -83,6 +83,11 @@ class Configs:
         self.tuned = (CONFIG_FAMILY[target], x.dtype == torch.float32, dot_precision(x.dtype),
                       target) if target is not None else None
 
+    def runs_on(self, targets) -> bool:
+        """Whether the compile target of this GPU is one of `targets` (csrc_triton/backward.py
+        GROUP_DX_TARGETS, DROPOUT_BITS_TARGETS); off a GPU (the interpreter) always."""
+        return self.tuned is None or self.tuned[3] in targets
+
     def largest(self, name: str, block: str) -> int:
         """The largest `block` the kernel may run with (split boundaries are aligned to it)."""
         configs = ([self.fixed[name]] if name in self.fixed
@@ -293,8 +298,7 @@ def _bits_here(cfgs: Configs) -> bool:
     interpreter wherever any GPU takes them; and the dA kernel's column tiles are whole 32-bit
     words (every shipped config; a pinned BLOCK_K of 16 is not)."""
     targets = cfgs.kernels.DROPOUT_BITS_TARGETS
-    return (bool(targets) and (cfgs.tuned is None or cfgs.tuned[3] in targets)
-            and cfgs.smallest("da", "BLOCK_K") >= 32)
+    return bool(targets) and cfgs.runs_on(targets) and cfgs.smallest("da", "BLOCK_K") >= 32
 
 
 def _dx_launch(cfgs: Configs, dy, packed, state, out, lora: Optional[LoraTerm] = None) -> None:

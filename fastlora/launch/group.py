@@ -360,7 +360,7 @@ def _dx_group(cfgs: Configs, dys: list, members: list, dx: torch.Tensor, base=No
 
     m, k = dx.shape
     ns = [mb.lora_B.shape[0] for mb in members]
-    if len(members) < 2 or (cfgs.tuned is not None and cfgs.tuned[3] not in GROUP_DX_TARGETS):
+    if len(members) < 2 or not cfgs.runs_on(GROUP_DX_TARGETS):
         return False
     if any(dispatch.settled("dx", dx.device, dx.dtype, n=n, k=k, m=m, base=base) != "fused"
            for n in ns):
